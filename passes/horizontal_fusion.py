@@ -1,0 +1,90 @@
+"""Horizontal fusion of convolutions and the batch norms that follow them (exact).
+
+Matches: two or more ungrouped ``nn.Conv2d`` nodes reading the same tensor with the same geometry
+(kernel, stride, padding, dilation, bias presence) -- e.g. the 3x3 convolutions of every edge leaving
+one node once their ReLU is shared.
+Produces: one :class:`~topofx.modules.FusedConv2d` whose kernel is the concatenation of the original
+kernels (computed from them each call: gradients and optimizers stay on the originals), followed by
+channel slices for the former users.  Where every slice feeds only a ``BatchNorm2d`` of one common
+configuration, the batch norms become one :class:`~topofx.modules.FusedBatchNorm2d` over the
+concatenated channels, which writes running statistics back to each original module; the slices
+move after it.  Exact: convolution and BN act per output channel.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch.fx as fx
+from torch import nn
+
+from topofx.modules import FusedBatchNorm2d, FusedConv2d, bn_config, conv_geometry
+from topofx.rewrite import PassContext, Rewrite, is_mutated
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_plain_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod = _module(gm, node)
+    return (
+        type(mod) is nn.Conv2d and mod.groups == 1 and len(node.args) == 1 and not node.kwargs
+        and not mod._forward_hooks and not mod._forward_pre_hooks
+    )
+
+
+def _is_plain_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod = _module(gm, node)
+    return type(mod) is nn.BatchNorm2d and not mod._forward_hooks and not mod._forward_pre_hooks
+
+
+def _slice_outputs(gm: fx.GraphModule, fused: fx.Node, nodes: list[fx.Node], splits: list[int]) -> list[fx.Node]:
+    """Replace each of ``nodes`` by a channel slice of ``fused``; returns the slices."""
+    slices, start, anchor = [], 0, fused
+    for node, width in zip(nodes, splits):
+        with gm.graph.inserting_after(anchor):
+            part = gm.graph.call_function(operator.getitem, (fused, (slice(None), slice(start, start + width))))
+        node.replace_all_uses_with(part)
+        slices.append(part)
+        anchor, start = part, start + width
+    return slices
+
+
+def _fuse_convs(ctx: PassContext, convs: list[fx.Node]) -> Rewrite:
+    gm = ctx.gm
+    mods = [_module(gm, c) for c in convs]
+    fused_mod = FusedConv2d(mods)
+    name = ctx.add_module("conv", fused_mod)
+    with gm.graph.inserting_before(convs[0]):
+        fused = gm.graph.call_module(name, (convs[0].args[0],))
+    bns = [next(iter(c.users)) if len(c.users) == 1 else None for c in convs]
+    fuse_bn = all(b is not None and _is_plain_bn(gm, b) and b.args[0] is c and len(b.args) == 1 for b, c in zip(bns, convs))
+    fuse_bn = fuse_bn and len({bn_config(_module(gm, b)) for b in bns}) == 1 and not any(is_mutated(b, gm) for b in bns)
+    if fuse_bn:
+        bn_name = ctx.add_module("bn", FusedBatchNorm2d([_module(gm, b) for b in bns]))
+        with gm.graph.inserting_after(fused):
+            fused_bn = gm.graph.call_module(bn_name, (fused,))
+        _slice_outputs(gm, fused_bn, bns, fused_mod.splits)
+        for b in bns:
+            gm.graph.erase_node(b)
+    else:
+        _slice_outputs(gm, fused, convs, fused_mod.splits)
+    for c in convs:
+        gm.graph.erase_node(c)
+    kernel = "x".join(map(str, mods[0].kernel_size))
+    what = f"{len(convs)} conv{kernel}" + (" + their BNs" if fuse_bn else "")
+    return Rewrite("horizontal_fusion", "fused", [c.name for c in convs], fused.name, True, what)
+
+
+def horizontal_fusion(ctx: PassContext) -> list[Rewrite]:
+    gm = ctx.gm
+    groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if _is_plain_conv(gm, node) and isinstance(node.args[0], fx.Node):
+            groups[(node.args[0], conv_geometry(_module(gm, node)))].append(node)
+    return [_fuse_convs(ctx, convs) for convs in groups.values() if len(convs) >= 2]
+
+
+horizontal_fusion.name = "horizontal_fusion"
+horizontal_fusion.exact = True

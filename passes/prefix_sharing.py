@@ -1,0 +1,76 @@
+"""Partial module sharing / prefix sharing (exact).
+
+Matches: two or more deterministic, stateless operations with equal configuration applied to the
+same arguments -- e.g. every candidate's ``ReLU(x)`` on every edge leaving node ``x``, or the
+``AvgPool2d`` of several edges.  Stateless modules (no parameters, no buffers, no hooks, not random,
+not in place) compare by type and configuration, functions and methods by target and arguments.
+Produces: one node computing the value, feeding all former users.  Exact: the same function of the
+same tensor, so outputs and gradients are unchanged.  Repeated to a fixpoint this shares whole
+stateless prefixes.
+"""
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure
+
+
+def module_signature(mod: nn.Module) -> Hashable | None:
+    """Type and configuration of a stateless module, or None if it has state."""
+    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+        return None
+    config = []
+    for key, value in sorted(vars(mod).items()):
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, (int, float, bool, str, type(None), tuple)):
+            config.append((key, value))
+        else:
+            return None
+    return (type(mod), tuple(config))
+
+
+def _key(node: fx.Node, gm: fx.GraphModule) -> Hashable | None:
+    if node.op not in ("call_module", "call_function", "call_method") or not is_pure(node, gm):
+        return None
+    if node.op == "call_module":
+        target: Any = module_signature(gm.get_submodule(node.target))
+        if target is None:
+            return None
+    else:
+        target = node.target
+    tensors: list[bool] = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: tensors.append(isinstance(a, torch.Tensor)))
+    if any(tensors):  # constants compare by identity only; leave them alone
+        return None
+    try:
+        args = repr((node.args, sorted(node.kwargs.items())))  # Nodes print as %name: unique per graph
+        hash(target)
+    except TypeError:
+        return None
+    return (node.op, target, args)
+
+
+def prefix_sharing(ctx: PassContext) -> list[Rewrite]:
+    gm = ctx.gm
+    seen: dict[Hashable, fx.Node] = {}
+    records = []
+    for node in list(gm.graph.nodes):
+        key = _key(node, gm)
+        if key is None:
+            continue
+        first = seen.setdefault(key, node)
+        if first is node or is_mutated(node, gm) or is_mutated(first, gm):
+            continue
+        node.replace_all_uses_with(first)
+        gm.graph.erase_node(node)
+        records.append(Rewrite("prefix_sharing", "shared", [node.name], first.name, True, f"{first.format_node()[:80]}"))
+    return records
+
+
+prefix_sharing.name = "prefix_sharing"
+prefix_sharing.exact = True

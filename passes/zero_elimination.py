@@ -1,0 +1,68 @@
+"""Zero elimination (exact).
+
+Matches: a term of a sum chain that is identically zero -- ``x.mul(0.)``, ``zeros_like(x)``, a slice
+or product of such a value -- alone or multiplied by an architecture weight, plus the literal ``0``
+that Python's ``sum`` starts from.
+Produces: the same chain without those terms.  Their contribution to the sum and to the gradient of
+every weight is zero, so outputs and gradients are unchanged.  The dead zero branch itself is then
+removed by dead-code elimination only where it is pure (a branch that updates BN statistics stays).
+A chain keeps at least one tensor term of the result's shape; values mutated in place are left alone.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from topofx.rewrite import PassContext, Rewrite, is_mutated, target_name
+from topofx.topology import is_mul, shape_of, sum_chains
+
+_ZERO_FACTORIES = {"zeros_like", "zeros", "new_zeros"}
+
+
+def is_zero(node: object) -> bool:
+    """Whether ``node`` is provably all zeros (finite inputs assumed, as in the supernets)."""
+    if not isinstance(node, fx.Node):
+        return node == 0 if isinstance(node, (int, float)) and not isinstance(node, bool) else False
+    if node.op in ("call_function", "call_method") and target_name(node) in _ZERO_FACTORIES:
+        return True
+    if is_mul(node):
+        return any(isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0 or (isinstance(a, fx.Node) and is_zero(a)) for a in node.args)
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and is_zero(node.args[0])
+    return False
+
+
+def zero_elimination(ctx: PassContext) -> list[Rewrite]:
+    gm = ctx.gm
+    records = []
+    replaced: dict[fx.Node, fx.Node] = {}  # chain roots rewritten earlier in this pass
+    for chain in sum_chains(gm.graph):
+        shape = shape_of(chain.root)
+        keep = [replaced.get(t, t) for t in chain.terms if not is_zero(t)]
+        if len(keep) == len(chain.terms) or not keep:
+            continue
+        if not any(isinstance(t, fx.Node) and shape_of(t) == shape for t in keep):
+            continue
+        if is_mutated(chain.root, gm) or any(isinstance(t, fx.Node) and is_mutated(t, gm) for t in keep):
+            continue
+        dropped = [t for t in chain.terms if is_zero(t)]
+        with gm.graph.inserting_before(chain.root):
+            acc = keep[0]
+            for term in keep[1:]:
+                acc = gm.graph.call_function(operator.add, (acc, term))
+        chain.root.replace_all_uses_with(acc)
+        replaced[chain.root] = acc
+        acc.meta.update({k: v for k, v in chain.root.meta.items() if k not in acc.meta})
+        records.append(
+            Rewrite(
+                "zero_elimination", "removed", [t.name if isinstance(t, fx.Node) else repr(t) for t in dropped],
+                acc.name, True, f"{len(dropped)} zero term(s) dropped from {chain.root.name}",
+            )
+        )
+    return records
+
+
+zero_elimination.name = "zero_elimination"
+zero_elimination.exact = True

@@ -1,0 +1,13 @@
+"""topofx: TopoNAS (arXiv 2408.01311) as a graph-rewriting compiler pass on torch.fx.
+
+``topofx.simplify(model, example_inputs)`` captures an unmodified one-shot NAS supernet, rewrites the
+redundant parallel paths of its mixed edges, and returns a drop-in module that trains faster with
+less memory.  See ``docs/`` and ``../shared/METHOD.md`` for the method.
+"""
+from .capture import CaptureError
+from .report import Report
+from .simplifier import SimplifiedModule, simplify
+from .topology import analyze
+
+__all__ = ["simplify", "SimplifiedModule", "Report", "CaptureError", "analyze"]
+__version__ = "0.1.0"

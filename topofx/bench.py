@@ -1,0 +1,691 @@
+"""Side-by-side benchmark of a NAS supernet and its topofx-simplified versions.
+
+This module carries topofx's performance figures; the test-suite never asserts a
+time.  Two quantities are measured for every variant, in one process:
+
+**Saved activations** (:func:`saved_activation_bytes`)
+    The bytes of the *distinct storages* that autograd saves for backward during
+    one training-mode forward pass.  Every tensor handed to the pack hook of
+    :func:`torch.autograd.graph.saved_tensors_hooks` is mapped to its untyped
+    storage; storages are de-duplicated by ``data_ptr`` and counted with their
+    full ``nbytes`` (a view keeps its whole storage alive, so slicing a fused
+    tensor is charged for the whole tensor).  Storages of the model's
+    parameters and buffers, of its architecture parameters, of anything that is
+    a leaf tensor requiring grad, and therefore of any *view* of these (same
+    storage pointer) are excluded: they live regardless of autograd.  The pack
+    hook returns the tensor itself so every counted storage stays alive until
+    the measurement ends and no address can be recycled under the
+    de-duplication.  Buffers (BatchNorm running statistics) are snapshotted and
+    restored, the module's train/eval flags are restored, and the global RNG is
+    forked and seeded so that stochastic supernets (GDAS, SNAS) are measured on
+    a reproducible sample.  This is the quantity of the reference tables in
+    METHOD.md ("bytes of distinct storages saved for backward").
+
+**Step time** (:func:`step_time`, :func:`compare`)
+    Wall-clock seconds (``time.perf_counter``) of one training step: zero the
+    gradients, forward, loss, backward, optimizer step over the model's
+    parameters plus its architecture parameters (``model.arch_parameters()``,
+    which may return plain tensors with ``requires_grad=True``).  The loss is
+    cross-entropy against fixed random labels on the *last* floating-point
+    tensor of the output when it is 2-D (xautodl returns ``(features,
+    logits)``), else that tensor's mean.  Every timed step starts from the same
+    state: parameters, buffers and ``.grad`` are snapshotted before measuring,
+    restored (outside the timed region) after each step, and restored once more
+    at the end, so benchmarking never alters the model.  Python's garbage
+    collector is paused inside the timed region and run between steps.  The
+    figure reported is the median over ``steps`` timed steps after ``warmup``
+    untimed ones.  :func:`compare` interleaves the variants round-robin (the
+    order rotates every round) so that machine noise hits all of them alike.
+
+Units: 1 MB in the tables is 1 MiB = 2**20 bytes.  ``speed-up`` is
+``baseline_time / time`` (> 1 is faster than the baseline); ``memory ratio`` is
+``act_bytes / baseline_act_bytes`` (< 1 saves memory).
+
+Command line::
+
+    python -m topofx.bench NAME [--modes exact,topo] [--batch-size 64]
+                                [--image-size 32] [--steps 5] [--warmup 1]
+                                [--threads N] [--no-progress]
+    python -m topofx.bench --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import statistics
+import sys
+import time
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "MB",
+    "Row",
+    "saved_activation_bytes",
+    "step_time",
+    "compare",
+    "format_table",
+    "run",
+    "main",
+]
+
+#: Bytes per "MB" in the tables (MiB).
+MB: int = 2**20
+
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+def default_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """Plain SGD with momentum (the weight optimizer of DARTS-style search)."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on ``inputs``: a tensor, a tuple/list of positional
+    arguments, or a mapping of keyword arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _arch_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Architecture parameters of ``model`` that require grad.
+
+    ``model.arch_parameters()`` (DARTS code, plain tensors) when it is a
+    method, ``model.arch_parameters`` when it is a tensor (xautodl registers an
+    ``nn.Parameter`` under that name), and ``model.get_alphas()`` (xautodl).
+    """
+    found: list[torch.Tensor] = []
+    attr = getattr(model, "arch_parameters", None)
+    if isinstance(attr, torch.Tensor):
+        found.append(attr)
+    elif callable(attr):
+        try:
+            found.extend(attr())
+        except (TypeError, NotImplementedError, AttributeError):
+            pass
+    get_alphas = getattr(model, "get_alphas", None)
+    if callable(get_alphas) and not isinstance(get_alphas, torch.Tensor):
+        try:
+            found.extend(get_alphas())
+        except (TypeError, NotImplementedError, AttributeError):
+            pass
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for t in found:
+        if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    """Model parameters plus architecture parameters, de-duplicated, requiring grad."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for t in list(model.parameters()) + _arch_parameters(model):
+        if t.requires_grad and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor whose value a training step may change: parameters, arch
+    parameters, buffers (de-duplicated by identity)."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for t in list(model.parameters()) + _arch_parameters(model) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # tensor subclasses / opaque tensors without a storage
+        return None
+
+
+class _Snapshot:
+    """Copies of parameter/buffer values, ``.grad`` and train flags, restorable in place.
+
+    Restoring writes into the existing tensors (``copy_``) so that modules which
+    share Parameter objects or hold views of them stay consistent.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = _state_tensors(model)
+        with torch.no_grad():
+            self.values = [t.detach().clone() for t in self.tensors]
+        self.grads = [t.grad for t in self.tensors]
+        self.training = [(m, m.training) for m in model.modules()]
+
+    def restore_values(self) -> None:
+        with torch.no_grad():
+            for t, v in zip(self.tensors, self.values):
+                t.copy_(v)
+
+    def restore(self) -> None:
+        self.restore_values()
+        for t, g in zip(self.tensors, self.grads):
+            t.grad = g
+        for m, flag in self.training:
+            m.training = flag
+
+
+def _floating_leaves(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _floating_leaves(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _floating_leaves(v)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The last floating-point tensor of ``output`` (the logits for xautodl's
+    ``(features, logits)``)."""
+    tensors = list(_floating_leaves(output))
+    if not tensors:
+        raise TypeError("model output contains no floating-point tensor")
+    return tensors[-1]
+
+
+def _labels_for(logits: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=g)
+    return labels.to(logits.device)
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """Cross-entropy vs fixed random labels when the logits are 2-D, else their mean."""
+    logits = _logits(output)
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, _labels_for(logits))
+    return logits.mean()
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int = 0) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def saved_activation_bytes(
+    model: nn.Module,
+    inputs: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> int:
+    """Bytes of distinct storages saved for backward by one train-mode forward.
+
+    ``loss_fn``, when given, is applied to the output inside the measurement (so
+    what the loss saves counts too).  Parameters, buffers, architecture
+    parameters, leaf tensors requiring grad and views of any of them are not
+    counted.  The model's buffers and train/eval flags are restored afterwards;
+    the global RNG state is left untouched.
+    """
+    snap = _Snapshot(model)
+    excluded: set[int] = set()
+    for t in snap.tensors:
+        ptr = _storage_ptr(t)
+        if ptr:
+            excluded.add(ptr)
+
+    saved: dict[int, int] = {}
+    keyless: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+            return t
+        ptr = _storage_ptr(t)
+        if ptr is None:  # no storage to key on: charge the tensor itself
+            keyless[id(t)] = t.numel() * t.element_size()
+            return t
+        if ptr == 0 or ptr in excluded:
+            return t
+        nbytes = t.untyped_storage().nbytes()
+        if nbytes > saved.get(ptr, 0):
+            saved[ptr] = nbytes
+        return t  # keep the storage alive: its address cannot be recycled
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    try:
+        model.train()
+        with _seeded_rng(0), torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                out = _call(model, inputs)
+                if loss_fn is not None:
+                    out = loss_fn(out)
+            del out
+    finally:
+        snap.restore()
+        gc.collect()
+    return int(sum(saved.values()) + sum(keyless.values()))
+
+
+# --------------------------------------------------------------------------- time
+
+
+class _Trainer:
+    """Times single training steps of one model, each from the same snapshot."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Any,
+        optimizer_factory: OptimizerFactory = default_optimizer,
+        loss_fn: Callable[[Any], torch.Tensor] = default_loss,
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.loss_fn = loss_fn
+        self.snapshot = _Snapshot(model)
+        self.params = _trainable(model)
+        self.optimizer = optimizer_factory(self.params)
+        self.times: list[float] = []
+
+    def step(self, record: bool = True) -> float:
+        model, opt = self.model, self.optimizer
+        model.train()
+        gc.collect()
+        with _gc_paused(), torch.enable_grad():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(_call(model, self.inputs))
+            loss.backward()
+            opt.step()
+            dt = time.perf_counter() - t0
+        del loss
+        self.snapshot.restore_values()  # next step starts from the same state
+        if record:
+            self.times.append(dt)
+        return dt
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.snapshot.restore()
+
+    def median(self) -> float:
+        return float(statistics.median(self.times)) if self.times else float("nan")
+
+
+def step_time(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+    optimizer_factory: OptimizerFactory = default_optimizer,
+) -> float:
+    """Median seconds of one training step (forward + loss + backward + optimizer
+    step over parameters and architecture parameters).
+
+    The model's parameters, buffers, gradients and train/eval flags are the same
+    after the call as before it.
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    trainer = _Trainer(model, inputs, optimizer_factory)
+    try:
+        for _ in range(warmup):
+            trainer.step(record=False)
+        for _ in range(steps):
+            trainer.step()
+    finally:
+        trainer.close()
+    return trainer.median()
+
+
+# --------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Row:
+    """One variant of a comparison.
+
+    ``time_ratio`` is the speed-up vs the baseline, ``baseline_time / step_time_s``
+    (> 1 means faster); ``mem_ratio`` is ``act_bytes / baseline_act_bytes``.
+    """
+
+    name: str
+    step_time_s: float
+    act_bytes: int
+    time_ratio: float
+    mem_ratio: float
+
+    @property
+    def speedup(self) -> float:
+        return self.time_ratio
+
+    @property
+    def act_mb(self) -> float:
+        return self.act_bytes / MB
+
+
+def compare(
+    named_models: dict[str, nn.Module],
+    inputs: Any,
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+    baseline: str | None = None,
+    optimizer_factory: OptimizerFactory = default_optimizer,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Measure every model on the same ``inputs`` in one process.
+
+    Saved activations are measured first, one model at a time; then ``warmup``
+    untimed and ``steps`` timed rounds run round-robin over the models (order
+    rotated each round).  ``baseline`` (default: the first name) is the row the
+    ratios refer to.  ``progress``, when given, is called once per unit of work
+    (``len(models) * (1 + warmup + steps)`` calls) with a short description.
+    All models are snapshotted before any step, and restored afterwards in
+    reverse order, so models sharing Parameter objects end unchanged.
+    """
+    if not named_models:
+        raise ValueError("compare() needs at least one model")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    names = list(named_models)
+    if baseline is None:
+        baseline = names[0]
+    if baseline not in named_models:
+        raise KeyError(f"baseline {baseline!r} is not one of {names}")
+    tick = progress or (lambda _msg: None)
+
+    act: dict[str, int] = {}
+    for name in names:
+        act[name] = saved_activation_bytes(named_models[name], inputs)
+        tick(f"{name}: activations")
+
+    trainers = {n: _Trainer(named_models[n], inputs, optimizer_factory) for n in names}
+    try:
+        for r in range(warmup + steps):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                trainers[name].step(record=r >= warmup)
+                tick(f"{name}: {'warmup' if r < warmup else 'step'}")
+    finally:
+        for name in reversed(names):
+            trainers[name].close()
+
+    t_base = trainers[baseline].median()
+    a_base = act[baseline]
+    rows = []
+    for name in names:
+        t = trainers[name].median()
+        rows.append(
+            Row(
+                name=name,
+                step_time_s=t,
+                act_bytes=act[name],
+                time_ratio=t_base / t if t > 0 else float("nan"),
+                mem_ratio=act[name] / a_base if a_base > 0 else float("nan"),
+            )
+        )
+    return rows
+
+
+def format_table(rows: Sequence[Row], title: str = "") -> str:
+    """Plain fixed-width text table (1 MB = 2**20 bytes)."""
+    headers = ("variant", "step time (ms)", "speed-up (x)", "saved act. (MB)", "memory ratio")
+    body = [
+        (
+            r.name,
+            f"{r.step_time_s * 1e3:.1f}",
+            f"{r.time_ratio:.2f}",
+            f"{r.act_bytes / MB:.1f}",
+            f"{r.mem_ratio:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Iterable[str]) -> str:
+        cells = list(cells)
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    out = []
+    if title:
+        out.append(title)
+    out.append(line(headers))
+    out.append("  ".join("-" * w for w in widths))
+    out.extend(line(b) for b in body)
+    out.append("(MB = 2**20 bytes; speed-up = baseline time / time; memory ratio = act / baseline act)")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- run / CLI
+
+
+def _zoo() -> types.ModuleType:
+    return importlib.import_module("topofx.zoo")
+
+
+def _simplify_fn() -> Callable[..., nn.Module]:
+    """``topofx.simplify`` (the function, whether exported by the package or
+    only defined in the ``topofx.simplify`` module)."""
+    import topofx
+
+    fn = getattr(topofx, "simplify", None)
+    if fn is None or isinstance(fn, types.ModuleType):
+        fn = getattr(importlib.import_module("topofx.simplify"), "simplify")
+    return fn
+
+
+def _child_floor(zoo: types.ModuleType, name: str, batch_size: int, image_size: int) -> nn.Module | None:
+    build_child = getattr(zoo, "build_child", None)
+    if not callable(build_child):
+        return None
+    try:
+        got = build_child(name, batch_size=batch_size, image_size=image_size)
+    except (KeyError, ValueError, NotImplementedError, TypeError):
+        return None
+    if isinstance(got, (tuple, list)) and got and isinstance(got[0], nn.Module):
+        got = got[0]
+    return got if isinstance(got, nn.Module) else None
+
+
+def run(
+    name: str,
+    *,
+    modes: Sequence[str] = ("exact", "topo"),
+    batch_size: int = 64,
+    image_size: int = 32,
+    steps: int = 5,
+    warmup: int = 1,
+    child_floor: bool = True,
+    progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> str:
+    """Benchmark zoo model ``name``: the original, ``simplify(..., mode=m)`` for each
+    mode, and (when the zoo provides one via ``build_child``) a child network as
+    the floor.  Returns the report text: note lines for skipped modes, the table,
+    and ratio lines (``exact/original activation memory: 0.62``,
+    ``exact speed-up: 1.41x``).  ``overrides`` are passed to ``topofx.zoo.build``
+    (e.g. ``{"N": 1}`` for a smaller xautodl supernet); the child floor is only
+    built without overrides.
+    """
+    zoo = _zoo()
+    notes: list[str] = []
+    n_variants_max = 1 + len(modes) + (1 if child_floor else 0)
+    total = 1 + len(modes) + (1 if child_floor else 0) + n_variants_max * (1 + warmup + steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"bench {name}", file=sys.stderr, leave=False)
+
+    def tick(msg: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(msg, refresh=False)
+            bar.update(1)
+
+    try:
+        model, example_inputs = zoo.build(
+            name, batch_size=batch_size, image_size=image_size, **dict(overrides or {})
+        )
+        tick("built")
+        models: dict[str, nn.Module] = {"original": model}
+        simplify = None
+        try:
+            simplify = _simplify_fn()
+        except (ImportError, AttributeError) as exc:
+            notes.append(f"note: topofx.simplify unavailable ({exc}); modes skipped")
+        for mode in modes:
+            if simplify is not None:
+                try:
+                    models[mode] = simplify(model, example_inputs, mode=mode)
+                except (NotImplementedError, ValueError) as exc:
+                    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    notes.append(f"note: mode {mode!r} skipped: {type(exc).__name__}: {msg}")
+            tick(f"simplify {mode}")
+        if child_floor and not overrides:
+            child = _child_floor(zoo, name, batch_size, image_size)
+            if child is not None:
+                models["child (floor)"] = child
+            tick("child")
+        if bar is not None:  # shrink the bar to the variants actually measured
+            bar.total = bar.n + len(models) * (1 + warmup + steps)
+            bar.refresh()
+        rows = compare(
+            models, example_inputs, steps=steps, warmup=warmup, baseline="original", progress=tick
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    title = (
+        f"{name}: batch {batch_size}, {image_size}x{image_size}, "
+        f"median of {steps} steps after {warmup} warm-up, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    lines = list(notes)
+    lines.append(format_table(rows, title))
+    for row in rows:
+        if row.name == "original":
+            continue
+        lines.append(f"{row.name}/original activation memory: {row.mem_ratio:.2f}")
+        lines.append(f"{row.name} speed-up: {row.time_ratio:.2f}x")
+    return "\n".join(lines)
+
+
+def _parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("exact", "topo")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(bad)}; choose from exact, topo")
+    return modes
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 for a usage error)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m topofx.bench",
+        description="Benchmark a zoo supernet against its topofx-simplified versions "
+        "(step time and saved activation memory).",
+    )
+    parser.add_argument("name", nargs="?", help="zoo model name (see --list)")
+    parser.add_argument("--list", action="store_true", help="print the zoo's model names and exit")
+    parser.add_argument("--modes", type=_parse_modes, default=("exact", "topo"),
+                        help="comma-separated simplify modes (default: exact,topo)")
+    parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--image-size", type=_positive, default=32)
+    parser.add_argument("--steps", type=_positive, default=5)
+    parser.add_argument("--warmup", type=_non_negative, default=1)
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="torch intra-op threads (default: torch's choice); on a shared "
+                        "machine fewer threads than busy cores avoids OpenMP stalls")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) return, not exit
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+    try:
+        zoo = _zoo()
+        names = list(zoo.names())
+    except Exception as exc:  # noqa: BLE001 - report, don't trace back
+        print(f"topofx.bench: error: cannot load the model zoo: {exc}", file=sys.stderr)
+        return 1
+    if args.list:
+        print("\n".join(names))
+        return 0
+    if args.name is None:
+        print("topofx.bench: error: give a model name (or --list)", file=sys.stderr)
+        return 2
+    if args.name not in names:
+        print(
+            f"topofx.bench: error: unknown model {args.name!r}; known: {', '.join(names)}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    text = run(
+        args.name,
+        modes=args.modes,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        progress=not args.no_progress,
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

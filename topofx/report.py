@@ -1,0 +1,62 @@
+"""What ``simplify`` did, as a table a researcher can read: per pass and per edge."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from .rewrite import PassRun, Rewrite
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-pass summary, every rewrite record, and node/conv/BN counts before and after."""
+
+    model: str
+    mode: str
+    passes: list[PassRun]
+    before: dict[str, int]
+    after: dict[str, int]
+    edges: int = 0
+    cells: int = 0
+    fallback: str | None = None
+
+    @property
+    def rewrites(self) -> list[Rewrite]:
+        return [r for p in self.passes for r in p.rewrites]
+
+    @property
+    def approximate(self) -> list[Rewrite]:
+        return [r for r in self.rewrites if not r.exact]
+
+    def per_edge(self) -> dict[str, Counter]:
+        """For each mixed edge (``cell/edge``), how many rewrites of each action touched it."""
+        table: dict[str, Counter] = {}
+        for r in self.rewrites:
+            if r.edge:
+                table.setdefault(f"{r.cell}/{r.edge}" if r.cell else r.edge, Counter())[r.action] += 1
+        return table
+
+    def __str__(self) -> str:
+        lines = [f"topofx report: {self.model}, mode={self.mode}"]
+        if self.fallback:
+            lines.append(f"  fallback: not captured as one graph ({self.fallback}); running the original eagerly")
+            return "\n".join(lines)
+        lines.append(f"  found {self.edges} mixed edges in {self.cells} cells")
+        header = f"  {'pass':<22}{'exact':<7}{'rewrites':>9}  {'actions':<28}{'nodes':>8}{'conv':>7}{'bn':>7}"
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        for p in self.passes:
+            actions = ", ".join(f"{a} {n}" for a, n in Counter(r.action for r in p.rewrites).items()) or "-"
+            cols = f"{-p.removed['nodes']:>8}{-p.removed['conv']:>7}{-p.removed['bn']:>7}"
+            lines.append(f"  {p.name:<22}{'yes' if p.exact else 'no':<7}{len(p.rewrites):>9}  {actions:<28}{cols}")
+        lines.append(
+            "  total: nodes {nodes0} -> {nodes1}, conv {conv0} -> {conv1}, bn {bn0} -> {bn1}".format(
+                nodes0=self.before["nodes"], nodes1=self.after["nodes"], conv0=self.before["conv"],
+                conv1=self.after["conv"], bn0=self.before["bn"], bn1=self.after["bn"],
+            )
+        )
+        approx = self.approximate
+        lines.append(
+            f"  approximate rewrites: {len(approx)} (vertex-exact: exact whenever an edge's weights are one-hot)"
+            if approx else "  all rewrites are exact"
+        )
+        return "\n".join(lines)

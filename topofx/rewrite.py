@@ -1,0 +1,237 @@
+"""The rewrite engine: passes, their records, and a driver that applies them to a fixpoint.
+
+A *pass* is a callable ``pass_(ctx) -> list[Rewrite]`` with two attributes: ``name`` and ``exact``.
+It matches a pattern in ``ctx.gm.graph``, rewrites the matches it can prove, and returns one
+:class:`Rewrite` record per rewrite (an empty list means "no match": the driver's fixpoint test).
+After every pass that changed something the driver removes dead code, lints the graph, recompiles
+it and re-propagates meta values through it; if the output shapes changed, the pass is undone and
+the run stops with an error -- a pass never hands back a wrong graph silently.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import STATIC, UNKNOWN, VALUE, run_on_meta
+from .topology import Topology, analyze
+
+_RANDOM_NAMES = {
+    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "bernoulli",
+    "multinomial", "poisson", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "gumbel_softmax", "rrelu", "empty", "empty_like", "exponential_", "uniform_",
+    "normal_", "geometric_", "log_normal_", "cauchy_", "random_", "new_empty",
+}
+
+
+@dataclasses.dataclass
+class Rewrite:
+    """One rewrite, as the report shows it."""
+
+    pass_name: str
+    action: str  # removed | shared | fused | floated | merged
+    nodes: list[str]  # graph nodes that were rewritten away or into the result
+    result: str  # the node that now computes it
+    exact: bool
+    detail: str = ""
+    edge: str = ""
+    cell: str = ""
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass sees: the graph module, the original model, and a lazily computed topology."""
+
+    gm: fx.GraphModule
+    original: nn.Module
+    _topology: Topology | None = None
+    _counter: int = 0
+
+    @property
+    def topology(self) -> Topology:
+        if self._topology is None:
+            self._topology = analyze(self.gm.graph, self.original)
+        return self._topology
+
+    def invalidate(self) -> None:
+        self._topology = None
+
+    def add_module(self, prefix: str, module: nn.Module) -> str:
+        """Register a new module on the graph module under a fresh ``topofx_<prefix>_<n>`` name."""
+        while hasattr(self.gm, name := f"topofx_{prefix}_{self._counter}"):
+            self._counter += 1
+        self._counter += 1
+        self.gm.add_submodule(name, module)
+        return name
+
+
+class Pass(Protocol):
+    name: str
+    exact: bool
+
+    def __call__(self, ctx: PassContext) -> list[Rewrite]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by passes
+# ---------------------------------------------------------------------------------------------
+def target_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+
+
+def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` mutates one of its inputs."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op in ("call_method", "call_function"):
+        name = target_name(node)
+        return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is True
+    return False
+
+
+def is_mutated(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether any user mutates ``node``'s value in place (passes leave such values alone)."""
+    return any(is_inplace(u, gm) and u.args and u.args[0] is node for u in node.users)
+
+
+def is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or (
+            type(mod).__module__.startswith("torch.nn") is False
+        )
+    return node.op in ("call_function", "call_method") and target_name(node) in _RANDOM_NAMES
+
+
+def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Deterministic and free of side effects (safe to compute once, or not at all when unused)."""
+    if node.op in ("placeholder", "output"):
+        return False
+    if node.op == "get_attr":
+        return True
+    if is_random(node, gm) or is_inplace(node, gm):
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return False
+        # a module whose forward updates state (BN running stats) is impure in train mode
+        return not any(True for _ in mod.buffers())
+    return True
+
+
+def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
+    old.replace_all_uses_with(new)
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> int:
+    """Remove unused pure nodes; returns how many were removed."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: not is_pure(n, gm))
+    return before - len(gm.graph.nodes)
+
+
+def propagate_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Recompute every node's meta value (shape, dtype) by running the graph on meta tensors."""
+    inputs = iter(example_inputs)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = next(inputs, UNKNOWN)
+            node.meta[VALUE] = value.detach().to("meta") if isinstance(value, torch.Tensor) else value
+        elif node.op == "output":
+            continue
+        else:
+            try:
+                node.meta[VALUE] = run_on_meta(gm, node.op, node.target, node.args, node.kwargs)
+            except Exception:  # noqa: BLE001
+                node.meta[VALUE] = UNKNOWN
+            node.meta.setdefault(STATIC, False)
+
+
+def output_signature(gm: fx.GraphModule) -> list[Any]:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    sig: list[Any] = []
+    fx.node.map_arg(out.args, lambda n: sig.append(_sig(n.meta.get(VALUE, UNKNOWN))))
+    return sig
+
+
+def _sig(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    return "?" if value is UNKNOWN else type(value).__name__
+
+
+def node_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """Nodes, convolutions and batch norms in the graph (fused modules count their parts once)."""
+    counts = {"nodes": 0, "conv": 0, "bn": 0}
+    for node in gm.graph.nodes:
+        counts["nodes"] += 1
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            counts["conv"] += isinstance(mod, nn.modules.conv._ConvNd) or getattr(mod, "is_conv", False)
+            counts["bn"] += isinstance(mod, nn.modules.batchnorm._BatchNorm) or getattr(mod, "is_bn", False)
+    return counts
+
+
+class RewriteError(RuntimeError):
+    """A pass produced a graph that fails lint or changes output shapes (a topofx bug)."""
+
+
+@dataclasses.dataclass
+class PassRun:
+    """Aggregate of one pass over the whole run, for the report."""
+
+    name: str
+    exact: bool
+    rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
+    removed: dict[str, int] = dataclasses.field(default_factory=lambda: {"nodes": 0, "conv": 0, "bn": 0})
+
+
+def run_to_fixpoint(
+    gm: fx.GraphModule,
+    original: nn.Module,
+    passes: Sequence[Pass],
+    example_inputs: Sequence[Any],
+    *,
+    max_rounds: int = 20,
+    progress: Callable[[str], None] | None = None,
+) -> list[PassRun]:
+    """Apply ``passes`` in order, repeatedly, until a full round rewrites nothing."""
+    ctx = PassContext(gm, original)
+    propagate_values(gm, example_inputs)
+    expected = output_signature(gm)
+    runs = {p.name: PassRun(p.name, p.exact) for p in passes}
+    for _ in range(max_rounds):
+        changed = False
+        for pass_ in passes:
+            run = runs[pass_.name]
+            before = node_counts(gm)
+            saved_graph = copy.deepcopy(gm.graph)
+            records = pass_(ctx)
+            if records:
+                changed = True
+                run.rewrites.extend(records)
+                eliminate_dead_code(gm)
+                try:
+                    gm.graph.lint()
+                    gm.recompile()
+                    propagate_values(gm, example_inputs)
+                    if output_signature(gm) != expected:
+                        raise RewriteError(f"pass {pass_.name} changed the output signature")
+                except Exception as exc:
+                    gm.graph = saved_graph
+                    gm.recompile()
+                    raise RewriteError(f"pass {pass_.name} produced an invalid graph: {exc}") from exc
+                ctx.invalidate()
+                if progress:
+                    progress(f"{pass_.name}: {len(records)} rewrites")
+            after = node_counts(gm)
+            for key in run.removed:
+                run.removed[key] += before[key] - after[key]
+        if not changed:
+            break
+    return list(runs.values())

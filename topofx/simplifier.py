@@ -1,0 +1,136 @@
+"""``simplify(model, example_inputs)``: the method's outline in one function.
+
+1. capture the unmodified supernet as an FX graph (``topofx.capture``);
+2. find its mixed edges, inputs, candidates and cells (``topofx.topology``);
+3. rewrite the redundant parallel paths to a fixpoint (``topofx.passes`` via ``topofx.rewrite``);
+4. check the result against the original on the example inputs;
+5. hand back a drop-in :class:`SimplifiedModule`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import capture as _capture
+from .report import Report
+from .rewrite import node_counts, run_to_fixpoint
+from .topology import analyze
+
+MODES = ("exact",)
+
+
+class SimplifiedModule(nn.Module):
+    """A drop-in replacement for a supernet that runs its simplified graph.
+
+    It *is* the original for everything but ``forward``: it shares the original's parameter,
+    buffer and submodule dictionaries (so ``parameters()``, ``named_parameters()``,
+    ``state_dict()`` keys and ``.to()`` act on the very same objects), and forwards unknown
+    attributes and methods (``genotype()``, ``arch_parameters()``, ...) to the original.
+    """
+
+    def __init__(self, original: nn.Module, graph_module: fx.GraphModule | None, report: Report):
+        super().__init__()
+        self._parameters = original._parameters
+        self._buffers = original._buffers
+        self._modules = original._modules
+        self._non_persistent_buffers_set = original._non_persistent_buffers_set
+        self.__dict__["original"] = original
+        self.__dict__["graph_module"] = graph_module
+        self.__dict__["report"] = report
+        self.training = original.training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.graph_module is None:
+            return self.original(*args, **kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "SimplifiedModule":
+        super().train(mode)
+        self.original.training = mode
+        if self.graph_module is not None:
+            self.graph_module.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.graph_module is not None:
+            self.graph_module._apply(fn, recurse)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"], name)
+
+    def __repr__(self) -> str:
+        return f"SimplifiedModule({type(self.original).__name__}, mode={self.report.mode})"
+
+
+def _passes_for(mode: str) -> tuple:
+    from topofx.passes import EXACT_PASSES
+
+    if mode == "exact":
+        return EXACT_PASSES
+    if mode == "topo":
+        raise NotImplementedError(
+            "mode='topo' (floating module sharing + kernel-normalized merge) is not implemented yet; use mode='exact'"
+        )
+    raise ValueError(f"unknown mode {mode!r}; choose one of 'exact', 'topo'")
+
+
+def simplify(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    mode: str = "exact",
+    *,
+    strict: bool = False,
+    check: bool = True,
+) -> SimplifiedModule:
+    """Capture ``model``, rewrite its redundant parallel paths, and return a drop-in module.
+
+    Args:
+        model: the unmodified supernet (any ``nn.Module``).
+        example_inputs: a tensor or tuple of tensors that ``model`` accepts.
+        mode: ``"exact"`` (outputs, gradients and BN statistics equal the original's).
+        strict: raise :class:`~topofx.capture.CaptureError` instead of falling back to eager
+            control flow when the network cannot be captured as one graph.
+        check: compare the simplified module's output with the original's on ``example_inputs``
+            and keep the original graph if they differ (exact mode).
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    passes = _passes_for(mode)
+    name = type(model).__name__
+    captured = _capture.capture(model, example_inputs, strict=strict)
+    if captured.graph_module is None:
+        report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
+        return SimplifiedModule(model, None, report)
+    gm = captured.graph_module
+    topology = analyze(gm.graph, model)
+    before = node_counts(gm)
+    runs = run_to_fixpoint(gm, model, passes, example_inputs)
+    report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()))
+    simplified = SimplifiedModule(model, gm, report)
+    if check and mode == "exact":
+        _check_equal(model, simplified, example_inputs)
+    return simplified
+
+
+def _check_equal(model: nn.Module, simplified: SimplifiedModule, example_inputs: tuple) -> None:
+    attrs = _capture.graph_attr_tensors(simplified.graph_module)
+    with _capture.preserved_state(model, tensors=attrs):
+        expected = _capture.run_seeded(model, example_inputs)
+    with _capture.preserved_state(model, tensors=attrs):
+        got = _capture.run_seeded(simplified, example_inputs)
+    err = _capture.max_rel_error(got, expected)
+    if not err <= 1e-5:
+        raise RuntimeError(
+            f"topofx internal error: the simplified {type(model).__name__} differs from the original "
+            f"(max relative error {err:.2e}). Please report it; simplify(..., check=False) skips this check."
+        )

@@ -1,0 +1,310 @@
+"""A networkx view of a captured supernet: weighted joins (mixed edges), their inputs and candidates.
+
+Structure, not names, decides everything here:
+
+* **architecture factor** -- a node whose value does not depend on the network's inputs (no path
+  from a placeholder) and is a tensor of one element: ``softmax(alpha)[e][k]``, a Gumbel sample, a
+  GDAS one-hot entry, a PC-DARTS edge-normalization weight.
+* **sum chain** -- the left-deep chain of ``add`` nodes that Python's ``sum(...)``, ``a + b + c`` or a
+  ``+=`` loop records; its *terms* are the right-hand operands plus the chain head's left operand.
+  Each user-level ``sum`` keeps its own chain, so a cell's node sum over edges is not confused with
+  the edges' own sums.
+* **mixed edge** -- a sum chain with at least two terms ``w_k * b_k`` (architecture factor times a
+  data tensor of the same shape as the product).  Its **input** is the nearest common dominator of
+  the ``b_k`` in the data-flow graph (networkx ``immediate_dominators`` from a virtual source wired
+  to the placeholders); each candidate's **branch** is the set of nodes on paths from the input to
+  ``b_k``.  A chain whose branches contain another mixed edge's join is a *node join* (a cell's sum
+  over weighted edges, as PC-DARTS's edge normalization writes it), not an edge.
+* **cell** -- the longest module path an edge's candidates share with another edge's (module
+  containers such as ``ModuleList``/``ModuleDict`` stripped): ``cells.3`` for both xautodl and DARTS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections import defaultdict
+from typing import Any, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .capture import VALUE
+
+_SOURCE = "__topofx_source__"
+_ADD_TARGETS = {operator.add, torch.add}
+_MUL_TARGETS = {operator.mul, torch.mul}
+
+
+def is_add(node: fx.Node) -> bool:
+    """``a + b`` without ``alpha``/``out`` keywords, as a function or a method."""
+    if node.kwargs:
+        return False
+    if node.op == "call_function" and node.target in _ADD_TARGETS:
+        return len(node.args) == 2
+    return node.op == "call_method" and node.target in ("add", "__add__") and len(node.args) == 2
+
+
+def is_mul(node: fx.Node) -> bool:
+    if node.kwargs:
+        return False
+    if node.op == "call_function" and node.target in _MUL_TARGETS:
+        return len(node.args) == 2
+    return node.op == "call_method" and node.target in ("mul", "__mul__") and len(node.args) == 2
+
+
+def value_of(node: Any) -> Any:
+    return node.meta.get(VALUE) if isinstance(node, fx.Node) else node
+
+
+def shape_of(node: Any) -> torch.Size | None:
+    value = value_of(node)
+    return value.shape if isinstance(value, torch.Tensor) else None
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Data-flow graph: an edge from every node to each of its users."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+def data_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes reachable from a placeholder (their values depend on the network's inputs)."""
+    out: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+@dataclasses.dataclass
+class SumChain:
+    """A left-deep chain of adds: ``((t0 + t1) + t2) + ...``; ``root`` is the last add."""
+
+    root: fx.Node
+    adds: list[fx.Node]  # head first
+    terms: list[Any]  # nodes or python numbers, in order
+
+
+def sum_chains(graph: fx.Graph) -> list[SumChain]:
+    """Every maximal left-deep add chain of the graph, in topological order of their roots."""
+
+    def continues(node: fx.Node) -> bool:  # node is an inner link of a longer chain
+        return len(node.users) == 1 and (user := next(iter(node.users))).args[0] is node and is_add(user)
+
+    chains = []
+    for node in graph.nodes:
+        if not is_add(node) or continues(node):
+            continue
+        adds = [node]
+        while isinstance(adds[-1].args[0], fx.Node) and is_add(adds[-1].args[0]) and continues(adds[-1].args[0]):
+            adds.append(adds[-1].args[0])
+        adds.reverse()
+        terms = [adds[0].args[0]] + [a.args[1] for a in adds]
+        chains.append(SumChain(node, adds, terms))
+    return chains
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One weighted term ``weight * output`` of a mixed edge."""
+
+    mul: fx.Node
+    weight: fx.Node
+    output: fx.Node
+    branch: list[fx.Node]  # nodes between the edge input (exclusive) and output (inclusive), topo order
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.branch
+
+    def describe(self, gm: fx.GraphModule | None = None) -> str:
+        if not self.branch:
+            return "identity"
+        return ">".join(primitive_name(n, gm) for n in self.branch)
+
+
+@dataclasses.dataclass
+class MixedEdge:
+    """``y = sum_k w_k * op_k(x)`` found in the graph."""
+
+    chain: SumChain
+    input: fx.Node
+    candidates: list[Candidate]
+    other_terms: list[Any]  # unweighted terms of the chain (the 0 that ``sum`` starts from, ...)
+    cell: str = ""
+
+    @property
+    def join(self) -> fx.Node:
+        return self.chain.root
+
+    @property
+    def name(self) -> str:
+        return f"{self.input.name}->{self.join.name}"
+
+
+@dataclasses.dataclass
+class Topology:
+    graph: fx.Graph
+    nx_graph: nx.DiGraph
+    edges: list[MixedEdge]
+    node_joins: list[SumChain]
+
+    def edges_by_input(self) -> dict[fx.Node, list[MixedEdge]]:
+        groups: dict[fx.Node, list[MixedEdge]] = defaultdict(list)
+        for edge in self.edges:
+            groups[edge.input].append(edge)
+        return dict(groups)
+
+    def cells(self) -> dict[str, list[MixedEdge]]:
+        groups: dict[str, list[MixedEdge]] = defaultdict(list)
+        for edge in self.edges:
+            groups[edge.cell].append(edge)
+        return dict(groups)
+
+    def edge_of(self) -> dict[fx.Node, MixedEdge]:
+        """Map each node of every candidate branch (and the joins) to its mixed edge."""
+        out: dict[fx.Node, MixedEdge] = {}
+        for edge in self.edges:
+            for cand in edge.candidates:
+                for n in cand.branch + [cand.mul]:
+                    out.setdefault(n, edge)
+            for a in edge.chain.adds:
+                out[a] = edge
+        return out
+
+
+def primitive_name(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
+    if node.op == "call_module" and gm is not None:
+        mod = gm.get_submodule(node.target)
+        ks = getattr(mod, "kernel_size", None)
+        if isinstance(ks, tuple):
+            return f"{type(mod).__name__}{ks[0]}x{ks[1]}"
+        return type(mod).__name__
+    if node.op == "call_module":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def architecture_factor(node: Any, data: set[fx.Node]) -> bool:
+    """A one-element tensor that does not depend on the network's inputs."""
+    if not isinstance(node, fx.Node) or node in data:
+        return False
+    value = value_of(node)
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+
+
+def weighted_term(term: Any, data: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """``(weight, output)`` if ``term`` is ``w * b`` with w an architecture factor and b data of the product's shape."""
+    if not isinstance(term, fx.Node) or not is_mul(term) or len(term.users) != 1:
+        return None
+    a, b = term.args
+    for weight, out in ((a, b), (b, a)):
+        if architecture_factor(weight, data) and isinstance(out, fx.Node) and out in data:
+            if shape_of(out) is not None and shape_of(out) == shape_of(term):
+                return weight, out
+    return None
+
+
+def _nearest_common_dominator(idom: dict, nodes: Iterable[fx.Node]) -> Any:
+    chains = []
+    for n in nodes:
+        chain = [n]
+        while chain[-1] in idom and idom[chain[-1]] is not chain[-1]:
+            chain.append(idom[chain[-1]])
+        chains.append(chain)
+    common = set(chains[0]).intersection(*map(set, chains[1:]))
+    return next((c for c in chains[0] if c in common), None)
+
+
+def _edge_scope(edge: MixedEdge) -> list[str]:
+    """Common module-path prefix of the candidates' modules (the edge's own module)."""
+    paths = [n.target.split(".") for c in edge.candidates for n in c.branch if n.op == "call_module"]
+    if not paths:
+        stack = list(edge.join.meta.get("nn_module_stack", {}).keys())
+        return stack[-1].split(".") if stack else []
+    prefix = paths[0]
+    for p in paths[1:]:
+        k = 0
+        while k < min(len(prefix), len(p)) and prefix[k] == p[k]:
+            k += 1
+        prefix = prefix[:k]
+    return prefix
+
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+
+
+def _submodule(root: torch.nn.Module, path: list[str]) -> torch.nn.Module | None:
+    try:
+        return root.get_submodule(".".join(path))
+    except AttributeError:
+        return None
+
+
+def _assign_cells(edges: list[MixedEdge], root: torch.nn.Module | None) -> None:
+    """Cell = the longest module prefix an edge shares with another edge, minus module containers."""
+    scopes = [_edge_scope(e) for e in edges]
+    for i, edge in enumerate(edges):
+        best: list[str] = []
+        for j, other in enumerate(scopes):
+            if j != i:
+                k = 0
+                while k < min(len(scopes[i]), len(other)) and scopes[i][k] == other[k]:
+                    k += 1
+                if k > len(best):
+                    best = scopes[i][:k]
+        while best and root is not None and isinstance(_submodule(root, best), _CONTAINERS):
+            best = best[:-1]
+        edge.cell = ".".join(best)
+
+
+def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
+    """Find the mixed edges, node joins and cells of a captured graph."""
+    g = to_networkx(graph)
+    data = data_dependent(graph)
+    flow = g.subgraph(data).copy()
+    flow.add_node(_SOURCE)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            flow.add_edge(_SOURCE, node)
+    idom = nx.immediate_dominators(flow, _SOURCE)
+
+    proposals: list[tuple[SumChain, fx.Node, list[Candidate], list[Any]]] = []
+    for chain in sum_chains(graph):
+        weighted, others = [], []
+        for term in chain.terms:
+            wt = weighted_term(term, data)
+            (weighted if wt else others).append((term, wt))
+        if len(weighted) < 2:
+            continue
+        outputs = [wt[1] for _, wt in weighted]
+        x = _nearest_common_dominator(idom, outputs)
+        if x is None or x == _SOURCE:
+            continue
+        from_x = nx.descendants(flow, x)
+        candidates = []
+        for term, (weight, out) in weighted:
+            branch = (nx.ancestors(flow, out) | {out}) & from_x if out is not x else set()
+            candidates.append(Candidate(term, weight, out, sorted(branch, key=_order(graph))))
+        proposals.append((chain, x, candidates, [t for t, _ in others]))
+
+    joins = {chain.root for chain, *_ in proposals}
+    edges, node_joins = [], []
+    for chain, x, candidates, others in proposals:
+        inner = set().union(*(set(c.branch) for c in candidates))
+        if inner & (joins - {chain.root}):
+            node_joins.append(chain)
+        else:
+            edges.append(MixedEdge(chain, x, candidates, others))
+    _assign_cells(edges, root)
+    return Topology(graph, g, edges, node_joins)
+
+
+def _order(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
