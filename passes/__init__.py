@@ -1,11 +1,16 @@
 """Rewrite passes, one small module each (importable as ``topofx.passes``).
 
-``EXACT_PASSES`` keep outputs, gradients and BN statistics equal to the original's.
+``EXACT_PASSES`` keep outputs, gradients and BN statistics equal to the original's;
+``TOPO_PASSES`` add the TopoNAS floating/merge rewrite (vertex-exact).
 """
 from .zero_elimination import zero_elimination
 from .prefix_sharing import prefix_sharing
 from .horizontal_fusion import horizontal_fusion
+from .weight_folding import weight_folding
+from .floating_merge import floating_merge
 
-EXACT_PASSES = (zero_elimination, prefix_sharing, horizontal_fusion)
+EXACT_PASSES = (zero_elimination, prefix_sharing, weight_folding, horizontal_fusion)
+# TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
+TOPO_PASSES = (zero_elimination, prefix_sharing, floating_merge, weight_folding, horizontal_fusion)
 
-__all__ = ["EXACT_PASSES", "zero_elimination", "prefix_sharing", "horizontal_fusion"]
+__all__ = ["EXACT_PASSES", "TOPO_PASSES", "floating_merge", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

@@ -51,6 +51,21 @@ def _slice_outputs(gm: fx.GraphModule, fused: fx.Node, nodes: list[fx.Node], spl
     return slices
 
 
+def _bn_consumer(gm: fx.GraphModule, conv: fx.Node) -> tuple[list[nn.BatchNorm2d], object] | None:
+    """``([bn], scale)`` if the conv's only user is a plain BN or a one-block (scaled) fused BN."""
+    if len(conv.users) != 1:
+        return None
+    user = next(iter(conv.users))
+    if user.args[:1] != (conv,) or user.kwargs or is_mutated(user, gm):
+        return None
+    if _is_plain_bn(gm, user) and len(user.args) == 1:
+        return [_module(gm, user)], None
+    mod = _module(gm, user)
+    if isinstance(mod, FusedBatchNorm2d) and len(mod.bns) == 1 and len(user.args) <= 2:
+        return [mod.bns[0]], (user.args[1] if len(user.args) == 2 else None)
+    return None
+
+
 def _fuse_convs(ctx: PassContext, convs: list[fx.Node]) -> Rewrite:
     gm = ctx.gm
     mods = [_module(gm, c) for c in convs]
@@ -58,15 +73,19 @@ def _fuse_convs(ctx: PassContext, convs: list[fx.Node]) -> Rewrite:
     name = ctx.add_module("conv", fused_mod)
     with gm.graph.inserting_before(convs[0]):
         fused = gm.graph.call_module(name, (convs[0].args[0],))
-    bns = [next(iter(c.users)) if len(c.users) == 1 else None for c in convs]
-    fuse_bn = all(b is not None and _is_plain_bn(gm, b) and b.args[0] is c and len(b.args) == 1 for b, c in zip(bns, convs))
-    fuse_bn = fuse_bn and len({bn_config(_module(gm, b)) for b in bns}) == 1 and not any(is_mutated(b, gm) for b in bns)
+    consumers = [_bn_consumer(gm, c) for c in convs]
+    fuse_bn = all(consumers) and len({bn_config(c[0][0]) for c in consumers}) == 1
     if fuse_bn:
-        bn_name = ctx.add_module("bn", FusedBatchNorm2d([_module(gm, b) for b in bns]))
-        with gm.graph.inserting_after(fused):
-            fused_bn = gm.graph.call_module(bn_name, (fused,))
-        _slice_outputs(gm, fused_bn, bns, fused_mod.splits)
-        for b in bns:
+        bn_nodes = [next(iter(c.users)) for c in convs]
+        scales = [scale for _, scale in consumers]
+        bn_name = ctx.add_module("bn", FusedBatchNorm2d([c[0][0] for c in consumers]))
+        args = (fused, *scales) if any(s is not None for s in scales) else (fused,)
+        anchor = max((s for s in scales if isinstance(s, fx.Node)), key=_position(gm), default=fused)
+        anchor = max(anchor, fused, key=_position(gm))
+        with gm.graph.inserting_after(anchor):
+            fused_bn = gm.graph.call_module(bn_name, args)
+        _slice_outputs(gm, fused_bn, bn_nodes, fused_mod.splits)
+        for b in bn_nodes:
             gm.graph.erase_node(b)
     else:
         _slice_outputs(gm, fused, convs, fused_mod.splits)
@@ -75,6 +94,11 @@ def _fuse_convs(ctx: PassContext, convs: list[fx.Node]) -> Rewrite:
     kernel = "x".join(map(str, mods[0].kernel_size))
     what = f"{len(convs)} conv{kernel}" + (" + their BNs" if fuse_bn else "")
     return Rewrite("horizontal_fusion", "fused", [c.name for c in convs], fused.name, True, what)
+
+
+def _position(gm: fx.GraphModule):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return index.__getitem__
 
 
 def horizontal_fusion(ctx: PassContext) -> list[Rewrite]:

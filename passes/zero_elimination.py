@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
-from topofx.rewrite import PassContext, Rewrite, is_mutated, target_name
+from topofx.rewrite import PassContext, Rewrite, is_mutated, rebuild_chain, target_name
 from topofx.topology import is_mul, shape_of, sum_chains
 
 _ZERO_FACTORIES = {"zeros_like", "zeros", "new_zeros"}
@@ -48,13 +47,8 @@ def zero_elimination(ctx: PassContext) -> list[Rewrite]:
         if is_mutated(chain.root, gm) or any(isinstance(t, fx.Node) and is_mutated(t, gm) for t in keep):
             continue
         dropped = [t for t in chain.terms if is_zero(t)]
-        with gm.graph.inserting_before(chain.root):
-            acc = keep[0]
-            for term in keep[1:]:
-                acc = gm.graph.call_function(operator.add, (acc, term))
-        chain.root.replace_all_uses_with(acc)
+        acc = rebuild_chain(gm, chain.root, keep)
         replaced[chain.root] = acc
-        acc.meta.update({k: v for k, v in chain.root.meta.items() if k not in acc.meta})
         records.append(
             Rewrite(
                 "zero_elimination", "removed", [t.name if isinstance(t, fx.Node) else repr(t) for t in dropped],

@@ -55,12 +55,16 @@ def bn_config(bn: nn.BatchNorm2d) -> tuple:
 
 
 class FusedBatchNorm2d(nn.Module):
-    """BatchNorm2d modules applied to consecutive channel blocks of one tensor, run as one call.
+    """BatchNorm2d modules applied to consecutive channel blocks of one tensor, run as one call,
+    each block optionally scaled by a scalar (an architecture weight folded into the affine map).
 
-    BN is per-channel, so one ``F.batch_norm`` over the concatenated channels equals the separate
-    calls; running statistics are computed on a concatenated copy and written back into each
-    original module's buffers (``num_batches_tracked`` included).  Exact.  When the modules
-    disagree at run time (one switched to eval alone, different ``num_batches_tracked`` with
+    ``forward(y, *scales)``: with ``scales`` (one 0-dim tensor or ``None`` per block) block k returns
+    ``scale_k * BN_k(y_k)``, computed as one ``F.batch_norm`` whose affine weight (and bias) are
+    multiplied by ``scale_k``: the normalized output is then not saved a second time for the
+    multiplication's backward.  BN is per-channel, so one call over the concatenated channels equals
+    the separate calls; running statistics are computed on a concatenated copy and written back
+    into each original module's buffers (``num_batches_tracked`` included).  Exact.  When the
+    modules disagree at run time (one switched to eval alone, different ``num_batches_tracked`` with
     cumulative momentum) it runs them one by one.
     """
 
@@ -81,10 +85,27 @@ class FusedBatchNorm2d(nn.Module):
             return len({int(b.num_batches_tracked) for b in self.bns}) == 1
         return True
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def _affine(self, scales: Sequence[torch.Tensor | None], like: torch.Tensor):
+        bns = list(self.bns)
+        if not scales or all(s is None for s in scales):
+            if not bns[0].affine:
+                return None, None
+            return torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns])
+        weights, biases = [], []
+        for bn, s in zip(bns, scales):
+            w = bn.weight if bn.affine else like.new_ones(bn.num_features)
+            weights.append(w if s is None else w * s)
+            if bn.affine:
+                biases.append(bn.bias if s is None else bn.bias * s)
+        return torch.cat(weights), (torch.cat(biases) if biases else None)
+
+    def forward(self, y: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
         bns = list(self.bns)
         if not self._uniform():
-            return torch.cat([bn(part) for bn, part in zip(bns, y.split(self.splits, dim=1))], dim=1)
+            parts = [bn(part) for bn, part in zip(bns, y.split(self.splits, dim=1))]
+            if scales:
+                parts = [p if s is None else p * s for p, s in zip(parts, scales)]
+            return torch.cat(parts, dim=1)
         first = bns[0]
         tracked = first.track_running_stats and first.running_mean is not None
         update = first.training and tracked
@@ -97,8 +118,7 @@ class FusedBatchNorm2d(nn.Module):
             factor = first.momentum if first.momentum is not None else 0.0
         mean = torch.cat([b.running_mean for b in bns]) if tracked else None
         var = torch.cat([b.running_var for b in bns]) if tracked else None
-        weight = torch.cat([b.weight for b in bns]) if first.affine else None
-        bias = torch.cat([b.bias for b in bns]) if first.affine else None
+        weight, bias = self._affine(scales, y)
         use_batch_stats = first.training or not tracked
         out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, first.eps)
         if update:
@@ -107,3 +127,124 @@ class FusedBatchNorm2d(nn.Module):
                     bn.running_mean.copy_(m)
                     bn.running_var.copy_(v)
         return out
+
+
+def effective_kernel(conv: nn.Conv2d) -> tuple[int, int]:
+    return tuple(d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation))  # type: ignore[return-value]
+
+
+def conv_offset(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Padding beyond 'same' alignment; convs with equal offsets and strides produce aligned outputs."""
+    ke = effective_kernel(conv)
+    if any(k % 2 == 0 for k in ke) or isinstance(conv.padding, str):
+        return None
+    return tuple(p - (k - 1) // 2 for p, k in zip(conv.padding, ke))  # type: ignore[return-value]
+
+
+def _dilated_padded(kernel: torch.Tensor, dilation: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Kernel with zeros inserted for its dilation, then zero-padded (centred) to ``size``."""
+    if dilation != (1, 1):
+        o, i, kh, kw = kernel.shape
+        full = kernel.new_zeros(o, i, dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+        full[:, :, :: dilation[0], :: dilation[1]] = kernel
+        kernel = full
+    ph, pw = size[0] - kernel.shape[2], size[1] - kernel.shape[3]
+    return F.pad(kernel, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class MergedConvBN(nn.Module):
+    """Floating module sharing + kernel-normalized merge (TopoNAS, METHOD.md 5-6), for one or more
+    mixed edges whose Conv->BN candidates read the same tensor ``r``.
+
+    For edge e with candidates S_e and architecture weights w_i (i in S_e), W = sum w_i and
+    a_i = w_i / W; per output channel o
+
+        K_o = (sum_i a_i pad(K_io) / ||K_io||) / (sum_i a_i / ||K_io||)
+
+    (the conv bias, where present, is mixed the same way), and the edge's BN-ended candidates are
+    replaced by ``W * BN_e(conv(r, K))``: one batch norm with new running statistics, whose affine
+    parameters (where the originals have them) are mixed with the a_i; ``W`` is folded into its
+    affine weight.  All edges' merged kernels run as one convolution and one batch norm over the
+    concatenated channels.  Vertex-exact: at a one-hot w, K is the selected kernel and the output
+    equals the selected branch in train mode.  ``forward(r, *w)`` takes the weights edge by edge.
+    """
+
+    is_conv = True
+    is_bn = True
+
+    def __init__(self, groups: Sequence[Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]], eps: float = 1e-12):
+        super().__init__()
+        convs = [c for g in groups for c, _ in g]
+        bns = [b for g in groups for _, b in g]
+        if len({conv_offset(c) for c in convs}) != 1 or len({c.stride for c in convs}) != 1:
+            raise ValueError("MergedConvBN needs convolutions with aligned outputs")
+        if len({bn_config(b) for b in bns}) != 1 or len({(c.in_channels, c.groups, c.bias is not None) for c in convs}) != 1:
+            raise ValueError("MergedConvBN needs one BN configuration and one conv input layout")
+        if any(len({c.out_channels for c, _ in g}) != 1 for g in groups):
+            raise ValueError("the candidates of one edge must have the same output channels")
+        self.groups = nn.ModuleList(nn.ModuleList(nn.ModuleList([c, b]) for c, b in g) for g in groups)
+        self.sizes = [len(g) for g in groups]
+        self.splits = [g[0][0].out_channels for g in groups]
+        kernels = [effective_kernel(c) for c in convs]
+        self.kernel = (max(k[0] for k in kernels), max(k[1] for k in kernels))
+        first_conv, first_bn = convs[0], bns[0]
+        offset = conv_offset(first_conv)
+        self.stride = first_conv.stride
+        self.padding = tuple(o + (k - 1) // 2 for o, k in zip(offset, self.kernel))
+        self.eps = eps
+        self.has_bias = first_conv.bias is not None
+        self.floated = nn.BatchNorm2d(
+            sum(self.splits), eps=first_bn.eps, momentum=first_bn.momentum, affine=False,
+            track_running_stats=first_bn.track_running_stats,
+        ).to(first_conv.weight.device)
+        self.mix_affine = first_bn.affine
+
+    def _merge(self, group: nn.ModuleList, w: torch.Tensor):
+        total = w.sum()
+        a = w / (total + self.eps)
+        num = den = bias = None
+        gamma = beta = None
+        for k, pair in enumerate(group):
+            conv, bn = pair[0], pair[1]
+            norm = conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)  # (C_out,)
+            coeff = a[k] / norm
+            kernel = _dilated_padded(conv.weight, conv.dilation, self.kernel)
+            term = coeff[:, None, None, None] * kernel
+            num = term if num is None else num + term
+            den = coeff if den is None else den + coeff
+            if self.has_bias:
+                b = coeff * conv.bias
+                bias = b if bias is None else bias + b
+            if self.mix_affine:
+                gamma = a[k] * bn.weight if gamma is None else gamma + a[k] * bn.weight
+                beta = a[k] * bn.bias if beta is None else beta + a[k] * bn.bias
+        den = den + self.eps
+        kernel = num / den[:, None, None, None]
+        bias = bias / den if bias is not None else None
+        scale = total.expand(kernel.shape[0]) if gamma is None else total * gamma
+        shift = None if beta is None else total * beta
+        return kernel, bias, scale, shift
+
+    def forward(self, r: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        kernels, biases, scales, shifts, start = [], [], [], [], 0
+        for group, n in zip(self.groups, self.sizes):
+            w = torch.stack([t.reshape(()) for t in weights[start : start + n]])
+            start += n
+            kernel, bias, scale, shift = self._merge(group, w)
+            kernels.append(kernel)
+            biases.append(bias)
+            scales.append(scale)
+            shifts.append(shift if shift is not None else torch.zeros_like(scale))
+        kernel = torch.cat(kernels)
+        bias = torch.cat(biases) if self.has_bias else None
+        y = F.conv2d(r, kernel, bias, self.stride, self.padding)
+        bn = self.floated
+        factor = 0.0
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        use_batch_stats = bn.training or not bn.track_running_stats
+        return F.batch_norm(
+            y, bn.running_mean, bn.running_var, torch.cat(scales), torch.cat(shifts) if self.mix_affine else None,
+            use_batch_stats, factor, bn.eps,
+        )

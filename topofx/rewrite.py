@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -124,8 +125,47 @@ def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
     return True
 
 
-def replace_all_uses(old: fx.Node, new: fx.Node) -> None:
-    old.replace_all_uses_with(new)
+def rebuild_chain(gm: fx.GraphModule, root: fx.Node, terms: Sequence[Any]) -> fx.Node:
+    """Replace the sum chain ending at ``root`` by a new left-deep chain over ``terms``.
+
+    The old chain's adds become dead (dead-code elimination removes them); returns the new root.
+    """
+    anchor = max((t for t in terms if isinstance(t, fx.Node)), key=_position(gm.graph), default=None)
+    if anchor is None or _position(gm.graph)(anchor) < _position(gm.graph)(root):
+        anchor = root.prev
+    with gm.graph.inserting_after(anchor):
+        acc = terms[0]
+        for term in terms[1:]:
+            acc = gm.graph.call_function(operator.add, (acc, term))
+    root.replace_all_uses_with(acc)
+    if isinstance(acc, fx.Node):
+        acc.meta.update({k: v for k, v in root.meta.items() if k not in acc.meta})
+    return acc
+
+
+def _position(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return index.__getitem__
+
+
+def stable_toposort(graph: fx.Graph) -> None:
+    """Reorder nodes topologically, keeping the current order wherever the data flow allows.
+
+    Passes insert a fused node after the last of its inputs; its users may sit earlier.  networkx's
+    lexicographical topological sort (key = current position) repairs that with minimal movement.
+    """
+    import networkx as nx
+
+    from .topology import to_networkx
+
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    order = list(nx.lexicographical_topological_sort(to_networkx(graph), key=index.__getitem__))
+    if order == list(graph.nodes):
+        return
+    prev = graph._root  # the sentinel before the first node
+    for node in order:
+        prev.append(node)
+        prev = node
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:
@@ -215,8 +255,9 @@ def run_to_fixpoint(
             if records:
                 changed = True
                 run.rewrites.extend(records)
-                eliminate_dead_code(gm)
                 try:
+                    stable_toposort(gm.graph)
+                    eliminate_dead_code(gm)
                     gm.graph.lint()
                     gm.recompile()
                     propagate_values(gm, example_inputs)

@@ -20,7 +20,7 @@ from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .topology import analyze
 
-MODES = ("exact",)
+MODES = ("topo", "exact")
 
 
 class SimplifiedModule(nn.Module):
@@ -72,21 +72,19 @@ class SimplifiedModule(nn.Module):
 
 
 def _passes_for(mode: str) -> tuple:
-    from topofx.passes import EXACT_PASSES
+    from topofx.passes import EXACT_PASSES, TOPO_PASSES
 
     if mode == "exact":
         return EXACT_PASSES
     if mode == "topo":
-        raise NotImplementedError(
-            "mode='topo' (floating module sharing + kernel-normalized merge) is not implemented yet; use mode='exact'"
-        )
+        return TOPO_PASSES
     raise ValueError(f"unknown mode {mode!r}; choose one of 'exact', 'topo'")
 
 
 def simplify(
     model: nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor,
-    mode: str = "exact",
+    mode: str = "topo",
     *,
     strict: bool = False,
     check: bool = True,
@@ -96,7 +94,8 @@ def simplify(
     Args:
         model: the unmodified supernet (any ``nn.Module``).
         example_inputs: a tensor or tuple of tensors that ``model`` accepts.
-        mode: ``"exact"`` (outputs, gradients and BN statistics equal the original's).
+        mode: ``"topo"`` (default; TopoNAS floating + kernel-normalized merge, vertex-exact) or
+            ``"exact"`` (outputs, gradients and BN statistics equal the original's).
         strict: raise :class:`~topofx.capture.CaptureError` instead of falling back to eager
             control flow when the network cannot be captured as one graph.
         check: compare the simplified module's output with the original's on ``example_inputs``

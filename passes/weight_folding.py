@@ -1,0 +1,56 @@
+"""Fold an architecture weight into the batch norm it multiplies (exact).
+
+Matches: ``w * BN(y)`` (either operand order) where ``w`` is an architecture factor (a one-element
+tensor independent of the inputs) and the ``BatchNorm2d`` output has no other user.
+Produces: one :class:`~topofx.modules.FusedBatchNorm2d` call ``BN(y; scale=w)`` whose affine weight
+and bias are multiplied by ``w``.  The value and the gradients of ``y``, the BN parameters and ``w``
+are the same (up to float rounding), and the normalized output is no longer kept alive for the
+multiplication's backward -- one saved activation less per conv candidate.  Horizontal fusion later
+merges such scaled batch norms that follow fused convolutions.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from topofx.modules import FusedBatchNorm2d
+from topofx.rewrite import PassContext, Rewrite, is_mutated
+from topofx.topology import data_dependent, is_mul, weighted_term
+
+
+def _plain_bn(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    mod = gm.get_submodule(node.target)
+    if type(mod) is not nn.BatchNorm2d or mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    return mod
+
+
+def weight_folding(ctx: PassContext) -> list[Rewrite]:
+    gm = ctx.gm
+    data = data_dependent(gm.graph)
+    records = []
+    for node in list(gm.graph.nodes):
+        if not is_mul(node):
+            continue
+        found = weighted_term(node, data)
+        if found is None:
+            continue
+        weight, out = found
+        bn = _plain_bn(gm, out)
+        if bn is None or len(out.users) != 1 or is_mutated(out, gm):
+            continue
+        name = ctx.add_module("bn", FusedBatchNorm2d([bn]))
+        with gm.graph.inserting_before(node):
+            folded = gm.graph.call_module(name, (out.args[0], weight))
+        folded.meta.update(node.meta)
+        node.replace_all_uses_with(folded)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(out)
+        records.append(Rewrite("weight_folding", "fused", [node.name, out.name], folded.name, True, f"{weight.name} folded into {out.target}"))
+    return records
+
+
+weight_folding.name = "weight_folding"
+weight_folding.exact = True
