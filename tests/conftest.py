@@ -1,0 +1,47 @@
+"""Test-suite configuration.
+
+* One intra-op thread: the CI machine has two shared cores; one thread per process is both faster
+  there (no oversubscription) and reproducible (the reduction order of a convolution or a batch
+  norm does not depend on how work is split between threads).
+* Hypothesis profile ``ci`` (loaded by default; ``--hypothesis-profile=...`` overrides it): no
+  per-example deadline (the first example of a run pays for imports and warm-up), no ``too_slow``
+  health check (drawing a supernet is cheap, building and capturing it is not), and derandomized,
+  so a CI run draws the same examples every time and a failure reproduces.
+* ``slow`` marker: tests that simplify zoo models at their full default size (tens of seconds
+  each).  They are skipped unless ``--runslow`` is given or ``TOPOFX_SLOW=1`` is set.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+torch.set_num_threads(1)
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+settings.load_profile("ci")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run tests marked slow (full-size zoo models)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: full-size zoo model; needs --runslow or TOPOFX_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("TOPOFX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow (or set TOPOFX_SLOW=1) to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,4 @@
+"""``python -m topofx ...``: the ``topofx`` command line (see :mod:`topofx.cli`)."""
+from .cli import main
+
+raise SystemExit(main())

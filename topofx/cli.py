@@ -1,0 +1,371 @@
+"""The ``topofx`` command line.
+
+::
+
+    topofx models                                   # built-in supernets
+    topofx simplify MODEL [--mode exact|topo] [--viz DIR] [--input-shape 2,3,32,32] [--strict]
+    topofx bench MODEL [--modes exact,topo] [--batch-size 64] [--steps 5] ...
+
+``MODEL`` is a built-in name (``topofx models``) or ``path/to/file.py:factory``: the file is imported
+from its path and ``factory()`` must return a model, or a ``(model, example_inputs)`` pair; for a
+bare model ``--input-shape`` gives the shape of a random example input.  User mistakes (unknown
+model, missing file or factory, bad input shape, a capture error under ``--strict``) print one line
+on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import inspect
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+__all__ = ["main", "UserError", "load_model", "parse_input_shape"]
+
+PROG = "topofx"
+
+
+class UserError(Exception):
+    """A mistake on the command line or in the user's model file: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (and never exit the interpreter from main())."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def parse_input_shape(text: str) -> list[tuple[int, ...]]:
+    """``"2,3,32,32"`` -> ``[(2, 3, 32, 32)]``; several inputs separated by ``;`` or ``:``."""
+    shapes = []
+    for part in text.replace(":", ";").split(";"):
+        part = part.strip().strip("()[]").replace("x", ",").replace("X", ",")
+        if not part:
+            continue
+        try:
+            dims = tuple(int(d) for d in part.split(",") if d.strip())
+        except ValueError:
+            raise UserError(f"bad --input-shape {text!r}: give comma-separated positive integers, e.g. 2,3,32,32") from None
+        if not dims or any(d < 1 for d in dims):
+            raise UserError(f"bad --input-shape {text!r}: give comma-separated positive integers, e.g. 2,3,32,32")
+        shapes.append(dims)
+    if not shapes:
+        raise UserError(f"bad --input-shape {text!r}: give comma-separated positive integers, e.g. 2,3,32,32")
+    return shapes
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UserError(f"bad --set {item!r}: use KEY=VALUE, e.g. --set C=8")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _user_location(exc: BaseException, path: Path) -> str:
+    """``file.py:12`` of the innermost frame of the user's file in ``exc``'s traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fs in reversed(frames):
+        try:
+            if Path(fs.filename).resolve() == path:
+                return f"{path.name}:{fs.lineno}"
+        except OSError:
+            continue
+    return path.name
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    added = str(folder) not in sys.path
+    if added:
+        sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(str(folder))
+
+
+def _import_file(path: Path):
+    name = f"topofx_user_{abs(hash(str(path))):x}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with _on_sys_path(path.parent):
+            spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file failed: name where, in one line
+        sys.modules.pop(name, None)
+        raise UserError(f"importing {path} failed at {_user_location(exc, path)}: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _random_inputs(shapes: list[tuple[int, ...]], seed: int) -> tuple:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(s, generator=gen) for s in shapes)
+
+
+def load_model(spec: str, *, input_shape: str | None = None, overrides: dict[str, Any] | None = None,
+               seed: int = 0) -> tuple[Any, tuple, str]:
+    """``(model, example_inputs, display name)`` for a zoo name or ``path/to/file.py:factory``.
+
+    Raises :class:`UserError` for anything the user can fix.
+    """
+    import torch
+    from torch import nn
+
+    from . import zoo
+
+    overrides = dict(overrides or {})
+    shapes = parse_input_shape(input_shape) if input_shape else None
+    if spec in zoo.names():
+        kwargs: dict[str, Any] = {"seed": seed}
+        if shapes:
+            if len(shapes) != 1 or len(shapes[0]) != 4 or shapes[0][1] != 3 or shapes[0][2] != shapes[0][3]:
+                raise UserError(
+                    f"bad --input-shape {input_shape!r} for {spec}: built-in models take one batch of square "
+                    "3-channel images, B,3,S,S (e.g. 2,3,32,32)"
+                )
+            kwargs.update(batch_size=shapes[0][0], image_size=shapes[0][2])
+        try:
+            model, inputs = zoo.build(spec, **kwargs, **overrides)
+        except TypeError as exc:  # an override the model does not take
+            raise UserError(f"{spec}: {exc}") from None
+        return model, tuple(inputs), spec
+
+    file_part, sep, factory_name = spec.rpartition(":")
+    if not sep or not file_part:
+        if spec.endswith(".py") or os.sep in spec or "/" in spec:
+            raise UserError(f"give the factory function too: {spec}:FACTORY (a function returning the model)")
+        raise UserError(
+            f"unknown model {spec!r}: built-in models are {', '.join(zoo.names())}; "
+            "or give path/to/file.py:factory"
+        )
+    path = Path(file_part).expanduser()
+    if not path.is_file():
+        raise UserError(f"model file not found: {file_part}")
+    path = path.resolve()
+    if not factory_name.isidentifier():
+        raise UserError(f"bad factory name {factory_name!r} in {spec!r}: use path/to/file.py:function_name")
+    module = _import_file(path)
+    factory = getattr(module, factory_name, None)
+    if factory is None:
+        defined = sorted(n for n, v in vars(module).items()
+                         if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        hint = f"; it defines: {', '.join(defined)}" if defined else ""
+        raise UserError(f"{path.name} has no {factory_name!r}{hint}")
+    if not callable(factory):
+        raise UserError(f"{path.name}:{factory_name} is a {type(factory).__name__}, not a function returning a model")
+    try:
+        with _on_sys_path(path.parent):
+            made = factory(**overrides)
+    except TypeError as exc:
+        if overrides and "argument" in str(exc):
+            raise UserError(f"{path.name}:{factory_name} does not accept --set {', '.join(overrides)}: {exc}") from None
+        raise UserError(f"{path.name}:{factory_name}() failed at {_user_location(exc, path)}: TypeError: {exc}") from exc
+    except Exception as exc:
+        raise UserError(f"{path.name}:{factory_name}() failed at {_user_location(exc, path)}: {type(exc).__name__}: {exc}") from exc
+
+    inputs: Any = None
+    model = made
+    if isinstance(made, (tuple, list)) and len(made) == 2 and isinstance(made[0], nn.Module):
+        model, inputs = made
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"{path.name}:{factory_name}() returned a {type(made).__name__}; "
+            "return an nn.Module or a (model, example_inputs) pair"
+        )
+    if shapes:
+        inputs = _random_inputs(shapes, seed)
+    elif inputs is None:
+        raise UserError(
+            f"{path.name}:{factory_name}() returned a model without example inputs; "
+            "pass --input-shape (e.g. --input-shape 2,3,32,32) or return (model, example_inputs)"
+        )
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, list):
+        inputs = tuple(inputs)
+    elif not isinstance(inputs, tuple):
+        raise UserError(f"{path.name}:{factory_name}(): example_inputs must be a tensor or a tuple of tensors")
+    return model, inputs, f"{path.name}:{factory_name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    text = " ".join(str(message).split())
+    if text.startswith(f"{PROG}: "):
+        text = text[len(PROG) + 2:]
+    print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
+
+
+def _default_mode() -> str:
+    from .simplifier import simplify
+
+    default = inspect.signature(simplify).parameters["mode"].default
+    return default if isinstance(default, str) else "exact"
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    names = zoo.names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {zoo.describe(name)}")
+    return 0
+
+
+def _cmd_simplify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .capture import CaptureError
+    from .simplifier import simplify
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, inputs, label = load_model(args.model, input_shape=args.input_shape,
+                                      overrides=_parse_sets(args.set), seed=args.seed)
+    mode = args.mode or _default_mode()
+    try:
+        simplified = simplify(model, inputs, mode=mode, strict=args.strict)
+    except CaptureError as exc:
+        raise UserError(f"cannot capture {label}: {' '.join(str(exc).split())}") from exc
+    except NotImplementedError as exc:
+        raise UserError(" ".join(str(exc).split()) or f"mode {mode!r} is not implemented") from exc
+    print(simplified.report)
+    if args.viz:
+        from .visualize import visualize
+
+        try:
+            result = visualize(simplified, args.viz, fmt=args.format, cell=args.cell, example_inputs=inputs)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        print(f"pictures ({args.viz}):")
+        for line in result.lines:
+            print(f"  {line}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    from . import bench
+
+    if argv and ":" in argv[0] and not argv[0].startswith("-"):
+        raise UserError(f"bench runs built-in models only (topofx models); got {argv[0]!r}")
+    return bench.main(argv)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="TopoNAS as a torch.fx pass: capture a one-shot NAS supernet, simplify its "
+        "searchable paths, benchmark and draw it.",
+        epilog="MODEL is a built-in name (see `topofx models`) or path/to/file.py:factory. "
+        "Run `topofx COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks of errors (for bug reports)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p_models = sub.add_parser("models", help="list the built-in supernets",
+                              description="List the built-in supernets with a one-line description.")
+    p_models.set_defaults(func=_cmd_models)
+
+    p_simp = sub.add_parser(
+        "simplify", help="simplify a supernet and print the report",
+        description="Capture MODEL, rewrite its mixed edges and print the report "
+        "(per pass: rewrites, nodes/conv/BN removed; which rewrites are approximate).",
+        epilog="MODEL: a built-in name or path/to/file.py:factory, where factory() returns a model or "
+        "(model, example_inputs). Examples: `topofx simplify nb201-darts --set C=8 --set N=1 --viz out`; "
+        "`topofx simplify mynet.py:build --input-shape 8,3,32,32`.",
+    )
+    p_simp.add_argument("model", metavar="MODEL", help="built-in name or path/to/file.py:factory")
+    p_simp.add_argument("--mode", choices=("exact", "topo"), default=None,
+                        help="exact: outputs/gradients/BN statistics equal the original's; topo: also float BNs "
+                        "and merge kernels (vertex-exact). Default: topofx.simplify's default")
+    p_simp.add_argument("--input-shape", metavar="SHAPE", default=None,
+                        help="shape of a random example input, e.g. 2,3,32,32 (several inputs: 2,3,32,32;2,10). "
+                        "Built-in models: B,3,S,S sets batch size and image size")
+    p_simp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="constructor argument for a built-in model (e.g. C=8, N=1) or keyword argument of "
+                        "the factory; repeatable")
+    p_simp.add_argument("--strict", action="store_true",
+                        help="fail (exit 2) when the model cannot be captured as one graph, instead of "
+                        "falling back to its eager forward")
+    p_simp.add_argument("--viz", metavar="DIR", default=None,
+                        help="write before/after graphs (DOT and --format pictures) to DIR")
+    p_simp.add_argument("--format", default="svg", help="picture format for --viz: svg (default), png, pdf, ...")
+    p_simp.add_argument("--cell", default=None,
+                        help="cell to draw with --viz (e.g. cells.3), or 'all'; default: the first cell with mixed edges")
+    p_simp.add_argument("--seed", type=int, default=0, help="seed for the model's weights and random inputs")
+    p_simp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p_simp.set_defaults(func=_cmd_simplify)
+
+    sub.add_parser(
+        "bench", help="benchmark a built-in supernet against its simplified versions",
+        description="Same options as `python -m topofx.bench` (run `topofx bench --help`).",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``topofx`` command line; returns the exit status (0 ok, 2 user error, 1 internal error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_tb = "--traceback" in argv or os.environ.get("TOPOFX_TRACEBACK") == "1"
+    if "--traceback" in argv:
+        argv.remove("--traceback")
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings
+        try:
+            if argv and argv[0] == "bench":  # bench owns its options (and its --help)
+                return _bench(argv[1:])
+            parser = _build_parser()
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as exc:  # --help (0) and usage errors (2) return instead of exiting
+                return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+            if not getattr(args, "command", None):
+                raise UserError("give a command: models, simplify or bench (see topofx --help)")
+            return int(args.func(args) or 0)
+        except UserError as exc:
+            if show_tb:
+                traceback.print_exc()
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - a bug in topofx: one line, traceback on request
+            if show_tb:
+                traceback.print_exc()
+            msg = " ".join(str(exc).split())
+            print(f"{PROG}: internal error: {type(exc).__name__}: {msg} (rerun with --traceback for details)",
+                  file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
