@@ -1,9 +1,10 @@
 """Hypothesis strategy drawing small random one-shot NAS supernets as plain ``nn.Module``s.
 
 Why: the rewrites must hold for *any* supernet written in the usual styles, not just the zoo. This
-generator deliberately does not import topofx: it writes models the way a user would, with random
-cell DAGs, random candidate sets per edge and random code styles, so that property tests can check
-capture + rewrite against the eager model.
+generator uses none of topofx's capture or rewrite code: it writes models the way a user would, with
+random cell DAGs, random candidate sets per edge and random code styles, so that property tests can
+check capture + rewrite against the eager model. Only plain building blocks that are identical to
+the zoo's (``ReLUConvBN``, ``Identity``, ``Zero``) come from :mod:`topofx.zoo.operations`.
 
 What is random (see :func:`supernets`):
 
@@ -33,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
+from topofx.zoo.operations import Identity, ReLUConvBN, Zero
+
 __all__ = ["supernets", "build_supernet", "CANDIDATE_KINDS"]
 
 CANDIDATE_KINDS = [
@@ -49,19 +52,6 @@ CANDIDATE_KINDS = [
 # ---------------------------------------------------------------------------------------------
 def _bn(C: int, o: Dict[str, Any]) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(C, affine=o["affine"], track_running_stats=o["track"])
-
-
-class ReLUConvBN(nn.Module):
-    def __init__(self, C: int, k: int, stride: int, o: Dict[str, Any]):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C, C, k, stride=stride, padding=k // 2, bias=o["bias"]),
-            _bn(C, o),
-        )
-
-    def forward(self, x):
-        return self.op(x)
 
 
 class SepConv(nn.Module):
@@ -95,22 +85,6 @@ class DilConv(nn.Module):
         return self.bn(self.pw(self.dw(self.relu(x))))
 
 
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
-class Zero(nn.Module):
-    def __init__(self, stride: int):
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x):
-        if self.stride == 1:
-            return x.mul(0.)
-        return x[:, :, ::self.stride, ::self.stride].mul(0.)
-
-
 class FactorizedReduce(nn.Module):
     def __init__(self, C: int, o: Dict[str, Any]):
         super().__init__()
@@ -127,7 +101,9 @@ class FactorizedReduce(nn.Module):
 
 def make_candidate(kind: str, C: int, stride: int, o: Dict[str, Any]) -> nn.Module:
     if kind.startswith("conv_"):
-        return ReLUConvBN(C, int(kind[-1]), stride, o)
+        k = int(kind[-1])
+        return ReLUConvBN(C, C, k, stride, k // 2, affine=o["affine"],
+                          track_running_stats=o["track"], bias=o["bias"])
     if kind == "sep_1stage":
         return SepConv(C, o["k"], stride, 1, o)
     if kind == "sep_2stage":

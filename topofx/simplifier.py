@@ -32,7 +32,9 @@ class SimplifiedModule(nn.Module):
     attributes and methods (``genotype()``, ``arch_parameters()``, ...) to the original.
     """
 
-    def __init__(self, original: nn.Module, graph_module: fx.GraphModule | None, report: Report):
+    def __init__(
+        self, original: nn.Module, graph_module: fx.GraphModule | None, report: Report, example_inputs: tuple = ()
+    ):
         super().__init__()
         self._parameters = original._parameters
         self._buffers = original._buffers
@@ -41,6 +43,7 @@ class SimplifiedModule(nn.Module):
         self.__dict__["original"] = original
         self.__dict__["graph_module"] = graph_module
         self.__dict__["report"] = report
+        self.__dict__["example_inputs"] = example_inputs
         self.training = original.training
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -109,13 +112,13 @@ def simplify(
     captured = _capture.capture(model, example_inputs, strict=strict)
     if captured.graph_module is None:
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
-        return SimplifiedModule(model, None, report)
+        return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
     topology = analyze(gm.graph, model)
     before = node_counts(gm)
     runs = run_to_fixpoint(gm, model, passes, example_inputs)
     report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()))
-    simplified = SimplifiedModule(model, gm, report)
+    simplified = SimplifiedModule(model, gm, report, example_inputs)
     if check and mode == "exact":
         _check_equal(model, simplified, example_inputs)
     return simplified

@@ -21,151 +21,51 @@ small by default (``C=8``, five cells) so that the test-suite runs quickly on a 
 from __future__ import annotations
 
 from collections import namedtuple
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+from .operations import (OPS, PRIMITIVES, DilConv, FactorizedReduce, Identity, ReLUConvBN,
+                         SepConv, Zero, mixed_candidates)
 
-PRIMITIVES: List[str] = [
-    "none",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
+__all__ = [
+    "Genotype", "PRIMITIVES", "OPS", "ReLUConvBN", "DilConv", "SepConv", "Identity", "Zero",
+    "FactorizedReduce", "MixedOp", "Cell", "Network", "SearchNetworkMixin", "build_search_network",
+    "parse_genotype",
 ]
 
-
-# --------------------------------------------------------------------------------------------
-# operations
-# --------------------------------------------------------------------------------------------
-class ReLUConvBN(nn.Module):
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool = True):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class DilConv(nn.Module):
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 dilation: int, affine: bool = True):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size=kernel_size, stride=stride, padding=padding,
-                      dilation=dilation, groups=C_in, bias=False),
-            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class SepConv(nn.Module):
-    """Two stacked (ReLU, depthwise, pointwise, BN) stages; only the first one strides."""
-
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool = True):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size=kernel_size, stride=stride, padding=padding,
-                      groups=C_in, bias=False),
-            nn.Conv2d(C_in, C_in, kernel_size=1, padding=0, bias=False),
-            nn.BatchNorm2d(C_in, affine=affine),
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size=kernel_size, stride=1, padding=padding,
-                      groups=C_in, bias=False),
-            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
-class Zero(nn.Module):
-    def __init__(self, stride: int):
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x):
-        if self.stride == 1:
-            return x.mul(0.)
-        return x[:, :, ::self.stride, ::self.stride].mul(0.)
-
-
-class FactorizedReduce(nn.Module):
-    """Halve the resolution with two offset 1x1 stride-2 convolutions, concatenated."""
-
-    def __init__(self, C_in: int, C_out: int, affine: bool = True):
-        super().__init__()
-        assert C_out % 2 == 0
-        self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
-
-    def forward(self, x):
-        x = self.relu(x)
-        out = torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1)
-        return self.bn(out)
-
-
-OPS: Dict[str, Callable[[int, int, bool], nn.Module]] = {
-    "none": lambda C, stride, affine: Zero(stride),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(
-        3, stride=stride, padding=1, count_include_pad=False),
-    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
-    "skip_connect": lambda C, stride, affine: (
-        Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
-}
+Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
 
 # --------------------------------------------------------------------------------------------
-# search network
+# search network (the candidate operations live in :mod:`.operations`)
 # --------------------------------------------------------------------------------------------
 class MixedOp(nn.Module):
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        self._ops = nn.ModuleList()
-        for primitive in primitives:
-            op = OPS[primitive](C, stride, False)
-            if "pool" in primitive:
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
-            self._ops.append(op)
+        self._ops = mixed_candidates(C, stride, primitives)
 
     def forward(self, x, weights):
         return sum(w * op(x) for w, op in zip(weights, self._ops))
 
 
 class Cell(nn.Module):
+    """DARTS cell: two preprocessed inputs, ``steps`` nodes each summing all earlier states.
+
+    ``mixed_op(C, stride)`` builds the edge module (default: this module's :class:`MixedOp`);
+    PC-DARTS and SNAS pass their own.
+    """
+
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
-                 reduction: bool, reduction_prev: bool, primitives: Sequence[str] = PRIMITIVES):
+                 reduction: bool, reduction_prev: bool, primitives: Sequence[str] = PRIMITIVES,
+                 mixed_op: Callable[[int, int], nn.Module] | None = None):
         super().__init__()
         self.reduction = reduction
+        if mixed_op is None:
+            def mixed_op(C_edge: int, stride: int) -> nn.Module:
+                return MixedOp(C_edge, stride, primitives)
 
         if reduction_prev:
             self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
@@ -179,7 +79,7 @@ class Cell(nn.Module):
         for i in range(self._steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride, primitives))
+                self._ops.append(mixed_op(C, stride))
 
     def forward(self, s0, s1, weights):
         s0 = self.preprocess0(s0)
@@ -195,7 +95,95 @@ class Cell(nn.Module):
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
-class Network(nn.Module):
+def build_search_network(net: nn.Module, C: int, num_classes: int, layers: int, steps: int,
+                         multiplier: int, stem_multiplier: int, primitives: Sequence[str],
+                         make_cell: Callable[[int, int, int, bool, bool], nn.Module]) -> None:
+    """Give ``net`` the DARTS macro skeleton: stem, ``layers`` cells, pooling, linear head.
+
+    Reductions are at ``layers // 3`` and ``2 * layers // 3``; ``make_cell(C_prev_prev, C_prev,
+    C, reduction, reduction_prev)`` builds each cell. Also sets ``_C``, ``_num_classes``,
+    ``_layers``, ``_steps``, ``_multiplier`` and ``_primitives``.
+    """
+    net._C = C
+    net._num_classes = num_classes
+    net._layers = layers
+    net._steps = steps
+    net._multiplier = multiplier
+    net._primitives = list(primitives)
+
+    C_curr = stem_multiplier * C
+    net.stem = nn.Sequential(
+        nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+        nn.BatchNorm2d(C_curr),
+    )
+
+    C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+    net.cells = nn.ModuleList()
+    reduction_prev = False
+    for i in range(layers):
+        reduction = i in [layers // 3, 2 * layers // 3]
+        if reduction:
+            C_curr *= 2
+        net.cells.append(make_cell(C_prev_prev, C_prev, C_curr, reduction, reduction_prev))
+        reduction_prev = reduction
+        C_prev_prev, C_prev = C_prev, multiplier * C_curr
+
+    net.global_pooling = nn.AdaptiveAvgPool2d(1)
+    net.classifier = nn.Linear(C_prev, num_classes)
+
+
+class SearchNetworkMixin:
+    """Methods shared by the DARTS and PC-DARTS search networks (``_criterion``,
+    ``_arch_parameters``, ``_steps``, ``_multiplier`` are set by the network)."""
+
+    def _classify(self, s):
+        """Global pooling and the linear head: the logits."""
+        out = self.global_pooling(s)
+        return self.classifier(out.view(out.size(0), -1))
+
+    def _loss(self, input, target):
+        logits = self(input)
+        return self._criterion(logits, target)
+
+    def arch_parameters(self) -> List[torch.Tensor]:
+        return self._arch_parameters
+
+    def _num_edges(self) -> int:
+        return sum(1 for i in range(self._steps) for n in range(2 + i))
+
+    def _genotype(self, gene_normal: List[tuple], gene_reduce: List[tuple]) -> Genotype:
+        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
+        return Genotype(normal=gene_normal, normal_concat=concat,
+                        reduce=gene_reduce, reduce_concat=concat)
+
+
+def parse_genotype(weights: Sequence[Sequence[float]], steps: int,
+                   primitives: Sequence[str]) -> List[tuple]:
+    """DARTS genotype of one cell type from per-edge op weights (rows of ``weights``).
+
+    Each node keeps the two incoming edges whose best non-``none`` op is strongest, with that op.
+    """
+    none_idx = primitives.index("none") if "none" in primitives else -1
+    gene = []
+    n = 2
+    start = 0
+    for i in range(steps):
+        end = start + n
+        W = weights[start:end]
+
+        def strength(x):
+            return max(W[x][k] for k in range(len(W[x])) if k != none_idx)
+        edges = sorted(range(i + 2), key=lambda x: -strength(x))[:2]
+        for j in edges:
+            k_best = max((k for k in range(len(W[j])) if k != none_idx),
+                         key=lambda k: W[j][k])
+            gene.append((primitives[k_best], j))
+        start = end
+        n += 1
+    return gene
+
+
+class Network(SearchNetworkMixin, nn.Module):
     """DARTS search network: stem, ``layers`` cells (reductions at 1/3 and 2/3), linear head.
 
     ``forward`` returns the logits only (as in DARTS). Architecture weights live in
@@ -206,38 +194,12 @@ class Network(nn.Module):
                  criterion: nn.Module | None = None, steps: int = 4, multiplier: int = 4,
                  stem_multiplier: int = 3, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        self._C = C
-        self._num_classes = num_classes
-        self._layers = layers
         self._criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-        self._steps = steps
-        self._multiplier = multiplier
         self._stem_multiplier = stem_multiplier
-        self._primitives = list(primitives)
-
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
-
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            if i in [layers // 3, 2 * layers // 3]:
-                C_curr *= 2
-                reduction = True
-            else:
-                reduction = False
-            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                        reduction_prev, self._primitives)
-            reduction_prev = reduction
-            self.cells += [cell]
-            C_prev_prev, C_prev = C_prev, multiplier * C_curr
-
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        build_search_network(
+            self, C, num_classes, layers, steps, multiplier, stem_multiplier, primitives,
+            lambda C_pp, C_p, C_c, red, red_prev: Cell(steps, multiplier, C_pp, C_p, C_c, red,
+                                                       red_prev, self._primitives))
 
         self._initialize_alphas()
 
@@ -257,52 +219,20 @@ class Network(nn.Module):
             else:
                 weights = F.softmax(self.alphas_normal, dim=-1)
             s0, s1 = s1, cell(s0, s1, weights)
-        out = self.global_pooling(s1)
-        logits = self.classifier(out.view(out.size(0), -1))
-        return logits
-
-    def _loss(self, input, target):
-        logits = self(input)
-        return self._criterion(logits, target)
+        return self._classify(s1)
 
     def _initialize_alphas(self) -> None:
-        k = sum(1 for i in range(self._steps) for n in range(2 + i))
+        k = self._num_edges()
         num_ops = len(self._primitives)
         # plain tensors, exactly as the original code (which wrapped them in a Variable)
         self.alphas_normal = (1e-3 * torch.randn(k, num_ops)).requires_grad_()
         self.alphas_reduce = (1e-3 * torch.randn(k, num_ops)).requires_grad_()
         self._arch_parameters = [self.alphas_normal, self.alphas_reduce]
 
-    def arch_parameters(self) -> List[torch.Tensor]:
-        return self._arch_parameters
-
     def genotype(self) -> Genotype:
-        primitives = self._primitives
-        none_idx = primitives.index("none") if "none" in primitives else -1
-
-        def _parse(weights):
-            gene = []
-            n = 2
-            start = 0
-            for i in range(self._steps):
-                end = start + n
-                W = weights[start:end]
-                # keep the two incoming edges whose best non-zero op is strongest
-                def strength(x):
-                    return max(W[x][k] for k in range(len(W[x])) if k != none_idx)
-                edges = sorted(range(i + 2), key=lambda x: -strength(x))[:2]
-                for j in edges:
-                    k_best = max((k for k in range(len(W[j])) if k != none_idx),
-                                 key=lambda k: W[j][k])
-                    gene.append((primitives[k_best], j))
-                start = end
-                n += 1
-            return gene
-
         with torch.no_grad():
-            gene_normal = _parse(F.softmax(self.alphas_normal, dim=-1).tolist())
-            gene_reduce = _parse(F.softmax(self.alphas_reduce, dim=-1).tolist())
-
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(normal=gene_normal, normal_concat=concat,
-                        reduce=gene_reduce, reduce_concat=concat)
+            gene_normal = parse_genotype(F.softmax(self.alphas_normal, dim=-1).tolist(),
+                                         self._steps, self._primitives)
+            gene_reduce = parse_genotype(F.softmax(self.alphas_reduce, dim=-1).tolist(),
+                                         self._steps, self._primitives)
+        return self._genotype(gene_normal, gene_reduce)

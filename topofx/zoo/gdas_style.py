@@ -16,22 +16,10 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
+from .operations import Identity, ReLUConvBN, Zero
+
 SEARCH_SPACE: List[str] = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3",
                            "avg_pool_3x3"]
-
-
-class ReLUConvBN(nn.Module):
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool, track_running_stats: bool):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=not affine),
-            nn.BatchNorm2d(C_out, affine=affine, track_running_stats=track_running_stats),
-        )
-
-    def forward(self, x):
-        return self.op(x)
 
 
 class Pooling(nn.Module):
@@ -43,25 +31,15 @@ class Pooling(nn.Module):
         return self.op(x)
 
 
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
-class Zero(nn.Module):
-    def forward(self, x):
-        return x.mul(0.0)
-
-
 def make_op(name: str, C: int, affine: bool, track_running_stats: bool) -> nn.Module:
     if name == "none":
         return Zero()
     if name == "skip_connect":
         return Identity()
     if name == "nor_conv_1x1":
-        return ReLUConvBN(C, C, 1, 1, 0, affine, track_running_stats)
+        return ReLUConvBN(C, C, 1, 1, 0, affine, track_running_stats, bias=not affine)
     if name == "nor_conv_3x3":
-        return ReLUConvBN(C, C, 3, 1, 1, affine, track_running_stats)
+        return ReLUConvBN(C, C, 3, 1, 1, affine, track_running_stats, bias=not affine)
     if name == "avg_pool_3x3":
         return Pooling(C, 1)
     raise KeyError(name)

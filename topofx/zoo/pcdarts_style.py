@@ -24,7 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .darts_style import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN
+from . import darts_style
+from .darts_style import (Genotype, SearchNetworkMixin, build_search_network,
+                          parse_genotype)
+from .operations import PRIMITIVES, mixed_candidates
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -43,14 +46,9 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 class MixedOp(nn.Module):
     def __init__(self, C: int, stride: int, k: int = 4, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        self._ops = nn.ModuleList()
+        self._ops = mixed_candidates(C // k, stride, primitives)
         self.mp = nn.MaxPool2d(2, 2)
         self.k = k
-        for primitive in primitives:
-            op = OPS[primitive](C // self.k, stride, False)
-            if "pool" in primitive:
-                op = nn.Sequential(op, nn.BatchNorm2d(C // self.k, affine=False))
-            self._ops.append(op)
 
     def forward(self, x, weights):
         # channel proportion k=4
@@ -67,26 +65,15 @@ class MixedOp(nn.Module):
         return ans
 
 
-class Cell(nn.Module):
+class Cell(darts_style.Cell):
+    """DARTS cell over partial-channel edges; ``forward`` also takes the edge weights."""
+
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
                  reduction: bool, reduction_prev: bool, k: int = 4,
                  primitives: Sequence[str] = PRIMITIVES):
-        super().__init__()
-        self.reduction = reduction
-
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
-        else:
-            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        self._steps = steps
-        self._multiplier = multiplier
-
-        self._ops = nn.ModuleList()
-        for i in range(self._steps):
-            for j in range(2 + i):
-                stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride, k, primitives))
+        super().__init__(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev,
+                         primitives,
+                         mixed_op=lambda C_edge, stride: MixedOp(C_edge, stride, k, primitives))
 
     def forward(self, s0, s1, weights, weights2):
         s0 = self.preprocess0(s0)
@@ -103,7 +90,7 @@ class Cell(nn.Module):
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
-class Network(nn.Module):
+class Network(SearchNetworkMixin, nn.Module):
     """PC-DARTS search network; ``forward`` returns logits."""
 
     def __init__(self, C: int = 8, num_classes: int = 10, layers: int = 5,
@@ -113,38 +100,12 @@ class Network(nn.Module):
         super().__init__()
         if C % k or (C // k) % 2:
             raise ValueError(f"C={C} must be a multiple of 2*k={2 * k}")
-        self._C = C
-        self._num_classes = num_classes
-        self._layers = layers
         self._criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-        self._steps = steps
-        self._multiplier = multiplier
         self._k = k
-        self._primitives = list(primitives)
-
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
-
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            if i in [layers // 3, 2 * layers // 3]:
-                C_curr *= 2
-                reduction = True
-            else:
-                reduction = False
-            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                        reduction_prev, k, self._primitives)
-            reduction_prev = reduction
-            self.cells += [cell]
-            C_prev_prev, C_prev = C_prev, multiplier * C_curr
-
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        build_search_network(
+            self, C, num_classes, layers, steps, multiplier, stem_multiplier, primitives,
+            lambda C_pp, C_p, C_c, red, red_prev: Cell(steps, multiplier, C_pp, C_p, C_c, red,
+                                                       red_prev, k, self._primitives))
 
         self._initialize_alphas()
 
@@ -171,16 +132,10 @@ class Network(nn.Module):
                 weights = F.softmax(self.alphas_normal, dim=-1)
                 weights2 = self._edge_weights(self.betas_normal)
             s0, s1 = s1, cell(s0, s1, weights, weights2)
-        out = self.global_pooling(s1)
-        logits = self.classifier(out.view(out.size(0), -1))
-        return logits
-
-    def _loss(self, input, target):
-        logits = self(input)
-        return self._criterion(logits, target)
+        return self._classify(s1)
 
     def _initialize_alphas(self) -> None:
-        k = sum(1 for i in range(self._steps) for n in range(2 + i))
+        k = self._num_edges()
         num_ops = len(self._primitives)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, num_ops))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, num_ops))
@@ -194,42 +149,19 @@ class Network(nn.Module):
             self.betas_reduce,
         ]
 
-    def arch_parameters(self) -> List[torch.Tensor]:
-        return self._arch_parameters
-
     def weights(self) -> List[nn.Parameter]:
         arch = {id(p) for p in self._arch_parameters}
         return [p for p in self.parameters() if id(p) not in arch]
 
     def genotype(self) -> Genotype:
-        primitives = self._primitives
-        none_idx = primitives.index("none") if "none" in primitives else -1
-
-        def _parse(weights, edge_w):
-            gene = []
-            n = 2
-            start = 0
-            for i in range(self._steps):
-                end = start + n
-                W = [[v * edge_w[start + j] for v in weights[start + j]] for j in range(n)]
-
-                def strength(x):
-                    return max(W[x][k] for k in range(len(W[x])) if k != none_idx)
-                edges = sorted(range(i + 2), key=lambda x: -strength(x))[:2]
-                for j in edges:
-                    k_best = max((k for k in range(len(W[j])) if k != none_idx),
-                                 key=lambda k: W[j][k])
-                    gene.append((primitives[k_best], j))
-                start = end
-                n += 1
-            return gene
+        def _parse(alphas, betas):
+            # op weights scaled by the edge-normalization weight of their edge
+            weights = F.softmax(alphas, dim=-1).tolist()
+            edge_w = self._edge_weights(betas).tolist()
+            return parse_genotype([[v * e for v in row] for row, e in zip(weights, edge_w)],
+                                  self._steps, self._primitives)
 
         with torch.no_grad():
-            gene_normal = _parse(F.softmax(self.alphas_normal, dim=-1).tolist(),
-                                 self._edge_weights(self.betas_normal).tolist())
-            gene_reduce = _parse(F.softmax(self.alphas_reduce, dim=-1).tolist(),
-                                 self._edge_weights(self.betas_reduce).tolist())
-
-        concat = list(range(2 + self._steps - self._multiplier, self._steps + 2))
-        return Genotype(normal=gene_normal, normal_concat=concat,
-                        reduce=gene_reduce, reduce_concat=concat)
+            gene_normal = _parse(self.alphas_normal, self.betas_normal)
+            gene_reduce = _parse(self.alphas_reduce, self.betas_reduce)
+        return self._genotype(gene_normal, gene_reduce)

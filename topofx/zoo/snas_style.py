@@ -18,49 +18,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .darts_style import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN
+from . import darts_style
+from .darts_style import Genotype, build_search_network
+from .operations import PRIMITIVES, mixed_candidates
 
 
 class MixedOp(nn.Module):
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        self._ops = nn.ModuleList()
-        for primitive in primitives:
-            op = OPS[primitive](C, stride, False)
-            if "pool" in primitive:
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
-            self._ops.append(op)
+        self._ops = mixed_candidates(C, stride, primitives)
 
     def forward(self, x, weights):
         return sum(op(x) * w for w, op in zip(weights, self._ops))
 
 
-class Cell(nn.Module):
+class Cell(darts_style.Cell):
+    """The DARTS cell with SNAS edges (``op(x) * w``)."""
+
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
                  reduction: bool, reduction_prev: bool, primitives: Sequence[str] = PRIMITIVES):
-        super().__init__()
-        self.reduction = reduction
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
-        else:
-            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
-        self._steps = steps
-        self._multiplier = multiplier
-        self._ops = nn.ModuleList()
-        for i in range(self._steps):
-            for j in range(2 + i):
-                stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride, primitives))
-
-    def forward(self, s0, s1, weights):
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        offset = 0
-        for i in range(self._steps):
-            s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
-            offset += len(states)
-            states.append(s)
-        return torch.cat(states[-self._multiplier:], dim=1)
+        super().__init__(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev,
+                         primitives,
+                         mixed_op=lambda C_edge, stride: MixedOp(C_edge, stride, primitives))
 
 
 class Network(nn.Module):
@@ -70,33 +49,11 @@ class Network(nn.Module):
                  multiplier: int = 3, stem_multiplier: int = 3, temp: float = 1.0,
                  primitives: Sequence[str] = PRIMITIVES):
         super().__init__()
-        self._C = C
-        self._num_classes = num_classes
-        self._layers = layers
-        self._steps = steps
-        self._multiplier = multiplier
-        self._primitives = list(primitives)
         self.temp = temp
-
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            reduction = i in [layers // 3, 2 * layers // 3]
-            if reduction:
-                C_curr *= 2
-            self.cells.append(Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                                   reduction_prev, self._primitives))
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, multiplier * C_curr
-
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        build_search_network(
+            self, C, num_classes, layers, steps, multiplier, stem_multiplier, primitives,
+            lambda C_pp, C_p, C_c, red, red_prev: Cell(steps, multiplier, C_pp, C_p, C_c, red,
+                                                       red_prev, self._primitives))
 
         k = sum(1 for i in range(steps) for n in range(2 + i))
         num_ops = len(self._primitives)
