@@ -4,6 +4,9 @@ Matches: on each mixed edge, the candidates that end ``Conv2d -> BatchNorm2d`` (
 plain BN, each node used only by the next) whose convolutions read the same tensor ``r`` (typically
 the ReLU shared by prefix sharing) with aligned outputs (same stride, same padding offset); two or
 more per edge.  Edges whose such candidates read the same ``r`` with one geometry are taken together.
+Candidates of one edge whose convolutions read *different* tensors with one kernel size (the
+pointwise stages of separable convolutions, each after its own depthwise conv) are merged too, as
+one convolution over their concatenated inputs.
 Produces: one :class:`~topofx.modules.MergedConvBN` call per ``r``: the edge's BN-ended candidates
 float past the weighted join as ``W * BN(conv(r, K))`` with the kernel-normalized merged kernel K
 (METHOD.md 5-6), and all edges' merged kernels run as one convolution and one batch norm.  Each
@@ -19,11 +22,11 @@ import torch.fx as fx
 from torch import nn
 
 from topofx.modules import MergedConvBN, bn_config, conv_offset
-from topofx.rewrite import PassContext, Rewrite, is_mutated, rebuild_chain
+from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated, rebuild_chain
 from topofx.topology import Candidate, MixedEdge
 
 
-def _conv_bn(gm: fx.GraphModule, cand: Candidate) -> tuple[fx.Node, fx.Node] | None:
+def _conv_bn(gm: fx.GraphModule, cand: Candidate, once: set[int]) -> tuple[fx.Node, fx.Node] | None:
     """``(conv_node, bn_node)`` if the candidate ends Conv2d -> BatchNorm2d, each used once."""
     bn_node = cand.output
     if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.kwargs or len(bn_node.users) != 1:
@@ -38,62 +41,91 @@ def _conv_bn(gm: fx.GraphModule, cand: Candidate) -> tuple[fx.Node, fx.Node] | N
         return None
     if conv.padding_mode != "zeros" or conv_offset(conv) is None or conv.out_channels != bn.num_features:
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (bn, conv)) or is_mutated(bn_node, gm):
+    if any(m._forward_hooks or m._forward_pre_hooks or id(m) not in once for m in (bn, conv)):
+        return None
+    if is_mutated(bn_node, gm) or reads_mutated(conv_node, gm):
         return None
     return conv_node, bn_node
 
 
 def _geometry(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    return (conv.stride, conv_offset(conv), conv.in_channels, conv.bias is not None, conv.weight.dtype, bn_config(bn))
+    return (conv.stride, conv_offset(conv), conv.bias is not None, conv.weight.dtype, bn_config(bn), conv.out_channels)
+
+
+def _match(ctx: PassContext) -> tuple[dict, list]:
+    """Shared-input groups ``{(r, geometry): [(edge, members)]}`` across edges, and per-edge
+    concatenated-input groups ``[(edge, members)]`` of the remaining same-kernel candidates."""
+    gm = ctx.gm
+    shared: dict[tuple, list[tuple[MixedEdge, list]]] = defaultdict(list)
+    concat: list[tuple[MixedEdge, list]] = []
+    once = called_once(gm)
+    for edge in ctx.topology.edges:
+        by_input: dict[tuple, list] = defaultdict(list)
+        for cand in edge.candidates:
+            found = _conv_bn(gm, cand, once)
+            if found is not None:
+                conv_node, bn_node = found
+                conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
+                key = (conv_node.args[0], _geometry(conv, bn) + (conv.in_channels,))
+                by_input[key].append((cand, conv_node, bn_node))
+        leftovers: dict[tuple, list] = defaultdict(list)
+        for key, members in by_input.items():
+            if len(members) >= 2:
+                shared[key].append((edge, members))
+            else:
+                conv = gm.get_submodule(members[0][1].target)
+                leftovers[_geometry(conv, gm.get_submodule(members[0][2].target)) + (conv.kernel_size, conv.dilation)] += members
+        concat += [(edge, members) for members in leftovers.values() if len(members) >= 2]
+    return shared, concat
+
+
+def _rewrite(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list[fx.Node], concat: bool) -> list[Rewrite]:
+    gm = ctx.gm
+    module = MergedConvBN(
+        [[(gm.get_submodule(c.target), gm.get_submodule(b.target)) for _, c, b in members] for _, members in edges],
+        concat_inputs=concat,
+    )
+    name = ctx.add_module("merged", module)
+    weights = [cand.weight for _, members in edges for cand, _, _ in members]
+    with gm.graph.inserting_after(inputs[-1]):
+        merged = gm.graph.call_module(name, (*inputs, *weights))
+    records, start, anchor = [], 0, merged
+    for (edge, members), width in zip(edges, module.splits):
+        with gm.graph.inserting_after(anchor):
+            part = gm.graph.call_function(operator.getitem, (merged, (slice(None), slice(start, start + width))))
+        anchor, start = part, start + width
+        muls = {cand.mul for cand, _, _ in members}
+        rebuild_chain(gm, edge.chain.root, [t for t in edge.chain.terms if t not in muls] + [part])
+        for add in reversed(edge.chain.adds):
+            if not add.users:
+                gm.graph.erase_node(add)
+        for cand, conv_node, bn_node in members:
+            for node in (cand.mul, bn_node, conv_node):
+                gm.graph.erase_node(node)
+        how = "one conv over their concatenated inputs" if concat else "one kernel-normalized conv"
+        records.append(
+            Rewrite(
+                "floating_merge", "merged", [n.name for cand, c, b in members for n in (c, b, cand.mul)], merged.name,
+                False, f"{len(members)} Conv->BN candidates floated past the join, merged into {how}",
+                edge=edge.name, cell=edge.cell,
+            )
+        )
+    return records
 
 
 def floating_merge(ctx: PassContext) -> list[Rewrite]:
-    gm = ctx.gm
-    # (r, geometry) -> [(edge, [(candidate, conv_node, bn_node), ...]), ...]
-    groups: dict[tuple, list[tuple[MixedEdge, list]]] = defaultdict(list)
-    for edge in ctx.topology.edges:
-        by_key: dict[tuple, list] = defaultdict(list)
-        for cand in edge.candidates:
-            found = _conv_bn(gm, cand)
-            if found is None:
-                continue
-            conv_node, bn_node = found
-            conv, bn = gm.get_submodule(conv_node.target), gm.get_submodule(bn_node.target)
-            by_key[(conv_node.args[0], _geometry(conv, bn), conv.out_channels)].append((cand, conv_node, bn_node))
-        for (r, geometry, _), members in by_key.items():
-            if len(members) >= 2:
-                groups[(r, geometry)].append((edge, members))
-
+    shared, concat = _match(ctx)
     records = []
-    for (r, _), edges in groups.items():
-        module = MergedConvBN(
-            [[(gm.get_submodule(c.target), gm.get_submodule(b.target)) for _, c, b in members] for _, members in edges]
-        )
-        name = ctx.add_module("merged", module)
-        weights = [cand.weight for _, members in edges for cand, _, _ in members]
-        with gm.graph.inserting_after(r):
-            merged = gm.graph.call_module(name, (r, *weights))
-        start, anchor = 0, merged
-        for (edge, members), width in zip(edges, module.splits):
-            with gm.graph.inserting_after(anchor):
-                part = gm.graph.call_function(operator.getitem, (merged, (slice(None), slice(start, start + width))))
-            anchor, start = part, start + width
-            muls = {cand.mul for cand, _, _ in members}
-            terms = [t for t in edge.chain.terms if t not in muls] + [part]
-            rebuild_chain(gm, edge.chain.root, terms)
-            for adds in reversed(edge.chain.adds):
-                if not adds.users:
-                    gm.graph.erase_node(adds)
-            for cand, conv_node, bn_node in members:
-                for node in (cand.mul, bn_node, conv_node):
-                    gm.graph.erase_node(node)
-            records.append(
-                Rewrite(
-                    "floating_merge", "merged", [n.name for cand, c, b in members for n in (c, b, cand.mul)], merged.name,
-                    False, f"{len(members)} Conv->BN candidates floated and merged (kernel-normalized)",
-                    edge=edge.name, cell=edge.cell,
-                )
-            )
+    done: set[int] = set()  # an edge's sum is rebuilt once per application; the fixpoint comes back
+    for (r, _), edges in shared.items():
+        edges = [(e, m) for e, m in edges if id(e) not in done]
+        if edges:
+            records += _rewrite(ctx, edges, [r], concat=False)
+            done.update(id(e) for e, _ in edges)
+    for edge, members in concat:
+        if id(edge) not in done:
+            records += _rewrite(ctx, [(edge, members)], [c.args[0] for _, c, _ in members], concat=True)
+            done.add(id(edge))
     return records
 
 

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from topofx.modules import FusedBatchNorm2d, FusedConv2d, bn_config, conv_geometry
-from topofx.rewrite import PassContext, Rewrite, is_mutated
+from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -104,8 +104,12 @@ def _position(gm: fx.GraphModule):
 def horizontal_fusion(ctx: PassContext) -> list[Rewrite]:
     gm = ctx.gm
     groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    once = called_once(gm)
     for node in gm.graph.nodes:
-        if _is_plain_conv(gm, node) and isinstance(node.args[0], fx.Node):
+        if (
+            _is_plain_conv(gm, node) and isinstance(node.args[0], fx.Node) and not reads_mutated(node, gm)
+            and id(_module(gm, node)) in once and all(id(_module(gm, u)) in once for u in node.users if u.op == "call_module")
+        ):
             groups[(node.args[0], conv_geometry(_module(gm, node)))].append(node)
     return [_fuse_convs(ctx, convs) for convs in groups.values() if len(convs) >= 2]
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure
+from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, reads_mutated
 
 
 def module_signature(mod: nn.Module) -> Hashable | None:
@@ -64,7 +64,7 @@ def prefix_sharing(ctx: PassContext) -> list[Rewrite]:
         if key is None:
             continue
         first = seen.setdefault(key, node)
-        if first is node or is_mutated(node, gm) or is_mutated(first, gm):
+        if first is node or is_mutated(node, gm) or is_mutated(first, gm) or reads_mutated(node, gm):
             continue
         node.replace_all_uses_with(first)
         gm.graph.erase_node(node)

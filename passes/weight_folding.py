@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from topofx.modules import FusedBatchNorm2d
-from topofx.rewrite import PassContext, Rewrite, is_mutated
+from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated
 from topofx.topology import data_dependent, is_mul, weighted_term
 
 
@@ -30,6 +30,7 @@ def _plain_bn(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
 def weight_folding(ctx: PassContext) -> list[Rewrite]:
     gm = ctx.gm
     data = data_dependent(gm.graph)
+    once = called_once(gm)
     records = []
     for node in list(gm.graph.nodes):
         if not is_mul(node):
@@ -39,7 +40,7 @@ def weight_folding(ctx: PassContext) -> list[Rewrite]:
             continue
         weight, out = found
         bn = _plain_bn(gm, out)
-        if bn is None or len(out.users) != 1 or is_mutated(out, gm):
+        if bn is None or id(bn) not in once or len(out.users) != 1 or is_mutated(out, gm) or reads_mutated(out, gm):
             continue
         name = ctx.add_module("bn", FusedBatchNorm2d([bn]))
         with gm.graph.inserting_before(node):

@@ -20,17 +20,22 @@ from topofx.topology import is_mul, shape_of, sum_chains
 _ZERO_FACTORIES = {"zeros_like", "zeros", "new_zeros"}
 
 
-def is_zero(node: object) -> bool:
-    """Whether ``node`` is provably all zeros (finite inputs assumed, as in the supernets)."""
-    if not isinstance(node, fx.Node):
-        return node == 0 if isinstance(node, (int, float)) and not isinstance(node, bool) else False
+def is_zero(node: object, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` is provably all zeros (finite inputs assumed, as in the supernets) and no
+    in-place operation changes it."""
+    if not isinstance(node, fx.Node) or is_mutated(node, gm):
+        return False  # the literal 0 that ``sum`` starts from stays: it keeps nested sums apart
     if node.op in ("call_function", "call_method") and target_name(node) in _ZERO_FACTORIES:
         return True
     if is_mul(node):
-        return any(isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0 or (isinstance(a, fx.Node) and is_zero(a)) for a in node.args)
+        return any(_literal_zero(a) or is_zero(a, gm) for a in node.args)
     if node.op == "call_function" and node.target is operator.getitem:
-        return isinstance(node.args[0], fx.Node) and is_zero(node.args[0])
+        return is_zero(node.args[0], gm)
     return False
+
+
+def _literal_zero(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 
 
 def zero_elimination(ctx: PassContext) -> list[Rewrite]:
@@ -39,14 +44,14 @@ def zero_elimination(ctx: PassContext) -> list[Rewrite]:
     replaced: dict[fx.Node, fx.Node] = {}  # chain roots rewritten earlier in this pass
     for chain in sum_chains(gm.graph):
         shape = shape_of(chain.root)
-        keep = [replaced.get(t, t) for t in chain.terms if not is_zero(t)]
+        keep = [replaced.get(t, t) for t in chain.terms if not is_zero(t, gm)]
         if len(keep) == len(chain.terms) or not keep:
             continue
         if not any(isinstance(t, fx.Node) and shape_of(t) == shape for t in keep):
             continue
         if is_mutated(chain.root, gm) or any(isinstance(t, fx.Node) and is_mutated(t, gm) for t in keep):
             continue
-        dropped = [t for t in chain.terms if is_zero(t)]
+        dropped = [t for t in chain.terms if is_zero(t, gm)]
         acc = rebuild_chain(gm, chain.root, keep)
         replaced[chain.root] = acc
         records.append(

@@ -171,7 +171,8 @@ def test_forwards_methods(name):
     model, x, simple = simplified(name)
     checked = 0
     if callable(getattr(model, "genotype", None)):
-        assert simple.genotype() == model.genotype()
+        # xautodl's Structure has no __eq__: compare what it prints
+        assert repr(simple.genotype()) == repr(model.genotype())
         checked += 1
     if callable(getattr(model, "get_alphas", None)):
         got, want = simple.get_alphas(), model.get_alphas()

@@ -122,8 +122,22 @@ def _all_static(a: Any) -> bool:
     return all(flags)
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are meta tensors (tied ones stay tied).
+
+    Running it gives output shapes without touching the real module's state (BN counters) and
+    without copying any data.
+    """
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to("meta")
+    return copy.deepcopy(module, memo)
+
+
 def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
-    """Execute one node on meta tensors; parameters/buffers are meta copies (no real state changes)."""
+    """Execute one node on meta tensors; modules run as :func:`meta_copy` copies (no real state changes)."""
     args, kwargs = _value(args), _value(kwargs)
     if _contains_unknown((args, kwargs)):
         return UNKNOWN
@@ -134,9 +148,7 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         if kind == "call_module":
-            mod = root.get_submodule(target)
-            state = {n: _to_meta(t) for n, t in list(mod.named_parameters()) + list(mod.named_buffers())}
-            return torch.func.functional_call(mod, state, tuple(args), kwargs)
+            return meta_copy(root.get_submodule(target))(*args, **kwargs)
         if kind == "get_attr":
             obj: Any = root
             for part in target.split("."):

@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -47,21 +48,21 @@ class _Parser(argparse.ArgumentParser):
 # models
 # ---------------------------------------------------------------------------------------------
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
-    """``"2,3,32,32"`` -> ``[(2, 3, 32, 32)]``; several inputs separated by ``;`` or ``:``."""
+    """``"2,3,32,32"`` (or ``2x3x32x32``) -> ``[(2, 3, 32, 32)]``; several inputs separated by ``;``."""
+    bad = UserError(f"bad --input-shape {text!r}: give positive integers separated by commas, e.g. 2,3,32,32")
     shapes = []
-    for part in text.replace(":", ";").split(";"):
-        part = part.strip().strip("()[]").replace("x", ",").replace("X", ",")
+    for part in text.split(";"):
+        part = re.sub(r"\s+", "", part).strip("()[]")
         if not part:
             continue
-        try:
-            dims = tuple(int(d) for d in part.split(",") if d.strip())
-        except ValueError:
-            raise UserError(f"bad --input-shape {text!r}: give comma-separated positive integers, e.g. 2,3,32,32") from None
-        if not dims or any(d < 1 for d in dims):
-            raise UserError(f"bad --input-shape {text!r}: give comma-separated positive integers, e.g. 2,3,32,32")
+        if not re.fullmatch(r"\d+([,xX]\d+)*", part):
+            raise bad
+        dims = tuple(int(d) for d in re.split(r"[,xX]", part))
+        if any(d < 1 for d in dims):
+            raise bad
         shapes.append(dims)
     if not shapes:
-        raise UserError(f"bad --input-shape {text!r}: give comma-separated positive integers, e.g. 2,3,32,32")
+        raise bad
     return shapes
 
 

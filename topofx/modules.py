@@ -167,18 +167,33 @@ class MergedConvBN(nn.Module):
     affine weight.  All edges' merged kernels run as one convolution and one batch norm over the
     concatenated channels.  Vertex-exact: at a one-hot w, K is the selected kernel and the output
     equals the selected branch in train mode.  ``forward(r, *w)`` takes the weights edge by edge.
+
+    With ``concat_inputs=True`` (one edge) the candidates' convolutions read *different* tensors
+    x_i -- the pointwise stages of separable convolutions, each after its own depthwise conv -- and
+    the merge is one convolution over the concatenated inputs, ``K = cat_i(a_i K_i / ||K_i||) /
+    sum_i(a_i / ||K_i||)`` along input channels: at a one-hot w only the selected block is non-zero
+    and equals K_j.  ``forward(x_1, ..., x_n, *w)``.
     """
 
     is_conv = True
     is_bn = True
 
-    def __init__(self, groups: Sequence[Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]], eps: float = 1e-12):
+    def __init__(
+        self,
+        groups: Sequence[Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]]],
+        eps: float = 1e-12,
+        concat_inputs: bool = False,
+    ):
         super().__init__()
         convs = [c for g in groups for c, _ in g]
         bns = [b for g in groups for _, b in g]
+        if concat_inputs and (len(groups) != 1 or len({(c.kernel_size, c.dilation) for c in convs}) != 1):
+            raise ValueError("concatenated-input merging takes one edge of convolutions of one kernel size")
+        self.concat_inputs = concat_inputs
         if len({conv_offset(c) for c in convs}) != 1 or len({c.stride for c in convs}) != 1:
             raise ValueError("MergedConvBN needs convolutions with aligned outputs")
-        if len({bn_config(b) for b in bns}) != 1 or len({(c.in_channels, c.groups, c.bias is not None) for c in convs}) != 1:
+        layout = {(c.groups, c.bias is not None) if concat_inputs else (c.in_channels, c.groups, c.bias is not None) for c in convs}
+        if len({bn_config(b) for b in bns}) != 1 or len(layout) != 1:
             raise ValueError("MergedConvBN needs one BN configuration and one conv input layout")
         if any(len({c.out_channels for c, _ in g}) != 1 for g in groups):
             raise ValueError("the candidates of one edge must have the same output channels")
@@ -208,9 +223,13 @@ class MergedConvBN(nn.Module):
             conv, bn = pair[0], pair[1]
             norm = conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)  # (C_out,)
             coeff = a[k] / norm
-            kernel = _dilated_padded(conv.weight, conv.dilation, self.kernel)
-            term = coeff[:, None, None, None] * kernel
-            num = term if num is None else num + term
+            if self.concat_inputs:  # blocks side by side along input channels
+                term = coeff[:, None, None, None] * conv.weight
+                num = term if num is None else torch.cat([num, term], dim=1)
+            else:
+                kernel = _dilated_padded(conv.weight, conv.dilation, self.kernel)
+                term = coeff[:, None, None, None] * kernel
+                num = term if num is None else num + term
             den = coeff if den is None else den + coeff
             if self.has_bias:
                 b = coeff * conv.bias
@@ -225,7 +244,10 @@ class MergedConvBN(nn.Module):
         shift = None if beta is None else total * beta
         return kernel, bias, scale, shift
 
-    def forward(self, r: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        n_inputs = self.sizes[0] if self.concat_inputs else 1
+        r = torch.cat(args[:n_inputs], dim=1) if self.concat_inputs else args[0]
+        weights = args[n_inputs:]
         kernels, biases, scales, shifts, start = [], [], [], [], 0
         for group, n in zip(self.groups, self.sizes):
             w = torch.stack([t.reshape(()) for t in weights[start : start + n]])
@@ -237,7 +259,8 @@ class MergedConvBN(nn.Module):
             shifts.append(shift if shift is not None else torch.zeros_like(scale))
         kernel = torch.cat(kernels)
         bias = torch.cat(biases) if self.has_bias else None
-        y = F.conv2d(r, kernel, bias, self.stride, self.padding)
+        dilation = self.groups[0][0][0].dilation if self.concat_inputs else 1
+        y = F.conv2d(r, kernel, bias, self.stride, self.padding, dilation)
         bn = self.floated
         factor = 0.0
         if bn.training and bn.track_running_stats:

@@ -99,6 +99,23 @@ def is_mutated(node: fx.Node, gm: fx.GraphModule) -> bool:
     return any(is_inplace(u, gm) and u.args and u.args[0] is node for u in node.users)
 
 
+def reads_mutated(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` reads a value that some node mutates in place (its order then matters)."""
+    return any(is_mutated(arg, gm) for arg in node.all_input_nodes)
+
+
+def called_once(gm: fx.GraphModule) -> set[int]:
+    """ids of the modules that exactly one ``call_module`` node calls (a module called twice updates
+    its state twice, in order: fusing or merging it with others would change that)."""
+    counts: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            for m in mod.modules():
+                counts[id(m)] = counts.get(id(m), 0) + 1
+    return {k for k, v in counts.items() if v == 1}
+
+
 def is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)

@@ -179,7 +179,7 @@ def darts_search(
             a_opt.step()
             for p in weights:  # the architecture step must not leave gradients on the weights
                 p.grad = None
-            history.val_loss.append(float(v_loss))
+            history.val_loss.append(v_loss.item())
             history.val_acc.append(float((out.argmax(1) == yv).float().mean()))
 
             # weight step
@@ -196,7 +196,7 @@ def darts_search(
             w_opt.step()
             for a in alphas:
                 a.grad = None
-            history.train_loss.append(float(t_loss))
+            history.train_loss.append(t_loss.item())
             history.train_acc.append(float((out.argmax(1) == yt).float().mean()))
             if bar is not None:
                 bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}",

@@ -28,7 +28,7 @@ import shutil
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -112,6 +112,10 @@ def _module_label(mod: nn.Module) -> str:
         sizes = sorted({_pair(c.kernel_size) for c in convs})
         chans = "+".join(str(c.out_channels) for c in convs)
         return f"{name} {'/'.join(sizes)} x{len(convs)}\\n{chans} ch"
+    sizes, kernel = getattr(mod, "sizes", None), getattr(mod, "kernel", None)
+    if isinstance(sizes, (list, tuple)) and sizes and all(isinstance(s, int) for s in sizes) and kernel is not None:
+        edges = f"{len(sizes)} edges" if len(sizes) > 1 else "1 edge"
+        return f"{name} {_pair(kernel)}\\n{edges}, {'+'.join(map(str, sizes))} candidates"
     bns = getattr(mod, "bns", None)
     if isinstance(bns, nn.ModuleList) and len(bns):
         return f"{name} x{len(bns)}\\n" + "+".join(str(getattr(b, 'num_features', '?')) for b in bns) + " ch"
@@ -413,7 +417,7 @@ def _draw(
     new: set[str],
     approx: set[str] = frozenset(),
 ):
-    """Build the graphviz Digraph; returns (digraph, stats)."""
+    """Build the graphviz Digraph; returns (digraph, size stats, highlight counts)."""
     g = _digraph(title)
     graph = gm.graph
     data = data_dependent(graph)
@@ -581,19 +585,21 @@ def _note_graph(title: str, text: str):
 # public entry point
 # ---------------------------------------------------------------------------------------------
 def _example_inputs(simplified: Any, example_inputs: Any) -> tuple | None:
-    inputs = getattr(simplified, "example_inputs", None)
-    if inputs is None:
-        inputs = example_inputs
-    if inputs is None:  # last resort: the placeholders' recorded shapes
-        gm = getattr(simplified, "graph_module", None)
-        if gm is not None:
-            values = [n.meta.get(VALUE) for n in gm.graph.nodes if n.op == "placeholder"]
-            if values and all(isinstance(v, torch.Tensor) for v in values):
-                return tuple(torch.zeros(v.shape, dtype=v.dtype) for v in values)
-        return None
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    return tuple(inputs)
+    """The inputs to re-capture the original with: the argument, else ``simplified.example_inputs``,
+    else zeros shaped like the simplified graph's placeholders."""
+
+    def given(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) or (isinstance(x, (tuple, list)) and len(x) > 0)
+
+    inputs = example_inputs if given(example_inputs) else getattr(simplified, "example_inputs", None)
+    if given(inputs):
+        return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    gm = getattr(simplified, "graph_module", None)
+    if gm is not None:
+        values = [n.meta.get(VALUE) for n in gm.graph.nodes if n.op == "placeholder"]
+        if values and all(isinstance(v, torch.Tensor) for v in values):
+            return tuple(torch.zeros(v.shape, dtype=v.dtype) for v in values)
+    return None
 
 
 def visualize(
@@ -616,8 +622,8 @@ def visualize(
             inputs), or ``"all"`` (the whole network).
         collapse_repeated: with ``cell="all"``, draw each later cell of an already drawn cell type as
             one box.
-        example_inputs: inputs of the model, needed to re-capture the original when ``simplified``
-            does not carry them.
+        example_inputs: inputs of the model to re-capture the original with (default:
+            ``simplified.example_inputs``, else zeros shaped like the simplified graph's inputs).
 
     Returns:
         ``{file name: path}`` of the files written (only the ``.dot`` files when graphviz's ``dot``
