@@ -8,9 +8,10 @@ from .prefix_sharing import prefix_sharing
 from .horizontal_fusion import horizontal_fusion
 from .weight_folding import weight_folding
 from .floating_merge import floating_merge
+from .recompute import recompute
 
-EXACT_PASSES = (zero_elimination, prefix_sharing, weight_folding, horizontal_fusion)
+EXACT_PASSES = (zero_elimination, prefix_sharing, weight_folding, horizontal_fusion, recompute)
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
-TOPO_PASSES = (zero_elimination, prefix_sharing, floating_merge, weight_folding, horizontal_fusion)
+TOPO_PASSES = (zero_elimination, prefix_sharing, floating_merge, weight_folding, horizontal_fusion, recompute)
 
-__all__ = ["EXACT_PASSES", "TOPO_PASSES", "floating_merge", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["EXACT_PASSES", "TOPO_PASSES", "floating_merge", "recompute", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

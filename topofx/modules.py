@@ -271,3 +271,38 @@ class MergedConvBN(nn.Module):
             y, bn.running_mean, bn.running_var, torch.cat(scales), torch.cat(shifts) if self.mix_affine else None,
             use_batch_stats, factor, bn.eps,
         )
+
+
+class _ScaledRecompute(torch.autograd.Function):
+    """``w * fn(x)`` that saves only ``w`` and ``x`` and recomputes ``fn(x)`` in backward."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, x: torch.Tensor, fn: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        ctx.fn = fn
+        ctx.save_for_backward(w, x)
+        with torch.no_grad():
+            return fn(x) * w
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w, x = ctx.saved_tensors
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
+            y = ctx.fn(xd)
+        grad_w = (grad * y).sum().reshape(w.shape) if ctx.needs_input_grad[0] else None
+        grad_x = torch.autograd.grad(y, xd, grad * w)[0] if ctx.needs_input_grad[1] else None
+        return grad_w, grad_x, None
+
+
+class RecomputedScale(nn.Module):
+    """``w * fn(x)`` for a cheap stateless ``fn`` (pooling): the output of ``fn`` is not saved for
+    backward (``x``, which the network keeps anyway, is), and is recomputed there.  Exact."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad):
+            return self.fn(x) * w
+        return _ScaledRecompute.apply(w, x, self.fn)

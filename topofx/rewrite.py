@@ -4,12 +4,12 @@ A *pass* is a callable ``pass_(ctx) -> list[Rewrite]`` with two attributes: ``na
 It matches a pattern in ``ctx.gm.graph``, rewrites the matches it can prove, and returns one
 :class:`Rewrite` record per rewrite (an empty list means "no match": the driver's fixpoint test).
 After every pass that changed something the driver removes dead code, lints the graph, recompiles
-it and re-propagates meta values through it; if the output shapes changed, the pass is undone and
-the run stops with an error -- a pass never hands back a wrong graph silently.
+it and re-propagates meta values through it; if the output shapes changed, or lint fails,
+the run stops with an error (the original model is untouched: the graph module is a separate
+object) -- a pass never hands back a wrong graph silently.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
 from typing import Any, Callable, Protocol, Sequence
@@ -192,21 +192,32 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
     return before - len(gm.graph.nodes)
 
 
-def propagate_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Recompute every node's meta value (shape, dtype) by running the graph on meta tensors."""
+def propagate_values(gm: fx.GraphModule, example_inputs: Sequence[Any], *, incremental: bool = False) -> None:
+    """Recompute nodes' meta values (shape, dtype) by running the graph on meta tensors.
+
+    ``incremental``: only nodes without a value (new ones) and nodes downstream of a value whose
+    shape or dtype changed are recomputed -- rewrites preserve values, so after a correct pass
+    only its new nodes run; a wrong shape still propagates to the output signature.
+    """
     inputs = iter(example_inputs)
+    changed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             value = next(inputs, UNKNOWN)
             node.meta[VALUE] = value.detach().to("meta") if isinstance(value, torch.Tensor) else value
-        elif node.op == "output":
             continue
-        else:
-            try:
-                node.meta[VALUE] = run_on_meta(gm, node.op, node.target, node.args, node.kwargs)
-            except Exception:  # noqa: BLE001
-                node.meta[VALUE] = UNKNOWN
-            node.meta.setdefault(STATIC, False)
+        if node.op == "output":
+            continue
+        if incremental and VALUE in node.meta and not any(a in changed for a in node.all_input_nodes):
+            continue
+        old = node.meta.get(VALUE, UNKNOWN)
+        try:
+            node.meta[VALUE] = run_on_meta(gm, node.op, node.target, node.args, node.kwargs)
+        except Exception:  # noqa: BLE001
+            node.meta[VALUE] = UNKNOWN
+        node.meta.setdefault(STATIC, False)
+        if _sig(old) != _sig(node.meta[VALUE]):
+            changed.add(node)
 
 
 def output_signature(gm: fx.GraphModule) -> list[Any]:
@@ -267,7 +278,6 @@ def run_to_fixpoint(
         for pass_ in passes:
             run = runs[pass_.name]
             before = node_counts(gm)
-            saved_graph = copy.deepcopy(gm.graph)
             records = pass_(ctx)
             if records:
                 changed = True
@@ -277,12 +287,10 @@ def run_to_fixpoint(
                     eliminate_dead_code(gm)
                     gm.graph.lint()
                     gm.recompile()
-                    propagate_values(gm, example_inputs)
+                    propagate_values(gm, example_inputs, incremental=True)
                     if output_signature(gm) != expected:
                         raise RewriteError(f"pass {pass_.name} changed the output signature")
                 except Exception as exc:
-                    gm.graph = saved_graph
-                    gm.recompile()
                     raise RewriteError(f"pass {pass_.name} produced an invalid graph: {exc}") from exc
                 ctx.invalidate()
                 if progress:

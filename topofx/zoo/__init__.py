@@ -181,3 +181,27 @@ def build(name: str, *, batch_size: int = 2, image_size: int = 32, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     return model, (x,)
+
+
+_NB201_ALL_CONV3 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+
+
+def build_child(name: str, *, batch_size: int = 2, image_size: int = 32, seed: int = 0,
+                **overrides: Any) -> Tuple[nn.Module, Tuple[torch.Tensor, ...]] | None:
+    """The benchmark's floor: one child network of supernet ``name`` with every edge a 3x3 conv
+    (what a simplified supernet approaches), or ``None`` where the zoo has no child for it.
+
+    NAS-Bench-201 names: xautodl's ``TinyNetwork`` with every edge ``nor_conv_3x3``, same C and N.
+    """
+    if not name.startswith("nb201"):
+        return None
+    from xautodl.models.cell_infers.tiny_network import TinyNetwork
+    from xautodl.models.cell_searchs.genotypes import Structure
+
+    kwargs = {**_entry(name).defaults, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TinyNetwork(kwargs["C"], kwargs["N"], Structure.str2structure(_NB201_ALL_CONV3), kwargs.get("num_classes", 10))
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    return model, (torch.randn(batch_size, 3, image_size, image_size, generator=gen),)
