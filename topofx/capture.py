@@ -68,6 +68,8 @@ class UserFrame:
 
 def _is_library_file(filename: str) -> bool:
     path = os.path.abspath(filename)
+    if path.startswith(os.path.join(_TOPOFX_DIR, "zoo")):
+        return False  # the built-in supernets are user code as far as error messages go
     return path.startswith(_TOPOFX_DIR) or path.startswith(_TORCH_DIR) or "<" in filename
 
 

@@ -8,7 +8,8 @@ Structure, not names, decides everything here:
 * **sum chain** -- the left-deep chain of ``add`` nodes that Python's ``sum(...)``, ``a + b + c`` or a
   ``+=`` loop records; its *terms* are the right-hand operands plus the chain head's left operand.
   Each user-level ``sum`` keeps its own chain, so a cell's node sum over edges is not confused with
-  the edges' own sums.
+  the edges' own sums; an add of two ``sum(...)`` results (``sum(a) + sum(b)``) starts a chain of
+  its own.
 * **mixed edge** -- a sum chain with at least two terms ``w_k * b_k`` (architecture factor times a
   data tensor of the same shape as the product).  Its **input** is the nearest common dominator of
   the ``b_k`` in the data-flow graph (networkx ``immediate_dominators`` from a virtual source wired
@@ -93,8 +94,19 @@ class SumChain:
 def sum_chains(graph: fx.Graph) -> list[SumChain]:
     """Every maximal left-deep add chain of the graph, in topological order of their roots."""
 
+    def python_sum(node: Any) -> bool:  # node ends a chain that starts ``0 + t0``, as sum(...) records
+        if not isinstance(node, fx.Node) or not is_add(node):
+            return False
+        while isinstance(node.args[0], fx.Node) and is_add(node.args[0]):
+            node = node.args[0]
+        return isinstance(node.args[0], (int, float)) and node.args[0] == 0
+
     def continues(node: fx.Node) -> bool:  # node is an inner link of a longer chain
-        return len(node.users) == 1 and (user := next(iter(node.users))).args[0] is node and is_add(user)
+        if len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        # ``sum(a) + sum(b)``: the outer add joins two whole sums, it does not extend the first
+        return is_add(user) and user.args[0] is node and not (python_sum(node) and python_sum(user.args[1]))
 
     chains = []
     for node in graph.nodes:
