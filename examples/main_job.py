@@ -24,11 +24,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import topofx
 from topofx import bench, zoo
-from topofx.search import darts_search
+from topofx.search import darts_search, digits
 from topofx.visualize import visualize
 
 
@@ -39,21 +38,6 @@ def simplify_best(model, inputs):
     except NotImplementedError as exc:
         print(f"note: mode='topo' not available ({str(exc).splitlines()[0]}); using mode='exact'")
         return topofx.simplify(model, inputs, mode="exact"), "exact"
-
-
-def digits(image_size: int = 16, seed: int = 0):
-    """scikit-learn's 8x8 digits as (N, 3, S, S) float tensors, split in halves (train, val)."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = ((x - x.mean()) / x.std()).repeat(1, 3, 1, 1)
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    half = len(y) // 2
-    tr, va = order[:half], order[half:]
-    return (x[tr], y[tr]), (x[va], y[va])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["darts_search", "SearchHistory", "arch_parameters", "logits_of"]
+__all__ = ["darts_search", "SearchHistory", "arch_parameters", "logits_of", "digits"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -51,6 +51,22 @@ class SearchHistory:
             f"train loss {mean(self.train_loss):.3f} acc {mean(self.train_acc):.2f}, "
             f"val loss {mean(self.val_loss):.3f} acc {mean(self.val_acc):.2f}"
         )
+
+
+def digits(image_size: int = 16, seed: int = 0) -> tuple[Batch, Batch]:
+    """scikit-learn's 8x8 digits (shipped with the package: no download) as ``(N, 3, S, S)`` float
+    tensors, normalized, split in halves ``(train, val)``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = ((x - x.mean()) / x.std()).repeat(1, 3, 1, 1)
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    half = len(y) // 2
+    tr, va = order[:half], order[half:]
+    return (x[tr], y[tr]), (x[va], y[va])
 
 
 def logits_of(output: Any) -> torch.Tensor:
