@@ -336,12 +336,19 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     return gm
 
 
-def capture(model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True) -> Capture:
-    """Capture ``model``; on failure raise (``strict``) or warn and return an eager fallback."""
+def capture(
+    model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True,
+    live_attrs: Sequence[str] = (),
+) -> Capture:
+    """Capture ``model``; on failure raise (``strict``) or warn and return an eager fallback.
+
+    ``live_attrs`` name tensor attributes that are set anew before every call (an adapter's
+    samples): they may carry autograd history.
+    """
     try:
         gm = trace(model, example_inputs)
         if verify:
-            verify_capture(model, gm, example_inputs)
+            verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
         return Capture(gm)
     except CaptureError as exc:
         if strict:
@@ -417,10 +424,13 @@ def run_seeded(module: nn.Module, inputs: Sequence[Any], seed: int = 0) -> Any:
     return module(*inputs)
 
 
-def verify_capture(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float = 1e-5) -> None:
+def verify_capture(
+    model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float = 1e-5,
+    live_attrs: Sequence[str] = (),
+) -> None:
     """Check a captured graph before trusting it; raise :class:`CaptureError` on any failure."""
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and node.target not in live_attrs:
             obj: Any = gm
             for part in node.target.split("."):
                 obj = getattr(obj, part)
@@ -430,7 +440,7 @@ def verify_capture(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequenc
                     f"a tensor computed outside forward() with autograd history was frozen into the graph "
                     f"({node.target}{', used at ' + str(frame) if frame else ''}). Compute it inside forward()"
                 )
-    attrs = graph_attr_tensors(gm)
+    attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
     with preserved_state(model, tensors=attrs):
         eager = run_seeded(model, example_inputs)
     with preserved_state(model, tensors=attrs):
@@ -448,8 +458,11 @@ def verify_capture(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequenc
                 graphed2 = run_seeded(gm, example_inputs)
         if not max_rel_error(graphed2, eager2) <= rtol:
             raise CaptureError("captured graph does not follow the architecture weights (they were frozen as constants)")
+    resample = getattr(model, "resample", None)  # an adapter's sampling step, run before every call
     with preserved_state(model, tensors=attrs):
         for _ in range(2):
+            if live_attrs and callable(resample):
+                resample(gm)
             leaves = _float_leaves(run_seeded(gm, example_inputs))
             loss = sum(leaf.float().sum() for leaf in leaves if leaf.requires_grad)
             if isinstance(loss, torch.Tensor):

@@ -152,6 +152,21 @@ def _dilated_padded(kernel: torch.Tensor, dilation: tuple[int, int], size: tuple
     return F.pad(kernel, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 
+class _Frozen:
+    """Read-only view of a module's parameters, detached from autograd."""
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _maybe_frozen(module: nn.Module, frozen: bool):
+    return _Frozen(module) if frozen else module
+
+
 class MergedConvBN(nn.Module):
     """Floating module sharing + kernel-normalized merge (TopoNAS, METHOD.md 5-6), for one or more
     mixed edges whose Conv->BN candidates read the same tensor ``r``.
@@ -217,10 +232,14 @@ class MergedConvBN(nn.Module):
     def _merge(self, group: nn.ModuleList, w: torch.Tensor):
         total = w.sum()
         a = w / (total + self.eps)
+        # A hard sample (GDAS): only the selected candidate's parameters take part in autograd, so the
+        # unselected ones get no gradient (.grad stays None), as in GDAS; the weights still do.
+        hard = not w.is_meta and bool((w == 0).sum() >= len(w) - 1)
         num = den = bias = None
         gamma = beta = None
         for k, pair in enumerate(group):
-            conv, bn = pair[0], pair[1]
+            unselected = hard and bool(w[k] == 0)
+            conv, bn = _maybe_frozen(pair[0], unselected), _maybe_frozen(pair[1], unselected)
             norm = conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)  # (C_out,)
             coeff = a[k] / norm
             if self.concat_inputs:  # blocks side by side along input channels

@@ -19,6 +19,7 @@ class Report:
     edges: int = 0
     cells: int = 0
     fallback: str | None = None
+    adapter: str | None = None  # the adapter that lifted the sampling out of forward (GDAS)
 
     @property
     def rewrites(self) -> list[Rewrite]:
@@ -42,6 +43,8 @@ class Report:
             lines.append(f"  fallback: not captured as one graph ({self.fallback}); running the original eagerly")
             return "\n".join(lines)
         lines.append(f"  found {self.edges} mixed edges in {self.cells} cells")
+        if self.adapter:
+            lines.append(f"  adapter: {self.adapter} (sampling runs eagerly before the graph; edges relaxed to weighted sums)")
         header = f"  {'pass':<22}{'exact':<7}{'rewrites':>9}  {'actions':<28}{'nodes':>8}{'conv':>7}{'bn':>7}"
         lines += [header, "  " + "-" * (len(header) - 2)]
         for p in self.passes:

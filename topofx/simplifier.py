@@ -18,6 +18,7 @@ from torch import nn
 from . import capture as _capture
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
+from .adapters import RelaxedForward, adapter_for
 from .topology import analyze
 
 MODES = ("topo", "exact")
@@ -49,6 +50,9 @@ class SimplifiedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.graph_module is None:
             return self.original(*args, **kwargs)
+        relaxed = self.__dict__.get("relaxed")
+        if relaxed is not None:  # an adapter's opaque sampling step (GDAS), then the graph
+            relaxed.resample(self.graph_module)
         return self.graph_module(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "SimplifiedModule":
@@ -109,16 +113,21 @@ def simplify(
     example_inputs = tuple(example_inputs)
     passes = _passes_for(mode)
     name = type(model).__name__
-    captured = _capture.capture(model, example_inputs, strict=strict)
+    adapter = adapter_for(model) if mode == "topo" else None
+    root = RelaxedForward(model, adapter) if adapter else model
+    live = root.sample_names if adapter else ()
+    captured = _capture.capture(root, example_inputs, strict=strict, live_attrs=live)
     if captured.graph_module is None:
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
-    topology = analyze(gm.graph, model)
+    topology = analyze(gm.graph, root)
     before = node_counts(gm)
-    runs = run_to_fixpoint(gm, model, passes, example_inputs)
-    report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()))
+    runs = run_to_fixpoint(gm, root, passes, example_inputs)
+    report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()),
+                    adapter=adapter.description if adapter else None)
     simplified = SimplifiedModule(model, gm, report, example_inputs)
+    simplified.__dict__["relaxed"] = root if adapter else None
     if check and mode == "exact":
         _check_equal(model, simplified, example_inputs)
     return simplified
