@@ -630,10 +630,10 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench") -> int:
     """Command-line entry point; returns the exit code (2 for a usage error)."""
     parser = argparse.ArgumentParser(
-        prog="python -m topofx.bench",
+        prog=prog,
         description="Benchmark a zoo supernet against its topofx-simplified versions "
         "(step time and saved activation memory).",
     )

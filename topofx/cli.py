@@ -276,7 +276,7 @@ def _bench(argv: list[str]) -> int:
 
     if argv and ":" in argv[0] and not argv[0].startswith("-"):
         raise UserError(f"bench runs built-in models only (topofx models); got {argv[0]!r}")
-    return bench.main(argv)
+    return bench.main(argv, prog=f"{PROG} bench")
 
 
 def _build_parser() -> argparse.ArgumentParser:
