@@ -15,14 +15,13 @@ Not exact for mixed weights; exact at one-hot weights (vertex-exact) in train mo
 """
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 
 import torch.fx as fx
 from torch import nn
 
 from topofx.modules import MergedConvBN, bn_config, conv_offset
-from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated, rebuild_chain
+from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated, rebuild_chain, split_channels
 from topofx.topology import Candidate, MixedEdge
 
 
@@ -89,11 +88,9 @@ def _rewrite(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list
     weights = [cand.weight for _, members in edges for cand, _, _ in members]
     with gm.graph.inserting_after(inputs[-1]):
         merged = gm.graph.call_module(name, (*inputs, *weights))
-    records, start, anchor = [], 0, merged
-    for (edge, members), width in zip(edges, module.splits):
-        with gm.graph.inserting_after(anchor):
-            part = gm.graph.call_function(operator.getitem, (merged, (slice(None), slice(start, start + width))))
-        anchor, start = part, start + width
+    records = []
+    parts = split_channels(gm, merged, module.splits) if len(edges) > 1 else [merged]
+    for (edge, members), part in zip(edges, parts):
         muls = {cand.mul for cand, _, _ in members}
         rebuild_chain(gm, edge.chain.root, [t for t in edge.chain.terms if t not in muls] + [part])
         for add in reversed(edge.chain.adds):

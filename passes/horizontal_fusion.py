@@ -5,21 +5,20 @@ Matches: two or more ungrouped ``nn.Conv2d`` nodes reading the same tensor with 
 one node once their ReLU is shared.
 Produces: one :class:`~topofx.modules.FusedConv2d` whose kernel is the concatenation of the original
 kernels (computed from them each call: gradients and optimizers stay on the originals), followed by
-channel slices for the former users.  Where every slice feeds only a ``BatchNorm2d`` of one common
+a channel split for the former users.  Where every slice feeds only a ``BatchNorm2d`` of one common
 configuration, the batch norms become one :class:`~topofx.modules.FusedBatchNorm2d` over the
 concatenated channels, which writes running statistics back to each original module; the slices
 move after it.  Exact: convolution and BN act per output channel.
 """
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 
 import torch.fx as fx
 from torch import nn
 
 from topofx.modules import FusedBatchNorm2d, FusedConv2d, bn_config, conv_geometry
-from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated
+from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, node_order, reads_mutated, split_channels
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -39,16 +38,10 @@ def _is_plain_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     return type(mod) is nn.BatchNorm2d and not mod._forward_hooks and not mod._forward_pre_hooks
 
 
-def _slice_outputs(gm: fx.GraphModule, fused: fx.Node, nodes: list[fx.Node], splits: list[int]) -> list[fx.Node]:
-    """Replace each of ``nodes`` by a channel slice of ``fused``; returns the slices."""
-    slices, start, anchor = [], 0, fused
-    for node, width in zip(nodes, splits):
-        with gm.graph.inserting_after(anchor):
-            part = gm.graph.call_function(operator.getitem, (fused, (slice(None), slice(start, start + width))))
+def _slice_outputs(gm: fx.GraphModule, fused: fx.Node, nodes: list[fx.Node], splits: list[int]) -> None:
+    """Replace each of ``nodes`` by its channel block of ``fused``."""
+    for node, part in zip(nodes, split_channels(gm, fused, splits)):
         node.replace_all_uses_with(part)
-        slices.append(part)
-        anchor, start = part, start + width
-    return slices
 
 
 def _bn_consumer(gm: fx.GraphModule, conv: fx.Node) -> tuple[list[nn.BatchNorm2d], object] | None:
@@ -80,8 +73,8 @@ def _fuse_convs(ctx: PassContext, convs: list[fx.Node]) -> Rewrite:
         scales = [scale for _, scale in consumers]
         bn_name = ctx.add_module("bn", FusedBatchNorm2d([c[0][0] for c in consumers]))
         args = (fused, *scales) if any(s is not None for s in scales) else (fused,)
-        anchor = max((s for s in scales if isinstance(s, fx.Node)), key=_position(gm), default=fused)
-        anchor = max(anchor, fused, key=_position(gm))
+        anchor = max((s for s in scales if isinstance(s, fx.Node)), key=node_order(gm.graph), default=fused)
+        anchor = max(anchor, fused, key=node_order(gm.graph))
         with gm.graph.inserting_after(anchor):
             fused_bn = gm.graph.call_module(bn_name, args)
         _slice_outputs(gm, fused_bn, bn_nodes, fused_mod.splits)
@@ -94,11 +87,6 @@ def _fuse_convs(ctx: PassContext, convs: list[fx.Node]) -> Rewrite:
     kernel = "x".join(map(str, mods[0].kernel_size))
     what = f"{len(convs)} conv{kernel}" + (" + their BNs" if fuse_bn else "")
     return Rewrite("horizontal_fusion", "fused", [c.name for c in convs], fused.name, True, what)
-
-
-def _position(gm: fx.GraphModule):
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return index.__getitem__
 
 
 def horizontal_fusion(ctx: PassContext) -> list[Rewrite]:

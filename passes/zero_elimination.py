@@ -1,8 +1,9 @@
 """Zero elimination (exact).
 
 Matches: a term of a sum chain that is identically zero -- ``x.mul(0.)``, ``zeros_like(x)``, a slice
-or product of such a value -- alone or multiplied by an architecture weight, plus the literal ``0``
-that Python's ``sum`` starts from.
+or product of such a value -- alone or multiplied by an architecture weight.  The literal ``0`` that
+Python's ``sum`` starts from is kept: it costs nothing to save and keeps a cell's sum over edges
+structurally apart from the edges' own sums (topology reads sums as left-deep chains).
 Produces: the same chain without those terms.  Their contribution to the sum and to the gradient of
 every weight is zero, so outputs and gradients are unchanged.  The dead zero branch itself is then
 removed by dead-code elimination only where it is pure (a branch that updates BN statistics stays).

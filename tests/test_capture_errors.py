@@ -264,7 +264,9 @@ def test_darts_orig_plain_alphas_stay_live_after_dtype_cast():
     simple.double()
     x64 = tuple(t.double() for t in x)
     assert_follows_alpha(model, simple, x64)
-    assert_train_step_equivalent(model, simple, x64, rtol=1e-9, atol=1e-12)
+    # the plain alphas stay float32 in both (.double() does not touch them), so their gradients are
+    # float32 sums: compare at float32 precision
+    assert_train_step_equivalent(model, simple, x64, rtol=1e-6, atol=1e-12)
 
 
 def test_tensor_computed_outside_forward_is_refused():

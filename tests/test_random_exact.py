@@ -94,7 +94,28 @@ NOISE_FACTOR = {torch.float32: 4.0, torch.float64: 1e-6}
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def assert_exact_up_to_rounding(original: nn.Module, simple: nn.Module, x: torch.Tensor) -> None:
+def rounding_reference(original: nn.Module, x: torch.Tensor) -> dict:
+    """For train and eval: the original's step run in float32 and in float64 (copies)."""
+    fp32 = cast(copy.deepcopy(original), torch.float32)
+    fp64 = cast(copy.deepcopy(original), torch.float64)
+    return {train: (run_step(fp32, fp32, x.float(), train), run_step(fp64, fp64, x.double(), train))
+            for train in (True, False)}
+
+
+def fp32_condition(reference: dict) -> float:
+    """Worst relative float32 error of the original (per tensor, at its category's scale)."""
+    worst = 0.0
+    for noisy, truth in reference.values():
+        for category, tensors in truth.items():
+            scale = max((t.abs().max().item() for t in tensors if t.numel()), default=0.0)
+            for n, t in zip(noisy[category], tensors, strict=True):
+                if t.numel():
+                    worst = max(worst, (n - t).abs().max().item() / max(scale, 1e-30))
+    return worst
+
+
+def assert_exact_up_to_rounding(original: nn.Module, simple: nn.Module, x: torch.Tensor,
+                                reference: dict | None = None) -> None:
     """Train step (and eval forward) of ``simple`` equal the original's, per tensor, within
     ``rtol * (scale of its category) + NOISE_FACTOR * (the original's own float32 error)``.
 
@@ -102,14 +123,11 @@ def assert_exact_up_to_rounding(original: nn.Module, simple: nn.Module, x: torch
     well-conditioned tensors and large exactly where the original's own result is rounding noise.
     """
     dtype = x.dtype
-    fp32 = cast(copy.deepcopy(original), torch.float32)
-    fp64 = cast(copy.deepcopy(original), torch.float64)
+    reference = rounding_reference(original, x) if reference is None else reference
     problems = []
-    for train in (True, False):
+    for train, (noisy, truth) in reference.items():
         want = run_step(original, original, x, train)
         got = run_step(simple, original, x, train)
-        noisy = run_step(fp32, fp32, x.float(), train)
-        truth = run_step(fp64, fp64, x.double(), train)
         for category, tensors in want.items():
             scale = max((t.abs().max().item() for t in truth[category] if t.numel()), default=0.0)
             rows = zip(tensors, got[category], noisy[category], truth[category], strict=True)
@@ -142,16 +160,28 @@ def test_random_supernet_train_step_exact_float64(model_and_input):
     assert_exact_up_to_rounding(model, simple, x)
 
 
+# A draw whose own float32 result is off by more than this (relative to its category's scale)
+# is rounding noise in places; comparing two samples of noise says nothing, so such a draw is
+# checked in float64 instead.
+ILL_CONDITIONED_FP32 = 1e-4
+
+
 @settings(max_examples=100)
 @given(supernets())
 def test_random_supernet_train_step_exact_float32(model_and_input):
     model, x = model_and_input
     note(f"spec={model.spec!r}")
+    reference = rounding_reference(model, x)
+    condition = fp32_condition(reference)
+    note(f"original's worst relative float32 error: {condition:.2e}")
+    if condition > ILL_CONDITIONED_FP32:
+        cast(model, torch.float64)
+        x = x.double()
     # check=False: simplify's own output check has a fixed 1e-5 threshold that float32 noise on
     # ill-conditioned draws can exceed (see test_ill_conditioned_model_is_not_refused)
     simple = topofx.simplify(model, x, mode="exact", check=False)
     check_simplified(model, simple)
-    assert_exact_up_to_rounding(model, simple, x)
+    assert_exact_up_to_rounding(model, simple, x, reference)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,7 +246,9 @@ class ValueTracer(fx.Tracer):
         raise CaptureError(
             _where(
                 "data-dependent control flow (a Python `if`/`while`/`and`/`or` on a tensor value)",
-                "Keep the condition on shapes only, or pass mode='exact' and accept the per-op fallback",
+                "Keep the condition on shapes only, register an adapter (topofx.adapters.register_adapter) "
+                "that lifts the sampling out of forward, or call simplify without strict=True to run the "
+                "model's own eager forward",
             )
         )
 
@@ -277,23 +279,14 @@ def _loose_tensors_as_buffers(model: nn.Module) -> Iterator[list[str]]:
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.requires_grad:
                 del module.__dict__[name]
                 module.register_buffer(name, value, persistent=False)
-                moved.append((module, name, value))
+                moved.append((module, f"{prefix}.{name}" if prefix else name, value))
     try:
-        yield [name for _, name, _ in moved]
+        yield [qualified for _, qualified, _ in moved]
     finally:
-        for module, name, value in moved:
+        for module, qualified, value in moved:
+            name = qualified.rsplit(".", 1)[-1]
             module._buffers.pop(name, None)
             object.__setattr__(module, name, value)
-
-
-def loose_tensor_names(model: nn.Module) -> list[str]:
-    """Qualified names of plain ``requires_grad`` tensor attributes (DARTS-style alphas)."""
-    names = []
-    for prefix, module in model.named_modules():
-        for name, value in vars(module).items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.requires_grad:
-                names.append(f"{prefix}.{name}" if prefix else name)
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +313,7 @@ def _concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
 def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """Trace ``model`` with :class:`ValueTracer`; raise :class:`CaptureError` naming the user's code."""
     tracer = ValueTracer(example_inputs)
-    with _loose_tensors_as_buffers(model):
+    with _loose_tensors_as_buffers(model) as loose:
         try:
             graph = tracer.trace(model, concrete_args=_concrete_args(model, len(example_inputs)))
         except CaptureError:
@@ -333,7 +326,22 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
                 "Move the construct out of forward() or pass strict=False to fall back to eager control flow"
             ) from exc
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+        for name in loose:
+            _unbuffer(gm, name)
     return gm
+
+
+def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:
+    """Turn a graph-module buffer back into a plain attribute (the same tensor object), so that
+    ``.to()``/``.double()`` on the simplified module leave it alone, as they do on the original."""
+    *path, name = qualified.split(".")
+    owner: Any = gm
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return
+    if isinstance(owner, nn.Module) and name in owner._buffers:
+        object.__setattr__(owner, name, owner._buffers.pop(name))
 
 
 def capture(

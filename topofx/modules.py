@@ -293,35 +293,80 @@ class MergedConvBN(nn.Module):
 
 
 class _ScaledRecompute(torch.autograd.Function):
-    """``w * fn(x)`` that saves only ``w`` and ``x`` and recomputes ``fn(x)`` in backward."""
+    """``(w_1 * fn(x), ..., w_n * fn(x))`` that saves only ``x`` and the ``w_i``; ``fn(x)`` is
+    computed once in forward and once more in backward."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, x: torch.Tensor, fn: nn.Module) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, fn: nn.Module, x: torch.Tensor, *ws: torch.Tensor):  # type: ignore[override]
         ctx.fn = fn
-        ctx.save_for_backward(w, x)
+        ctx.save_for_backward(x, *ws)
         with torch.no_grad():
-            return fn(x) * w
+            y = fn(x)
+            return tuple(y * w for w in ws)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        w, x = ctx.saved_tensors
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        x, *ws = ctx.saved_tensors
         with torch.enable_grad():
             xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
             y = ctx.fn(xd)
-        grad_w = (grad * y).sum().reshape(w.shape) if ctx.needs_input_grad[0] else None
-        grad_x = torch.autograd.grad(y, xd, grad * w)[0] if ctx.needs_input_grad[1] else None
-        return grad_w, grad_x, None
+        grad_ws = [
+            (g * y.detach()).sum().reshape(w.shape) if needed and g is not None else None
+            for g, w, needed in zip(grads, ws, ctx.needs_input_grad[2:])
+        ]
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            total = sum(g * w for g, w in zip(grads, ws) if g is not None)
+            grad_x = torch.autograd.grad(y, xd, total)[0]
+        return (None, grad_x, *grad_ws)
 
 
 class RecomputedScale(nn.Module):
-    """``w * fn(x)`` for a cheap stateless ``fn`` (pooling): the output of ``fn`` is not saved for
-    backward (``x``, which the network keeps anyway, is), and is recomputed there.  Exact."""
+    """``w_i * fn(x)`` for each weight ``w_i``, for a cheap stateless ``fn`` (pooling) shared by
+    several edges: ``fn`` runs once, its output is not saved for backward (``x``, which the network
+    keeps anyway, is) and is recomputed there once.  Returns a tuple, one term per weight.  Exact."""
 
     def __init__(self, fn: nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad):
-            return self.fn(x) * w
-        return _ScaledRecompute.apply(w, x, self.fn)
+    def forward(self, x: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in ws)):
+            y = self.fn(x)
+            return tuple(y * w for w in ws)
+        return _ScaledRecompute.apply(self.fn, x, *ws)
+
+
+class ConvAvgPool2d(nn.Module):
+    """``nn.AvgPool2d`` computed as a depthwise convolution with a ones kernel, divided by the
+    per-position count of summed elements.  Same values (a sum of the same terms, then one
+    division); several times faster than ``avg_pool2d``'s CPU kernel, which dominated the step
+    time of NAS-Bench-201 supernets once their convolutions were fused.  On other devices it calls
+    ``avg_pool2d`` itself."""
+
+    def __init__(self, pool: nn.AvgPool2d):
+        super().__init__()
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        self.kernel_size = pair(pool.kernel_size)
+        self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+        self.padding = pair(pool.padding)
+        self.count_include_pad = bool(pool.count_include_pad)
+
+    @staticmethod
+    def supports(pool: nn.Module) -> bool:
+        return type(pool) is nn.AvgPool2d and not pool.ceil_mode and pool.divisor_override is None
+
+    def _counts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count_include_pad:
+            return x.new_full((), float(self.kernel_size[0] * self.kernel_size[1]))
+        ones = x.new_ones(1, 1, x.shape[-2], x.shape[-1])
+        return F.conv2d(ones, x.new_ones(1, 1, *self.kernel_size), None, self.stride, self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4:
+            return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, False, self.count_include_pad)
+        channels = x.shape[1]
+        kernel = x.new_ones(channels, 1, *self.kernel_size)
+        with torch.no_grad():
+            counts = self._counts(x)
+        return F.conv2d(x, kernel, None, self.stride, self.padding, 1, channels) / counts

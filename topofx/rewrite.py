@@ -119,9 +119,8 @@ def called_once(gm: fx.GraphModule) -> set[int]:
 def is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or (
-            type(mod).__module__.startswith("torch.nn") is False
-        )
+        known = type(mod).__module__.startswith(("torch.nn", "topofx.modules"))  # user leaf modules: unknown
+        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or not known
     return node.op in ("call_function", "call_method") and target_name(node) in _RANDOM_NAMES
 
 
@@ -147,8 +146,8 @@ def rebuild_chain(gm: fx.GraphModule, root: fx.Node, terms: Sequence[Any]) -> fx
 
     The old chain's adds become dead (dead-code elimination removes them); returns the new root.
     """
-    anchor = max((t for t in terms if isinstance(t, fx.Node)), key=_position(gm.graph), default=None)
-    if anchor is None or _position(gm.graph)(anchor) < _position(gm.graph)(root):
+    anchor = max((t for t in terms if isinstance(t, fx.Node)), key=node_order(gm.graph), default=None)
+    if anchor is None or node_order(gm.graph)(anchor) < node_order(gm.graph)(root):
         anchor = root.prev
     with gm.graph.inserting_after(anchor):
         acc = terms[0]
@@ -160,7 +159,21 @@ def rebuild_chain(gm: fx.GraphModule, root: fx.Node, terms: Sequence[Any]) -> fx
     return acc
 
 
-def _position(graph: fx.Graph):
+def split_channels(gm: fx.GraphModule, node: fx.Node, widths: Sequence[int]) -> list[fx.Node]:
+    """Nodes for the channel blocks of ``node``'s output, right after it: one ``split`` call (its
+    backward is one concatenation; per-block slicing would allocate a full-size gradient per block)."""
+    with gm.graph.inserting_after(node):
+        parts = gm.graph.call_method("split", (node, list(widths)), {"dim": 1})
+    out, anchor = [], parts
+    for i in range(len(widths)):
+        with gm.graph.inserting_after(anchor):
+            anchor = gm.graph.call_function(operator.getitem, (parts, i))
+        out.append(anchor)
+    return out
+
+
+def node_order(graph: fx.Graph):
+    """``key`` function: a node's position in ``graph``."""
     index = {n: i for i, n in enumerate(graph.nodes)}
     return index.__getitem__
 

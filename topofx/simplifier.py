@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Sequence
 
@@ -16,9 +17,9 @@ import torch.fx as fx
 from torch import nn
 
 from . import capture as _capture
+from .adapters import RelaxedForward, adapter_for
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
-from .adapters import RelaxedForward, adapter_for
 from .topology import analyze
 
 MODES = ("topo", "exact")
@@ -50,6 +51,8 @@ class SimplifiedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.graph_module is None:
             return self.original(*args, **kwargs)
+        if self.__dict__.get("graph_training") not in (None, self.training):
+            return self.original(*args, **kwargs)  # forward branches on self.training: other mode runs eagerly
         relaxed = self.__dict__.get("relaxed")
         if relaxed is not None:  # an adapter's opaque sampling step (GDAS), then the graph
             relaxed.resample(self.graph_module)
@@ -121,6 +124,7 @@ def simplify(
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
+    captured_code = gm.code
     topology = analyze(gm.graph, root)
     before = node_counts(gm)
     runs = run_to_fixpoint(gm, root, passes, example_inputs)
@@ -128,18 +132,56 @@ def simplify(
                     adapter=adapter.description if adapter else None)
     simplified = SimplifiedModule(model, gm, report, example_inputs)
     simplified.__dict__["relaxed"] = root if adapter else None
+    if _branches_on_training(root, example_inputs, captured_code):
+        simplified.__dict__["graph_training"] = root.training
+        warnings.warn(
+            f"topofx: {name}.forward takes a different path in {'eval' if root.training else 'train'} mode "
+            f"(Python code reads self.training); the simplified graph serves {'train' if root.training else 'eval'} "
+            "mode and the other mode runs the original's eager forward",
+            stacklevel=2,
+        )
     if check and mode == "exact":
         _check_equal(model, simplified, example_inputs)
     return simplified
 
 
+def _branches_on_training(root: nn.Module, example_inputs: tuple, captured_code: str) -> bool:
+    """Whether tracing in the other train/eval mode records different code (``if self.training:``)."""
+    captured_mode = root.training
+    try:
+        root.train(not captured_mode)
+        other = _capture.trace(root, example_inputs)
+    except _capture.CaptureError:
+        return True
+    finally:
+        root.train(captured_mode)
+    return other.code != captured_code
+
+
+def _own_rounding_error(model: nn.Module, example_inputs: tuple, expected: Any) -> float:
+    """How far the original's float32 output is from a float64 copy's: its own rounding error."""
+    try:
+        ref = copy.deepcopy(model).double()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            exact = ref(*(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in example_inputs))
+        return _capture.max_rel_error(expected, fx.node.map_aggregate(exact, lambda t: t.float() if isinstance(t, torch.Tensor) else t))
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64 gets no allowance
+        return 0.0
+
+
 def _check_equal(model: nn.Module, simplified: SimplifiedModule, example_inputs: tuple) -> None:
+    """Compare with the original on the example inputs: within 1e-5, or within 4x the original's own
+    float32 rounding error where that is larger (ill-conditioned models, BN over near-constant input)."""
     attrs = _capture.graph_attr_tensors(simplified.graph_module)
     with _capture.preserved_state(model, tensors=attrs):
         expected = _capture.run_seeded(model, example_inputs)
     with _capture.preserved_state(model, tensors=attrs):
         got = _capture.run_seeded(simplified, example_inputs)
     err = _capture.max_rel_error(got, expected)
+    if not err <= 1e-5:
+        with _capture.preserved_state(model, tensors=attrs):
+            err = err if err > 4 * _own_rounding_error(model, example_inputs, expected) else 0.0
     if not err <= 1e-5:
         raise RuntimeError(
             f"topofx internal error: the simplified {type(model).__name__} differs from the original "
