@@ -151,6 +151,12 @@ def _function_label(node: fx.Node, weighted: bool) -> str:
     name = name.strip("_") or name
     if node.op == "call_function" and target is operator.getitem:
         idx = node.args[1] if len(node.args) > 1 else None
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_method" and src.target == "split" and isinstance(idx, int):
+            widths = src.args[1] if len(src.args) > 1 else None
+            if isinstance(widths, (list, tuple)) and idx < len(widths):  # a channel block of a split
+                start = sum(widths[:idx])
+                return f"slice ch {start}:{start + widths[idx]}"
         return _channel_slice(idx) or (f"getitem [{idx}]" if isinstance(idx, int) else "getitem")
     if is_mul(node) or name in ("mul", "imul"):
         consts = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
