@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import topofx.passes as passes
 from topofx.capture import trace
+from topofx.zoo.operations import Zero
 from topofx.modules import FusedBatchNorm2d, FusedConv2d
 from topofx.passes import horizontal_fusion, prefix_sharing, zero_elimination
 from topofx.rewrite import run_to_fixpoint
@@ -66,17 +67,6 @@ def check_exact(model, gm, x, rtol=1e-5):
 # ---------------------------------------------------------------------------------------------
 # candidate operations, DARTS style
 # ---------------------------------------------------------------------------------------------
-class Zero(nn.Module):
-    def __init__(self, stride: int = 1):
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x):
-        if self.stride == 1:
-            return x.mul(0.0)
-        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
-
-
 class ZerosLike(nn.Module):
     def forward(self, x):
         return torch.zeros_like(x)

@@ -88,7 +88,7 @@ def _passes_for(mode: str) -> tuple:
         return EXACT_PASSES
     if mode == "topo":
         return TOPO_PASSES
-    raise ValueError(f"unknown mode {mode!r}; choose one of 'exact', 'topo'")
+    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
 
 
 def simplify(

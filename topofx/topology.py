@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -158,6 +159,15 @@ class MixedEdge:
     def name(self) -> str:
         return f"{self.input.name}->{self.join.name}"
 
+    @property
+    def scope(self) -> list[str]:
+        """Common module-path prefix of the candidates' modules (the edge's own module)."""
+        paths = [n.target.split(".") for c in self.candidates for n in c.branch if n.op == "call_module"]
+        if not paths:
+            stack = list(self.join.meta.get("nn_module_stack", {}).keys())
+            return stack[-1].split(".") if stack else []
+        return os.path.commonprefix(paths)
+
 
 @dataclasses.dataclass
 class Topology:
@@ -233,21 +243,6 @@ def _nearest_common_dominator(idom: dict, nodes: Iterable[fx.Node]) -> Any:
     return next((c for c in chains[0] if c in common), None)
 
 
-def _edge_scope(edge: MixedEdge) -> list[str]:
-    """Common module-path prefix of the candidates' modules (the edge's own module)."""
-    paths = [n.target.split(".") for c in edge.candidates for n in c.branch if n.op == "call_module"]
-    if not paths:
-        stack = list(edge.join.meta.get("nn_module_stack", {}).keys())
-        return stack[-1].split(".") if stack else []
-    prefix = paths[0]
-    for p in paths[1:]:
-        k = 0
-        while k < min(len(prefix), len(p)) and prefix[k] == p[k]:
-            k += 1
-        prefix = prefix[:k]
-    return prefix
-
-
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
 
 
@@ -260,7 +255,7 @@ def _submodule(root: torch.nn.Module, path: list[str]) -> torch.nn.Module | None
 
 def _assign_cells(edges: list[MixedEdge], root: torch.nn.Module | None) -> None:
     """Cell = the longest module prefix an edge shares with another edge, minus module containers."""
-    scopes = [_edge_scope(e) for e in edges]
+    scopes = [e.scope for e in edges]
     for i, edge in enumerate(edges):
         best: list[str] = []
         for j, other in enumerate(scopes):

@@ -199,18 +199,10 @@ def _cell_by_meta(node: fx.Node, cells: Sequence[str]) -> str | None:
 
 
 def _edge_title(edge, cell: str, gm: fx.GraphModule) -> str:
-    paths = [n.target.split(".") for c in edge.candidates for n in c.branch if n.op == "call_module"]
-    scope = ""
-    if paths:
-        prefix = paths[0]
-        for p in paths[1:]:
-            k = 0
-            while k < min(len(prefix), len(p)) and prefix[k] == p[k]:
-                k += 1
-            prefix = prefix[:k]
-        scope = ".".join(prefix)
-        if cell and scope.startswith(cell + "."):
-            scope = scope[len(cell) + 1:]
+    has_modules = any(n.op == "call_module" for c in edge.candidates for n in c.branch)
+    scope = ".".join(edge.scope) if has_modules else ""
+    if cell and scope.startswith(cell + "."):
+        scope = scope[len(cell) + 1:]
     where = f"{edge.input.name} → {edge.join.name}"
     name = f"edge {scope}" if scope else f"edge {where}"
     return name, f"{name}: {len(edge.candidates)} candidates ({where})"
