@@ -8,11 +8,10 @@
   health check (drawing a supernet is cheap, building and capturing it is not), and derandomized,
   so a CI run draws the same examples every time and a failure reproduces.
 * ``slow`` marker: tests that simplify zoo models at their full default size (tens of seconds
-  each).  They are skipped unless ``--runslow`` is given or ``TOPOFX_SLOW=1`` is set.
+  each).  They run by default (CI included); ``-m "not slow"`` leaves them out locally.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -29,19 +28,5 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="also run tests marked slow (full-size zoo models)")
-
-
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: full-size zoo model; needs --runslow or TOPOFX_SLOW=1")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow") or os.environ.get("TOPOFX_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: pass --runslow (or set TOPOFX_SLOW=1) to run")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    config.addinivalue_line("markers", "slow: full-size zoo model (tens of seconds); deselect with -m 'not slow'")
