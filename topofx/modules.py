@@ -93,8 +93,10 @@ class FusedBatchNorm2d(nn.Module):
             return torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns])
         weights, biases = [], []
         for bn, s in zip(bns, scales):
-            w = bn.weight if bn.affine else like.new_ones(bn.num_features)
-            weights.append(w if s is None else w * s)
+            if bn.affine:
+                weights.append(bn.weight if s is None else bn.weight * s)
+            else:
+                weights.append(like.new_ones(bn.num_features) if s is None else s.reshape(()).expand(bn.num_features))
             if bn.affine:
                 biases.append(bn.bias if s is None else bn.bias * s)
         return torch.cat(weights), (torch.cat(biases) if biases else None)
@@ -234,11 +236,12 @@ class MergedConvBN(nn.Module):
         a = w / (total + self.eps)
         # A hard sample (GDAS): only the selected candidate's parameters take part in autograd, so the
         # unselected ones get no gradient (.grad stays None), as in GDAS; the weights still do.
-        hard = not w.is_meta and bool((w == 0).sum() >= len(w) - 1)
+        zero = [False] * len(w) if w.is_meta else (w == 0).tolist()  # one device sync per edge
+        hard = sum(zero) >= len(w) - 1
         num = den = bias = None
         gamma = beta = None
         for k, pair in enumerate(group):
-            unselected = hard and bool(w[k] == 0)
+            unselected = hard and zero[k]
             conv, bn = _maybe_frozen(pair[0], unselected), _maybe_frozen(pair[1], unselected)
             norm = conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)  # (C_out,)
             coeff = a[k] / norm
@@ -275,7 +278,7 @@ class MergedConvBN(nn.Module):
             kernels.append(kernel)
             biases.append(bias)
             scales.append(scale)
-            shifts.append(shift if shift is not None else torch.zeros_like(scale))
+            shifts.append(shift)
         kernel = torch.cat(kernels)
         bias = torch.cat(biases) if self.has_bias else None
         dilation = self.groups[0][0][0].dilation if self.concat_inputs else 1
@@ -351,22 +354,28 @@ class ConvAvgPool2d(nn.Module):
         self.stride = pair(pool.stride if pool.stride is not None else pool.kernel_size)
         self.padding = pair(pool.padding)
         self.count_include_pad = bool(pool.count_include_pad)
+        self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (C, H, W, dtype, device) -> (kernel, counts)
 
     @staticmethod
     def supports(pool: nn.Module) -> bool:
         return type(pool) is nn.AvgPool2d and not pool.ceil_mode and pool.divisor_override is None
 
-    def _counts(self, x: torch.Tensor) -> torch.Tensor:
-        if self.count_include_pad:
-            return x.new_full((), float(self.kernel_size[0] * self.kernel_size[1]))
-        ones = x.new_ones(1, 1, x.shape[-2], x.shape[-1])
-        return F.conv2d(ones, x.new_ones(1, 1, *self.kernel_size), None, self.stride, self.padding)
+    def _kernel_and_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ones kernel and the per-position window sizes for ``x``'s shape (computed once)."""
+        key = (x.shape[1], x.shape[-2], x.shape[-1], x.dtype, x.device)
+        if key not in self._constants:
+            with torch.no_grad():
+                kernel = x.new_ones(x.shape[1], 1, *self.kernel_size)
+                if self.count_include_pad:
+                    counts = x.new_full((), float(self.kernel_size[0] * self.kernel_size[1]))
+                else:
+                    ones = x.new_ones(1, 1, x.shape[-2], x.shape[-1])
+                    counts = F.conv2d(ones, kernel[:1], None, self.stride, self.padding)
+            self._constants[key] = (kernel, counts)
+        return self._constants[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4:
             return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, False, self.count_include_pad)
-        channels = x.shape[1]
-        kernel = x.new_ones(channels, 1, *self.kernel_size)
-        with torch.no_grad():
-            counts = self._counts(x)
-        return F.conv2d(x, kernel, None, self.stride, self.padding, 1, channels) / counts
+        kernel, counts = self._kernel_and_counts(x)
+        return F.conv2d(x, kernel, None, self.stride, self.padding, 1, x.shape[1]) / counts
