@@ -96,7 +96,7 @@ class FusedBatchNorm2d(nn.Module):
             if bn.affine:
                 weights.append(bn.weight if s is None else bn.weight * s)
             else:
-                weights.append(like.new_ones(bn.num_features) if s is None else s.reshape(()).expand(bn.num_features))
+                weights.append(like.new_ones(bn.num_features) if s is None else s.reshape(()).to(like.dtype).expand(bn.num_features))
             if bn.affine:
                 biases.append(bn.bias if s is None else bn.bias * s)
         return torch.cat(weights), (torch.cat(biases) if biases else None)
@@ -290,7 +290,8 @@ class MergedConvBN(nn.Module):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch_stats = bn.training or not bn.track_running_stats
         return F.batch_norm(
-            y, bn.running_mean, bn.running_var, torch.cat(scales), torch.cat(shifts) if self.mix_affine else None,
+            y, bn.running_mean, bn.running_var, torch.cat(scales).to(y.dtype),  # weights may be float32 alphas
+            torch.cat(shifts).to(y.dtype) if self.mix_affine else None,
             use_batch_stats, factor, bn.eps,
         )
 
