@@ -2,7 +2,8 @@
 
 Matches: a weighted term ``w * p`` (either operand order) where ``w`` is an architecture factor and
 ``p = pool(x)`` is a stateless module (no parameters, buffers or hooks; deterministic; not in
-place) whose every user is such a product (a pooling shared by several edges) -- the pooling candidates of NAS-Bench-201 and DARTS.
+place) whose every user is such a product (a pooling shared by several edges) -- the pooling
+candidates of NAS-Bench-201 and DARTS.
 Produces: one :class:`~topofx.modules.RecomputedScale` ``(x, w_1, ..., w_n)`` per pooling, whose
 outputs are the n terms: the pooling runs once, only ``x`` (already kept by the network: the skip
 candidate multiplies it) and the weights are saved, and the pooling is recomputed once in backward.
@@ -10,21 +11,20 @@ Exact (same arithmetic); trades one cheap pooling for one activation per node.
 """
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
 from topofx.modules import RecomputedScale
-import operator
-
-from topofx.rewrite import PassContext, Rewrite, is_mutated, node_order, is_pure, reads_mutated
+from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, node_order, reads_mutated
 from topofx.topology import data_dependent, weighted_term
 
 
 def _stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A pure module call without parameters (``is_pure`` already rules out unknown user modules)."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return False
-    mod = gm.get_submodule(node.target)
-    known = type(mod).__module__.startswith(("torch.nn", "topofx.modules"))
-    return is_pure(node, gm) and not any(True for _ in mod.parameters()) and known
+    return is_pure(node, gm) and not any(True for _ in gm.get_submodule(node.target).parameters())
 
 
 def recompute(ctx: PassContext) -> list[Rewrite]:

@@ -30,11 +30,10 @@ import copy
 import dataclasses
 import inspect
 import math
-import operator
 import os
 import traceback
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -164,7 +163,7 @@ class _ValueProxy(fx.Proxy):
 
     def __len__(self) -> int:
         value = self.node.meta.get(VALUE, UNKNOWN)
-        if isinstance(value, (torch.Tensor, tuple, list, torch.Size)) and len(value.__class__.__mro__):
+        if isinstance(value, (torch.Tensor, tuple, list, torch.Size)):
             try:
                 return len(value)
             except TypeError:

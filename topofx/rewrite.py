@@ -188,8 +188,7 @@ def stable_toposort(graph: fx.Graph) -> None:
 
     from .topology import to_networkx
 
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    order = list(nx.lexicographical_topological_sort(to_networkx(graph), key=index.__getitem__))
+    order = list(nx.lexicographical_topological_sort(to_networkx(graph), key=node_order(graph)))
     if order == list(graph.nodes):
         return
     prev = graph._root  # the sentinel before the first node

@@ -257,14 +257,8 @@ def _assign_cells(edges: list[MixedEdge], root: torch.nn.Module | None) -> None:
     """Cell = the longest module prefix an edge shares with another edge, minus module containers."""
     scopes = [e.scope for e in edges]
     for i, edge in enumerate(edges):
-        best: list[str] = []
-        for j, other in enumerate(scopes):
-            if j != i:
-                k = 0
-                while k < min(len(scopes[i]), len(other)) and scopes[i][k] == other[k]:
-                    k += 1
-                if k > len(best):
-                    best = scopes[i][:k]
+        shared = [os.path.commonprefix([scopes[i], other]) for j, other in enumerate(scopes) if j != i]
+        best: list[str] = max(shared, key=len, default=[])
         while best and root is not None and isinstance(_submodule(root, best), _CONTAINERS):
             best = best[:-1]
         edge.cell = ".".join(best)
