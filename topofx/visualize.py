@@ -56,7 +56,7 @@ _LEGEND = {
     "before": {
         "removed": "removed: zero term dropped from its sum",
         "shared": "shared: duplicate, now computed once",
-        "fused": "fused into one conv / BN",
+        "fused": "fused: computed by one call with others (convs/BNs, folded weight, pooling)",
         "floated": "floated: BN moved past the weighted join",
         "merged": "merged into one kernel-normalized conv",
         "dead": "gone: dead after a rewrite",
@@ -64,7 +64,7 @@ _LEGEND = {
     "after": {
         "removed": "removed: sum without its zero terms",
         "shared": "shared: computed once, used by all",
-        "fused": "fused conv / BN (concatenated channels)",
+        "fused": "fused: one call (concatenated convs/BNs, folded weights, recomputed pooling)",
         "floated": "floated BN after the weighted join",
         "merged": "merged conv (kernel-normalized, computed each step)",
         "new": "new: inserted by a pass (slice, sum, ...)",
