@@ -11,28 +11,11 @@ from hypothesis import given, settings
 import topofx
 from topofx import zoo
 from topofx.capture import max_rel_error, preserved_state
-from topofx.testing import find_arch_parameters
+from topofx.testing import find_arch_parameters, set_one_hot
 
 from random_supernets import supernets
 
 VERTEX_RTOL = 1e-5
-
-
-def _set_one_hot(alphas: list[torch.Tensor], choose, segments: list[int] | None = None) -> None:
-    """alpha = 1e4 * one-hot rows (or per segment of a flat alpha): softmax is exactly one-hot in float32."""
-    with torch.no_grad():
-        if segments is not None:  # one flat tensor sliced per edge (random supernets' "flat" layout)
-            (a,) = alphas
-            a.zero_()
-            start = 0
-            for r, k in enumerate(segments):
-                a[start + choose(r, k)] = 1e4
-                start += k
-            return
-        for a in alphas:
-            rows = a.reshape(-1, a.shape[-1])
-            idx = torch.tensor([choose(r, a.shape[-1]) for r in range(rows.shape[0])])
-            a.copy_((1e4 * torch.nn.functional.one_hot(idx, a.shape[-1]).float()).reshape(a.shape))
 
 
 def _forward_pair(model, simplified, x):
@@ -78,7 +61,7 @@ def test_nb201_vertex_exact(nb201, choice):
         k = _op_index(model, choice)
         pick = lambda r, n: k
     with preserved_state(model, tensors=alphas):
-        _set_one_hot(alphas, pick)
+        set_one_hot(alphas, pick)
         assert _forward_pair(model, simplified, x) <= VERTEX_RTOL
 
 
@@ -117,7 +100,7 @@ def test_nb201_default_config_vertex_exact():
     alphas = find_arch_parameters(model)
     k = _op_index(model, "nor_conv_3x3")
     with preserved_state(model, tensors=alphas):
-        _set_one_hot(alphas, lambda r, n: k)
+        set_one_hot(alphas, lambda r, n: k)
         noise = _own_fp32_error(model, x)
         assert _forward_pair(model, simplified, x) <= max(VERTEX_RTOL, 2 * noise)
 
@@ -129,7 +112,7 @@ def test_other_styles_vertex_exact(name):
     alphas = find_arch_parameters(model)
     gen = torch.Generator().manual_seed(1)
     with preserved_state(model, tensors=alphas):
-        _set_one_hot(alphas, lambda r, n: int(torch.randint(0, n, (1,), generator=gen)))
+        set_one_hot(alphas, lambda r, n: int(torch.randint(0, n, (1,), generator=gen)))
         assert _forward_pair(model, simplified, x) <= VERTEX_RTOL
 
 
@@ -142,5 +125,5 @@ def test_random_supernets_vertex_exact(case):
     gen = torch.Generator().manual_seed(2)
     segments = model._edge_sizes if model._flat else None
     with preserved_state(model, tensors=alphas):
-        _set_one_hot(alphas, lambda r, n: int(torch.randint(0, n, (1,), generator=gen)), segments)
+        set_one_hot(alphas, lambda r, n: int(torch.randint(0, n, (1,), generator=gen)), segments)
         assert _forward_pair(model, simplified, x) <= VERTEX_RTOL

@@ -122,12 +122,19 @@ class RelaxedForward(nn.Module):
             first = adapter.sample(model)
         self.__dict__["sample_names"] = tuple(first)
         for name, value in first.items():
-            setattr(self, name, value)
+            setattr(self, name, value.detach().requires_grad_(value.requires_grad))  # a leaf: live, copyable
 
     def resample(self, target: nn.Module) -> None:
         """Draw a new sample from the original's parameters and store it on ``target``."""
         for name, value in self.adapter.sample(self.model).items():
             setattr(target, name, value)
+
+    def release(self, target: nn.Module) -> None:
+        """Detach the samples stored on ``target`` after a call (autograd keeps what backward needs), so
+        the module holds no autograd history between calls and ``copy.deepcopy`` works."""
+        for name in self.sample_names:
+            value = getattr(target, name)
+            setattr(target, name, value.detach().requires_grad_(value.requires_grad))
 
     def forward(self, inputs: Any) -> Any:  # one input, as the NAS supernets take (FX needs a fixed signature)
         return self.adapter.relaxed(self.model, inputs, **{n: getattr(self, n) for n in self.sample_names})

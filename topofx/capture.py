@@ -41,6 +41,9 @@ from torch import nn
 
 VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the node
 STATIC = "topofx_static"  # node.meta key: value depends on shapes/constants only
+FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forward input
+TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
+SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: user frames of decisions on input shapes
 UNKNOWN = object()  # value that could not be computed
 
 _TOPOFX_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -165,6 +168,8 @@ class _ValueProxy(fx.Proxy):
         value = self.node.meta.get(VALUE, UNKNOWN)
         if isinstance(value, (torch.Tensor, tuple, list, torch.Size)):
             try:
+                if isinstance(value, torch.Tensor):
+                    self.tracer._note_shape_decision(self)  # type: ignore[attr-defined]
                 return len(value)
             except TypeError:
                 pass
@@ -183,8 +188,9 @@ class ValueTracer(fx.Tracer):
     def __init__(self, example_inputs: Sequence[Any]):
         super().__init__(param_shapes_constant=False)
         self.proxy_buffer_attributes = True
-        self.record_stack_traces = True
         self._examples: Iterator[Any] = iter(example_inputs)
+        self.traced_modules: list[nn.Module] = []  # non-leaf modules whose Python forward became graph
+        self.shape_decisions: list[UserFrame | None] = []  # Python decisions taken on input shapes
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
@@ -194,6 +200,8 @@ class ValueTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         if self._evaluating:
             return forward(*args, **kwargs)
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            self.traced_modules.append(m)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[override]
@@ -233,6 +241,7 @@ class ValueTracer(fx.Tracer):
             )
         node.meta[VALUE] = value
         node.meta[STATIC] = static
+        node.meta[FROM_INPUT] = kind == "placeholder" or any(a.meta.get(FROM_INPUT) for a in node.all_input_nodes)
         frame = user_frame()
         if frame is not None:
             node.meta["topofx_user_frame"] = frame
@@ -241,6 +250,7 @@ class ValueTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = obj.node.meta.get(VALUE, UNKNOWN)
         if obj.node.meta.get(STATIC) and value is not UNKNOWN:
+            self._note_shape_decision(obj)
             return bool(value)
         raise CaptureError(
             _where(
@@ -251,9 +261,15 @@ class ValueTracer(fx.Tracer):
             )
         )
 
+    def _note_shape_decision(self, obj: fx.Proxy) -> None:
+        """A Python decision on a value computed from the inputs' shapes holds for those shapes only."""
+        if obj.node.meta.get(FROM_INPUT):
+            self.shape_decisions.append(user_frame())
+
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
         value = obj.node.meta.get(VALUE, UNKNOWN)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
+            self._note_shape_decision(obj)
             return iter([obj[i] for i in range(value.shape[0])])
         if isinstance(value, (tuple, list, torch.Size)):
             return iter([obj[i] for i in range(len(value))])
@@ -327,6 +343,8 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
         for name in loose:
             _unbuffer(gm, name)
+    gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
+    gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
     return gm
 
 

@@ -49,6 +49,13 @@ class FusedConv2d(nn.Module):
         return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups)
 
 
+def affine_dtype(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.batch_norm`` needs for a computed affine weight: the BN's own (running statistics or
+    parameters; under autocast a low-precision input meets full-precision BN state), else the input's."""
+    state = bn.running_mean if bn.running_mean is not None else bn.weight
+    return state.dtype if state is not None else y.dtype
+
+
 def bn_config(bn: nn.BatchNorm2d) -> tuple:
     """What batch norms must share to run as one batch norm over concatenated channels."""
     return (type(bn), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
@@ -85,7 +92,7 @@ class FusedBatchNorm2d(nn.Module):
             return len({int(b.num_batches_tracked) for b in self.bns}) == 1
         return True
 
-    def _affine(self, scales: Sequence[torch.Tensor | None], like: torch.Tensor):
+    def _affine(self, scales: Sequence[torch.Tensor | None], y: torch.Tensor):
         bns = list(self.bns)
         if not scales or all(s is None for s in scales):
             if not bns[0].affine:
@@ -96,7 +103,8 @@ class FusedBatchNorm2d(nn.Module):
             if bn.affine:
                 weights.append(bn.weight if s is None else bn.weight * s)
             else:
-                weights.append(like.new_ones(bn.num_features) if s is None else s.reshape(()).to(like.dtype).expand(bn.num_features))
+                dtype = affine_dtype(bn, y)
+                weights.append(y.new_ones(bn.num_features, dtype=dtype) if s is None else s.reshape(()).to(dtype).expand(bn.num_features))
             if bn.affine:
                 biases.append(bn.bias if s is None else bn.bias * s)
         return torch.cat(weights), (torch.cat(biases) if biases else None)
@@ -289,9 +297,10 @@ class MergedConvBN(nn.Module):
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch_stats = bn.training or not bn.track_running_stats
+        dtype = affine_dtype(bn, y)  # weights may be float32 alphas, y autocast to low precision
         return F.batch_norm(
-            y, bn.running_mean, bn.running_var, torch.cat(scales).to(y.dtype),  # weights may be float32 alphas
-            torch.cat(shifts).to(y.dtype) if self.mix_affine else None,
+            y, bn.running_mean, bn.running_var, torch.cat(scales).to(dtype),
+            torch.cat(shifts).to(dtype) if self.mix_affine else None,
             use_batch_stats, factor, bn.eps,
         )
 

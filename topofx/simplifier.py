@@ -18,11 +18,14 @@ from torch import nn
 
 from . import capture as _capture
 from .adapters import RelaxedForward, adapter_for
+from .guards import Guards, retraces_same
+from .modules import MergedConvBN
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .topology import analyze
 
 MODES = ("topo", "exact")
+FLOATED = "topofx_floated"  # state_dict / named_buffers prefix of the floated BNs' new running statistics
 
 
 class SimplifiedModule(nn.Module):
@@ -53,10 +56,70 @@ class SimplifiedModule(nn.Module):
             return self.original(*args, **kwargs)
         if self.__dict__.get("graph_training") not in (None, self.training):
             return self.original(*args, **kwargs)  # forward branches on self.training: other mode runs eagerly
+        verdict = self.guards.verdict(args)
+        if verdict == "recapture":
+            self.recapture()
+            return self(*args, **kwargs)
+        if verdict == "eager":  # this input shape takes another Python path than the example's
+            return self.original(*args, **kwargs)
         relaxed = self.__dict__.get("relaxed")
-        if relaxed is not None:  # an adapter's opaque sampling step (GDAS), then the graph
-            relaxed.resample(self.graph_module)
-        return self.graph_module(*args, **kwargs)
+        if relaxed is None:
+            return self.graph_module(*args, **kwargs)
+        relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
+        try:
+            return self.graph_module(*args, **kwargs)
+        finally:
+            relaxed.release(self.graph_module)
+
+    def recapture(self) -> None:
+        """Simplify the original again (after a change the captured graph baked in, e.g. a Gumbel
+        temperature read as a Python number); floated-BN running statistics carry over."""
+        floated = self.floated_buffers()
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            fresh = simplify(self.original, self.example_inputs, **self.__dict__["options"])
+        with torch.no_grad():
+            for name, buf in fresh.floated_buffers().items():
+                if name in floated and floated[name].shape == buf.shape:
+                    buf.copy_(floated[name])
+        for key in ("graph_module", "report", "relaxed", "guards", "graph_training"):
+            self.__dict__[key] = fresh.__dict__.get(key)
+        self.graph_module.train(self.training)
+
+    def floated_buffers(self) -> dict[str, torch.Tensor]:
+        """New buffers of the graph (floated BNs' running statistics), by their ``state_dict`` key."""
+        if self.graph_module is None:
+            return {}
+        return {
+            f"{FLOATED}.{name}": buf
+            for path, m in self.graph_module.named_modules() if isinstance(m, MergedConvBN)
+            for name, buf in m.floated.named_buffers(prefix=f"{path}.floated")
+        }
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):  # type: ignore[override]
+        yield from super().named_buffers(prefix, recurse, remove_duplicate)
+        if recurse:
+            for name, buf in self.floated_buffers().items():
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, buf in self.floated_buffers().items():
+            destination[prefix + name] = buf if keep_vars else buf.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        """Floated statistics load when present and are optional (an original's checkpoint has none)."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for name, buf in self.floated_buffers().items():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            if state_dict[key].shape != buf.shape:
+                error_msgs.append(f"size mismatch for {key}: copying {tuple(state_dict[key].shape)}, here {tuple(buf.shape)}")
+                continue
+            with torch.no_grad():
+                buf.copy_(state_dict[key])
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
 
     def train(self, mode: bool = True) -> "SimplifiedModule":
         super().train(mode)
@@ -123,15 +186,20 @@ def simplify(
     if captured.graph_module is None:
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
         return SimplifiedModule(model, None, report, example_inputs)
+
     gm = captured.graph_module
     captured_code = gm.code
     topology = analyze(gm.graph, root)
     before = node_counts(gm)
     runs = run_to_fixpoint(gm, root, passes, example_inputs)
+    guards = Guards(root, gm, captured_code, example_inputs)
     report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()),
                     adapter=adapter.description if adapter else None)
     simplified = SimplifiedModule(model, gm, report, example_inputs)
-    simplified.__dict__["relaxed"] = root if adapter else None
+    if adapter:
+        root.release(gm)  # samples drawn while verifying and rewriting
+    simplified.__dict__.update(relaxed=root if adapter else None, guards=guards,
+                               options=dict(mode=mode, strict=strict, check=check))
     if _branches_on_training(root, example_inputs, captured_code):
         simplified.__dict__["graph_training"] = root.training
         warnings.warn(
@@ -150,12 +218,9 @@ def _branches_on_training(root: nn.Module, example_inputs: tuple, captured_code:
     captured_mode = root.training
     try:
         root.train(not captured_mode)
-        other = _capture.trace(root, example_inputs)
-    except _capture.CaptureError:
-        return True
+        return not retraces_same(root, example_inputs, captured_code)
     finally:
         root.train(captured_mode)
-    return other.code != captured_code
 
 
 def _own_rounding_error(model: nn.Module, example_inputs: tuple, expected: Any) -> float:

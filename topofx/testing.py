@@ -53,6 +53,7 @@ __all__ = [
     "eval_equivalence",
     "assert_eval_equivalent",
     "assert_follows_alpha",
+    "set_one_hot",
 ]
 
 _TINY = 1e-30
@@ -83,6 +84,29 @@ def find_arch_parameters(model: nn.Module) -> List[torch.Tensor]:
     if callable(get_alphas):
         return [t for t in get_alphas() if isinstance(t, torch.Tensor)]
     return []
+
+
+def set_one_hot(alphas: Sequence[torch.Tensor], choose: Callable[[int, int], int],
+                segments: Optional[List[int]] = None) -> None:
+    """Set architecture parameters to ``1e4 * one-hot`` rows, in place: their softmax (and a Gumbel
+    softmax at any usual temperature) is then exactly one-hot in float32, the setting in which
+    TopoNAS mode must reproduce the original forward (vertex-exactness).
+
+    ``choose(row, n)`` picks the candidate of each row of ``n`` candidates; ``segments`` lists the
+    row lengths when one flat tensor holds all edges."""
+    with torch.no_grad():
+        if segments is not None:  # one flat tensor sliced per edge (random supernets' "flat" layout)
+            (a,) = alphas
+            a.zero_()
+            start = 0
+            for r, k in enumerate(segments):
+                a[start + choose(r, k)] = 1e4
+                start += k
+            return
+        for a in alphas:
+            rows = a.reshape(-1, a.shape[-1])
+            idx = torch.tensor([choose(r, a.shape[-1]) for r in range(rows.shape[0])])
+            a.copy_((1e4 * torch.nn.functional.one_hot(idx, a.shape[-1]).float()).reshape(a.shape))
 
 
 def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:

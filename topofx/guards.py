@@ -1,0 +1,162 @@
+"""What a captured graph assumed about the model, checked before every call of the simplified module.
+
+Tracing turns Python into a fixed graph, so Python-level facts the trace relied on are baked in:
+
+* decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
+  shapes they were taken on;
+* plain Python numbers that traced code reads (a Gumbel temperature ``self.temp``) are constants
+  in the graph;
+* ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
+  ``self.alphas_normal = ...`` holds a new object;
+* modules the graph no longer calls (traced through, or fused away by a pass) do not run hooks.
+
+:class:`Guards` records these facts at capture and checks them before each call (a few dictionary
+look-ups per traced module; the graph itself is not touched):
+
+* a new input shape is traced again on meta tensors; if it takes other decisions, that call runs
+  the original's eager forward, with a warning naming the decision's source line;
+* a changed Python number is traced again; if the graph changes, the verdict is ``"recapture"``
+  and the simplified module simplifies the model again (floated-BN statistics carried over);
+* a re-assigned tensor of the same shape is re-bound in the graph module; another shape asks for
+  a recapture;
+* a hook on a module the graph does not call gets one warning naming the module.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import capture as _capture
+
+_SCALARS = (bool, int, float, str)
+
+
+def retraces_same(root: nn.Module, inputs: Sequence[Any], code: str) -> bool:
+    """Whether tracing ``root`` on ``inputs`` now records the same code as ``code``."""
+    try:
+        return _capture.trace(root, inputs).code == code
+    except _capture.CaptureError:
+        return False
+
+
+def _signature(inputs: Sequence[Any]) -> tuple:
+    return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in inputs)
+
+
+def _scalars(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, str, Any]]:
+    """(module, name, value) of every Python number or string the modules hold."""
+    return [(m, k, v) for m in modules for k, v in vars(m).items() if type(v) in _SCALARS and k != "training"]
+
+
+def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
+    *path, field = target.split(".")
+    obj: Any = root
+    for part in path:
+        obj = getattr(obj, part, None)
+    return obj, field
+
+
+def rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
+    """Make ``owner.field`` the tensor ``value``, keeping its kind (parameter, buffer or plain attribute)."""
+    was_buffer = field in owner._buffers
+    owner._parameters.pop(field, None)
+    owner._buffers.pop(field, None)
+    owner.__dict__.pop(field, None)
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(field, value)
+    elif was_buffer:
+        owner._buffers[field] = value
+    else:
+        object.__setattr__(owner, field, value)
+
+
+class Guards:
+    """The assumptions of one captured graph module (see the module docstring)."""
+
+    def __init__(self, root: nn.Module, gm: fx.GraphModule, captured_code: str, example_inputs: Sequence[Any]):
+        self.root = root
+        self.gm = gm
+        self.code = captured_code
+        self.shape_decisions = gm.meta.get(_capture.SHAPE_DECISIONS, [])
+        self.shapes_ok = {_signature(example_inputs): True}
+        self.example_inputs = tuple(example_inputs)
+        self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
+        self.scalars = _scalars(self.traced)
+        self.tensors = self._captured_tensors()
+        own = {id(m) for m in root.modules()}
+        targets = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+        # an original module the graph calls runs its hooks (and its children's); topofx's runtime
+        # modules (fused, merged) read the original modules' tensors without calling them
+        called = {id(c) for m in targets if id(m) in own for c in m.modules()}
+        self.uncalled = [(n, m) for n, m in root.named_modules() if id(m) not in called]
+        self.hooks_warned: set[int] = set()
+        self.warn_hooks()
+
+    def _captured_tensors(self) -> list[tuple[str, Any, str]]:
+        """``get_attr`` targets whose graph-module tensor is (at capture) the root's own object."""
+        out = []
+        for target in dict.fromkeys(n.target for n in self.gm.graph.nodes if n.op == "get_attr"):
+            (gm_owner, field), (owner, _) = _owner(self.gm, target), _owner(self.root, target)
+            if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
+                out.append((target, gm_owner, field))
+        return out
+
+    def shapes_allow(self, inputs: Sequence[Any]) -> bool:
+        """Whether the graph's decisions on input shapes hold for ``inputs`` (traced once per new shape)."""
+        if not self.shape_decisions:
+            return True
+        sig = _signature(inputs)
+        if sig not in self.shapes_ok:
+            self.shapes_ok[sig] = ok = retraces_same(self.root, inputs, self.code)
+            if not ok:
+                at = "; ".join(str(f) for f in dict.fromkeys(map(str, self.shape_decisions)))
+                warnings.warn(
+                    f"topofx: inputs of shape {sig} take another path through {type(self.root).__name__}.forward "
+                    f"than the example inputs did (a decision on shapes at {at}); calls with this shape run the "
+                    "original's eager forward. Simplify with an example of this shape to graph it instead.",
+                    stacklevel=4,
+                )
+        return self.shapes_ok[sig]
+
+    def follow_tensors(self) -> bool:
+        """Re-bind re-assigned tensors; ``False`` when one changed shape (the graph must be captured again)."""
+        for target, gm_owner, field in self.tensors:
+            owner, _ = _owner(self.root, target)
+            now, held = getattr(owner, field, None), getattr(gm_owner, field)
+            if now is held:
+                continue
+            if not isinstance(now, torch.Tensor) or now.shape != held.shape:
+                return False
+            rebind(gm_owner, field, now)
+        return True
+
+    def scalars_hold(self) -> bool:
+        """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
+        if all(m.__dict__.get(k, self) == v for m, k, v in self.scalars):
+            return True
+        if retraces_same(self.root, self.example_inputs, self.code):
+            self.scalars = _scalars(self.traced)
+            return True
+        return False
+
+    def warn_hooks(self) -> None:
+        for name, module in self.uncalled:
+            if (module._forward_hooks or module._forward_pre_hooks) and id(module) not in self.hooks_warned:
+                self.hooks_warned.add(id(module))
+                warnings.warn(
+                    f"topofx: forward hooks on {name or 'the model'} ({type(module).__name__}) will not fire: the "
+                    "simplified graph does not call this module (its forward was traced through or rewritten). "
+                    "Hook a module the graph calls, or run the original model where the hook is needed.",
+                    stacklevel=4,
+                )
+
+    def verdict(self, inputs: Sequence[Any]) -> str:
+        """``"graph"``, ``"eager"`` (this input shape takes another path) or ``"recapture"``."""
+        self.warn_hooks()
+        if not (self.follow_tensors() and self.scalars_hold()):
+            return "recapture"
+        return "graph" if self.shapes_allow(inputs) else "eager"
