@@ -372,3 +372,43 @@ def test_temperature_changes_are_followed(name, mode):
     assert max_rel_error(got, reference) <= TOL
     if mode == "exact":
         assert max_rel_error(got, expected) <= TOL
+
+
+@pytest.mark.xdist_group("snas")
+def test_temperature_change_after_moving_the_model():
+    """A re-capture after ``.double()`` takes example inputs of the model's new dtype."""
+    model, (x,) = zoo.build("snas", batch_size=4, **MODELS["snas"])
+    simplified = topofx.simplify(model, x, mode="exact").double()
+    model.set_temperature(0.4)
+    got, expected = _outputs(model, simplified, x.double())
+    assert got.dtype == torch.float64 and max_rel_error(got, expected) <= 1e-10
+
+
+class _Cell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ops = nn.ModuleList([nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)])
+
+    def forward(self, x, w):
+        return sum(wi * op(x) for wi, op in zip(w, self.ops))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.cell = _Cell()
+
+    def forward(self, x):
+        return self.cell(x, self.alpha.softmax(0))
+
+
+def test_hook_on_a_traced_module_warns_at_simplify():
+    model = _Net()
+    fired = []
+    model.cell.register_forward_hook(lambda *a: fired.append(1))
+    with pytest.warns(UserWarning, match=r"hooks on cell \(_Cell\) will not fire"):
+        simplified = topofx.simplify(model, torch.randn(2, 3, 8, 8), mode="exact")
+    fired.clear()  # simplify ran the original eagerly to check the capture
+    simplified(torch.randn(2, 3, 8, 8))
+    assert not fired  # as the warning said

@@ -75,8 +75,14 @@ class SimplifiedModule(nn.Module):
         """Simplify the original again (after a change the captured graph baked in, e.g. a Gumbel
         temperature read as a Python number); floated-BN running statistics carry over."""
         floated = self.floated_buffers()
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-            fresh = simplify(self.original, self.example_inputs, **self.__dict__["options"])
+        like = next(self.original.parameters(), None)  # the model may have moved since (.to(), .double())
+        examples = tuple(
+            x.to(like.device, like.dtype if x.is_floating_point() else x.dtype)
+            if isinstance(x, torch.Tensor) and like is not None else x
+            for x in self.example_inputs
+        )
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(examples[0].device.type, enabled=False):
+            fresh = simplify(self.original, examples, **self.__dict__["options"])
         with torch.no_grad():
             for name, buf in fresh.floated_buffers().items():
                 if name in floated and floated[name].shape == buf.shape:
