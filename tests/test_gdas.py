@@ -87,6 +87,20 @@ def test_darts_space_gdas_vertex_exact():
     assert simplified.report.adapter and simplified.report.edges > 0
     for seed in (0, 1):
         assert _same_sample_error(model, simplified, x, seed) <= 1e-5
+    with preserved_state(model):
+        expected = _params_with_grad(model, model, x, seed=7)
+    with preserved_state(model):
+        got = _params_with_grad(model, simplified, x, seed=7)
+        torch.manual_seed(7)
+        simplified(x)[-1].logsumexp(-1).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    assert expected <= got
+    # unselected separable/dilated candidates (depthwise stages included) get no gradient, as in GDAS;
+    # what remains are unselected weighted terms outside merged convolutions (reduction-cell skips),
+    # whose gradient is exactly zero
+    depthwise = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert not any(n.rsplit(".", 1)[0] in depthwise for n in got - expected)
+    assert all(torch.count_nonzero(grads[n]) == 0 for n in got - expected)
 
 
 class _TinyHardSampled(nn.Module):

@@ -272,21 +272,24 @@ class MergedConvBN(nn.Module):
         bias = bias / den if bias is not None else None
         scale = total.expand(kernel.shape[0]) if gamma is None else total * gamma
         shift = None if beta is None else total * beta
-        return kernel, bias, scale, shift
+        return kernel, bias, scale, shift, [hard and z for z in zero]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n_inputs = self.sizes[0] if self.concat_inputs else 1
-        r = torch.cat(args[:n_inputs], dim=1) if self.concat_inputs else args[0]
         weights = args[n_inputs:]
         kernels, biases, scales, shifts, start = [], [], [], [], 0
         for group, n in zip(self.groups, self.sizes):
             w = torch.stack([t.reshape(()) for t in weights[start : start + n]])
             start += n
-            kernel, bias, scale, shift = self._merge(group, w)
+            kernel, bias, scale, shift, unselected = self._merge(group, w)
             kernels.append(kernel)
             biases.append(bias)
             scales.append(scale)
             shifts.append(shift)
+        if self.concat_inputs:  # unselected candidates' inputs (their depthwise stages) get no gradient either
+            r = torch.cat([x.detach() if u else x for x, u in zip(args[:n_inputs], unselected)], dim=1)
+        else:
+            r = args[0]
         kernel = torch.cat(kernels)
         bias = torch.cat(biases) if self.has_bias else None
         dilation = self.groups[0][0][0].dilation if self.concat_inputs else 1
