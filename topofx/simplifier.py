@@ -35,6 +35,9 @@ class SimplifiedModule(nn.Module):
     buffer and submodule dictionaries (so ``parameters()``, ``named_parameters()``,
     ``state_dict()`` keys and ``.to()`` act on the very same objects), and forwards unknown
     attributes and methods (``genotype()``, ``arch_parameters()``, ...) to the original.
+    Before each call it checks what the captured graph assumed (:mod:`topofx.guards`); the floated
+    BNs' new statistics (topo mode) are in ``state_dict()`` and ``named_buffers()`` under
+    ``topofx_floated.*`` (``docs/dropin.md``).
     """
 
     def __init__(
@@ -192,21 +195,20 @@ def simplify(
     if captured.graph_module is None:
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
         return SimplifiedModule(model, None, report, example_inputs)
-
     gm = captured.graph_module
     captured_code = gm.code
     topology = analyze(gm.graph, root)
     before = node_counts(gm)
     runs = run_to_fixpoint(gm, root, passes, example_inputs)
-    guards = Guards(root, gm, captured_code, example_inputs)
     report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()),
                     adapter=adapter.description if adapter else None)
     simplified = SimplifiedModule(model, gm, report, example_inputs)
     if adapter:
         root.release(gm)  # samples drawn while verifying and rewriting
-    simplified.__dict__.update(relaxed=root if adapter else None, guards=guards,
-                               options=dict(mode=mode, strict=strict, check=check))
-    if _branches_on_training(root, example_inputs, captured_code):
+    branches_on_training = _branches_on_training(root, example_inputs, captured_code)
+    simplified.__dict__.update(relaxed=root if adapter else None, options=dict(mode=mode, strict=strict, check=check),
+                               guards=Guards(root, gm, captured_code, example_inputs))
+    if branches_on_training:
         simplified.__dict__["graph_training"] = root.training
         warnings.warn(
             f"topofx: {name}.forward takes a different path in {'eval' if root.training else 'train'} mode "
