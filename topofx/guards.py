@@ -16,13 +16,15 @@ look-ups per traced module; the graph itself is not touched):
 * a new input shape is traced again on meta tensors; if it takes other decisions, that call runs
   the original's eager forward, with a warning naming the decision's source line;
 * a changed Python number is traced again; if the graph changes, the verdict is ``"recapture"``
-  and the simplified module simplifies the model again (floated-BN statistics carried over);
+  and the simplified module simplifies the model again (floated-BN statistics carried over); if
+  not, one warning names the attribute (a per-step counter would pay a re-trace every step);
 * a re-assigned tensor of the same shape is re-bound in the graph module; another shape asks for
   a recapture;
 * a hook on a module the graph does not call gets one warning naming the module.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -94,6 +96,7 @@ class Guards:
         called = {id(c) for m in targets if id(m) in own for c in m.modules()}
         self.uncalled = [(n, m) for n, m in root.named_modules() if id(m) not in called]
         self.hooks_warned: set[int] = set()
+        self.retrace_warned: set[str] = set()
         self.warn_hooks()
 
     def _captured_tensors(self) -> list[tuple[str, Any, str]]:
@@ -138,10 +141,20 @@ class Guards:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
         if all(m.__dict__.get(k, self) == v for m, k, v in self.scalars):
             return True
-        if retraces_same(self.root, self.example_inputs, self.code):
-            self.scalars = _scalars(self.traced)
-            return True
-        return False
+        changed = sorted({f"{type(m).__name__}.{k}" for m, k, v in self.scalars if m.__dict__.get(k, self) != v})
+        start = time.perf_counter()
+        if not retraces_same(self.root, self.example_inputs, self.code):
+            return False
+        self.scalars = _scalars(self.traced)
+        if not self.retrace_warned.issuperset(changed):
+            self.retrace_warned.update(changed)
+            warnings.warn(
+                f"topofx: {', '.join(changed)} changed since capture; a re-trace ({time.perf_counter() - start:.1f} s) "
+                "showed the graph does not depend on it, but every change is checked this way. Keep per-step "
+                "counters off the modules whose forward is traced, or ignore this if it changes rarely.",
+                stacklevel=4,
+            )
+        return True
 
     def warn_hooks(self) -> None:
         for name, module in self.uncalled:
