@@ -140,6 +140,40 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+_STOCK_RESULTS: dict[tuple, Any] = {}  # meta output of a stock torch.nn module, by configuration and input metadata
+
+
+def _signature_of(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.stride(), x.requires_grad)
+    return ("value", repr(x))
+
+
+def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
+    """Run ``module`` on meta inputs.  A stock ``torch.nn`` module without hooks is a function of its
+    configuration (``extra_repr``), mode, parameter/buffer shapes and its inputs' metadata, so its
+    meta output is computed once per such key (a supernet has thousands of identical BNs and convs)."""
+    stock = type(module).__module__.startswith("torch.nn.modules") and not (
+        module._forward_hooks or module._forward_pre_hooks
+    )
+    if not stock:
+        return meta_copy(module)(*args, **kwargs)
+    key = (
+        type(module), module.extra_repr(), module.training,
+        tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()]),
+        tuple(_signature_of(a) for a in args),
+        tuple((k, _signature_of(v)) for k, v in sorted(kwargs.items())),
+    )
+    if key not in _STOCK_RESULTS:
+        out = meta_copy(module)(*args, **kwargs)
+        aliased = []
+        fx.node.map_aggregate((args, kwargs), lambda a: aliased.append(a is out))
+        if any(aliased):  # in place or identity: the output is this call's input
+            return out
+        _STOCK_RESULTS[key] = out
+    return _STOCK_RESULTS[key]
+
+
 def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
     """Execute one node on meta tensors; modules run as :func:`meta_copy` copies (no real state changes)."""
     args, kwargs = _value(args), _value(kwargs)
@@ -152,7 +186,7 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         if kind == "call_module":
-            return meta_copy(root.get_submodule(target))(*args, **kwargs)
+            return _run_module_on_meta(root.get_submodule(target), args, kwargs)
         if kind == "get_attr":
             obj: Any = root
             for part in target.split("."):
