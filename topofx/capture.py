@@ -160,7 +160,7 @@ def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
         return meta_copy(module)(*args, **kwargs)
     key = (
         type(module), module.extra_repr(), module.training,
-        tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()]),
+        tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in [*module.named_parameters(), *module.named_buffers()]),
         tuple(_signature_of(a) for a in args),
         tuple((k, _signature_of(v)) for k, v in sorted(kwargs.items())),
     )
