@@ -62,7 +62,7 @@ def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
     return obj, field
 
 
-def rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
+def _rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
     """Make ``owner.field`` the tensor ``value``, keeping its kind (parameter, buffer or plain attribute)."""
     was_buffer = field in owner._buffers
     owner._parameters.pop(field, None)
@@ -81,14 +81,13 @@ class Guards:
 
     def __init__(self, root: nn.Module, gm: fx.GraphModule, captured_code: str, example_inputs: Sequence[Any]):
         self.root = root
-        self.gm = gm
         self.code = captured_code
         self.shape_decisions = gm.meta.get(_capture.SHAPE_DECISIONS, [])
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
         self.scalars = _scalars(self.traced)
-        self.tensors = self._captured_tensors()
+        self.tensors = self._captured_tensors(gm)
         own = {id(m) for m in root.modules()}
         targets = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
         # an original module the graph calls runs its hooks (and its children's); topofx's runtime
@@ -99,11 +98,11 @@ class Guards:
         self.retrace_warned: set[str] = set()
         self.warn_hooks()
 
-    def _captured_tensors(self) -> list[tuple[str, Any, str]]:
+    def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[str, Any, str]]:
         """``get_attr`` targets whose graph-module tensor is (at capture) the root's own object."""
         out = []
-        for target in dict.fromkeys(n.target for n in self.gm.graph.nodes if n.op == "get_attr"):
-            (gm_owner, field), (owner, _) = _owner(self.gm, target), _owner(self.root, target)
+        for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr"):
+            (gm_owner, field), (owner, _) = _owner(gm, target), _owner(self.root, target)
             if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
                 out.append((target, gm_owner, field))
         return out
@@ -134,7 +133,7 @@ class Guards:
                 continue
             if not isinstance(now, torch.Tensor) or now.shape != held.shape:
                 return False
-            rebind(gm_owner, field, now)
+            _rebind(gm_owner, field, now)
         return True
 
     def scalars_hold(self) -> bool:

@@ -246,11 +246,11 @@ class MergedConvBN(nn.Module):
         # unselected ones get no gradient (.grad stays None), as in GDAS; the weights still do.
         zero = [False] * len(w) if w.is_meta else (w == 0).tolist()  # one device sync per edge
         hard = sum(zero) >= len(w) - 1
+        unselected = [hard and z for z in zero]
         num = den = bias = None
         gamma = beta = None
         for k, pair in enumerate(group):
-            unselected = hard and zero[k]
-            conv, bn = _maybe_frozen(pair[0], unselected), _maybe_frozen(pair[1], unselected)
+            conv, bn = _maybe_frozen(pair[0], unselected[k]), _maybe_frozen(pair[1], unselected[k])
             norm = conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)  # (C_out,)
             coeff = a[k] / norm
             if self.concat_inputs:  # blocks side by side along input channels
@@ -272,7 +272,7 @@ class MergedConvBN(nn.Module):
         bias = bias / den if bias is not None else None
         scale = total.expand(kernel.shape[0]) if gamma is None else total * gamma
         shift = None if beta is None else total * beta
-        return kernel, bias, scale, shift, [hard and z for z in zero]
+        return kernel, bias, scale, shift, unselected
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n_inputs = self.sizes[0] if self.concat_inputs else 1
