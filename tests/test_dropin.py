@@ -22,7 +22,7 @@ import topofx
 from topofx import zoo
 from topofx.capture import max_rel_error, preserved_state
 from topofx.simplifier import FLOATED
-from topofx.testing import find_arch_parameters, set_one_hot
+from topofx.testing import find_arch_parameters, seeded_outputs, set_one_hot
 
 MODELS = {
     "nb201-darts": dict(C=8, N=1),
@@ -63,22 +63,12 @@ def _one_hot_choice(name: str, mode: str, model: nn.Module, alphas=None) -> None
         set_one_hot(alphas, lambda r, n: int(torch.randint(0, n, (1,), generator=gen)))
 
 
-def _outputs(model, simplified, *inputs, seed: int = 0):
-    with preserved_state(model):
-        torch.manual_seed(seed)
-        expected = model(*inputs)
-    with preserved_state(model):
-        torch.manual_seed(seed)
-        got = simplified(*inputs)
-    return got, expected
-
-
 def agreement(name, mode, model, simplified, *inputs, alphas=None) -> float:
     """Max relative error of the simplified output against the original's (see module docstring)."""
     alphas = find_arch_parameters(model) if alphas is None else alphas
     with preserved_state(model, tensors=alphas):
         _one_hot_choice(name, mode, model, alphas)
-        return max_rel_error(*_outputs(model, simplified, *inputs))
+        return max_rel_error(*seeded_outputs(model, simplified, *inputs))
 
 
 # 1. other shapes -------------------------------------------------------------------------------
@@ -115,11 +105,11 @@ def test_shape_decisions_are_guarded(mode):
     big = torch.randn(3, 3, 12, 12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same decision: no warning, the graph runs
-        got, expected = _outputs(model, simplified, big)
+        got, expected = seeded_outputs(model, simplified, big)
     assert max_rel_error(got, expected) <= TOL or mode == "topo"
     small = torch.randn(2, 3, 8, 8)
     with pytest.warns(UserWarning, match=r"another path.*test_dropin.py:\d+: `if y.shape\[-1\] > 8:"):
-        got, expected = _outputs(model, simplified, small)
+        got, expected = seeded_outputs(model, simplified, small)
     assert got.shape == expected.shape and max_rel_error(got, expected) <= TOL  # the original's own path
 
 
@@ -134,7 +124,7 @@ def test_devices_and_double(case):
         simplified.to(device)
         assert agreement(name, mode, model, simplified, x.to(device)) <= TOL
     simplified.double()
-    got, _ = _outputs(model, simplified, x.double())
+    got, _ = seeded_outputs(model, simplified, x.double())
     assert all(t.dtype == torch.float64 for t in (got if isinstance(got, tuple) else (got,)))
     assert agreement(name, mode, model, simplified, x.double()) <= TOL
 
@@ -153,9 +143,9 @@ def test_autocast(case, dtype):
     alphas = find_arch_parameters(model)
     with preserved_state(model, tensors=alphas):
         _one_hot_choice(name, mode, model)
-        fp32, _ = _outputs(model, model, x)
+        fp32, _ = seeded_outputs(model, model, x)
         with torch.autocast("cpu", dtype=dtype):
-            got, expected = _outputs(model, simplified, x)
+            got, expected = seeded_outputs(model, simplified, x)
     noise = max_rel_error(expected, fp32)
     assert 0 < noise < 0.2  # autocast ran, and in low precision
     assert max_rel_error(got, expected) <= max(TOL, 2 * noise)
@@ -169,8 +159,8 @@ def test_half(case):
     with preserved_state(model, ref, tensors=alphas + find_arch_parameters(ref)):
         _one_hot_choice(name, mode, model)
         _one_hot_choice(name, mode, ref)
-        got, expected = _outputs(model, simplified, x.half())
-        fp32, _ = _outputs(ref, ref, x.half().float())
+        got, expected = seeded_outputs(model, simplified, x.half())
+        fp32, _ = seeded_outputs(ref, ref, x.half().float())
     noise = max_rel_error(expected, fp32)
     assert all(t.dtype == torch.float16 for t in (got if isinstance(got, tuple) else (got,)))
     assert max_rel_error(got, expected) <= max(TOL, 2 * noise)
@@ -289,15 +279,15 @@ def test_train_eval_and_no_grad(case):
     assert not model.training and all(not m.training for m in model.modules())
     before = _buffers(simplified)
     with torch.no_grad():
-        got, expected = _outputs(model, simplified, x)
-        single, _ = _outputs(model, simplified, x[:1])
+        got, expected = seeded_outputs(model, simplified, x)
+        single, _ = seeded_outputs(model, simplified, x[:1])
     assert all(torch.equal(before[k], v) for k, v in _buffers(simplified).items())  # eval: statistics stay
     first = lambda out: (out[-1] if isinstance(out, tuple) else out)[:1]  # noqa: E731
     assert max_rel_error(first(single), first(got)) <= TOL  # eval BN: a sample's output ignores its batch
     if mode == "exact":
         assert max_rel_error(got, expected) <= TOL
     with torch.inference_mode():
-        again, _ = _outputs(model, simplified, x)
+        again, _ = seeded_outputs(model, simplified, x)
     assert max_rel_error(again, got) <= TOL
     simplified.train()
     assert model.training and all(m.training for m in model.modules())
@@ -366,9 +356,9 @@ def test_temperature_changes_are_followed(name, mode):
         simplified = topofx.simplify(model, x, mode=mode)
         simplified(x)
         getattr(simplified, TEMPERATURE[name])(0.3)
-        got, expected = _outputs(model, simplified, x)
+        got, expected = seeded_outputs(model, simplified, x)
         afresh = topofx.simplify(model, x, mode=mode)
-        reference, _ = _outputs(model, afresh, x)
+        reference, _ = seeded_outputs(model, afresh, x)
     assert max_rel_error(got, reference) <= TOL
     if mode == "exact":
         assert max_rel_error(got, expected) <= TOL
@@ -380,7 +370,7 @@ def test_temperature_change_after_moving_the_model():
     model, (x,) = zoo.build("snas", batch_size=4, **MODELS["snas"])
     simplified = topofx.simplify(model, x, mode="exact").double()
     model.set_temperature(0.4)
-    got, expected = _outputs(model, simplified, x.double())
+    got, expected = seeded_outputs(model, simplified, x.double())
     assert got.dtype == torch.float64 and max_rel_error(got, expected) <= 1e-10
 
 
@@ -422,5 +412,5 @@ def test_irrelevant_number_change_keeps_the_graph_and_says_so():
     graph = simplified.graph_module
     model.steps_seen = 1
     with pytest.warns(UserWarning, match=r"_Net.steps_seen changed since capture"):
-        got, expected = _outputs(model, simplified, x)
+        got, expected = seeded_outputs(model, simplified, x)
     assert simplified.graph_module is graph and max_rel_error(got, expected) <= TOL

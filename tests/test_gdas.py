@@ -13,16 +13,11 @@ import topofx
 from topofx import zoo
 from topofx.adapters import adapter_for, hard_gumbel_sample, register_adapter
 from topofx.capture import max_rel_error, preserved_state
+from topofx.testing import seeded_outputs
 
 
 def _same_sample_error(model, simplified, x, seed):
-    with preserved_state(model):
-        torch.manual_seed(seed)
-        expected = model(x)
-    with preserved_state(model):
-        torch.manual_seed(seed)
-        got = simplified(x)
-    return max_rel_error(got, expected)
+    return max_rel_error(*seeded_outputs(model, simplified, x, seed=seed))
 
 
 def _params_with_grad(model, net, x, seed) -> set[str]:

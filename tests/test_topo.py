@@ -11,7 +11,7 @@ from hypothesis import given, settings
 import topofx
 from topofx import zoo
 from topofx.capture import max_rel_error, preserved_state
-from topofx.testing import find_arch_parameters, set_one_hot
+from topofx.testing import find_arch_parameters, seeded_outputs, set_one_hot
 
 from random_supernets import supernets
 
@@ -21,13 +21,7 @@ VERTEX_RTOL = 1e-5
 def _forward_pair(model, simplified, x):
     model.train()
     simplified.train()
-    with preserved_state(model):
-        torch.manual_seed(0)
-        expected = model(x)
-    with preserved_state(model):
-        torch.manual_seed(0)
-        got = simplified(x)
-    return max_rel_error(got, expected)
+    return max_rel_error(*seeded_outputs(model, simplified, x))
 
 
 def _op_index(model, name: str) -> int | None:

@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from .capture import preserved_state, run_seeded
+
 __all__ = [
     "StateSnapshot",
     "snapshot_state",
@@ -54,6 +56,7 @@ __all__ = [
     "assert_eval_equivalent",
     "assert_follows_alpha",
     "set_one_hot",
+    "seeded_outputs",
 ]
 
 _TINY = 1e-30
@@ -108,6 +111,16 @@ def set_one_hot(alphas: Sequence[torch.Tensor], choose: Callable[[int, int], int
             idx = torch.tensor([choose(r, a.shape[-1]) for r in range(rows.shape[0])])
             a.copy_((1e4 * torch.nn.functional.one_hot(idx, a.shape[-1]).float()).reshape(a.shape))
 
+
+def seeded_outputs(original: nn.Module, candidate: nn.Module, *inputs: Any, seed: int = 0) -> Tuple[Any, Any]:
+    """``(candidate(*inputs), original(*inputs))``, each run from the same RNG seed (random draws in
+    forward line up) with the original's parameters, buffers and the RNG state restored afterwards
+    (a candidate that shares them sees the same state)."""
+    with preserved_state(original):
+        expected = run_seeded(original, inputs, seed)
+    with preserved_state(original):
+        got = run_seeded(candidate, inputs, seed)
+    return got, expected
 
 def _unique(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     seen, out = set(), []
