@@ -2,6 +2,9 @@
 
 ``EXACT_PASSES`` keep outputs, gradients and BN statistics equal to the original's;
 ``TOPO_PASSES`` add the TopoNAS floating/merge rewrite (vertex-exact).
+After the rewrites reach their fixpoint, ``simplify`` lowers the result: ``TOPO_LOWERING`` in topo
+mode (they take apart the sums the rewrites match on), then ``channels_last`` where its ``layout``
+argument asks for it (a memory-layout choice, not a topology rewrite).
 """
 from .zero_elimination import zero_elimination
 from .prefix_sharing import prefix_sharing
@@ -10,9 +13,12 @@ from .weight_folding import weight_folding
 from .floating_merge import floating_merge
 from .recompute import recompute
 from .pool_as_conv import pool_as_conv
+from .channels_last import channels_last
+from .weighted_sum import weighted_sum
 
 EXACT_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
 TOPO_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion, recompute)
+TOPO_LOWERING = (weighted_sum,)
 
-__all__ = ["EXACT_PASSES", "TOPO_PASSES", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

@@ -45,7 +45,7 @@ Command line::
 
     python -m topofx.bench NAME [--modes exact,topo] [--batch-size 64]
                                 [--image-size 32] [--steps 5] [--warmup 1]
-                                [--threads N] [--no-progress]
+                                [--channels-last] [--threads N] [--no-progress]
     python -m topofx.bench --list
 """
 
@@ -74,6 +74,7 @@ __all__ = [
     "compare",
     "format_table",
     "run",
+    "ChannelsLastInput",
     "main",
 ]
 
@@ -524,6 +525,27 @@ def _child_floor(zoo: types.ModuleType, name: str, batch_size: int, image_size: 
     return got if isinstance(got, nn.Module) else None
 
 
+class ChannelsLastInput(nn.Module):
+    """``model`` fed its 4-D CPU inputs in channels-last layout: the fair comparison for
+    ``simplify(..., layout="channels_last")``, which changes the layout and nothing else about the
+    arithmetic (PyTorch keeps the layout through convolutions, BN, pooling and elementwise ops)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> Any:
+        from topofx.modules import to_channels_last
+
+        return self.model(*map(to_channels_last, inputs))
+
+    def arch_parameters(self) -> list[torch.Tensor]:
+        return _arch_parameters(self.model)
+
+
+CL = ", channels-last"  # row-name suffix of the channels-last variants
+
+
 def run(
     name: str,
     *,
@@ -533,6 +555,7 @@ def run(
     steps: int = 5,
     warmup: int = 1,
     child_floor: bool = True,
+    channels_last: bool = False,
     progress: bool = True,
     overrides: Mapping[str, Any] | None = None,
 ) -> str:
@@ -542,12 +565,15 @@ def run(
     and ratio lines (``exact/original activation memory: 0.62``,
     ``exact speed-up: 1.41x``).  ``overrides`` are passed to ``topofx.zoo.build``
     (e.g. ``{"N": 1}`` for a smaller xautodl supernet); the child floor is only
-    built without overrides.
+    built without overrides.  ``channels_last`` adds, for every row, the same
+    model in channels-last layout (``simplify(..., layout="channels_last")``;
+    the original and the floor fed channels-last input), all against the same
+    baseline (the original as built), so layout and topology gains read apart.
     """
     zoo = _zoo()
     notes: list[str] = []
-    n_variants_max = 1 + len(modes) + (1 if child_floor else 0)
-    total = 1 + len(modes) + (1 if child_floor else 0) + n_variants_max * (1 + warmup + steps)
+    n_variants_max = (1 + len(modes) + (1 if child_floor else 0)) * (2 if channels_last else 1)
+    total = 1 + len(modes) * (2 if channels_last else 1) + (1 if child_floor else 0) + n_variants_max * (1 + warmup + steps)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -565,23 +591,30 @@ def run(
         )
         tick("built")
         models: dict[str, nn.Module] = {"original": model}
+        if channels_last:
+            models["original" + CL] = ChannelsLastInput(model)
         simplify = None
         try:
             simplify = _simplify_fn()
         except (ImportError, AttributeError) as exc:
             notes.append(f"note: topofx.simplify unavailable ({exc}); modes skipped")
+        layouts = ("keep", "channels_last") if channels_last else ("keep",)
         for mode in modes:
-            if simplify is not None:
-                try:
-                    models[mode] = simplify(model, example_inputs, mode=mode)
-                except (NotImplementedError, ValueError) as exc:
-                    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    notes.append(f"note: mode {mode!r} skipped: {type(exc).__name__}: {msg}")
-            tick(f"simplify {mode}")
+            for layout in layouts:
+                row = mode + (CL if layout == "channels_last" else "")
+                if simplify is not None:
+                    try:
+                        models[row] = simplify(model, example_inputs, mode=mode, layout=layout)
+                    except (NotImplementedError, ValueError) as exc:
+                        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        notes.append(f"note: {row!r} skipped: {type(exc).__name__}: {msg}")
+                tick(f"simplify {row}")
         if child_floor and not overrides:
             child = _child_floor(zoo, name, batch_size, image_size)
             if child is not None:
                 models["child (floor)"] = child
+                if channels_last:
+                    models["child (floor)" + CL] = ChannelsLastInput(child)
             tick("child")
         if bar is not None:  # shrink the bar to the variants actually measured
             bar.total = bar.n + len(models) * (1 + warmup + steps)
@@ -605,6 +638,13 @@ def run(
             continue
         lines.append(f"{row.name}/original activation memory: {row.mem_ratio:.2f}")
         lines.append(f"{row.name} speed-up: {row.time_ratio:.2f}x")
+    by_name = {row.name: row for row in rows}
+    for mode in modes:
+        for suffix in ("", CL):
+            row, floor = by_name.get(mode + suffix), by_name.get("child (floor)" + suffix)
+            if row and floor:
+                lines.append(f"{row.name}/floor{suffix}: step time {row.step_time_s / floor.step_time_s:.2f}x, "
+                             f"activation memory {row.act_bytes / floor.act_bytes:.2f}x")
     return "\n".join(lines)
 
 
@@ -648,6 +688,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
     parser.add_argument("--threads", type=_positive, default=None,
                         help="torch intra-op threads (default: torch's choice); on a shared "
                         "machine fewer threads than busy cores avoids OpenMP stalls")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also measure every variant in channels-last layout (simplify's "
+                        "layout='channels_last'; the original and the floor fed channels-last input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     try:
         args = parser.parse_args(argv)
@@ -681,6 +724,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
         image_size=args.image_size,
         steps=args.steps,
         warmup=args.warmup,
+        channels_last=args.channels_last,
         progress=not args.no_progress,
     )
     print(text)

@@ -392,3 +392,101 @@ class ConvAvgPool2d(nn.Module):
             return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, False, self.count_include_pad)
         kernel, counts = self._kernel_and_counts(x)
         return F.conv2d(x, kernel, None, self.stride, self.padding, 1, x.shape[1]) / counts
+
+
+def _runs_on_cpu(x: object) -> bool:
+    """A 4-D floating-point tensor on the CPU (or on the meta device, where passes propagate shapes)."""
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.device.type in ("cpu", "meta")
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory layout when it is a 4-D float tensor on the CPU, else ``x``.
+
+    Same values; oneDNN's CPU convolutions, depthwise ones above all, run several times faster on
+    channels-last tensors at the narrow widths of NAS supernets, and conv/BN/pool/elementwise
+    outputs keep the layout of their inputs."""
+    return x.contiguous(memory_format=torch.channels_last) if _runs_on_cpu(x) else x
+
+
+def to_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` back in the default (NCHW-contiguous) layout when :func:`to_channels_last` may have
+    changed it, so callers get outputs with the strides the original returned."""
+    return x.contiguous() if _runs_on_cpu(x) else x
+
+
+def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum()`` without the product tensor: one ``dot`` over the two buffers when they are
+    laid out alike and densely (the usual case), else the plain expression."""
+    if a.shape == b.shape and a.stride() == b.stride() and a.is_contiguous() and a.dtype == b.dtype:
+        return torch.dot(a.view(-1), b.view(-1))
+    return (a * b).sum()
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``sum_i w_i * t_i`` written into one buffer; backward returns ``g * w_i`` (``g`` itself for
+    an unweighted term) and ``<g, t_i>`` for each weight."""
+
+    @staticmethod
+    def forward(ctx, weighted: tuple[bool, ...], *tensors: torch.Tensor):  # type: ignore[override]
+        terms, weights = _unpack(weighted, tensors)
+        ctx.weighted = weighted
+        ctx.save_for_backward(*(x for t, w in zip(terms, weights) if w is not None for x in (t, w)))
+        return _accumulate(terms, weights)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        saved = iter(ctx.saved_tensors)
+        needs = iter(ctx.needs_input_grad[1:])
+        grads: list[torch.Tensor | None] = []
+        for is_weighted in ctx.weighted:
+            if not is_weighted:
+                grads.append(g if next(needs) else None)
+                continue
+            t, w = next(saved), next(saved)
+            grads.append(g * w if next(needs) else None)
+            grads.append(inner(g, t).reshape(w.shape).to(w.dtype) if next(needs) else None)
+        return (None, *grads)
+
+
+def _unpack(weighted: Sequence[bool], tensors: Sequence[torch.Tensor]) -> tuple[list, list]:
+    terms, weights, it = [], [], iter(tensors)
+    for is_weighted in weighted:
+        terms.append(next(it))
+        weights.append(next(it) if is_weighted else None)
+    return terms, weights
+
+
+def _accumulate(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    out = terms[0] * weights[0] if weights[0] is not None else terms[0].clone()
+    for t, w in zip(terms[1:], weights[1:]):
+        if w is None:
+            out.add_(t)
+        else:
+            out.addcmul_(t, w)
+    return out
+
+
+def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``w_0 * t_0 + w_1 * t_1 + ...`` (a ``None`` weight is 1), left to right, in one output buffer.
+
+    The node sums of a supernet (``sum(w * op(x) for ...)``, nested per edge and per node) otherwise
+    allocate one tensor per product and one per partial sum, and their backward one more per weight
+    gradient.  Terms of differing shape, dtype or device (autocast, broadcasting) take the plain
+    expression."""
+    first = terms[0]
+    uniform = all(
+        isinstance(t, torch.Tensor) and t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
+        and (w is None or (w.numel() == 1 and w.dim() <= t.dim() and w.device == first.device
+                          and torch.result_type(t, w) == first.dtype))
+        for t, w in zip(terms, weights)
+    )
+    if not uniform:
+        out = None
+        for t, w in zip(terms, weights):
+            term = t if w is None else t * w
+            out = term if out is None else out + term
+        return out
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (*terms, *weights) if x is not None):
+        return _WeightedSum.apply(tuple(w is not None for w in weights),
+                                  *(x for t, w in zip(terms, weights) for x in ((t,) if w is None else (t, w))))
+    return _accumulate(terms, weights)

@@ -34,7 +34,7 @@ class Rewrite:
     """One rewrite, as the report shows it."""
 
     pass_name: str
-    action: str  # removed | shared | fused | floated | merged
+    action: str  # removed | shared | fused | floated | merged | layout
     nodes: list[str]  # graph nodes that were rewritten away or into the result
     result: str  # the node that now computes it
     exact: bool

@@ -2,7 +2,8 @@
 
 1. capture the unmodified supernet as an FX graph (``topofx.capture``);
 2. find its mixed edges, inputs, candidates and cells (``topofx.topology``);
-3. rewrite the redundant parallel paths to a fixpoint (``topofx.passes`` via ``topofx.rewrite``);
+3. rewrite the redundant parallel paths to a fixpoint (``topofx.passes`` via ``topofx.rewrite``),
+   then lower the result (topo mode's fused weighted sums; the channels-last layout when asked);
 4. check the result against the original on the example inputs;
 5. hand back a drop-in :class:`SimplifiedModule`.
 """
@@ -19,12 +20,13 @@ from torch import nn
 from . import capture as _capture
 from .adapters import RelaxedForward, adapter_for
 from .guards import Guards, retraces_same
-from .modules import MergedConvBN
+from .modules import MergedConvBN, to_channels_last
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .topology import analyze
 
 MODES = ("topo", "exact")
+LAYOUTS = ("keep", "channels_last")
 FLOATED = "topofx_floated"  # state_dict / named_buffers prefix of the floated BNs' new running statistics
 
 
@@ -153,14 +155,16 @@ class SimplifiedModule(nn.Module):
         return f"SimplifiedModule({type(self.original).__name__}, mode={self.report.mode})"
 
 
-def _passes_for(mode: str) -> tuple:
-    from topofx.passes import EXACT_PASSES, TOPO_PASSES
+def _passes_for(mode: str, layout: str) -> tuple[tuple, tuple]:
+    """The rewrites (run to a fixpoint) and the lowering passes (run after them) for a mode and layout."""
+    from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, channels_last
 
-    if mode == "exact":
-        return EXACT_PASSES
-    if mode == "topo":
-        return TOPO_PASSES
-    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(map(repr, LAYOUTS))}")
+    rewrites, lowering = (EXACT_PASSES, ()) if mode == "exact" else (TOPO_PASSES, TOPO_LOWERING)
+    return rewrites, lowering + ((channels_last,) if layout == "channels_last" else ())
 
 
 def simplify(
@@ -170,6 +174,7 @@ def simplify(
     *,
     strict: bool = False,
     check: bool = True,
+    layout: str = "keep",
 ) -> SimplifiedModule:
     """Capture ``model``, rewrite its redundant parallel paths, and return a drop-in module.
 
@@ -182,11 +187,17 @@ def simplify(
             control flow when the network cannot be captured as one graph.
         check: compare the simplified module's output with the original's on ``example_inputs``
             and keep the original graph if they differ (exact mode).
+        layout: ``"keep"`` (default) leaves memory layouts as the original has them;
+            ``"channels_last"`` runs the graph's image tensors in channels-last layout on the CPU,
+            where oneDNN's narrow and depthwise convolutions are several times faster (see
+            docs/benchmarks.md).  Same operations, but PyTorch's channels-last kernels round
+            differently (batch-norm statistics most: ~1e-4 relative on near-constant channels), so
+            outputs equal the original's *fed channels-last input* rather than the original's.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    passes = _passes_for(mode)
+    passes, lowering = _passes_for(mode, layout)
     name = type(model).__name__
     adapter = adapter_for(model) if mode == "topo" else None
     root = RelaxedForward(model, adapter) if adapter else model
@@ -200,13 +211,15 @@ def simplify(
     topology = analyze(gm.graph, root)
     before = node_counts(gm)
     runs = run_to_fixpoint(gm, root, passes, example_inputs)
+    if lowering:
+        runs += run_to_fixpoint(gm, root, lowering, example_inputs)
     report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()),
                     adapter=adapter.description if adapter else None)
     simplified = SimplifiedModule(model, gm, report, example_inputs)
     if adapter:
         root.release(gm)  # samples drawn while verifying and rewriting
     branches_on_training = _branches_on_training(root, example_inputs, captured_code)
-    simplified.__dict__.update(relaxed=root if adapter else None, options=dict(mode=mode, strict=strict, check=check),
+    simplified.__dict__.update(relaxed=root if adapter else None, options=dict(mode=mode, strict=strict, check=check, layout=layout),
                                guards=Guards(root, gm, captured_code, example_inputs))
     if branches_on_training:
         simplified.__dict__["graph_training"] = root.training
@@ -217,7 +230,7 @@ def simplify(
             stacklevel=2,
         )
     if check and mode == "exact":
-        _check_equal(model, simplified, example_inputs)
+        _check_equal(model, simplified, example_inputs, layout)
     return simplified
 
 
@@ -243,12 +256,14 @@ def _own_rounding_error(model: nn.Module, example_inputs: tuple, expected: Any) 
         return 0.0
 
 
-def _check_equal(model: nn.Module, simplified: SimplifiedModule, example_inputs: tuple) -> None:
-    """Compare with the original on the example inputs: within 1e-5, or within 4x the original's own
-    float32 rounding error where that is larger (ill-conditioned models, BN over near-constant input)."""
+def _check_equal(model: nn.Module, simplified: SimplifiedModule, example_inputs: tuple, layout: str) -> None:
+    """Compare with the original on the example inputs (in the chosen layout): within 1e-5, or within
+    4x the original's own float32 rounding error where that is larger (ill-conditioned models, BN over
+    near-constant input)."""
+    reference_inputs = tuple(map(to_channels_last, example_inputs)) if layout == "channels_last" else example_inputs
     attrs = _capture.graph_attr_tensors(simplified.graph_module)
     with _capture.preserved_state(model, tensors=attrs):
-        expected = _capture.run_seeded(model, example_inputs)
+        expected = _capture.run_seeded(model, reference_inputs)
     with _capture.preserved_state(model, tensors=attrs):
         got = _capture.run_seeded(simplified, example_inputs)
     err = _capture.max_rel_error(got, expected)

@@ -46,6 +46,7 @@ ACTION_COLORS = {
     "fused": "#fdae6b",
     "floated": "#bcbddc",
     "merged": "#a1d99b",
+    "layout": "#d9d9d9",
 }
 _DEAD_COLOR = "#f4f4f4"
 _NEW_COLOR = "#ffffb3"
@@ -59,6 +60,7 @@ _LEGEND = {
         "fused": "fused: computed by one call with others (convs/BNs, folded weight, pooling)",
         "floated": "floated: BN moved past the weighted join",
         "merged": "merged into one kernel-normalized conv",
+        "layout": "layout: input converted to channels-last on the CPU",
         "dead": "gone: dead after a rewrite",
     },
     "after": {
@@ -67,6 +69,7 @@ _LEGEND = {
         "fused": "fused: one call (concatenated convs/BNs, folded weights, recomputed pooling)",
         "floated": "floated BN after the weighted join",
         "merged": "merged conv (kernel-normalized, computed each step)",
+        "layout": "layout: image input read in channels-last on the CPU",
         "new": "new: inserted by a pass (slice, sum, ...)",
     },
 }
