@@ -1,8 +1,10 @@
 """Run the graph's image tensors in channels-last memory layout on the CPU (exact).
 
-Matches: a graph with 4-D floating-point inputs whose every node also runs on channels-last
-inputs -- checked by executing the whole graph on meta tensors of the example shapes in that layout
-(a ``view`` that needs NCHW strides, for instance, fails there and the graph is left untouched).
+Matches: a graph with 4-D floating-point CPU inputs that also runs on channels-last inputs --
+checked by running it once on the example inputs in that layout, without gradients and with every
+parameter, buffer and the RNG restored afterwards (a ``view`` that needs NCHW strides, for instance,
+fails there and the graph is left untouched; meta tensors cannot prove it: their convolutions
+do not propagate the CPU kernels' layout).
 Applied once: a graph whose inputs already pass through ``to_channels_last`` is not matched again.
 Produces: :func:`~topofx.modules.to_channels_last` on each 4-D input and
 :func:`~topofx.modules.to_contiguous` on each 4-D output.  Both act on CPU tensors only (on other
@@ -15,28 +17,24 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from topofx.capture import UNKNOWN, VALUE, run_on_meta
+from typing import Any, Sequence
+
+import torch
+
+from topofx.capture import VALUE, graph_attr_tensors, preserved_state
 from topofx.modules import _runs_on_cpu, to_channels_last, to_contiguous
 from topofx.rewrite import PassContext, Rewrite
 
 
-def _runs_channels_last(gm: fx.GraphModule, images: list[fx.Node]) -> bool:
-    """Execute the graph on meta tensors with ``images`` in channels-last layout; False on any failure."""
-    env: dict[fx.Node, object] = {}
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            return True
-        if node.op == "placeholder":
-            value = node.meta.get(VALUE, UNKNOWN)
-            env[node] = to_channels_last(value) if node in images else value
-            continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-        try:
-            env[node] = run_on_meta(gm, node.op, node.target, args, kwargs)
-        except Exception:  # noqa: BLE001 -- any failure means "not proven": leave the graph alone
-            return False
-        if env[node] is UNKNOWN:
-            return False
+def _runs_channels_last(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Run the graph once on the example inputs in channels-last layout; False on any failure."""
+    if not any(_runs_on_cpu(x) and x.device.type == "cpu" for x in example_inputs):
+        return False  # nothing to prove it on (inputs on another device: the layout would not apply)
+    try:
+        with torch.no_grad(), preserved_state(gm, tensors=graph_attr_tensors(gm)):
+            gm(*map(to_channels_last, example_inputs))
+    except Exception:  # noqa: BLE001 -- any failure means "not proven": leave the graph alone
+        return False
     return True
 
 
@@ -46,7 +44,7 @@ def channels_last(ctx: PassContext) -> list[Rewrite]:
     if any(u.target is to_channels_last for p in placeholders for u in p.users):
         return []  # already applied
     images = [p for p in placeholders if _runs_on_cpu(p.meta.get(VALUE)) and p.users]
-    if not images or not _runs_channels_last(ctx.gm, images):
+    if not images or not _runs_channels_last(ctx.gm, ctx.example_inputs):
         return []
     for image in images:
         with graph.inserting_after(image):

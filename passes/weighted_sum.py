@@ -1,4 +1,4 @@
-"""Lower each node's weighted sum to one accumulation (topo mode; exact at one-hot weights).
+"""Lower each node's weighted sum to one accumulation, pooling once per node (topo mode).
 
 Matches: an add tree (``sum(w * op(x) for ...)`` per edge, nested in the node's sum over edges)
 whose inner adds feed only the tree, whose terms are tensors of the sum's shape and dtype (no
@@ -6,11 +6,15 @@ broadcasting) or the ``0`` that Python's ``sum`` starts from, and whose products
 architecture factor ``w`` feed only the tree.
 Produces: one :func:`~topofx.modules.weighted_sum` call over the terms, left to right: one output
 buffer instead of one tensor per product and per partial sum; backward computes each weight's
-gradient as a dot product without materializing ``g * t``.
-Exactness: the same terms summed in a different association (``(a + b) + (c + d)`` becomes
-``((a + b) + c) + d``), so outputs can differ in the last bits at mixed weights -- exact mode's
-contract is the original's arithmetic, so this pass runs in topo mode only.  At one-hot weights
-(vertex-exactness) every dropped term is an exact zero and the result is unchanged.
+gradient as a dot product without materializing ``g * t``.  Weighted average poolings of the
+node's inputs (:class:`~topofx.modules.ConvAvgPool2d`, one configuration) become one pooling of
+their weighted sum, ``sum_i w_i P(x_i) = P(sum_i w_i x_i)`` (the pooling is linear and saves
+nothing for backward), so a node pools once instead of once per input and keeps no pooled tensor.
+Exactness: the same terms in a different association (``(a + b) + (c + d)`` becomes
+``((a + b) + c) + d``; ``P(a) + P(b)`` becomes ``P(a + b)``), so results differ in the last bits,
+more at mixed weights -- exact mode's contract is the original's arithmetic, so this pass runs in
+topo mode only.  At one-hot weights a dropped term is an exact zero; only nodes whose several
+selected edges are all poolings round differently (``P(a + b)``, ~1e-7 relative).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from topofx.capture import VALUE
-from topofx.modules import weighted_sum as weighted_sum_fn
+from topofx.modules import ConvAvgPool2d, weighted_sum as weighted_sum_fn
 from topofx.rewrite import PassContext, Rewrite, is_mutated
 from topofx.topology import data_dependent, is_add, weighted_term
 
@@ -44,6 +48,41 @@ def _tree_terms(root: fx.Node) -> tuple[list[Any], list[fx.Node]]:
 def _tensor_like(node: Any, like: torch.Tensor) -> bool:
     value = node.meta.get(VALUE) if isinstance(node, fx.Node) else None
     return isinstance(value, torch.Tensor) and value.shape == like.shape and value.dtype == like.dtype
+
+
+def _pooled(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """A key shared by average poolings that can pool a sum of their inputs instead, or None."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    pool = gm.get_submodule(node.target)
+    if type(pool) is not ConvAvgPool2d or is_mutated(node, gm):
+        return None
+    x = node.args[0].meta.get(VALUE) if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(x, torch.Tensor):
+        return None
+    return pool.kernel_size, pool.stride, pool.padding, pool.count_include_pad, x.shape, x.dtype
+
+
+def _pool_once(gm: fx.GraphModule, root: fx.Node, terms: list, weights: list) -> tuple[list, list, int]:
+    """Replace weighted poolings of one configuration by one pooling of their inputs' weighted sum."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (term, weight) in enumerate(zip(terms, weights)):
+        key = _pooled(gm, term) if weight is not None else None
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    replaced: dict[int, fx.Node | None] = {}
+    for members in groups.values():
+        with gm.graph.inserting_before(root):
+            inputs = tuple(terms[i].args[0] for i in members)
+            total = gm.graph.call_function(weighted_sum_fn, (inputs, tuple(weights[i] for i in members)))
+            total.meta[VALUE] = inputs[0].meta[VALUE]
+            pooled = gm.graph.call_module(terms[members[0]].target, (total,))
+            pooled.meta[VALUE] = terms[members[0]].meta[VALUE]
+        replaced.update({i: None for i in members})
+        replaced[members[0]] = pooled
+    kept = [(replaced.get(i, t), None if i in replaced else w) for i, (t, w) in enumerate(zip(terms, weights))
+            if replaced.get(i, t) is not None]
+    return [t for t, _ in kept], [w for _, w in kept], len(groups)
 
 
 def weighted_sum(ctx: PassContext) -> list[Rewrite]:
@@ -76,13 +115,15 @@ def weighted_sum(ctx: PassContext) -> list[Rewrite]:
         else:
             if not terms or any(is_mutated(n, gm) for n in adds + muls + terms):
                 continue
+            terms, weights, pools = _pool_once(gm, root, terms, weights)
             with gm.graph.inserting_before(root):
                 node = gm.graph.call_function(weighted_sum_fn, (tuple(terms), tuple(weights)))
             node.meta.update(root.meta)
             root.replace_all_uses_with(node)
             done.update(adds)
             records.append(Rewrite("weighted_sum", "fused", [n.name for n in adds + muls], node.name, False,
-                                   f"{len(terms)} terms ({len(muls)} weighted) accumulated in one buffer"))
+                                   f"{len(terms)} terms accumulated in one buffer"
+                                   + (f", {pools} pooling(s) of weighted inputs" if pools else "")))
     return records
 
 

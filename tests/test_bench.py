@@ -78,7 +78,9 @@ def fake_zoo(with_child: bool = True) -> types.ModuleType:
     return zoo
 
 
-def fake_simplify(model, example_inputs, mode="topo"):
+def fake_simplify(model, example_inputs, mode="topo", layout="keep"):
+    if layout == "channels_last":
+        return bench.ChannelsLastInput(Shared(model))
     if mode == "topo":
         raise NotImplementedError("topo not ready\nsecond line")
     return Shared(model)
@@ -334,6 +336,41 @@ def test_run_with_stand_ins(stand_ins):
     assert "child (floor)" in text
     for name in ("original", "exact"):
         assert any(line.startswith(name) for line in text.splitlines())
+
+
+def test_run_channels_last_rows(stand_ins):
+    """--channels-last adds every variant in that layout, all against the original as built, and
+    a per-layout floor ratio."""
+    text = bench.run("tiny", modes=("exact",), batch_size=2, image_size=8, steps=1, warmup=0,
+                     channels_last=True, progress=False)
+    rows = [line.split("  ")[0] for line in text.splitlines()]
+    for name in ("original", "original, channels-last", "exact", "exact, channels-last",
+                 "child (floor)", "child (floor), channels-last"):
+        assert name in rows, name
+    assert re.search(r"^exact, channels-last speed-up: \d+\.\d\dx$", text, re.M)
+    assert re.search(r"^exact, channels-last/floor, channels-last: step time \d+\.\d\dx", text, re.M)
+    assert re.search(r"^exact/floor: step time \d+\.\d\dx, activation memory 1\.00x$", text, re.M)
+
+
+def test_channels_last_input_feeds_channels_last():
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return x.sum() * self.alpha.sum()
+
+        def arch_parameters(self):
+            return [self.alpha]
+
+    wrapped = bench.ChannelsLastInput(Probe())
+    wrapped(torch.randn(2, 3, 4, 4))
+    assert seen == [True]
+    assert bench._arch_parameters(wrapped) == [wrapped.model.alpha]
 
 
 def test_run_without_child_floor(monkeypatch):

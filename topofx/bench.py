@@ -607,7 +607,7 @@ def run(
                         models[row] = simplify(model, example_inputs, mode=mode, layout=layout)
                     except (NotImplementedError, ValueError) as exc:
                         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                        notes.append(f"note: {row!r} skipped: {type(exc).__name__}: {msg}")
+                        notes.append(f"note: mode {row!r} skipped: {type(exc).__name__}: {msg}")
                 tick(f"simplify {row}")
         if child_floor and not overrides:
             child = _child_floor(zoo, name, batch_size, image_size)

@@ -357,8 +357,9 @@ class ConvAvgPool2d(nn.Module):
     """``nn.AvgPool2d`` computed as a depthwise convolution with a ones kernel, divided by the
     per-position count of summed elements.  Same values (a sum of the same terms, then one
     division); several times faster than ``avg_pool2d``'s CPU kernel, which dominated the step
-    time of NAS-Bench-201 supernets once their convolutions were fused.  On other devices it calls
-    ``avg_pool2d`` itself."""
+    time of NAS-Bench-201 supernets once their convolutions were fused.  It saves nothing for
+    backward (the gradient of a linear map is its transpose, :class:`_LinearPool`).  On other
+    devices it calls ``avg_pool2d`` itself."""
 
     def __init__(self, pool: nn.AvgPool2d):
         super().__init__()
@@ -373,25 +374,56 @@ class ConvAvgPool2d(nn.Module):
     def supports(pool: nn.Module) -> bool:
         return type(pool) is nn.AvgPool2d and not pool.ceil_mode and pool.divisor_override is None
 
-    def _kernel_and_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ones kernel and the per-position window sizes for ``x``'s shape (computed once)."""
-        key = (x.shape[1], x.shape[-2], x.shape[-1], x.dtype, x.device)
+    def _kernel_and_counts(self, shape: torch.Size, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ones kernel and the per-position window sizes for inputs of ``shape`` (computed once)."""
+        key = (shape[1], shape[-2], shape[-1], like.dtype, like.device)
         if key not in self._constants:
             with torch.no_grad():
-                kernel = x.new_ones(x.shape[1], 1, *self.kernel_size)
+                kernel = like.new_ones(shape[1], 1, *self.kernel_size)
                 if self.count_include_pad:
-                    counts = x.new_full((), float(self.kernel_size[0] * self.kernel_size[1]))
+                    counts = like.new_full((), float(self.kernel_size[0] * self.kernel_size[1]))
                 else:
-                    ones = x.new_ones(1, 1, x.shape[-2], x.shape[-1])
+                    ones = like.new_ones(1, 1, shape[-2], shape[-1])
                     counts = F.conv2d(ones, kernel[:1], None, self.stride, self.padding)
             self._constants[key] = (kernel, counts)
         return self._constants[key]
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, counts = self._kernel_and_counts(x.shape, x)
+        return F.conv2d(x, kernel, None, self.stride, self.padding, 1, x.shape[1]) / counts
+
+    def pool_transposed(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The gradient of :meth:`pool` at an input shaped and laid out like ``like`` (the pooling is
+        linear: this is its transpose applied to ``g``; ``like``'s values are not read)."""
+        kernel, counts = self._kernel_and_counts(like.shape, like)
+        return torch.ops.aten.convolution_backward(
+            g / counts, like, kernel, None, self.stride, self.padding, (1, 1), False, (0, 0), like.shape[1],
+            (True, False, False),
+        )[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4:
             return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, False, self.count_include_pad)
-        kernel, counts = self._kernel_and_counts(x)
-        return F.conv2d(x, kernel, None, self.stride, self.padding, 1, x.shape[1]) / counts
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _LinearPool.apply(self, x)
+        return self.pool(x)
+
+
+class _LinearPool(torch.autograd.Function):
+    """:class:`ConvAvgPool2d` saving nothing for backward (autograd's convolution would keep the
+    input alive): the gradient of a linear map is its transpose applied to ``g``."""
+
+    @staticmethod
+    def forward(ctx, pool: ConvAvgPool2d, x: torch.Tensor):  # type: ignore[override]
+        ctx.pool, ctx.shape, ctx.dtype = pool, x.shape, x.dtype
+        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return pool.pool(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        like = torch.empty(ctx.shape, dtype=ctx.dtype, device=g.device, memory_format=layout)  # shape and strides only
+        return None, ctx.pool.pool_transposed(g, like)
 
 
 def _runs_on_cpu(x: object) -> bool:

@@ -45,10 +45,12 @@ class Rewrite:
 
 @dataclasses.dataclass
 class PassContext:
-    """What a pass sees: the graph module, the original model, and a lazily computed topology."""
+    """What a pass sees: the graph module, the original model, the example inputs and a lazily
+    computed topology."""
 
     gm: fx.GraphModule
     original: nn.Module
+    example_inputs: Sequence[Any] = ()
     _topology: Topology | None = None
     _counter: int = 0
 
@@ -281,7 +283,7 @@ def run_to_fixpoint(
     progress: Callable[[str], None] | None = None,
 ) -> list[PassRun]:
     """Apply ``passes`` in order, repeatedly, until a full round rewrites nothing."""
-    ctx = PassContext(gm, original)
+    ctx = PassContext(gm, original, tuple(example_inputs))
     propagate_values(gm, example_inputs)
     expected = output_signature(gm)
     runs = {p.name: PassRun(p.name, p.exact) for p in passes}

@@ -1,0 +1,133 @@
+"""Lowering passes that run after the rewrites' fixpoint: ``weighted_sum`` (topo mode) and the
+opt-in ``channels_last`` layout."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import topofx
+from topofx import zoo
+from topofx.bench import ChannelsLastInput
+from topofx.capture import max_rel_error, preserved_state, trace
+from topofx.modules import ConvAvgPool2d, weighted_sum as weighted_sum_fn
+from topofx.passes import TOPO_PASSES, weighted_sum
+from topofx.rewrite import run_to_fixpoint
+from topofx.testing import assert_train_step_equivalent, seeded_outputs
+
+
+def _calls(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def _pools(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) is ConvAvgPool2d]
+
+
+@pytest.fixture(scope="module")
+def nb201_rewritten():
+    """NAS-Bench-201 cells after topo mode's rewrites, before lowering, with mixed alphas."""
+    model, (x,) = zoo.build("nb201-darts", C=8, N=1, batch_size=8)
+    with torch.no_grad():
+        model.arch_parameters.normal_()
+    gm = trace(model, (x,))
+    run_to_fixpoint(gm, model, TOPO_PASSES, (x,))
+    return model, x, gm
+
+
+def test_weighted_sum_one_accumulation_and_one_pooling_per_node(nb201_rewritten):
+    model, x, gm = nb201_rewritten
+    lowered = copy.deepcopy(gm)
+    runs = run_to_fixpoint(lowered, model, [weighted_sum], (x,))
+    cells = sum(1 for name, _ in model.named_modules() if name.count(".") == 1 and name.startswith("cells.")
+                and hasattr(model.get_submodule(name), "edges"))
+    nodes = 3 * cells  # NAS-Bench-201: nodes 1..3 of each searched cell
+    assert len(runs[0].rewrites) == nodes
+    # before: one pooling per node's *input* (0..2), shared by its edges; after: one per node (1..3),
+    # of its inputs' weighted sum (the residual blocks' downsampling pools are not weighted terms)
+    assert len(_pools(lowered)) == len(_pools(gm))
+    pooled_sums = [p for p in _pools(lowered) if p.args[0].target is weighted_sum_fn
+                   and all(w is not None for w in p.args[0].args[1])]  # a pooling of weighted inputs
+    assert len(pooled_sums) == nodes
+    # every node sum and every pooled sum is one call; no product of an activation with a weight is left
+    assert len(_calls(lowered, weighted_sum_fn)) == 2 * nodes
+    with preserved_state(model):
+        expected = gm(x)
+    with preserved_state(model):
+        got = lowered(x)
+    assert max_rel_error(got, expected) <= 1e-5  # the same sums in another association
+
+
+def test_weighted_sum_gradients_match_unlowered(nb201_rewritten):
+    model, x, gm = nb201_rewritten
+    lowered = copy.deepcopy(gm)
+    run_to_fixpoint(lowered, model, [weighted_sum], (x,))
+    grads = []
+    for module in (gm, lowered):  # the deep copy has its own parameters
+        with preserved_state(module):
+            out = module(x)[-1]
+            grads.append(torch.autograd.grad(out.logsumexp(-1).sum(), module.arch_parameters)[0])
+    assert max_rel_error(grads[1], grads[0]) <= 1e-4
+
+
+def test_weighted_sum_leaves_broadcasting_sums_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.alpha = nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            w = self.alpha.softmax(-1)
+            bias = x.mean((2, 3), keepdim=True)  # broadcast against the activation
+            return sum([w[0] * self.conv(x), w[1] * bias, x])
+
+    x = torch.randn(2, 3, 6, 6)
+    gm = trace(Net(), (x,))
+    runs = run_to_fixpoint(gm, gm, [weighted_sum], (x,))
+    assert runs[0].rewrites == [] and not _calls(gm, weighted_sum_fn)
+
+
+def test_channels_last_exact_mode_equals_original_fed_channels_last():
+    model, (x,) = zoo.build("darts-orig", batch_size=4)
+    simplified = topofx.simplify(model, x, mode="exact", layout="channels_last")
+    assert "to_channels_last" in simplified.graph_module.code
+    assert_train_step_equivalent(ChannelsLastInput(model), simplified, x)
+
+
+class FlattenByView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.size(0), -1)), y  # .view needs NCHW strides
+
+
+def test_channels_last_leaves_a_graph_that_needs_nchw_alone():
+    model, x = FlattenByView(), torch.randn(2, 3, 6, 6)
+    simplified = topofx.simplify(model, x, mode="exact", layout="channels_last")
+    assert "to_channels_last" not in simplified.graph_module.code
+    got, expected = seeded_outputs(model, simplified, x)
+    assert max_rel_error(got, expected) == 0.0
+
+
+def test_channels_last_returns_outputs_in_the_original_layout():
+    class Net(FlattenByView):
+        def forward(self, x):
+            y = self.conv(x)
+            return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1)), y
+
+    model, x = Net(), torch.randn(2, 3, 6, 6)
+    simplified = topofx.simplify(model, x, mode="exact", layout="channels_last")
+    assert "to_channels_last" in simplified.graph_module.code
+    _, feature = simplified(x)
+    assert feature.is_contiguous()
+    with pytest.raises(ValueError, match="unknown layout"):
+        topofx.simplify(model, x, layout="nhwc")
