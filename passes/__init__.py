@@ -19,6 +19,6 @@ from .weighted_sum import weighted_sum
 EXACT_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
 TOPO_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion)
-TOPO_LOWERING = (weighted_sum,)
+TOPO_LOWERING = (weighted_sum, recompute)
 
 __all__ = ["EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

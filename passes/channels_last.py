@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from topofx.capture import VALUE, graph_attr_tensors, preserved_state
+from topofx.capture import VALUE, preserved_state
 from topofx.modules import _runs_on_cpu, to_channels_last, to_contiguous
 from topofx.rewrite import PassContext, Rewrite
 
@@ -31,7 +31,7 @@ def _runs_channels_last(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bo
     if not any(_runs_on_cpu(x) and x.device.type == "cpu" for x in example_inputs):
         return False  # nothing to prove it on (inputs on another device: the layout would not apply)
     try:
-        with torch.no_grad(), preserved_state(gm, tensors=graph_attr_tensors(gm)):
+        with torch.no_grad(), preserved_state(gm):
             gm(*map(to_channels_last, example_inputs))
     except Exception:  # noqa: BLE001 -- any failure means "not proven": leave the graph alone
         return False

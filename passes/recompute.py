@@ -7,24 +7,18 @@ candidates of NAS-Bench-201 and DARTS.
 Produces: one :class:`~topofx.modules.RecomputedScale` ``(x, w_1, ..., w_n)`` per pooling, whose
 outputs are the n terms: the pooling runs once, only ``x`` (already kept by the network: the skip
 candidate multiplies it) and the weights are saved, and the pooling is recomputed once in backward.
-Exact (same arithmetic); trades one cheap pooling for one activation per node.
+Exact (same arithmetic); trades one cheap pooling for one activation per node.  In topo mode it
+runs after ``weighted_sum`` (which pools weighted sums of inputs instead, for average poolings) and
+so handles the remaining ones (max pooling).
 """
 from __future__ import annotations
 
 import operator
 
-import torch.fx as fx
 
 from topofx.modules import RecomputedScale
-from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, node_order, reads_mutated
+from topofx.rewrite import PassContext, Rewrite, is_mutated, is_stateless_call, node_order, reads_mutated
 from topofx.topology import data_dependent, weighted_term
-
-
-def _stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A pure module call without parameters (``is_pure`` already rules out unknown user modules)."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-        return False
-    return is_pure(node, gm) and not any(True for _ in gm.get_submodule(node.target).parameters())
 
 
 def recompute(ctx: PassContext) -> list[Rewrite]:
@@ -32,7 +26,7 @@ def recompute(ctx: PassContext) -> list[Rewrite]:
     data = data_dependent(gm.graph)
     records = []
     for out in list(gm.graph.nodes):
-        if not _stateless_call(gm, out) or is_mutated(out, gm) or reads_mutated(out, gm):
+        if not is_stateless_call(gm, out) or is_mutated(out, gm) or reads_mutated(out, gm):
             continue
         terms = [weighted_term(u, data) for u in out.users]
         if not out.users or not all(t is not None and t[1] is out for t in terms):

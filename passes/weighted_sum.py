@@ -10,6 +10,8 @@ gradient as a dot product without materializing ``g * t``.  Weighted average poo
 node's inputs (:class:`~topofx.modules.ConvAvgPool2d`, one configuration) become one pooling of
 their weighted sum, ``sum_i w_i P(x_i) = P(sum_i w_i x_i)`` (the pooling is linear and saves
 nothing for backward), so a node pools once instead of once per input and keeps no pooled tensor.
+Other weighted stateless calls (``w * maxpool(x)``) stay products, for ``recompute`` to run after
+this pass (it saves only ``x`` and recomputes the pooling in backward).
 Exactness: the same terms in a different association (``(a + b) + (c + d)`` becomes
 ``((a + b) + c) + d``; ``P(a) + P(b)`` becomes ``P(a + b)``), so results differ in the last bits,
 more at mixed weights -- exact mode's contract is the original's arithmetic, so this pass runs in
@@ -25,7 +27,7 @@ import torch.fx as fx
 
 from topofx.capture import VALUE
 from topofx.modules import ConvAvgPool2d, weighted_sum as weighted_sum_fn
-from topofx.rewrite import PassContext, Rewrite, is_mutated
+from topofx.rewrite import PassContext, Rewrite, is_mutated, is_stateless_call
 from topofx.topology import data_dependent, is_add, weighted_term
 
 
@@ -103,6 +105,8 @@ def weighted_sum(ctx: PassContext) -> list[Rewrite]:
             if isinstance(leaf, (int, float)) and leaf == 0:
                 continue  # Python's sum() starts from 0
             term = weighted_term(leaf, data)
+            if term is not None and is_stateless_call(gm, term[1]) and _pooled(gm, term[1]) is None:
+                term = None  # w * maxpool(x): left to ``recompute``, which keeps only x for backward
             if term is not None and _tensor_like(term[1], value) and term[0].meta[VALUE].dim() <= value.dim():
                 weights.append(term[0])
                 terms.append(term[1])

@@ -110,6 +110,12 @@ def test_simplify_user_file(user_file, capsys):
     assert "topofx report: Net, mode=exact" in out and "found 2 mixed edges" in out
 
 
+def test_simplify_channels_last_layout(user_file, capsys):
+    assert main(["simplify", f"{user_file}:build", "--input-shape", "2,3,8,8", "--mode", "exact",
+                 "--layout", "channels_last"]) == 0
+    assert "layout 1" in capsys.readouterr().out  # the report counts the channels_last rewrite
+
+
 def test_simplify_factory_with_inputs_and_set(user_file, capsys):
     assert main(["simplify", f"{user_file}:build_pair", "--mode", "exact"]) == 0
     assert "topofx report" in capsys.readouterr().out

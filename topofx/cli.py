@@ -252,7 +252,7 @@ def _cmd_simplify(args: argparse.Namespace) -> int:
                                       overrides=_parse_sets(args.set), seed=args.seed)
     mode = args.mode or _default_mode()
     try:
-        simplified = simplify(model, inputs, mode=mode, strict=args.strict)
+        simplified = simplify(model, inputs, mode=mode, strict=args.strict, layout=args.layout)
     except CaptureError as exc:
         raise UserError(f"cannot capture {label}: {' '.join(str(exc).split())}") from exc
     except NotImplementedError as exc:
@@ -312,6 +312,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p_simp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="constructor argument for a built-in model (e.g. C=8, N=1) or keyword argument of "
                         "the factory; repeatable")
+    p_simp.add_argument("--layout", choices=("keep", "channels_last"), default="keep",
+                        help="memory layout of the simplified graph: keep (default) or channels_last "
+                        "(faster CPU convolutions; see docs/method.md)")
     p_simp.add_argument("--strict", action="store_true",
                         help="fail (exit 2) when the model cannot be captured as one graph, instead of "
                         "falling back to its eager forward")

@@ -143,6 +143,14 @@ def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
     return True
 
 
+def is_stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A pure one-argument module call without parameters (a pooling); ``is_pure`` already rules
+    out unknown user modules."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return False
+    return is_pure(node, gm) and not any(True for _ in gm.get_submodule(node.target).parameters())
+
+
 def rebuild_chain(gm: fx.GraphModule, root: fx.Node, terms: Sequence[Any]) -> fx.Node:
     """Replace the sum chain ending at ``root`` by a new left-deep chain over ``terms``.
 
