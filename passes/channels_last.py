@@ -10,16 +10,17 @@ Produces: :func:`~topofx.modules.to_channels_last` on each 4-D input and
 :func:`~topofx.modules.to_contiguous` on each 4-D output.  Both act on CPU tensors only (on other
 devices they return their argument), so the layout changes where oneDNN's convolutions gain from it
 (at 16 channels a 3x3 convolution's forward and backward run ~3x faster, a depthwise one ~5x) and
-nowhere else.  Exact: the same operations on the same values; only the floating-point summation
-order inside convolutions may differ.
+nowhere else.  Exact against the original fed channels-last input: the same operations on the same
+values.  Against the original as run in NCHW, PyTorch's channels-last kernels round differently
+(batch-norm statistics most, ~1e-4 relative on nearly constant channels), which is why ``simplify``
+applies this pass only with ``layout="channels_last"``.
 """
 from __future__ import annotations
-
-import torch.fx as fx
 
 from typing import Any, Sequence
 
 import torch
+import torch.fx as fx
 
 from topofx.capture import VALUE, preserved_state
 from topofx.modules import _runs_on_cpu, to_channels_last, to_contiguous

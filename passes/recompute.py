@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import operator
 
-
 from topofx.modules import RecomputedScale
 from topofx.rewrite import PassContext, Rewrite, is_mutated, is_stateless_call, node_order, reads_mutated
 from topofx.topology import data_dependent, weighted_term
