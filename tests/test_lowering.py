@@ -13,7 +13,7 @@ import topofx
 from topofx import zoo
 from topofx.bench import ChannelsLastInput
 from topofx.capture import max_rel_error, preserved_state, trace
-from topofx.modules import ConvAvgPool2d, weighted_sum as weighted_sum_fn
+from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, weighted_sum as weighted_sum_fn
 from topofx.passes import TOPO_PASSES, weighted_sum
 from topofx.rewrite import run_to_fixpoint
 from topofx.testing import assert_train_step_equivalent, seeded_outputs
@@ -89,6 +89,19 @@ def test_weighted_sum_leaves_broadcasting_sums_alone():
     gm = trace(Net(), (x,))
     runs = run_to_fixpoint(gm, gm, [weighted_sum], (x,))
     assert runs[0].rewrites == [] and not _calls(gm, weighted_sum_fn)
+
+
+def test_depthwise_convolutions_run_channels_last_in_topo_mode_only():
+    model, (x,) = zoo.build("darts-orig", batch_size=2)
+    depthwise = sum(ChannelsLastDepthwise.supports(m) for m in model.modules())
+    assert depthwise > 0
+    topo = topofx.simplify(model, x, mode="topo")
+    exact = topofx.simplify(model, x, mode="exact")
+    wrapped = [m for m in topo.graph_module.modules() if isinstance(m, ChannelsLastDepthwise)]
+    assert 0 < len(wrapped) <= depthwise  # merged candidates' stages may be gone; every one left is wrapped
+    gm = topo.graph_module  # no plain depthwise convolution is still called
+    assert not any(n.op == "call_module" and ChannelsLastDepthwise.supports(gm.get_submodule(n.target)) for n in gm.graph.nodes)
+    assert not any(isinstance(m, ChannelsLastDepthwise) for m in exact.graph_module.modules())
 
 
 def test_channels_last_exact_mode_equals_original_fed_channels_last():

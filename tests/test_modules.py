@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from topofx.modules import ConvAvgPool2d, FusedBatchNorm2d, RecomputedScale, inner, weighted_sum
+from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, RecomputedScale, inner, weighted_sum
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 2, 0)])
@@ -87,6 +87,23 @@ def test_inner_is_the_sum_of_products():
     a, b = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     assert torch.allclose(inner(a, b), (a * b).sum(), rtol=1e-5)
     assert torch.allclose(inner(a.transpose(0, 2), b.transpose(0, 2)), (a * b).sum(), rtol=1e-5)  # not contiguous
+
+
+@pytest.mark.parametrize("kernel,dilation,stride,bias", [(3, 1, 1, False), (5, 1, 2, True), (3, 2, 1, False)])
+def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride, bias):
+    conv = nn.Conv2d(6, 6, kernel, stride, dilation * (kernel - 1) // 2, dilation, groups=6, bias=bias)
+    x = torch.randn(3, 6, 9, 9, requires_grad=True)
+    params = [x, *conv.parameters()]
+    expected = conv(x)
+    got, saved = _saved_shapes(lambda: ChannelsLastDepthwise(conv)(x))
+    assert got.is_contiguous() and torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert (3, 6, 9, 9) in saved and all(s in {(3, 6, 9, 9), tuple(conv.weight.shape)} for s in saved)  # the NCHW input only
+    g = torch.randn_like(expected)
+    for e, o in zip(torch.autograd.grad(expected, params, g), torch.autograd.grad(got, params, g)):
+        assert o.shape == e.shape and torch.allclose(o, e, rtol=1e-5, atol=1e-5)
+    assert ChannelsLastDepthwise.supports(conv)
+    assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, groups=3))  # grouped, not depthwise
+    assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, groups=6, padding_mode="reflect"))
 
 
 def test_recomputed_scale_equals_weighted_terms():

@@ -522,3 +522,50 @@ def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor |
         return _WeightedSum.apply(tuple(w is not None for w in weights),
                                   *(x for t, w in zip(terms, weights) for x in ((t,) if w is None else (t, w))))
     return _accumulate(terms, weights)
+
+
+class ChannelsLastDepthwise(nn.Module):
+    """A depthwise ``nn.Conv2d`` computed in channels-last layout on the CPU, NCHW in and out.
+
+    oneDNN's NCHW depthwise kernels are several times slower than its channels-last ones on the CPU
+    (forward+backward at 64x16x32x32: 5x5 28.8 -> 9.2 ms, dilated 3x3 16.5 -> 11.5 ms, conversions
+    included); the rest of the graph stays NCHW (PyTorch's NCHW batch norm is the more accurate).
+    Same output values; the weight gradient's summation order differs (~1e-6 relative).  Saves the
+    NCHW input, as the convolution itself would; backward converts it again.  Other devices and
+    layouts call the convolution as is."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    @staticmethod
+    def supports(conv: nn.Module) -> bool:
+        return (type(conv) is nn.Conv2d and conv.groups > 1 and conv.groups == conv.in_channels
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return self.conv(x)
+        return _ChannelsLastConv.apply(x, self.conv.weight, self.conv.bias, self.conv)
+
+
+class _ChannelsLastConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d):  # type: ignore[override]
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.save_for_backward(x, weight)
+        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, conv.stride, conv.padding,
+                     conv.dilation, conv.groups)
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        conv = ctx.conv
+        cl = torch.channels_last
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight,
+            [weight.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding, conv.dilation, False, (0, 0),
+            conv.groups, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]),
+        )
+        return (gx.contiguous() if gx is not None else None), gw, gb, None
