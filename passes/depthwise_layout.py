@@ -11,23 +11,12 @@ relative), so exact mode, whose contract is the original's arithmetic, does not 
 from __future__ import annotations
 
 from topofx.modules import ChannelsLastDepthwise
-from topofx.rewrite import PassContext, Rewrite
+from topofx.rewrite import PassContext, Rewrite, swap_modules
 
 
 def depthwise_layout(ctx: PassContext) -> list[Rewrite]:
-    gm = ctx.gm
-    records = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        conv = gm.get_submodule(node.target)
-        if not ChannelsLastDepthwise.supports(conv) or conv._forward_hooks or conv._forward_pre_hooks:
-            continue
-        parent, _, leaf = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent), leaf, ChannelsLastDepthwise(conv))
-        records.append(Rewrite("depthwise_layout", "layout", [node.name], node.name, False,
-                               "depthwise conv computed channels-last"))
-    return records
+    return [Rewrite("depthwise_layout", "layout", [node.name], node.name, False, "depthwise conv computed channels-last")
+            for node in swap_modules(ctx.gm, ChannelsLastDepthwise.supports, ChannelsLastDepthwise)]
 
 
 depthwise_layout.name = "depthwise_layout"

@@ -10,22 +10,12 @@ Exact up to float rounding of the division.
 from __future__ import annotations
 
 from topofx.modules import ConvAvgPool2d
-from topofx.rewrite import PassContext, Rewrite
+from topofx.rewrite import PassContext, Rewrite, swap_modules
 
 
 def pool_as_conv(ctx: PassContext) -> list[Rewrite]:
-    gm = ctx.gm
-    records = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        pool = gm.get_submodule(node.target)
-        if not ConvAvgPool2d.supports(pool) or pool._forward_hooks or pool._forward_pre_hooks:
-            continue
-        parent, _, leaf = node.target.rpartition(".")  # same path: cells and edges keep their names
-        setattr(gm.get_submodule(parent), leaf, ConvAvgPool2d(pool))  # the graph module's own container
-        records.append(Rewrite("pool_as_conv", "fused", [node.name], node.name, True, "AvgPool2d as depthwise conv"))
-    return records
+    return [Rewrite("pool_as_conv", "fused", [node.name], node.name, True, "AvgPool2d as depthwise conv")
+            for node in swap_modules(ctx.gm, ConvAvgPool2d.supports, ConvAvgPool2d)]
 
 
 pool_as_conv.name = "pool_as_conv"

@@ -151,6 +151,24 @@ def is_stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
     return is_pure(node, gm) and not any(True for _ in gm.get_submodule(node.target).parameters())
 
 
+def swap_modules(gm: fx.GraphModule, supports: Callable[[nn.Module], bool],
+                 wrap: Callable[[nn.Module], nn.Module]) -> list[fx.Node]:
+    """Replace the module of every one-argument call whose module ``supports`` accepts (and has no
+    hooks) by ``wrap(module)``, at the same path of the graph module's own containers (the original
+    model keeps its modules; cells and edges keep their names).  Returns the calls rewritten."""
+    swapped = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        module = gm.get_submodule(node.target)
+        if not supports(module) or module._forward_hooks or module._forward_pre_hooks:
+            continue
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent), leaf, wrap(module))
+        swapped.append(node)
+    return swapped
+
+
 def rebuild_chain(gm: fx.GraphModule, root: fx.Node, terms: Sequence[Any]) -> fx.Node:
     """Replace the sum chain ending at ``root`` by a new left-deep chain over ``terms``.
 
