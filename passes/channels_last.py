@@ -23,13 +23,13 @@ import torch
 import torch.fx as fx
 
 from topofx.capture import VALUE, preserved_state
-from topofx.modules import _runs_on_cpu, to_channels_last, to_contiguous
+from topofx.modules import is_cpu_image, to_channels_last, to_contiguous
 from topofx.rewrite import PassContext, Rewrite
 
 
 def _runs_channels_last(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
     """Run the graph once on the example inputs in channels-last layout; False on any failure."""
-    if not any(_runs_on_cpu(x) and x.device.type == "cpu" for x in example_inputs):
+    if not any(is_cpu_image(x) and x.device.type == "cpu" for x in example_inputs):
         return False  # nothing to prove it on (inputs on another device: the layout would not apply)
     try:
         with torch.no_grad(), preserved_state(gm):
@@ -44,7 +44,7 @@ def channels_last(ctx: PassContext) -> list[Rewrite]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if any(u.target is to_channels_last for p in placeholders for u in p.users):
         return []  # already applied
-    images = [p for p in placeholders if _runs_on_cpu(p.meta.get(VALUE)) and p.users]
+    images = [p for p in placeholders if is_cpu_image(p.meta.get(VALUE)) and p.users]
     if not images or not _runs_channels_last(ctx.gm, ctx.example_inputs):
         return []
     for image in images:
@@ -55,7 +55,7 @@ def channels_last(ctx: PassContext) -> list[Rewrite]:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
 
     def restore(arg: fx.Node) -> fx.Node:
-        if not _runs_on_cpu(arg.meta.get(VALUE)):
+        if not is_cpu_image(arg.meta.get(VALUE)):
             return arg
         with graph.inserting_before(output):
             return graph.call_function(to_contiguous, (arg,))

@@ -426,7 +426,7 @@ class _LinearPool(torch.autograd.Function):
         return None, ctx.pool.pool_transposed(g, like)
 
 
-def _runs_on_cpu(x: object) -> bool:
+def is_cpu_image(x: object) -> bool:
     """A 4-D floating-point tensor on the CPU (or on the meta device, where passes propagate shapes)."""
     return isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point() and x.device.type in ("cpu", "meta")
 
@@ -437,13 +437,13 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     Same values; oneDNN's CPU convolutions, depthwise ones above all, run several times faster on
     channels-last tensors at the narrow widths of NAS supernets, and conv/BN/pool/elementwise
     outputs keep the layout of their inputs."""
-    return x.contiguous(memory_format=torch.channels_last) if _runs_on_cpu(x) else x
+    return x.contiguous(memory_format=torch.channels_last) if is_cpu_image(x) else x
 
 
 def to_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` back in the default (NCHW-contiguous) layout when :func:`to_channels_last` may have
     changed it, so callers get outputs with the strides the original returned."""
-    return x.contiguous() if _runs_on_cpu(x) else x
+    return x.contiguous() if is_cpu_image(x) else x
 
 
 def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ _LEGEND = {
         "fused": "fused: computed by one call with others (convs/BNs, folded weight, pooling)",
         "floated": "floated: BN moved past the weighted join",
         "merged": "merged into one kernel-normalized conv",
-        "layout": "layout: input converted to channels-last on the CPU",
+        "layout": "layout: runs channels-last on the CPU (graph input or depthwise conv)",
         "dead": "gone: dead after a rewrite",
     },
     "after": {
@@ -69,7 +69,7 @@ _LEGEND = {
         "fused": "fused: one call (concatenated convs/BNs, folded weights, recomputed pooling)",
         "floated": "floated BN after the weighted join",
         "merged": "merged conv (kernel-normalized, computed each step)",
-        "layout": "layout: image input read in channels-last on the CPU",
+        "layout": "layout: channels-last on the CPU (graph input or depthwise conv)",
         "new": "new: inserted by a pass (slice, sum, ...)",
     },
 }
