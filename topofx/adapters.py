@@ -11,17 +11,25 @@ until the sample is finite, and branches on ``index[e].item()`` to run only the 
 
 At a one-hot sample the weighted sum equals the original's value (the unselected terms are
 ``0 * op(x)``), so a captured relaxed forward is vertex-exact; topo mode then merges each edge's
-convolutions into about one convolution per edge.  Adapters are looked up by model class (the
+convolutions into about one convolution per edge.  The original runs only the selected candidates,
+so :class:`UnselectedFreeze` keeps the others' parameters out of autograd and their BN statistics
+still for each call.  Adapters are looked up by model class (the
 nearest registered base class wins); :func:`register_adapter` adds one for a user's model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable
+import operator
+from collections import defaultdict
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from .topology import Topology
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +146,116 @@ class RelaxedForward(nn.Module):
 
     def forward(self, inputs: Any) -> Any:  # one input, as the NAS supernets take (FX needs a fixed signature)
         return self.adapter.relaxed(self.model, inputs, **{n: getattr(self, n) for n in self.sample_names})
+
+
+_Tensor = tuple[nn.Module, str, str]  # (owner module, "_parameters" | "_buffers", attribute name)
+
+
+class UnselectedFreeze:
+    """Freeze, for one call, the parameters and buffers that only unselected candidates use.
+
+    GDAS runs only the selected candidate of each edge, so the others' parameters get no gradient
+    (``.grad`` stays ``None``: weight decay and momentum leave them alone) and their BN running
+    statistics do not move.  The relaxed graph computes every candidate, times an exact 0; this
+    gate restores GDAS's behaviour.  Built from the captured graph *before* any rewrite:
+
+    * a candidate is gated when its weight reads a sample by indexing alone
+      (``hardwts[e][k]``); its flat position in the sample is fixed at capture;
+    * a parameter or buffer belongs to the candidates whose branches call its module (or read it);
+      one that any other node uses (a stem, a shared op, a candidate with another kind of weight)
+      is never frozen.
+
+    Before each call, the candidates whose sampled weight is exactly 0 are the unselected ones; a
+    tensor all of whose candidates are unselected is swapped, for the call, for a detached view
+    (parameters; same values, so the output is unchanged and no gradient reaches it) or a
+    throw-away copy (buffers, train mode: the statistics update lands there).  Rewritten modules
+    (fused and merged convolutions) read their originals' tensors at call time, so they see the
+    swap too.  Costs one device sync per call (GDAS itself syncs once per edge).
+    """
+
+    def __init__(self, gm: fx.GraphModule, topology: Topology, sample_names: tuple[str, ...]):
+        candidates = [c for edge in topology.edges for c in edge.candidates]
+        positions = [_sample_position(gm, c.weight, sample_names) for c in candidates]
+        owners: dict[fx.Node, set[int]] = defaultdict(set)
+        for i, cand in enumerate(candidates):
+            for node in cand.branch:
+                owners[node].add(i if positions[i] is not None else -1)  # -1: always runs
+        users: dict[_Tensor, set[int]] = defaultdict(set)
+        ids: dict[_Tensor, _Tensor] = {}
+        for node in gm.graph.nodes:
+            for tensor in _tensors_read(gm, node):
+                key = (id(tensor[0]), tensor[1], tensor[2])
+                ids[key] = tensor
+                users[key] |= owners.get(node, {-1})
+        groups: dict[frozenset[int], list[_Tensor]] = defaultdict(list)
+        for key, cands in users.items():
+            if -1 not in cands:
+                groups[frozenset(cands)].append(ids[key])
+        by_sample: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for i in sorted({i for cands in groups for i in cands}):
+            name, flat = positions[i]
+            by_sample[name].append((i, flat))
+        self.samples = [(name, torch.tensor([flat for _, flat in items])) for name, items in by_sample.items()]
+        self.index = {i: k for k, i in enumerate(i for items in by_sample.values() for i, _ in items)}
+        self.groups = list(groups.items())
+
+    @contextlib.contextmanager
+    def __call__(self, gm: fx.GraphModule) -> Iterator[None]:
+        """Freeze what only unselected candidates use, for the duration of one call of ``gm``."""
+        if not self.groups:
+            yield
+            return
+        weights = [getattr(gm, name).detach().reshape(-1) for name, _ in self.samples]
+        zero = torch.cat([w[flat.to(w.device)] for w, (_, flat) in zip(weights, self.samples)]) == 0
+        unselected = zero.tolist()  # the call's one device sync
+        swapped: list[tuple[dict, str, torch.Tensor]] = []
+        for cands, tensors in self.groups:
+            if not all(unselected[self.index[i]] for i in cands):
+                continue
+            for owner, kind, name in tensors:
+                table = getattr(owner, kind)
+                value = table[name]
+                if kind == "_parameters":
+                    table[name] = value.detach()
+                elif gm.training:
+                    table[name] = value.clone()
+                else:
+                    continue
+                swapped.append((table, name, value))
+        try:
+            yield
+        finally:
+            for table, name, value in swapped:
+                table[name] = value
+
+
+def _sample_position(gm: fx.GraphModule, weight: fx.Node, sample_names: tuple[str, ...]) -> tuple[str, int] | None:
+    """``(sample name, flat index)`` when ``weight`` indexes a sample (``hardwts[e][k]``), else ``None``."""
+    indices = []
+    node = weight
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        dynamic: list[fx.Node] = []
+        fx.node.map_arg(node.args[1], dynamic.append)
+        if dynamic:  # an index computed in the graph
+            return None
+        indices.append(node.args[1])
+        node = node.args[0]
+    if node.op != "get_attr" or node.target not in sample_names:
+        return None
+    sample = getattr(gm, node.target)
+    flat = torch.arange(sample.numel()).reshape(sample.shape)
+    for index in reversed(indices):
+        flat = flat[index]
+    return (node.target, int(flat)) if flat.numel() == 1 else None
+
+
+def _tensors_read(gm: fx.GraphModule, node: fx.Node) -> list[_Tensor]:
+    """The parameters and buffers a node reads: all of a called module's, or one ``get_attr``'s."""
+    if node.op == "call_module":
+        return [(m, kind, name) for m in gm.get_submodule(node.target).modules()
+                for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items() if t is not None]
+    if node.op == "get_attr":
+        path, _, name = node.target.rpartition(".")
+        owner = gm.get_submodule(path)
+        return [(owner, kind, name) for kind in ("_parameters", "_buffers") if getattr(owner, kind).get(name) is not None]
+    return []

@@ -162,21 +162,6 @@ def _dilated_padded(kernel: torch.Tensor, dilation: tuple[int, int], size: tuple
     return F.pad(kernel, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
 
 
-class _Frozen:
-    """Read-only view of a module's parameters, detached from autograd."""
-
-    def __init__(self, module: nn.Module):
-        self._module = module
-
-    def __getattr__(self, name: str):
-        value = getattr(self._module, name)
-        return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def _maybe_frozen(module: nn.Module, frozen: bool):
-    return _Frozen(module) if frozen else module
-
-
 class MergedConvBN(nn.Module):
     """Floating module sharing + kernel-normalized merge (TopoNAS, METHOD.md 5-6), for one or more
     mixed edges whose Conv->BN candidates read the same tensor ``r``.
@@ -242,15 +227,9 @@ class MergedConvBN(nn.Module):
     def _merge(self, group: nn.ModuleList, w: torch.Tensor):
         total = w.sum()
         a = w / (total + self.eps)
-        # A hard sample (GDAS): only the selected candidate's parameters take part in autograd, so the
-        # unselected ones get no gradient (.grad stays None), as in GDAS; the weights still do.
-        zero = [False] * len(w) if w.is_meta else (w == 0).tolist()  # one device sync per edge
-        hard = sum(zero) >= len(w) - 1
-        unselected = [hard and z for z in zero]
         num = den = bias = None
         gamma = beta = None
-        for k, pair in enumerate(group):
-            conv, bn = _maybe_frozen(pair[0], unselected[k]), _maybe_frozen(pair[1], unselected[k])
+        for k, (conv, bn) in enumerate(group):
             norm = conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)  # (C_out,)
             coeff = a[k] / norm
             if self.concat_inputs:  # blocks side by side along input channels
@@ -272,7 +251,7 @@ class MergedConvBN(nn.Module):
         bias = bias / den if bias is not None else None
         scale = total.expand(kernel.shape[0]) if gamma is None else total * gamma
         shift = None if beta is None else total * beta
-        return kernel, bias, scale, shift, unselected
+        return kernel, bias, scale, shift
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n_inputs = self.sizes[0] if self.concat_inputs else 1
@@ -281,15 +260,12 @@ class MergedConvBN(nn.Module):
         for group, n in zip(self.groups, self.sizes):
             w = torch.stack([t.reshape(()) for t in weights[start : start + n]])
             start += n
-            kernel, bias, scale, shift, unselected = self._merge(group, w)
+            kernel, bias, scale, shift = self._merge(group, w)
             kernels.append(kernel)
             biases.append(bias)
             scales.append(scale)
             shifts.append(shift)
-        if self.concat_inputs:  # unselected candidates' inputs (their depthwise stages) get no gradient either
-            r = torch.cat([x.detach() if u else x for x, u in zip(args[:n_inputs], unselected)], dim=1)
-        else:
-            r = args[0]
+        r = torch.cat(args[:n_inputs], dim=1) if self.concat_inputs else args[0]
         kernel = torch.cat(kernels)
         bias = torch.cat(biases) if self.has_bias else None
         dilation = self.groups[0][0][0].dilation if self.concat_inputs else 1

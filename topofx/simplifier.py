@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import capture as _capture
-from .adapters import RelaxedForward, adapter_for
+from .adapters import RelaxedForward, UnselectedFreeze, adapter_for
 from .guards import Guards, retraces_same
 from .modules import MergedConvBN, to_channels_last
 from .report import Report
@@ -72,7 +72,8 @@ class SimplifiedModule(nn.Module):
             return self.graph_module(*args, **kwargs)
         relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
         try:
-            return self.graph_module(*args, **kwargs)
+            with self.freeze(self.graph_module):  # unselected candidates sit still, as in GDAS
+                return self.graph_module(*args, **kwargs)
         finally:
             relaxed.release(self.graph_module)
 
@@ -92,7 +93,7 @@ class SimplifiedModule(nn.Module):
             for name, buf in fresh.floated_buffers().items():
                 if name in floated and floated[name].shape == buf.shape:
                     buf.copy_(floated[name])
-        for key in ("graph_module", "report", "relaxed", "guards", "graph_training"):
+        for key in ("graph_module", "report", "relaxed", "freeze", "guards", "graph_training"):
             self.__dict__[key] = fresh.__dict__.get(key)
         self.graph_module.train(self.training)
 
@@ -209,6 +210,7 @@ def simplify(
     gm = captured.graph_module
     captured_code = gm.code
     topology = analyze(gm.graph, root)
+    freeze = UnselectedFreeze(gm, topology, live) if adapter else None  # from the graph as captured
     before = node_counts(gm)
     runs = run_to_fixpoint(gm, root, passes, example_inputs)
     if lowering:
@@ -219,7 +221,7 @@ def simplify(
     if adapter:
         root.release(gm)  # samples drawn while verifying and rewriting
     branches_on_training = _branches_on_training(root, example_inputs, captured_code)
-    simplified.__dict__.update(relaxed=root if adapter else None, options=dict(mode=mode, strict=strict, check=check, layout=layout),
+    simplified.__dict__.update(relaxed=root if adapter else None, freeze=freeze, options=dict(mode=mode, strict=strict, check=check, layout=layout),
                                guards=Guards(root, gm, captured_code, example_inputs))
     if branches_on_training:
         simplified.__dict__["graph_training"] = root.training
