@@ -5,7 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, RecomputedScale, inner, weighted_sum
+import torch.nn.functional as F
+
+from topofx.modules import (
+    ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, MergedConvBN, RecomputedScale, inner, weighted_sum,
+)
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 2, 0)])
@@ -137,3 +141,67 @@ def test_fused_batch_norm_with_scales_equals_scaled_bns(affine):
     for ref, bn in zip(refs, bns):
         assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
         assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
+def _edge(C, O, specs, bias):
+    """Conv->BN candidates (kernel, dilation) of one edge, affine BNs with random parameters."""
+    pairs = []
+    for k, d in specs:
+        conv = nn.Conv2d(C, O, k, padding=d * (k - 1) // 2, dilation=d, bias=bias).double()
+        bn = nn.BatchNorm2d(O).double()
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+        pairs.append((conv, bn))
+    return pairs
+
+
+def _merged_reference(pairs, w, r, eps=1e-12):
+    """METHOD.md's merge for one edge, written from the convolutions' linearity in their kernel:
+    conv(r, sum_i c_i pad(K_i)) = sum_i c_i conv_i(r), c_i = a_i / ||K_io|| per output channel."""
+    total = w.sum()
+    a = w / (total + eps)
+    coeff = [a[i] / conv.weight.flatten(1).norm(dim=1) for i, (conv, _) in enumerate(pairs)]
+    den = sum(coeff) + eps
+    y = sum(c[:, None, None] * F.conv2d(r, conv.weight, None, 1, conv.padding, conv.dilation) for c, (conv, _) in zip(coeff, pairs))
+    if pairs[0][0].bias is not None:
+        y = y + sum(c * conv.bias for c, (conv, _) in zip(coeff, pairs))[:, None, None]
+    gamma = sum(a[i] * bn.weight for i, (_, bn) in enumerate(pairs))
+    beta = sum(a[i] * bn.bias for i, (_, bn) in enumerate(pairs))
+    return F.batch_norm(y / den[:, None, None], None, None, total * gamma, total * beta, True)
+
+
+@pytest.mark.parametrize("edges,bias", [
+    ([(8, [(3, 1), (1, 1), (3, 2)]), (8, [(5, 1), (3, 1), (1, 1)])], False),  # one batch over all edges
+    ([(8, [(3, 1), (1, 1)]), (6, [(3, 2), (3, 1), (1, 1)])], True),  # edges of other sizes: edge by edge
+])
+def test_merged_conv_bn_equals_the_formula(edges, bias):
+    torch.manual_seed(0)
+    C = 5
+    groups = [_edge(C, O, specs, bias) for O, specs in edges]
+    merged = MergedConvBN(groups).double()
+    r = torch.randn(4, C, 9, 9, dtype=torch.float64)
+    weights = [torch.rand(len(g), dtype=torch.float64) for g in groups]
+    got = merged(r, *(w_k for w in weights for w_k in w))
+    expected = torch.cat([_merged_reference(g, w, r) for g, w in zip(groups, weights)], dim=1)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
+    # gradients reach every kernel and BN affine parameter, and every weight
+    got.square().sum().backward()
+    for g in groups:
+        for conv, bn in g:
+            assert conv.weight.grad.abs().sum() > 0 and bn.weight.grad.abs().sum() > 0
+
+
+def test_merged_conv_bn_concatenated_inputs():
+    """Pointwise stages after their own depthwise convs: one conv over the concatenated inputs."""
+    torch.manual_seed(0)
+    group = _edge(4, 6, [(1, 1), (1, 1), (1, 1)], False)
+    merged = MergedConvBN([group], concat_inputs=True).double()
+    xs = [torch.randn(2, 4, 7, 7, dtype=torch.float64) for _ in group]
+    w = torch.rand(3, dtype=torch.float64)
+    total, a = w.sum(), w / (w.sum() + 1e-12)
+    coeff = [a[i] / conv.weight.flatten(1).norm(dim=1) for i, (conv, _) in enumerate(group)]
+    y = sum(c[:, None, None] * F.conv2d(x, conv.weight) for c, x, (conv, _) in zip(coeff, xs, group)) / (sum(coeff) + 1e-12)[:, None, None]
+    gamma = sum(a[i] * bn.weight for i, (_, bn) in enumerate(group))
+    beta = sum(a[i] * bn.bias for i, (_, bn) in enumerate(group))
+    expected = F.batch_norm(y, None, None, total * gamma, total * beta, True)
+    assert torch.allclose(merged(*xs, *w), expected, rtol=1e-10, atol=1e-10)
