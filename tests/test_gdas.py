@@ -153,6 +153,17 @@ def test_user_registered_adapter():
         assert _same_sample_error(model, simplified, x, seed) <= 1e-5
 
 
+class _RawConv(nn.Module):
+    """A candidate that reads its kernel as a plain attribute (``get_attr`` in the graph)."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.kernel = nn.Parameter(0.1 * torch.randn(C, C, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, padding=1)
+
+
 class _SharedHardSampled(nn.Module):
     """GDAS-style, with a convolution used both by a candidate and after the edge's join."""
 
@@ -162,12 +173,13 @@ class _SharedHardSampled(nn.Module):
         self.conv3 = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.shared = nn.Conv2d(C, C, 1)
         self.skip = nn.Identity()
-        self.alpha = nn.Parameter(1e-3 * torch.randn(1, 3))
+        self.raw = _RawConv(C)
+        self.alpha = nn.Parameter(1e-3 * torch.randn(1, 4))
         self.tau = 5.0
         self.head = nn.Linear(C, 10)
 
     def candidates(self):
-        return [self.conv3, self.shared, self.skip]
+        return [self.conv3, self.shared, self.skip, self.raw]
 
     def forward(self, x):
         hardwts, index = hard_gumbel_sample(self.alpha, self.tau)
@@ -178,8 +190,9 @@ class _SharedHardSampled(nn.Module):
 
 
 def test_freeze_leaves_shared_parameters_alone():
-    """Only what unselected candidates alone use is frozen: a module also used outside the mixed edge
-    keeps its gradient whichever candidate is drawn."""
+    """Only what unselected candidates alone use is frozen (modules they call, parameters they read
+    as attributes): a module also used outside the mixed edge keeps its gradient whichever
+    candidate is drawn."""
     model = _SharedHardSampled()
     x = torch.randn(4, 3, 8, 8)
 
@@ -199,4 +212,4 @@ def test_freeze_leaves_shared_parameters_alone():
         _acts_like_gdas(model, simplified, x, seed)
         with preserved_state(model):
             assert "shared.weight" in _params_with_grad(model, simplified, x, seed)
-    assert drawn >= {0, 1}  # the conv candidate both selected and not
+    assert drawn >= {0, 1, 3}  # each candidate both selected and not

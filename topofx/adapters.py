@@ -161,8 +161,8 @@ class UnselectedFreeze:
 
     * a candidate is gated when its weight reads a sample by indexing alone
       (``hardwts[e][k]``); its flat position in the sample is fixed at capture;
-    * a parameter or buffer belongs to the candidates whose branches call its module (or read it);
-      one that any other node uses (a stem, a shared op, a candidate with another kind of weight)
+    * a parameter or buffer belongs to the candidates whose branches call its module (or read it
+      through ``get_attr``); one that any other node uses (a stem, a shared op, a candidate with another kind of weight)
       is never frozen.
 
     Before each call, the candidates whose sampled weight is exactly 0 are the unselected ones; a
@@ -180,17 +180,20 @@ class UnselectedFreeze:
         for i, cand in enumerate(candidates):
             for node in cand.branch:
                 owners[node].add(i if positions[i] is not None else -1)  # -1: always runs
-        users: dict[_Tensor, set[int]] = defaultdict(set)
-        ids: dict[_Tensor, _Tensor] = {}
+        for node in gm.graph.nodes:  # a tensor read by get_attr belongs where its readers do
+            if node.op == "get_attr":
+                owners[node] = set().union(*(owners.get(user, {-1}) for user in node.users))
+        users: dict[tuple[int, str, str], set[int]] = defaultdict(set)
+        tensor_of: dict[tuple[int, str, str], _Tensor] = {}
         for node in gm.graph.nodes:
             for tensor in _tensors_read(gm, node):
                 key = (id(tensor[0]), tensor[1], tensor[2])
-                ids[key] = tensor
-                users[key] |= owners.get(node, {-1})
+                tensor_of[key] = tensor
+                users[key] |= owners.get(node) or {-1}
         groups: dict[frozenset[int], list[_Tensor]] = defaultdict(list)
         for key, cands in users.items():
             if -1 not in cands:
-                groups[frozenset(cands)].append(ids[key])
+                groups[frozenset(cands)].append(tensor_of[key])
         by_sample: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for i in sorted({i for cands in groups for i in cands}):
             name, flat = positions[i]
