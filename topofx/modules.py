@@ -240,6 +240,7 @@ class MergedConvBN(nn.Module):
             return torch.stack(tensors).unflatten(0, w.shape)
 
         kernels = stacked([self._aligned(conv) for conv, _ in pairs])  # (E, K, O, I, kh, kw)
+        w = w.to(kernels.dtype)  # float32 alphas of a .half() model mix half kernels
         total = w.sum(1, keepdim=True)
         a = w / (total + self.eps)
         coeff = a[..., None] / kernels.flatten(3).norm(dim=3).clamp_min(self.eps)  # (E, K, O)
