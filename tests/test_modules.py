@@ -170,15 +170,16 @@ def _merged_reference(pairs, w, r, eps=1e-12):
     return F.batch_norm(y / den[:, None, None], None, None, total * gamma, total * beta, True)
 
 
-@pytest.mark.parametrize("edges,bias", [
-    ([(8, [(3, 1), (1, 1), (3, 2)]), (8, [(5, 1), (3, 1), (1, 1)])], False),  # one batch over all edges
-    ([(8, [(3, 1), (1, 1)]), (6, [(3, 2), (3, 1), (1, 1)])], True),  # edges of other sizes: edge by edge
+@pytest.mark.parametrize("edges,bias,batched", [
+    ([(8, [(3, 1), (1, 1), (3, 2)]), (8, [(5, 1), (3, 1), (1, 1)])], False, True),  # one batch over all edges
+    ([(8, [(3, 1), (1, 1)]), (6, [(3, 2), (3, 1), (1, 1)])], True, False),  # edges of other sizes: edge by edge
 ])
-def test_merged_conv_bn_equals_the_formula(edges, bias):
+def test_merged_conv_bn_equals_the_formula(edges, bias, batched):
     torch.manual_seed(0)
     C = 5
     groups = [_edge(C, O, specs, bias) for O, specs in edges]
     merged = MergedConvBN(groups).double()
+    assert merged.batched == batched
     r = torch.randn(4, C, 9, 9, dtype=torch.float64)
     weights = [torch.rand(len(g), dtype=torch.float64) for g in groups]
     got = merged(r, *(w_k for w in weights for w_k in w))

@@ -210,6 +210,7 @@ class MergedConvBN(nn.Module):
         self.groups = nn.ModuleList(nn.ModuleList(nn.ModuleList([c, b]) for c, b in g) for g in groups)
         self.sizes = [len(g) for g in groups]
         self.splits = [g[0][0].out_channels for g in groups]
+        self.batched = len(set(self.sizes)) == 1 and len(set(self.splits)) == 1  # all edges mix as one (E, K) batch
         kernels = [effective_kernel(c) for c in convs]
         self.kernel = (max(k[0] for k in kernels), max(k[1] for k in kernels))
         first_conv, first_bn = convs[0], bns[0]
@@ -261,7 +262,7 @@ class MergedConvBN(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n_inputs = self.sizes[0] if self.concat_inputs else 1
         weights = torch.stack([t.reshape(()) for t in args[n_inputs:]])
-        if len(set(self.sizes)) == 1 and len(set(self.splits)) == 1:  # all edges in one batch
+        if self.batched:
             blocks = [(list(self.groups), weights.view(len(self.sizes), self.sizes[0]))]
         else:
             blocks = [([g], w[None]) for g, w in zip(self.groups, weights.split(self.sizes))]
