@@ -20,7 +20,8 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from topofx.modules import MergedConvBN, bn_config, conv_offset
+from topofx.config import module_config
+from topofx.modules import MergedConvBN, conv_offset
 from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated, rebuild_chain, split_channels
 from topofx.topology import Candidate, MixedEdge
 
@@ -38,17 +39,24 @@ def _conv_bn(gm: fx.GraphModule, cand: Candidate, once: set[int]) -> tuple[fx.No
     bn, conv = gm.get_submodule(bn_node.target), gm.get_submodule(conv_node.target)
     if type(bn) is not nn.BatchNorm2d or type(conv) is not nn.Conv2d or conv.groups != 1:
         return None
-    if conv.padding_mode != "zeros" or conv_offset(conv) is None or conv.out_channels != bn.num_features:
-        return None
-    if any(m._forward_hooks or m._forward_pre_hooks or id(m) not in once for m in (bn, conv)):
+    if _geometry(conv, bn) is None or conv.padding_mode != "zeros" or conv.out_channels != bn.num_features:
+        return None  # the merge pads kernels to one size: only zero padding commutes with that
+    if any(id(m) not in once for m in (bn, conv)):
         return None
     if is_mutated(bn_node, gm) or reads_mutated(conv_node, gm):
         return None
     return conv_node, bn_node
 
 
-def _geometry(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-    return (conv.stride, conv_offset(conv), conv.bias is not None, conv.weight.dtype, bn_config(bn), conv.out_channels)
+def _geometry(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple | None:
+    """What candidates must share to merge: the conv's configuration but its kernel size, padding,
+    dilation (aligned through the padding offset instead) and input width (concatenated inputs may
+    differ: the caller adds it where they must not), and the BN's whole configuration."""
+    config = module_config(conv, ignore=("kernel_size", "padding", "dilation", "in_channels"))
+    bn_full = module_config(bn)
+    if config is None or bn_full is None or conv_offset(conv) is None:
+        return None
+    return (config, conv_offset(conv), bn_full)
 
 
 def _match(ctx: PassContext) -> tuple[dict, list]:
@@ -73,7 +81,8 @@ def _match(ctx: PassContext) -> tuple[dict, list]:
                 shared[key].append((edge, members))
             else:
                 conv = gm.get_submodule(members[0][1].target)
-                leftovers[_geometry(conv, gm.get_submodule(members[0][2].target)) + (conv.kernel_size, conv.dilation)] += members
+                key = _geometry(conv, gm.get_submodule(members[0][2].target)) + (conv.kernel_size, conv.dilation, conv.in_channels)
+                leftovers[key] += members  # one kernel shape: the merge stacks their kernels
         concat += [(edge, members) for members in leftovers.values() if len(members) >= 2]
     return shared, concat
 
@@ -110,19 +119,28 @@ def _rewrite(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list
     return records
 
 
+def _sum_nodes(edge: MixedEdge) -> set[fx.Node]:
+    return {n for n in (*edge.chain.adds, *edge.chain.terms) if isinstance(n, fx.Node)}
+
+
 def floating_merge(ctx: PassContext) -> list[Rewrite]:
     shared, concat = _match(ctx)
     records = []
-    done: set[int] = set()  # an edge's sum is rebuilt once per application; the fixpoint comes back
-    for (r, _), edges in shared.items():
-        edges = [(e, m) for e, m in edges if id(e) not in done]
+    # a sum is rebuilt at most once per application, and an edge whose sum reads one rebuilt here
+    # (a chain that runs on into the node's sum) waits: the fixpoint comes back with fresh matches
+    touched: set[fx.Node] = set()
+    for (r, _), group in shared.items():
+        edges = []
+        for edge, members in group:
+            if not _sum_nodes(edge) & touched:
+                edges.append((edge, members))
+                touched.update(_sum_nodes(edge))
         if edges:
             records += _rewrite(ctx, edges, [r], concat=False)
-            done.update(id(e) for e, _ in edges)
     for edge, members in concat:
-        if id(edge) not in done:
+        if not _sum_nodes(edge) & touched:
             records += _rewrite(ctx, [(edge, members)], [c.args[0] for _, c, _ in members], concat=True)
-            done.add(id(edge))
+            touched.update(_sum_nodes(edge))
     return records
 
 

@@ -29,13 +29,13 @@ def _is_plain_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     mod = _module(gm, node)
     return (
         type(mod) is nn.Conv2d and mod.groups == 1 and len(node.args) == 1 and not node.kwargs
-        and not mod._forward_hooks and not mod._forward_pre_hooks
+        and conv_geometry(mod) is not None
     )
 
 
 def _is_plain_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
     mod = _module(gm, node)
-    return type(mod) is nn.BatchNorm2d and not mod._forward_hooks and not mod._forward_pre_hooks
+    return type(mod) is nn.BatchNorm2d and bn_config(mod) is not None
 
 
 def _slice_outputs(gm: fx.GraphModule, fused: fx.Node, nodes: list[fx.Node], splits: list[int]) -> None:

@@ -16,30 +16,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from topofx.config import module_config
 from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, reads_mutated
-
-
-def module_signature(mod: nn.Module) -> Hashable | None:
-    """Type and configuration of a stateless module, or None if it has state."""
-    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
-        return None
-    config = []
-    for key, value in sorted(vars(mod).items()):
-        if key.startswith("_") or key == "training":
-            continue
-        if isinstance(value, (int, float, bool, str, type(None), tuple)):
-            config.append((key, value))
-        else:
-            return None
-    return (type(mod), tuple(config))
 
 
 def _key(node: fx.Node, gm: fx.GraphModule) -> Hashable | None:
     if node.op not in ("call_module", "call_function", "call_method") or not is_pure(node, gm):
         return None
     if node.op == "call_module":
-        target: Any = module_signature(gm.get_submodule(node.target))
-        if target is None:
+        mod = gm.get_submodule(node.target)
+        target: Any = module_config(mod)
+        if target is None or any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
             return None
     else:
         target = node.target

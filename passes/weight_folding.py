@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from topofx.config import module_config
 from topofx.modules import FusedBatchNorm2d
 from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated
 from topofx.topology import data_dependent, is_mul, weighted_term
@@ -22,7 +23,7 @@ def _plain_bn(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     mod = gm.get_submodule(node.target)
-    if type(mod) is not nn.BatchNorm2d or mod._forward_hooks or mod._forward_pre_hooks:
+    if type(mod) is not nn.BatchNorm2d or module_config(mod) is None:
         return None
     return mod
 

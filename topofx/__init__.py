@@ -6,8 +6,8 @@ less memory.  See ``docs/`` and ``../shared/METHOD.md`` for the method.
 """
 from .capture import CaptureError
 from .report import Report
-from .simplifier import SimplifiedModule, simplify
+from .simplifier import SelfCheckError, SimplifiedModule, simplify
 from .topology import analyze
 
-__all__ = ["simplify", "SimplifiedModule", "Report", "CaptureError", "analyze"]
+__all__ = ["simplify", "SimplifiedModule", "SelfCheckError", "Report", "CaptureError", "analyze"]
 __version__ = "0.1.0"

@@ -137,7 +137,11 @@ def meta_copy(module: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
     for b in module.buffers():
         memo[id(b)] = b.detach().to("meta")
-    return copy.deepcopy(module, memo)
+    clone = copy.deepcopy(module, memo)
+    for m in clone.modules():  # a cumulative average reads its batch count as a Python number,
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.momentum is None:
+            m.momentum = 0.0  # which a meta tensor cannot give; the factor never changes shapes
+    return clone
 
 
 _STOCK_RESULTS: dict[tuple, Any] = {}  # meta output of a stock torch.nn module, by configuration and input metadata

@@ -5,6 +5,7 @@
     topofx models                                   # built-in supernets
     topofx simplify MODEL [--mode exact|topo] [--viz DIR] [--input-shape 2,3,32,32] [--strict]
     topofx bench MODEL [--modes exact,topo] [--batch-size 64] [--steps 5] ...
+    topofx fuzz [--n 1000] [--seed 0] [--mode exact,topo] [--out DIR] [--jobs 2] [--timeout 60]
 
 ``MODEL`` is a built-in name (``topofx models``) or ``path/to/file.py:factory``: the file is imported
 from its path and ``factory()`` must return a model, or a ``(model, example_inputs)`` pair; for a
@@ -279,6 +280,12 @@ def _bench(argv: list[str]) -> int:
     return bench.main(argv, prog=f"{PROG} bench")
 
 
+def _fuzz(argv: list[str]) -> int:
+    from . import fuzz
+
+    return fuzz.main(argv, prog=f"{PROG} fuzz")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -332,6 +339,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Same options as `python -m topofx.bench` (run `topofx bench --help`).",
         add_help=False,
     )
+    sub.add_parser(
+        "fuzz", help="check random supernets written in the styles of public NAS codebases",
+        description="Same options as `python -m topofx.fuzz` (run `topofx fuzz --help`).",
+        add_help=False,
+    )
     return parser
 
 
@@ -346,13 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if argv and argv[0] == "bench":  # bench owns its options (and its --help)
                 return _bench(argv[1:])
+            if argv and argv[0] == "fuzz":  # so does fuzz
+                return _fuzz(argv[1:])
             parser = _build_parser()
             try:
                 args = parser.parse_args(argv)
             except SystemExit as exc:  # --help (0) and usage errors (2) return instead of exiting
                 return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
             if not getattr(args, "command", None):
-                raise UserError("give a command: models, simplify or bench (see topofx --help)")
+                raise UserError("give a command: models, simplify, bench or fuzz (see topofx --help)")
             return int(args.func(args) or 0)
         except UserError as exc:
             if show_tb:

@@ -4,26 +4,18 @@ checkpoints keep working on the original parameters.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import module_config
 
-def conv_geometry(conv: nn.Conv2d) -> tuple:
-    """What two convolutions must share to be fused by concatenating output channels."""
-    return (
-        conv.in_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        conv.padding_mode,
-        conv.bias is not None,
-        conv.weight.dtype,
-    )
+
+def conv_geometry(conv: nn.Conv2d) -> Hashable | None:
+    """What two convolutions must share to be fused by concatenating output channels (None: never)."""
+    return module_config(conv, ignore=("out_channels",))
 
 
 class FusedConv2d(nn.Module):
@@ -37,7 +29,7 @@ class FusedConv2d(nn.Module):
     def __init__(self, convs: Sequence[nn.Conv2d]):
         super().__init__()
         geometry = {conv_geometry(c) for c in convs}
-        if len(geometry) != 1 or any(type(c) is not nn.Conv2d or c.groups != 1 for c in convs):
+        if len(geometry) != 1 or None in geometry or any(type(c) is not nn.Conv2d or c.groups != 1 for c in convs):
             raise ValueError("FusedConv2d needs ungrouped nn.Conv2d modules of one geometry")
         self.convs = nn.ModuleList(convs)
         self.splits = [c.out_channels for c in convs]
@@ -46,7 +38,7 @@ class FusedConv2d(nn.Module):
         first = self.convs[0]
         weight = torch.cat([c.weight for c in self.convs])
         bias = torch.cat([c.bias for c in self.convs]) if first.bias is not None else None
-        return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups)
+        return first._conv_forward(x, weight, bias)  # the stock path: honours padding_mode
 
 
 def affine_dtype(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.dtype:
@@ -56,9 +48,9 @@ def affine_dtype(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.dtype:
     return state.dtype if state is not None else y.dtype
 
 
-def bn_config(bn: nn.BatchNorm2d) -> tuple:
-    """What batch norms must share to run as one batch norm over concatenated channels."""
-    return (type(bn), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+def bn_config(bn: nn.BatchNorm2d) -> Hashable | None:
+    """What batch norms must share to run as one batch norm over concatenated channels (None: never)."""
+    return module_config(bn, ignore=("num_features",))
 
 
 class FusedBatchNorm2d(nn.Module):
@@ -79,8 +71,9 @@ class FusedBatchNorm2d(nn.Module):
 
     def __init__(self, bns: Sequence[nn.BatchNorm2d]):
         super().__init__()
-        if len({bn_config(b) for b in bns}) != 1:
-            raise ValueError("FusedBatchNorm2d needs batch norms of one configuration")
+        configs = {bn_config(b) for b in bns}
+        if len(configs) != 1 or None in configs or any(type(b) is not nn.BatchNorm2d for b in bns):
+            raise ValueError("FusedBatchNorm2d needs stock BatchNorm2d modules of one configuration")
         self.bns = nn.ModuleList(bns)
         self.splits = [b.num_features for b in bns]
 
@@ -203,7 +196,7 @@ class MergedConvBN(nn.Module):
         if len({conv_offset(c) for c in convs}) != 1 or len({c.stride for c in convs}) != 1:
             raise ValueError("MergedConvBN needs convolutions with aligned outputs")
         layout = {(c.groups, c.bias is not None) if concat_inputs else (c.in_channels, c.groups, c.bias is not None) for c in convs}
-        if len({bn_config(b) for b in bns}) != 1 or len(layout) != 1:
+        if len({bn_config(b) for b in bns}) != 1 or None in {bn_config(b) for b in bns} or len(layout) != 1:
             raise ValueError("MergedConvBN needs one BN configuration and one conv input layout")
         if any(len({c.out_channels for c, _ in g}) != 1 for g in groups):
             raise ValueError("the candidates of one edge must have the same output channels")
@@ -221,8 +214,9 @@ class MergedConvBN(nn.Module):
         self.has_bias = first_conv.bias is not None
         self.floated = nn.BatchNorm2d(
             sum(self.splits), eps=first_bn.eps, momentum=first_bn.momentum, affine=False,
-            track_running_stats=first_bn.track_running_stats,
-        ).to(first_conv.weight.device)
+            track_running_stats=first_bn.track_running_stats, device=first_conv.weight.device,
+            dtype=first_bn.running_mean.dtype if first_bn.running_mean is not None else first_conv.weight.dtype,
+        )
         self.mix_affine = first_bn.affine
 
     def _aligned(self, conv: nn.Conv2d) -> torch.Tensor:
@@ -350,7 +344,8 @@ class ConvAvgPool2d(nn.Module):
 
     @staticmethod
     def supports(pool: nn.Module) -> bool:
-        return type(pool) is nn.AvgPool2d and not pool.ceil_mode and pool.divisor_override is None
+        return (type(pool) is nn.AvgPool2d and module_config(pool) is not None and not pool.ceil_mode
+                and pool.divisor_override is None)
 
     def _kernel_and_counts(self, shape: torch.Size, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ones kernel and the per-position window sizes for inputs of ``shape`` (computed once)."""
@@ -518,7 +513,7 @@ class ChannelsLastDepthwise(nn.Module):
 
     @staticmethod
     def supports(conv: nn.Module) -> bool:
-        return (type(conv) is nn.Conv2d and conv.groups > 1 and conv.groups == conv.in_channels
+        return (type(conv) is nn.Conv2d and module_config(conv) is not None and conv.groups > 1 and conv.groups == conv.in_channels
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

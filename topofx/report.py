@@ -57,6 +57,8 @@ class Report:
                 conv1=self.after["conv"], bn0=self.before["bn"], bn1=self.after["bn"],
             )
         )
+        for p in self.passes:
+            lines += [f"  rejected {p.name}: {why} (graph before it kept)" for why in p.rejected]
         approx = self.approximate
         lines.append(
             f"  approximate rewrites: {len(approx)} (vertex-exact: exact whenever an edge's weights are one-hot)"

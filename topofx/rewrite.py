@@ -10,6 +10,7 @@ object) -- a pass never hands back a wrong graph silently.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 from typing import Any, Callable, Protocol, Sequence
@@ -19,13 +20,27 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import STATIC, UNKNOWN, VALUE, run_on_meta
+from .config import module_config
 from .topology import Topology, analyze
 
+# Operations that draw from a random number generator (or return uninitialized memory), by their
+# name without leading/trailing underscores: ``bernoulli_``, ``torch._standard_gamma``, ``F.dropout``...
 _RANDOM_NAMES = {
     "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "bernoulli",
-    "multinomial", "poisson", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "feature_alpha_dropout", "gumbel_softmax", "rrelu", "empty", "empty_like", "exponential_", "uniform_",
-    "normal_", "geometric_", "log_normal_", "cauchy_", "random_", "new_empty",
+    "multinomial", "poisson", "binomial", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "feature_dropout", "native_dropout", "fused_dropout", "gumbel_softmax", "rrelu",
+    "exponential", "uniform", "geometric", "log_normal", "cauchy", "random", "standard_gamma",
+    "sample_dirichlet", "sample", "rsample", "empty", "empty_like", "new_empty", "empty_strided",
+}
+# Operations whose result may share storage with their first argument (a mutation of one is seen
+# through the other); over-approximated on purpose: a false alias only adds an ordering constraint.
+_ALIASING_NAMES = {
+    "getitem", "view", "view_as", "reshape", "reshape_as", "narrow", "select", "split", "split_with_sizes",
+    "tensor_split", "chunk", "unbind", "transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims",
+    "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "t", "as_strided",
+    "detach", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex", "to", "type",
+    "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "requires_grad_", "align_as",
+    "identity", "clone_if_needed",
 }
 
 
@@ -87,9 +102,11 @@ def target_name(node: fx.Node) -> str:
 
 
 def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` mutates one of its inputs."""
+    """Whether ``node`` mutates its first argument (``x.add_(y)``, ``ReLU(inplace=True)``, ``x[i] = y``)."""
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
     if node.op in ("call_method", "call_function"):
         name = target_name(node)
         return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is True
@@ -119,11 +136,15 @@ def called_once(gm: fx.GraphModule) -> set[int]:
 
 
 def is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Draws random numbers, or cannot be vouched for (a user leaf module, a module with hooks)."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        known = type(mod).__module__.startswith(("torch.nn", "topofx.modules"))  # user leaf modules: unknown
-        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or not known
-    return node.op in ("call_function", "call_method") and target_name(node) in _RANDOM_NAMES
+        ours = type(mod).__module__.startswith("topofx.modules")
+        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or not (ours or module_config(mod) is not None)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = target_name(node).strip("_")
+    return name in _RANDOM_NAMES or name.removesuffix("_like") in _RANDOM_NAMES
 
 
 def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -135,11 +156,8 @@ def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
     if is_random(node, gm) or is_inplace(node, gm):
         return False
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if mod._forward_hooks or mod._forward_pre_hooks:
-            return False
         # a module whose forward updates state (BN running stats) is impure in train mode
-        return not any(True for _ in mod.buffers())
+        return not any(True for _ in gm.get_submodule(node.target).buffers())
     return True
 
 
@@ -206,17 +224,121 @@ def node_order(graph: fx.Graph):
     return index.__getitem__
 
 
-def stable_toposort(graph: fx.Graph) -> None:
+def aliases(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node``'s value may share storage with its first argument."""
+    if node.op == "call_module":  # nn.Identity returns its input; unknown modules might
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.Identity) or is_random(node, gm)
+    return node.op in ("call_function", "call_method") and target_name(node).strip("_") in _ALIASING_NAMES
+
+
+class _ModuleTable:
+    """A graph module's ``graph`` and ``get_submodule`` by one dictionary lookup (thousands of calls)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph = gm.graph
+        self._table = gm._table if isinstance(gm, _ModuleTable) else dict(gm.named_modules(remove_duplicate=False))
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self._table[target]
+
+
+@dataclasses.dataclass
+class Effects:
+    """What a graph's program order means beyond its data flow.
+
+    * ``chain``: the impure calls (random draws, modules that cannot be vouched for) in program
+      order -- moving one past another changes which random numbers each one gets;
+    * ``accesses``: for every storage that some node mutates in place, all nodes reading or
+      writing it (through any alias) in program order -- a read must stay on its side of a write.
+
+    Recorded before a pass (when the order is the original's) and checked after it.
+    """
+
+    chain: list[fx.Node]
+    accesses: list[list[fx.Node]]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "Effects":
+        gm = _ModuleTable(gm)  # type: ignore[assignment]  # get_submodule without walking paths
+        nodes = list(gm.graph.nodes)
+        chain = [n for n in nodes if n.op in ("call_module", "call_function", "call_method") and is_random(n, gm)]
+        root: dict[fx.Node, fx.Node] = {}  # alias classes (union-find over "may share storage")
+
+        def find(n: fx.Node) -> fx.Node:
+            while root.get(n, n) is not n:
+                n = root[n]
+            return n
+
+        mutated = set()
+        for n in nodes:
+            first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            if first is not None and (aliases(n, gm) or is_inplace(n, gm)):
+                root[find(n)] = find(first)
+            if first is not None and is_inplace(n, gm):
+                mutated.add(n)
+        classes: dict[fx.Node, list[fx.Node]] = {}
+        for n in mutated:
+            classes.setdefault(find(n), [])
+        for n in nodes:  # an access: a node that uses a member of a mutated class
+            for base in {find(a) for a in n.all_input_nodes} & classes.keys():
+                classes[base].append(n)
+        return cls(chain, [acc for acc in classes.values() if any(a in mutated for a in acc)])
+
+    def order_edges(self, alive: set[fx.Node], gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+        """``(a, b)``: a must run before b (restricted to nodes still in the graph)."""
+        gm = _ModuleTable(gm)  # type: ignore[assignment]
+        chain = [n for n in self.chain if n in alive]
+        edges = list(zip(chain, chain[1:]))
+        for acc in self.accesses:
+            acc = [n for n in acc if n in alive]
+            for i, n in enumerate(acc):
+                if is_inplace(n, gm):
+                    edges += [(a, n) for a in acc[:i]] + [(n, b) for b in acc[i + 1:]]
+        return edges
+
+    def violation(self, gm: fx.GraphModule) -> str | None:
+        """Why the graph no longer keeps the recorded order, or None."""
+        gm = _ModuleTable(gm)  # type: ignore[assignment]
+        nodes = list(gm.graph.nodes)
+        position = {n: i for i, n in enumerate(nodes)}
+        lost = [n.name for n in self.chain if n not in position]
+        if lost:
+            return f"it removed the random/opaque call(s) {', '.join(lost)}"
+        now = Effects.of(gm)  # type: ignore[arg-type]
+        if [n for n in now.chain if n in set(self.chain)] != self.chain:
+            return "it reordered random draws"
+        if len(now.chain) != len(self.chain):
+            return "it added a random/opaque call"
+        old = set().union(*map(set, self.accesses)) if self.accesses else set()
+        for acc in now.accesses:
+            new = [n.name for n in acc if n not in old]
+            if new:
+                return f"new node(s) {', '.join(new)} read a value that is mutated in place"
+        for acc in self.accesses:
+            kept = [n for n in acc if n in position]
+            for i, n in enumerate(kept):
+                if is_inplace(n, gm):
+                    if any(position[a] > position[n] for a in kept[:i]) or any(position[b] < position[n] for b in kept[i + 1:]):
+                        return f"it moved a read of {n.args[0].name} across its in-place update {n.name}"
+        return None
+
+
+def stable_toposort(graph: fx.Graph, extra_edges: Sequence[tuple[fx.Node, fx.Node]] = ()) -> None:
     """Reorder nodes topologically, keeping the current order wherever the data flow allows.
 
     Passes insert a fused node after the last of its inputs; its users may sit earlier.  networkx's
     lexicographical topological sort (key = current position) repairs that with minimal movement.
+    ``extra_edges`` add the orderings that data flow does not show (:class:`Effects`); a cycle
+    raises ``networkx.NetworkXUnfeasible``.
     """
     import networkx as nx
 
     from .topology import to_networkx
 
-    order = list(nx.lexicographical_topological_sort(to_networkx(graph), key=node_order(graph)))
+    g = to_networkx(graph)
+    g.add_edges_from(extra_edges)
+    order = list(nx.lexicographical_topological_sort(g, key=node_order(graph)))
     if order == list(graph.nodes):
         return
     prev = graph._root  # the sentinel before the first node
@@ -286,7 +408,7 @@ def node_counts(gm: fx.GraphModule) -> dict[str, int]:
 
 
 class RewriteError(RuntimeError):
-    """A pass produced a graph that fails lint or changes output shapes (a topofx bug)."""
+    """A pass's result was rejected (the graph before it is kept); the message says why."""
 
 
 @dataclasses.dataclass
@@ -297,6 +419,58 @@ class PassRun:
     exact: bool
     rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
     removed: dict[str, int] = dataclasses.field(default_factory=lambda: {"nodes": 0, "conv": 0, "bn": 0})
+    rejected: list[str] = dataclasses.field(default_factory=list)  # why applications were undone
+
+
+Check = Callable[[fx.GraphModule], "str | None"]  # an extra invariant: why the graph is wrong, or None
+
+
+def _known(node: fx.Node) -> bool:
+    return node.meta.get(VALUE, UNKNOWN) is not UNKNOWN
+
+
+def _apply(ctx: PassContext, pass_: Pass, expected: list[Any], check: Check | None) -> list[Rewrite]:
+    """Run one pass; keep its result only if every invariant holds, else restore the graph before it.
+
+    Invariants: the graph lints; the output signature is unchanged; every node that had a value
+    (shape, dtype) still has one and every new node has one (no unknown passes through); random
+    draws and in-place updates keep their order (:class:`Effects`); and ``check``, if given.
+    """
+    gm = ctx.gm
+    saved, modules_before = copy.deepcopy(gm.graph), set(gm._modules)
+    called = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    effects = Effects.of(gm)
+    known = {n: _known(n) for n in gm.graph.nodes}
+    try:
+        records = pass_(ctx)
+        if not records:
+            return []
+        alive = set(gm.graph.nodes)
+        stable_toposort(gm.graph, effects.order_edges(alive, gm))
+        eliminate_dead_code(gm)
+        gm.graph.lint()
+        gm.recompile()
+        propagate_values(gm, ctx.example_inputs, incremental=True)
+        lost = [n.name for n in gm.graph.nodes if n.op != "output" and known.get(n, True) and not _known(n)]
+        problem = (
+            (f"the value of {', '.join(lost[:5])} can no longer be computed" if lost else None)
+            or ("it changed the output signature" if output_signature(gm) != expected else None)
+            or effects.violation(gm)
+            or (check(gm) if check else None)
+        )
+        if problem:
+            raise RewriteError(problem)
+        return records
+    except Exception as exc:  # noqa: BLE001 - any failure of a pass leaves the graph as it was
+        gm.graph = saved
+        for name in set(gm._modules) - modules_before:
+            delattr(gm, name)
+        for target, module in called.items():  # modules a pass swapped in place (swap_modules)
+            parent, _, leaf = target.rpartition(".")
+            setattr(gm.get_submodule(parent), leaf, module)
+        ctx.invalidate()
+        reason = str(exc) if isinstance(exc, RewriteError) else f"{type(exc).__name__}: {exc}"
+        raise RewriteError(reason) from exc
 
 
 def run_to_fixpoint(
@@ -307,8 +481,13 @@ def run_to_fixpoint(
     *,
     max_rounds: int = 20,
     progress: Callable[[str], None] | None = None,
+    check: Check | None = None,
 ) -> list[PassRun]:
-    """Apply ``passes`` in order, repeatedly, until a full round rewrites nothing."""
+    """Apply ``passes`` in order, repeatedly, until a full round rewrites nothing.
+
+    A pass whose result breaks an invariant (see :func:`_apply`) is undone and recorded in its
+    ``PassRun.rejected``; the others go on.
+    """
     ctx = PassContext(gm, original, tuple(example_inputs))
     propagate_values(gm, example_inputs)
     expected = output_signature(gm)
@@ -318,20 +497,15 @@ def run_to_fixpoint(
         for pass_ in passes:
             run = runs[pass_.name]
             before = node_counts(gm)
-            records = pass_(ctx)
+            try:
+                records = _apply(ctx, pass_, expected, check)
+            except RewriteError as exc:
+                if str(exc) not in run.rejected:
+                    run.rejected.append(str(exc))
+                continue
             if records:
                 changed = True
                 run.rewrites.extend(records)
-                try:
-                    stable_toposort(gm.graph)
-                    eliminate_dead_code(gm)
-                    gm.graph.lint()
-                    gm.recompile()
-                    propagate_values(gm, example_inputs, incremental=True)
-                    if output_signature(gm) != expected:
-                        raise RewriteError(f"pass {pass_.name} changed the output signature")
-                except Exception as exc:
-                    raise RewriteError(f"pass {pass_.name} produced an invalid graph: {exc}") from exc
                 ctx.invalidate()
                 if progress:
                     progress(f"{pass_.name}: {len(records)} rewrites")

@@ -232,6 +232,52 @@ def weighted_term(term: Any, data: set[fx.Node]) -> tuple[fx.Node, fx.Node] | No
     return None
 
 
+_INDEXING = {operator.getitem, torch.select}
+
+
+def weight_provenance(weight: fx.Node) -> tuple[fx.Node | None, int | None]:
+    """``(row, k)`` when the one-element ``weight`` is element ``k`` of the architecture vector
+    ``row`` (``w[k]``, ``torch.select``, ``w.unbind()[k]``, then any one-input scalar ops:
+    ``w[k] * 2``, ``w[k].squeeze()``); ``(None, None)`` when it is not read out of a vector.
+
+    Two weighted terms belong to one mixed edge only if they index one row at different k: that is
+    what keeps two edges whose terms land in one sum (a node sum after zero elimination, a
+    ``functools.reduce`` chain running into the node's ``s = s + t``) apart.
+    """
+    node: Any = weight
+    while isinstance(node, fx.Node):
+        inputs = node.all_input_nodes
+        if node.op == "call_function" and node.target in _INDEXING and isinstance(node.args[-1], int) and inputs:
+            row = node.args[0]
+            if row.op == "call_method" and row.target == "unbind" or (
+                    row.op == "call_function" and row.target is torch.unbind):
+                row = row.args[0]  # w.unbind()[k] reads element k of w
+            value = value_of(row)
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
+                return row, node.args[-1] % value.numel()
+            return None, None
+        value = value_of(node)
+        if len(inputs) != 1 or not isinstance(value_of(inputs[0]), torch.Tensor) or value_of(inputs[0]).numel() != 1:
+            return None, None
+        node = inputs[0]
+    return None, None
+
+
+def _edge_groups(weighted: list[tuple[Any, tuple[fx.Node, fx.Node]]]) -> list[list]:
+    """The weighted terms of one sum, split into mixed edges by the provenance of their weights:
+    terms indexing one row at distinct positions form one group.  Terms whose weights are not read
+    out of a vector form one group only when no term of the sum is (legacy per-op scalars)."""
+    by_row: dict[fx.Node, list] = defaultdict(list)
+    loose = []
+    for term, wt in weighted:
+        row, k = weight_provenance(wt[0])
+        (by_row[row] if row is not None else loose).append((term, wt, k))
+    groups = [g for g in by_row.values() if len({k for *_, k in g}) == len(g)]
+    if loose and not by_row:
+        groups.append(loose)
+    return [[(term, wt) for term, wt, _ in g] for g in groups if len(g) >= 2]
+
+
 def _nearest_common_dominator(idom: dict, nodes: Iterable[fx.Node]) -> Any:
     chains = []
     for n in nodes:
@@ -276,29 +322,30 @@ def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
     idom = nx.immediate_dominators(flow, _SOURCE)
 
     proposals: list[tuple[SumChain, fx.Node, list[Candidate], list[Any]]] = []
+    weighted_muls: set[fx.Node] = set()
     for chain in sum_chains(graph):
-        weighted, others = [], []
-        for term in chain.terms:
-            wt = weighted_term(term, data)
-            (weighted if wt else others).append((term, wt))
-        if len(weighted) < 2:
-            continue
-        outputs = [wt[1] for _, wt in weighted]
-        x = _nearest_common_dominator(idom, outputs)
-        if x is None or x == _SOURCE:
-            continue
-        from_x = nx.descendants(flow, x)
-        candidates = []
-        for term, (weight, out) in weighted:
-            branch = (nx.ancestors(flow, out) | {out}) & from_x if out is not x else set()
-            candidates.append(Candidate(term, weight, out, sorted(branch, key=_order(graph))))
-        proposals.append((chain, x, candidates, [t for t, _ in others]))
+        weighted = [(term, wt) for term in chain.terms if (wt := weighted_term(term, data))]
+        weighted_muls.update(term for term, _ in weighted)
+        for group in _edge_groups(weighted):
+            outputs = [wt[1] for _, wt in group]
+            x = _nearest_common_dominator(idom, outputs)
+            if x is None or x == _SOURCE:
+                continue
+            from_x = nx.descendants(flow, x)
+            candidates = []
+            for term, (weight, out) in group:
+                branch = (nx.ancestors(flow, out) | {out}) & from_x if out is not x else set()
+                candidates.append(Candidate(term, weight, out, sorted(branch, key=_order(graph))))
+            members = {term for term, _ in group}
+            proposals.append((chain, x, candidates, [t for t in chain.terms if t not in members]))
 
     joins = {chain.root for chain, *_ in proposals}
     edges, node_joins = [], []
     for chain, x, candidates, others in proposals:
         inner = set().union(*(set(c.branch) for c in candidates))
-        if inner & (joins - {chain.root}):
+        # a candidate that contains another join or another weighted term is a whole sub-network
+        # (a node of the cell), not an operation: this sum joins nodes, not candidates
+        if inner & (joins - {chain.root}) or inner & weighted_muls:
             node_joins.append(chain)
         else:
             edges.append(MixedEdge(chain, x, candidates, others))

@@ -1,0 +1,231 @@
+"""The style fuzzer (``topofx.fuzz``): a fixed-seed CI sample of generated supernets must hold topofx's
+contracts, and the fuzzer itself must generate what it claims, build runnable models, set exact
+vertices, keep a failure class while minimizing and report through the command line.
+
+The CI sample is ``TOPOFX_FUZZ_N`` models (default 100), split into chunks of 10 so that pytest-xdist
+spreads them; ``TOPOFX_FUZZ_N=1000 pytest tests/test_fuzz.py -k sample`` runs the full set (so does
+``topofx fuzz --n 1000``).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import topofx
+from topofx import fuzz
+from topofx.cli import main as cli_main
+from topofx.testing import find_arch_parameters
+
+SAMPLE_N = int(os.environ.get("TOPOFX_FUZZ_N", "100"))
+SAMPLE_SEED = 0
+CHUNK = 10
+SAMPLE_SEEDS = [fuzz._model_seed(SAMPLE_SEED, i) for i in range(SAMPLE_N)]
+CHUNKS = [SAMPLE_SEEDS[i:i + CHUNK] for i in range(0, SAMPLE_N, CHUNK)]
+
+
+def _first_seed(predicate) -> int:
+    """The first sample seed whose spec satisfies ``predicate``."""
+    return next(s for s in SAMPLE_SEEDS if predicate(fuzz._draw_spec(s)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the CI sample: no silent mismatch, no crash
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", range(len(CHUNKS)), ids=lambda i: f"seeds{CHUNKS[i][0]}-{CHUNKS[i][-1]}")
+def test_sample_holds_contracts(chunk):
+    outcomes = [o for seed in CHUNKS[chunk] for o in fuzz.check(seed, fuzz.MODES)]
+    bad = [o for o in outcomes if o.failed]
+    lines = [f"seed {o.seed} {o.mode} {o.outcome}: {o.key}\n  spec {o.spec}\n  "
+             + "\n  ".join(o.message.strip().splitlines()[-6:]) for o in bad]
+    assert not bad, f"{len(bad)} of {len(outcomes)} checks failed (reproduce: python -m topofx.fuzz):\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fuzzer itself
+# ---------------------------------------------------------------------------------------------
+def test_sample_covers_every_style_value():
+    seen: dict[str, set] = defaultdict(set)
+    for seed in SAMPLE_SEEDS:
+        spec = fuzz._draw_spec(seed)
+        for dim in fuzz.DIMENSIONS:
+            seen[dim].add(spec[dim])
+        seen["ops"].update(spec["ops"])
+        seen["cell"].add(spec["cell"])
+        seen["reduction"].add(bool(spec.get("reductions")))
+    for dim, values in fuzz.DIMENSIONS.items():
+        assert seen[dim] == set(values), f"{dim}: never drawn {set(values) - seen[dim]}"
+    assert seen["ops"] == set(fuzz.OP_POOL) | set(fuzz.CHAIN_OPS), set(fuzz.OP_POOL + fuzz.CHAIN_OPS) - seen["ops"]
+    assert seen["cell"] == {"darts", "nb201", "chain"}
+    assert seen["reduction"] == {True, False}
+
+
+def test_generation_is_deterministic_and_readable():
+    source, spec = fuzz.generate(SAMPLE_SEEDS[3])
+    assert fuzz.generate(SAMPLE_SEEDS[3]) == (source, spec)
+    compile(source, "generated.py", "exec")
+    assert "def build():" in source and "set_vertex" in source
+    assert all(len(line) <= 130 for line in source.splitlines())
+
+
+@pytest.mark.parametrize("flavor", fuzz.DIMENSIONS["flavor"])
+def test_generated_model_trains_and_arch_parameters_get_gradients(flavor):
+    seed = _first_seed(lambda s: s["flavor"] == flavor)
+    spec = fuzz._draw_spec(seed)
+    model, inputs, _ = fuzz.build(fuzz.render(spec), spec)
+    alphas = find_arch_parameters(model)
+    assert alphas and all(a.requires_grad for a in alphas)
+    model.train()
+    torch.manual_seed(0)
+    fuzz._loss(model(*inputs)).backward()
+    for a in alphas:
+        assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0, (spec, a.shape)
+    expected = torch.float64 if spec["dtype"] == "float64" else torch.float32
+    assert all(p.dtype == expected for p in model.parameters())
+
+
+class _RecordWeights(TorchFunctionMode):
+    """Records the outputs of the functions that turn architecture parameters into weights."""
+
+    def __init__(self, funcs):
+        super().__init__()
+        self.funcs = funcs
+        self.outputs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.funcs:
+            self.outputs.append(out.detach().clone())
+        return out
+
+
+_WEIGHT_FUNCS = {
+    "softmax": (F.softmax,), "softmax_temp": (F.softmax,), "gumbel_manual": (F.softmax,),
+    "sigmoid": (torch.sigmoid,), "gumbel_soft": (F.gumbel_softmax,), "gumbel_hard": (F.gumbel_softmax,),
+    "relu_norm": (torch.Tensor.__truediv__, torch.Tensor.div),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_WEIGHT_FUNCS))
+def test_vertex_setter_gives_one_hot_weights(kind):
+    # PC-DARTS's betas are softmaxed too and are not part of the vertex: leave that flavor out here
+    seed = _first_seed(lambda s: s["weights"] == kind and s["flavor"] != "pcdarts")
+    spec = fuzz._draw_spec(seed)
+    model, inputs, set_vertex = fuzz.build(fuzz.render(spec), spec)
+    assert set_vertex is not None
+    set_vertex(fuzz._vertex_choice(seed))
+    model.train()
+    recorder = _RecordWeights(_WEIGHT_FUNCS[kind])
+    with torch.no_grad(), recorder:
+        model(*inputs)
+    assert recorder.outputs, spec
+    n = len(spec["ops"])
+    for w in recorder.outputs:
+        rows = w.reshape(-1, n)
+        assert ((rows == 0) | (rows == 1)).all() and (rows.sum(-1) == 1).all(), (spec, rows)
+
+
+def test_dirichlet_has_no_vertex():
+    seed = _first_seed(lambda s: s["weights"] == "dirichlet")
+    spec = fuzz._draw_spec(seed)
+    assert fuzz.build(fuzz.render(spec), spec)[2] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# minimizer, run, command line (with deliberately broken simplify stand-ins)
+# ---------------------------------------------------------------------------------------------
+def _breaks_on_group_norm(model, example_inputs, mode="topo", **kwargs):
+    """A broken simplify: raises on any model with a GroupNorm, else the real one."""
+    if any(isinstance(m, torch.nn.GroupNorm) for m in model.modules()):
+        raise KeyError("group norm not supported by this stand-in")
+    return topofx.simplify(model, example_inputs, mode=mode, **kwargs)
+
+
+def test_minimizer_keeps_the_failure_class():
+    seed = _first_seed(lambda s: "conv_3x3_gn" in s["ops"] and len(s["ops"]) >= 3 and s["cell"] == "darts")
+    spec = fuzz._draw_spec(seed)
+    first = fuzz.check_spec(spec, "exact", simplify=_breaks_on_group_norm)
+    assert first.outcome == "crash" and "KeyError" in first.key and "_breaks_on_group_norm" in first.key
+    small, result = fuzz.minimize(spec, "exact", first.outcome, first.key, simplify=_breaks_on_group_norm)
+    assert result.failure_class == first.failure_class
+    assert small["ops"] == ["conv_3x3_gn"]
+    assert small["cells"] == 1 and small["steps"] == 1 and not small["reductions"]
+    assert all(small[dim] == value for dim, value in fuzz.DEFAULTS.items())
+    assert small["flavor"] == "darts" and small["C"] == 4
+    # the written reproducer fails the same way when run on its own
+    source = fuzz.reproducer_source(small, "exact")
+    assert 'topofx.simplify(model, inputs, mode="exact")' in source
+    namespace: dict = {"__name__": "reproducer"}
+    exec(compile(source, "reproducer.py", "exec"), namespace)
+    model, inputs = namespace["build"]()
+    with pytest.raises(KeyError):
+        _breaks_on_group_norm(model, inputs, mode="exact")
+
+
+def _perturbs_output(model, example_inputs, mode="topo", **kwargs):
+    """A wrong simplify that still runs its graph: scales the graph's output by (1 + 1e-3)."""
+    simplified = topofx.simplify(model, example_inputs, mode=mode, **kwargs)
+    gm = simplified.graph_module
+    if gm is not None:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        (value,) = out.args
+        with gm.graph.inserting_before(out):
+            def scale(v):
+                return gm.graph.call_function(torch.mul, (v, 1.001)) if isinstance(v, torch.fx.Node) else v
+            out.args = (torch.fx.node.map_arg(value, scale),)
+        gm.recompile()
+    return simplified
+
+
+def test_run_classifies_silent_and_writes_one_reproducer_per_class(tmp_path):
+    seeds = list(itertools.islice(
+        (s for s in SAMPLE_SEEDS[:30] if fuzz.check_spec(fuzz._draw_spec(s), "exact").outcome == "ok"), 2))
+    assert len(seeds) == 2
+    summary = fuzz.Summary([fuzz.check_spec(fuzz._draw_spec(s), "exact", simplify=_perturbs_output) for s in seeds])
+    assert [o.outcome for o in summary.outcomes] == ["silent", "silent"]
+    assert {o.key for o in summary.outcomes} == {"exact: output"}
+    fuzz._write_reproducers(summary, tmp_path, _perturbs_output, 60.0, 30.0, False)
+    assert len(summary.reproducers) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exact-silent-exact_output.py", "exact-silent-exact_output.txt"]
+    text = (tmp_path / "exact-silent-exact_output.txt").read_text()
+    assert "count: 2 of 2 models" in text and "FAIL output" in text
+    assert "exact" in summary.table() and "silent" in summary.table()
+
+
+def test_cli_prints_table_and_exit_status(monkeypatch, tmp_path, capsys):
+    real_check_spec = fuzz.check_spec
+
+    def fake(fail_seed):
+        def check_spec(spec, mode, **kwargs):
+            if spec["seed"] == fail_seed:
+                return fuzz.Outcome(spec["seed"], mode, "crash", "simplify: KeyError @stub: 'x'", "stub", spec=spec)
+            return fuzz.Outcome(spec["seed"], mode, "ok", spec=spec)
+        return check_spec
+
+    monkeypatch.setattr(fuzz, "check_spec", fake(fail_seed=-1))
+    assert cli_main(["fuzz", "--n", "3", "--seed", "0", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dimension" in out and "join" in out and "total" in out and "0 failing" in out
+    assert not (tmp_path / "a").exists()
+
+    monkeypatch.setattr(fuzz, "check_spec", fake(fail_seed=fuzz._model_seed(0, 1)))
+    assert cli_main(["fuzz", "--n", "3", "--seed", "0", "--out", str(tmp_path / "b"), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "simplify: KeyError @stub" in out and "2 failing" in out
+    assert len(list((tmp_path / "b").glob("*.py"))) == 2  # one class per mode
+
+    monkeypatch.setattr(fuzz, "check_spec", real_check_spec)
+    assert cli_main(["fuzz", "--mode", "bogus", "--n", "1"]) == 2
+
+
+def test_cli_real_run_is_consistent(tmp_path, capsys):
+    rc = cli_main(["fuzz", "--n", "2", "--seed", "0", "--mode", "exact", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "mode       exact" in out and "total" in out
+    failing = int(out.strip().splitlines()[-1].split()[0])
+    assert rc == (1 if failing else 0)

@@ -1,0 +1,1585 @@
+"""Style fuzzer: random small supernets written as *Python source* in the coding styles of public NAS
+codebases, checked against topofx's contracts.
+
+Why: the zoo and the hypothesis strategy in the tests write supernets one way.  Users' search scripts
+write the same ``sum_k w_k * op_k(x)`` in many ways -- DARTS's ``zip``-sum with plain-tensor alphas,
+PC-DARTS's partial channels and edge betas, xautodl's ``ModuleDict`` cells keyed ``'1<-0'``, SNAS's
+hand-written Gumbel, ProxylessNAS/FBNet layer-wise choices of inverted bottlenecks, DARTS-PT's
+projected weights, einsum or in-place accumulation, float64 models, drop-path draws in forward.
+Every generated model is a module text written to a temporary file and imported, so the tracer sees
+real user source lines, and a failing model is its own standalone reproducer.
+
+Contracts checked (per model, per mode):
+
+* ``exact``: :func:`topofx.testing.train_step_equivalence` of ``simplify(model, x, mode="exact")``
+  against the original (outputs, every weight's and architecture parameter's gradient, BN buffers;
+  rtol 1e-5).
+* ``topo``: the simplified module runs forward+backward at the model's own (mixed) weights; at a
+  one-hot vertex (set by the generated ``set_vertex``; skipped for weight kinds that cannot be
+  one-hot, e.g. Dirichlet) the train-mode output equals the original's within 1e-5
+  (``vertex_output``) and so do the weight gradients (``vertex_weight_grad``, its own category).
+
+Outcomes: ``ok`` (captured, ran its graph, equivalent), ``refused`` (fell back to the eager forward:
+no graph, or the graph was not used for the call; the warning text is recorded), ``silent`` (the
+graph ran and differs -- warnings, if any, are recorded but do not excuse a mismatch), ``crash``
+(an exception from ``simplify`` or from running the simplified module, a timeout included), and
+``invalid`` (the generated model itself does not run: a fuzzer bug).
+
+Command line::
+
+    topofx fuzz --n 1000 --seed 0 [--mode exact,topo] [--out fuzz-failures] [--jobs 2] [--timeout 60]
+    python -m topofx.fuzz ...
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+import json
+import multiprocessing
+import pprint
+import random
+import re
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "DIMENSIONS", "OP_POOL", "CHAIN_OPS", "Outcome", "Summary",
+    "generate", "render", "build", "check", "check_spec", "minimize", "run", "main",
+]
+
+MODES = ("exact", "topo")
+VERTEX_RTOL = 1e-5
+
+# ---------------------------------------------------------------------------------------------
+# style dimensions
+# ---------------------------------------------------------------------------------------------
+#: Each model draws one value per dimension (``ops`` is a set drawn from the cell kind's pool).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    # which codebase's idioms: decides the cell kind and the naming / construction idioms
+    "flavor": ("darts", "pcdarts", "pdarts", "darts_pt", "snas", "nb201", "proxyless", "fbnet"),
+    # how a mixed edge joins its candidates
+    "join": ("zipsum", "index", "unbind", "loop", "reduce", "add_", "stack_view", "einsum",
+             "tensordot", "matmul", "cond_ne", "cond_gt"),
+    # how architecture weights derive from the architecture parameters
+    "weights": ("softmax", "softmax_temp", "sigmoid", "gumbel_soft", "gumbel_hard", "gumbel_manual",
+                "relu_norm", "dirichlet"),
+    # where the weights are computed: the network's forward, each cell, each mixed op
+    "where": ("network", "cell", "mixed"),
+    # how the architecture parameters are stored
+    "storage": ("parameter", "tensor", "paramlist"),
+    # the container of an edge's candidates
+    "container": ("modulelist", "moduledict"),
+    "dtype": ("float32", "float64"),
+    # random draws in forward: DARTS drop_path (bernoulli_, in place) or P-DARTS dropout after skips
+    "drop": ("none", "drop_path", "dropout"),
+    # the candidates' batch norms
+    "bn": ("no_affine", "affine", "no_track"),
+}
+
+CELL_OF_FLAVOR = {"darts": "darts", "pcdarts": "darts", "pdarts": "darts", "darts_pt": "darts",
+                  "snas": "darts", "nb201": "nb201", "proxyless": "chain", "fbnet": "chain"}
+DEFAULT_FLAVOR = {"darts": "darts", "nb201": "nb201", "chain": "fbnet"}
+DEFAULTS = {"join": "zipsum", "weights": "softmax", "where": "network", "storage": "parameter",
+            "container": "modulelist", "dtype": "float32", "drop": "none", "bn": "no_affine"}
+
+#: Candidates of DARTS-space and NAS-Bench-201 cells (``C -> C``, stride 1 or 2).
+OP_POOL = ("none", "skip_connect", "avg_pool_3x3", "max_pool_3x3", "conv_1x1", "conv_3x3", "conv_5x5",
+           "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
+           "grouped_conv_3x3", "bottleneck_3x3", "conv_3x3_reflect", "conv_3x3_replicate",
+           "conv_3x3_circular", "conv_3x3_in", "conv_3x3_gn")
+#: Candidates of ProxylessNAS/FBNet layer-wise choices (``C_in -> C_out``): inverted bottlenecks.
+CHAIN_OPS = ("mb_e1_k3", "mb_e1_k5", "mb_e3_k3", "mb_e3_k5", "mb_e6_k3", "mb_e6_k5")
+
+_ALPHA_NAMES = {"snas": ("log_alphas_normal", "log_alphas_reduce")}
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing a spec
+# ---------------------------------------------------------------------------------------------
+def _draw_spec(seed: int) -> dict[str, Any]:
+    """A random style and size: plain data, so that it can be shrunk and rendered again."""
+    rng = random.Random(seed)
+    spec: dict[str, Any] = {"seed": seed}
+    for dim, values in DIMENSIONS.items():
+        spec[dim] = rng.choice(values)
+    cell = CELL_OF_FLAVOR[spec["flavor"]]
+    spec["cell"] = cell
+    spec["C"] = rng.choice((4, 8))
+    if cell == "chain":
+        spec["ops"] = sorted(rng.sample(CHAIN_OPS, rng.randint(2, 4)), key=CHAIN_OPS.index)
+        spec["stem"] = spec["C"]
+        widths = [spec["C"]]
+        layers = []
+        for _ in range(rng.randint(2, 3)):
+            c_out = rng.choice((widths[-1], 2 * widths[-1] if widths[-1] < 16 else widths[-1]))
+            stride = rng.choice((1, 1, 2)) if len(layers) < 2 else 1
+            layers.append([c_out, stride])
+            widths.append(c_out)
+        spec["layers"] = layers
+        spec["where"] = spec["where"] if spec["where"] != "cell" else "network"
+        return spec
+    spec["ops"] = sorted(rng.sample(OP_POOL, rng.randint(2, 5)), key=OP_POOL.index)
+    spec["cells"] = rng.randint(1, 3) if cell == "nb201" else rng.choice((1, 2, 2))
+    # NAS-Bench-201: a ResNet block before cell i; DARTS: cell i reduces (at least one normal cell)
+    spec["reductions"] = sorted(rng.sample(range(1, spec["cells"]) if cell == "nb201" else range(spec["cells"]),
+                                           rng.randint(0, spec["cells"] - 1)))
+    if cell == "nb201":
+        spec["nodes"] = rng.randint(3, 4)
+    else:
+        spec["steps"] = rng.randint(1, 3)
+    if spec["flavor"] == "darts_pt":
+        spec["where"] = "network"  # DARTS-PT writes projected rows into the network's weights
+        n_edges = sum(2 + i for i in range(spec["steps"]))
+        spec["projected"] = [[rng.randrange(n_edges), rng.randrange(len(spec["ops"]))]]
+    return spec
+
+
+def generate(seed: int) -> tuple[str, dict[str, Any]]:
+    """``(source, spec)`` of the random supernet number ``seed``: its module text and what was drawn."""
+    spec = _draw_spec(seed)
+    return render(spec), spec
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering a spec as Python source
+# ---------------------------------------------------------------------------------------------
+def _bn_args(spec: dict[str, Any]) -> str:
+    return {"no_affine": "affine=False", "affine": "affine=True",
+            "no_track": "affine=False, track_running_stats=False"}[spec["bn"]]
+
+
+def _op_classes(spec: dict[str, Any]) -> list[str]:
+    """Definitions of the candidate operations the spec uses, written as DARTS/xautodl write them."""
+    bn = _bn_args(spec)
+    ops = set(spec["ops"])
+    out: list[str] = []
+    if spec["cell"] == "chain":
+        out.append(f'''
+class MBInvertedConvLayer(nn.Module):
+    """ProxylessNAS-style inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, expand_ratio):
+        super().__init__()
+        mid = C_in * expand_ratio
+        if expand_ratio > 1:
+            self.inverted_bottleneck = nn.Sequential(OrderedDict([
+                ('conv', nn.Conv2d(C_in, mid, 1, 1, 0, bias=False)),
+                ('bn', nn.BatchNorm2d(mid, {bn})),
+                ('act', nn.ReLU6(inplace=True)),
+            ]))
+        else:
+            self.inverted_bottleneck = None
+        self.depth_conv = nn.Sequential(OrderedDict([
+            ('conv', nn.Conv2d(mid, mid, kernel_size, stride, kernel_size // 2, groups=mid, bias=False)),
+            ('bn', nn.BatchNorm2d(mid, {bn})),
+            ('act', nn.ReLU6(inplace=True)),
+        ]))
+        self.point_linear = nn.Sequential(OrderedDict([
+            ('conv', nn.Conv2d(mid, C_out, 1, 1, 0, bias=False)),
+            ('bn', nn.BatchNorm2d(C_out, {bn})),
+        ]))
+
+    def forward(self, x):
+        if self.inverted_bottleneck is not None:
+            x = self.inverted_bottleneck(x)
+        x = self.depth_conv(x)
+        x = self.point_linear(x)
+        return x
+''')
+        return out
+    if ops & {"conv_1x1", "conv_3x3", "conv_5x5", "grouped_conv_3x3", "conv_3x3_reflect",
+              "conv_3x3_replicate", "conv_3x3_circular"} or spec["cell"] == "darts" or spec["reductions"]:
+        out.append(f'''
+class ReLUConvBN(nn.Module):
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, groups=1, padding_mode='zeros'):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, groups=groups,
+                      padding_mode=padding_mode, bias=False),
+            nn.BatchNorm2d(C_out, {bn}),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+''')
+    if ops & {"dil_conv_3x3", "dil_conv_5x5"}:
+        out.append(f'''
+class DilConv(nn.Module):
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                      groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_out, {bn}),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+''')
+    if ops & {"sep_conv_3x3", "sep_conv_5x5"}:
+        out.append(f'''
+class SepConv(nn.Module):
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size=kernel_size, stride=stride, padding=padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_in, {bn}),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size=kernel_size, stride=1, padding=padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_out, {bn}),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+''')
+    if "bottleneck_3x3" in ops:
+        out.append(f'''
+class Bottleneck(nn.Module):
+    """ReLU-conv1x1 up to a 2C middle, conv3x3 there, conv1x1 back down to C."""
+
+    def __init__(self, C, stride):
+        super().__init__()
+        mid = 2 * C
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C, mid, 1, bias=False),
+            nn.BatchNorm2d(mid, {bn}),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(mid, {bn}),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(mid, C, 1, bias=False),
+            nn.BatchNorm2d(C, {bn}),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+''')
+    out.append('''
+class Identity(nn.Module):
+
+    def forward(self, x):
+        return x
+''')
+    if "none" in ops:
+        out.append('''
+class Zero(nn.Module):
+
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x.mul(0.)
+        return x[:, :, ::self.stride, ::self.stride].mul(0.)
+''')
+    if spec["cell"] == "darts" or (spec["reductions"] and "skip_connect" in ops):
+        out.append(f'''
+class FactorizedReduce(nn.Module):
+
+    def __init__(self, C_in, C_out):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, {bn})
+
+    def forward(self, x):
+        x = self.relu(x)
+        out = torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1)
+        return self.bn(out)
+''')
+    return out
+
+
+_OP_LAMBDAS = {
+    "none": "lambda C, stride: Zero(stride)",
+    "skip_connect": "lambda C, stride: Identity() if stride == 1 else FactorizedReduce(C, C)",
+    "avg_pool_3x3": "lambda C, stride: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)",
+    "max_pool_3x3": "lambda C, stride: nn.MaxPool2d(3, stride=stride, padding=1)",
+    "conv_1x1": "lambda C, stride: ReLUConvBN(C, C, 1, stride, 0)",
+    "conv_3x3": "lambda C, stride: ReLUConvBN(C, C, 3, stride, 1)",
+    "conv_5x5": "lambda C, stride: ReLUConvBN(C, C, 5, stride, 2)",
+    "sep_conv_3x3": "lambda C, stride: SepConv(C, C, 3, stride, 1)",
+    "sep_conv_5x5": "lambda C, stride: SepConv(C, C, 5, stride, 2)",
+    "dil_conv_3x3": "lambda C, stride: DilConv(C, C, 3, stride, 2, 2)",
+    "dil_conv_5x5": "lambda C, stride: DilConv(C, C, 5, stride, 4, 2)",
+    "conv_7x1_1x7": "lambda C, stride: nn.Sequential(\n"
+                    "        nn.ReLU(inplace=False),\n"
+                    "        nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),\n"
+                    "        nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),\n"
+                    "        nn.BatchNorm2d(C, {bn}))",
+    "grouped_conv_3x3": "lambda C, stride: ReLUConvBN(C, C, 3, stride, 1, groups=2)",
+    "bottleneck_3x3": "lambda C, stride: Bottleneck(C, stride)",
+    "conv_3x3_reflect": "lambda C, stride: ReLUConvBN(C, C, 3, stride, 1, padding_mode='reflect')",
+    "conv_3x3_replicate": "lambda C, stride: ReLUConvBN(C, C, 3, stride, 1, padding_mode='replicate')",
+    "conv_3x3_circular": "lambda C, stride: ReLUConvBN(C, C, 3, stride, 1, padding_mode='circular')",
+    "conv_3x3_in": "lambda C, stride: nn.Sequential(\n"
+                   "        nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride, 1, bias=False),\n"
+                   "        nn.InstanceNorm2d(C, affine=True))",
+    "conv_3x3_gn": "lambda C, stride: nn.Sequential(\n"
+                   "        nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride, 1, bias=False),\n"
+                   "        nn.GroupNorm(2, C))",
+}
+
+_CHAIN_LAMBDAS = {name: f"lambda C_in, C_out, stride: MBInvertedConvLayer(C_in, C_out, {name[-1]}, stride, "
+                        f"{name.split('_')[1][1:]})" for name in CHAIN_OPS}
+
+
+def _ops_table(spec: dict[str, Any]) -> list[str]:
+    """``OPS = {...}`` for the pool the spec draws from (P-DARTS: the whole pool, switched)."""
+    if spec["cell"] == "chain":
+        names, table = spec["ops"], _CHAIN_LAMBDAS
+    else:
+        names = OP_POOL if spec["flavor"] == "pdarts" else spec["ops"]
+        table = {k: v.replace("{bn}", _bn_args(spec)) for k, v in _OP_LAMBDAS.items()}
+    lines = ["OPS = {"]
+    lines += [f"    '{n}': {table[n]}," for n in names]
+    lines.append("}")
+    if spec["flavor"] == "pdarts":
+        lines.append(f"PRIMITIVES = {list(OP_POOL)!r}".replace(", '", ",\n              '"))
+        lines.append("# P-DARTS: the candidates this stage keeps")
+        lines.append(f"SWITCH = [p in {tuple(spec['ops'])!r} for p in PRIMITIVES]")
+    else:
+        lines.append(f"PRIMITIVES = {list(spec['ops'])!r}")
+    return lines
+
+
+def _helpers(spec: dict[str, Any]) -> list[str]:
+    """Module-level helper functions of the weight kind and the random draws in forward."""
+    out: list[str] = []
+    if spec["weights"] == "gumbel_manual":
+        out.append('''
+def gumbel_softmax_sample(logits, tau):
+    """SNAS-style relaxed sample: softmax((logits + Gumbel noise) / tau), the noise from uniform draws."""
+    u = torch.empty_like(logits).uniform_()
+    gumbel = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+    return F.softmax((logits + gumbel) / tau, dim=-1)
+''')
+    if spec["weights"] == "relu_norm":
+        out.append('''
+def normalized_relu(alpha):
+    """Sparse weights: ReLU of the architecture parameters, normalized to sum to one."""
+    w = F.relu(alpha)
+    return w / w.sum(dim=-1, keepdim=True)
+''')
+    if spec["drop"] == "drop_path":
+        out.append('''
+def drop_path(x, drop_prob):
+    if drop_prob > 0.:
+        keep_prob = 1. - drop_prob
+        mask = x.new_empty(x.size(0), 1, 1, 1).bernoulli_(keep_prob)
+        x.div_(keep_prob)
+        x.mul_(mask)
+    return x
+
+
+class DropPath(nn.Module):
+
+    def __init__(self, drop_prob):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.training and self.drop_prob > 0.:
+            x = drop_path(x, self.drop_prob)
+        return x
+''')
+    if spec["flavor"] == "pcdarts":
+        out.append('''
+def channel_shuffle(x, groups):
+    batchsize, num_channels, height, width = x.data.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    x = x.view(batchsize, -1, height, width)
+    return x
+''')
+    return out
+
+
+def _weights_expr(spec: dict[str, Any], alpha: str) -> str:
+    """The expression turning architecture parameters ``alpha`` into weights (``self.tau`` where used)."""
+    return {
+        "softmax": f"F.softmax({alpha}, dim=-1)",
+        "softmax_temp": f"F.softmax({alpha} / self.tau, dim=-1)",
+        "sigmoid": f"torch.sigmoid({alpha})",
+        "gumbel_soft": f"F.gumbel_softmax({alpha}, tau=self.tau, hard=False, dim=-1)",
+        "gumbel_hard": f"F.gumbel_softmax({alpha}, tau=self.tau, hard=True, dim=-1)",
+        "gumbel_manual": f"gumbel_softmax_sample({alpha}, self.tau)",
+        "relu_norm": f"normalized_relu({alpha})",
+        "dirichlet": f"torch.distributions.Dirichlet(F.elu({alpha}) + 1).rsample()",
+    }[spec["weights"]]
+
+
+def _tau_line(spec: dict[str, Any]) -> list[str]:
+    tau = {"softmax_temp": "5.0", "gumbel_soft": "1.0", "gumbel_hard": "1.0", "gumbel_manual": "1.0"}
+    return [f"        self.tau = {tau[spec['weights']]}"] if spec["weights"] in tau else []
+
+
+def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]:
+    """Statements that set ``out`` to the weighted sum of the candidates ``ops`` applied to ``x``."""
+    join = spec["join"]
+    as_dict = spec["container"] == "moduledict"
+    it = f"{ops}.values()" if as_dict else ops
+    stack = f"torch.stack([op({x}) for op in {it}])"
+    if join == "zipsum":
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}))"]
+    if join == "index":
+        if as_dict:
+            return [f"{out} = sum({w}[i] * {ops}[name]({x}) for i, name in enumerate({ops}))"]
+        return [f"{out} = sum({w}[i] * {ops}[i]({x}) for i in range(len({ops})))"]
+    if join == "unbind":
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}.unbind(-1), {it}))"]
+    if join == "loop":
+        return [f"{out} = 0", f"for w, op in zip({w}, {it}):", f"    {out} += w * op({x})"]
+    if join == "reduce":
+        return [f"{out} = functools.reduce(operator.add, [w * op({x}) for w, op in zip({w}, {it})])"]
+    if join == "add_":
+        seq = f"list({it})" if as_dict else ops
+        return [f"candidates = {seq}", f"{out} = {w}[0] * candidates[0]({x})",
+                "for i in range(1, len(candidates)):", f"    {out}.add_({w}[i] * candidates[i]({x}))"]
+    if join == "stack_view":
+        return [f"outs = {stack}", f"{out} = outs.mul({w}.view(-1, 1, 1, 1, 1)).sum(0)"]
+    if join == "einsum":
+        return [f"outs = {stack}", f"{out} = torch.einsum('k,kbchw->bchw', {w}, outs)"]
+    if join == "tensordot":
+        return [f"outs = {stack}", f"{out} = torch.tensordot({w}, outs, dims=1)"]
+    if join == "matmul":
+        return [f"outs = {stack}", f"{out} = torch.matmul({w}, outs.flatten(1)).view(outs.shape[1:])"]
+    if join == "cond_ne":
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}) if w != 0)"]
+    if join == "cond_gt":
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}) if w > 0)"]
+    raise ValueError(f"unknown join {join!r}")
+
+
+def _candidate_container(spec: dict[str, Any], attr: str, names: str, make: str) -> list[str]:
+    """``self.<attr> = ModuleList/ModuleDict`` of ``make(primitive)`` for ``primitive in names``."""
+    if spec["container"] == "moduledict":
+        return [f"        self.{attr} = nn.ModuleDict()",
+                f"        for primitive in {names}:",
+                f"            self.{attr}[primitive] = {make}"]
+    return [f"        self.{attr} = nn.ModuleList()",
+            f"        for primitive in {names}:",
+            f"            self.{attr}.append({make})"]
+
+
+def _make_op_function(spec: dict[str, Any]) -> list[str]:
+    """``make_op(primitive, C, stride)``: the candidate and the wrappers its codebase adds."""
+    lines = ["", "", "def make_op(primitive, C, stride):", "    op = OPS[primitive](C, stride)"]
+    if spec["cell"] == "darts":
+        lines += ["    if 'pool' in primitive:",
+                  f"        op = nn.Sequential(op, nn.BatchNorm2d(C, {_bn_args(spec)}))"]
+    if spec["drop"] == "dropout":
+        lines += ["    if isinstance(op, Identity):",
+                  "        op = nn.Sequential(op, nn.Dropout(0.2))"]
+    if spec["drop"] == "drop_path":
+        lines += ["    if not isinstance(op, Identity):",
+                  "        op = nn.Sequential(op, DropPath(0.2))"]
+    lines.append("    return op")
+    return lines
+
+
+def _arch_groups(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(attribute, shape expression, role)`` of each architecture tensor; role alpha or beta."""
+    if spec["cell"] == "nb201":
+        return [("arch_parameters", "(num_edge, len(PRIMITIVES))", "alpha")]
+    if spec["cell"] == "chain":
+        return [("alphas", "(len(self.blocks), len(PRIMITIVES))", "alpha")]
+    normal, reduce = _ALPHA_NAMES.get(spec["flavor"], ("alphas_normal", "alphas_reduce"))
+    groups = [(normal, "(k, num_ops)", "alpha")]
+    if spec["reductions"]:
+        groups.append((reduce, "(k, num_ops)", "alpha"))
+    if spec["flavor"] == "pcdarts":
+        groups.append(("betas_normal", "(k,)", "beta"))
+        if spec["reductions"]:
+            groups.append(("betas_reduce", "(k,)", "beta"))
+    return groups
+
+
+def _group_ref(spec: dict[str, Any], index: int, attr: str) -> str:
+    return f"self.arch_params[{index}]" if spec["storage"] == "paramlist" else f"self.{attr}"
+
+
+def _init_alphas(spec: dict[str, Any], indent: str) -> list[str]:
+    groups = _arch_groups(spec)
+    init = "torch.rand({shape})" if spec["weights"] == "relu_norm" else "1e-3 * torch.randn({shape})"
+    lines = []
+    if spec["storage"] == "paramlist":
+        lines.append(f"{indent}self.arch_params = nn.ParameterList([")
+        for attr, shape, role in groups:
+            lines.append(f"{indent}    nn.Parameter({(init if role == 'alpha' else '1e-3 * torch.randn({shape})').format(shape=shape)}),  # {attr}")
+        lines.append(f"{indent}])")
+        return lines
+    for attr, shape, role in groups:
+        value = (init if role == "alpha" else "1e-3 * torch.randn({shape})").format(shape=shape)
+        if spec["storage"] == "parameter":
+            lines.append(f"{indent}self.{attr} = nn.Parameter({value})")
+        else:
+            lines.append(f"{indent}self.{attr} = Variable({value}, requires_grad=True)")
+    return lines
+
+
+def _arch_accessors(spec: dict[str, Any]) -> list[str]:
+    groups = _arch_groups(spec)
+    refs = ", ".join(_group_ref(spec, i, a) for i, (a, _, _) in enumerate(groups))
+    if spec["cell"] == "nb201":
+        return ["", "    def get_alphas(self):", f"        return [{refs}]"]
+    return ["", "    def arch_parameters(self):", f"        return [{refs}]"]
+
+
+# --- DARTS-space cells (DARTS, PC-DARTS, P-DARTS, DARTS-PT, SNAS) ------------------------------
+def _darts_mixed_op(spec: dict[str, Any]) -> list[str]:
+    pc = spec["flavor"] == "pcdarts"
+    lines = ["", "", "class MixedOp(nn.Module):", ""]
+    if spec["flavor"] == "pdarts":
+        lines += ["    def __init__(self, C, stride, switch):", "        super().__init__()"]
+        names = "[p for p, on in zip(PRIMITIVES, switch) if on]"
+    else:
+        lines += ["    def __init__(self, C, stride):", "        super().__init__()"]
+        names = "PRIMITIVES"
+    if pc:
+        lines += ["        self.mp = nn.MaxPool2d(2, 2)", "        self.k = 2"]
+    lines += _candidate_container(spec, "_ops", names, f"make_op(primitive, {'C // self.k' if pc else 'C'}, stride)")
+    if spec["where"] == "mixed":
+        lines += _tau_line(spec)
+    arg = "alpha" if spec["where"] == "mixed" else "weights"
+    lines += ["", f"    def forward(self, x, {arg}):"]
+    body: list[str] = []
+    if spec["where"] == "mixed":
+        body.append(f"weights = {_weights_expr(spec, 'alpha')}")
+    if pc:
+        body += ["dim_2 = x.shape[1]", "xtemp = x[:, :dim_2 // self.k, :, :]", "xtemp2 = x[:, dim_2 // self.k:, :, :]"]
+        body += _join(spec, "self._ops", "xtemp", "weights", "temp1")
+        body += ["if temp1.shape[2] == x.shape[2]:", "    ans = torch.cat([temp1, xtemp2], dim=1)", "else:",
+                 "    ans = torch.cat([temp1, self.mp(xtemp2)], dim=1)", "return channel_shuffle(ans, self.k)"]
+    else:
+        body += _join(spec, "self._ops", "x", "weights", "out")
+        body.append("return out")
+    lines += ["        " + b for b in body]
+    return lines
+
+
+def _darts_cell(spec: dict[str, Any]) -> list[str]:
+    pc = spec["flavor"] == "pcdarts"
+    pd = spec["flavor"] == "pdarts"
+    lines = ["", "", "class Cell(nn.Module):", "",
+             f"    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev{', switches' if pd else ''}):",
+             "        super().__init__()",
+             "        self.reduction = reduction",
+             "        if reduction_prev:",
+             "            self.preprocess0 = FactorizedReduce(C_prev_prev, C)",
+             "        else:",
+             "            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0)",
+             "        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0)",
+             "        self._steps = steps",
+             "        self._multiplier = multiplier",
+             "        self._ops = nn.ModuleList()",
+             "        for i in range(self._steps):",
+             "            for j in range(2 + i):",
+             "                stride = 2 if reduction and j < 2 else 1",
+             f"                self._ops.append(MixedOp(C, stride{', switches[len(self._ops)]' if pd else ''}))"]
+    if spec["where"] == "cell":
+        lines += _tau_line(spec)
+    arg = "alphas" if spec["where"] == "cell" else ("weights" if spec["where"] == "network" else "alphas")
+    sig = f"s0, s1, {arg}" + (", weights2" if pc else "")
+    lines += ["", f"    def forward(self, {sig}):"]
+    body = []
+    if spec["where"] == "cell":
+        body.append(f"weights = {_weights_expr(spec, 'alphas')}")
+    per_edge = "alphas" if spec["where"] == "mixed" else "weights"
+    body += ["s0 = self.preprocess0(s0)", "s1 = self.preprocess1(s1)", "", "states = [s0, s1]", "offset = 0",
+             "for i in range(self._steps):"]
+    edge = f"self._ops[offset + j](h, {per_edge}[offset + j])"
+    if pc:
+        edge = f"weights2[offset + j] * {edge}"
+    body += [f"    s = sum({edge} for j, h in enumerate(states))",
+             "    offset += len(states)", "    states.append(s)", "",
+             "return torch.cat(states[-self._multiplier:], dim=1)"]
+    lines += [("        " + b) if b else "" for b in body]
+    return lines
+
+
+def _darts_network(spec: dict[str, Any]) -> list[str]:
+    pc = spec["flavor"] == "pcdarts"
+    pd = spec["flavor"] == "pdarts"
+    pt = spec["flavor"] == "darts_pt"
+    groups = _arch_groups(spec)
+    refs = {role_attr: _group_ref(spec, i, role_attr) for i, (role_attr, _, _) in enumerate(groups)}
+    normal, reduce = _ALPHA_NAMES.get(spec["flavor"], ("alphas_normal", "alphas_reduce"))
+    lines = ["", "", "class Network(nn.Module):", "",
+             "    def __init__(self, C, num_classes, layers, reduction_layers, steps, multiplier, stem_multiplier=3"
+             + (",\n                 switches_normal=None, switches_reduce=None):" if pd else "):"),
+             "        super().__init__()",
+             "        self._C = C",
+             "        self._num_classes = num_classes",
+             "        self._layers = layers",
+             "        self._steps = steps",
+             "        self._multiplier = multiplier",
+             "        C_curr = stem_multiplier * C",
+             "        self.stem = nn.Sequential(",
+             "            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),",
+             "            nn.BatchNorm2d(C_curr),",
+             "        )",
+             "        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C",
+             "        self.cells = nn.ModuleList()",
+             "        reduction_prev = False",
+             "        for i in range(layers):",
+             "            if i in reduction_layers:",
+             "                C_curr *= 2",
+             "                reduction = True",
+             "            else:",
+             "                reduction = False"]
+    extra = ",\n                        switches_reduce if reduction else switches_normal" if pd else ""
+    lines += [f"            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev{extra})",
+              "            reduction_prev = reduction",
+              "            self.cells.append(cell)",
+              "            C_prev_prev, C_prev = C_prev, multiplier * C_curr",
+              "        self.global_pooling = nn.AdaptiveAvgPool2d(1)"]
+    if spec["drop"] == "dropout":
+        lines.append("        self.dropout = nn.Dropout(0.1)")
+    lines += ["        self.classifier = nn.Linear(C_prev, num_classes)"]
+    if spec["where"] == "network":
+        lines += _tau_line(spec)
+    lines += ["        self._initialize_alphas()"]
+    lines += ["", "    def _initialize_alphas(self):",
+              "        k = sum(1 for i in range(self._steps) for n in range(2 + i))",
+              "        num_ops = sum(SWITCH)" if pd else "        num_ops = len(PRIMITIVES)"]
+    lines += _init_alphas(spec, "        ")
+    if pt:
+        proj = spec["projected"]
+        lines += ["        self.candidate_flags = {'normal': [True] * k, 'reduce': [True] * k}",
+                  "        self.proj_weights = {'normal': torch.zeros(k, num_ops), 'reduce': torch.zeros(k, num_ops)}"]
+        for eid, opid in proj:
+            lines += [f"        self.candidate_flags['normal'][{eid}] = False",
+                      f"        self.proj_weights['normal'][{eid}, {opid}] = 1."]
+    lines += _arch_accessors(spec)
+    if pt:
+        lines += ["", "    def get_projected_weights(self, cell_type):",
+                  f"        alphas = {refs[normal]} if cell_type == 'normal' else {refs.get(reduce, refs[normal])}",
+                  f"        weights = {_weights_expr(spec, 'alphas')}",
+                  "        for eid in range(len(self.candidate_flags[cell_type])):",
+                  "            if not self.candidate_flags[cell_type][eid]:",
+                  "                weights[eid].data.copy_(self.proj_weights[cell_type][eid])",
+                  "        return weights"]
+    lines += ["", "    def forward(self, input):", "        s0 = s1 = self.stem(input)"]
+    if pc:
+        lines += _pc_betas(spec, refs, "normal", "betas_normal")
+        if spec["reductions"]:
+            lines += _pc_betas(spec, refs, "reduce", "betas_reduce")
+    lines += ["        for i, cell in enumerate(self.cells):"]
+    branches = [("normal", refs[normal], "            ")]
+    if reduce in refs:
+        lines.append("            if cell.reduction:")
+        branches = [("reduce", refs[reduce], "                "), ("normal", refs[normal], "                ")]
+    for cell_type, alpha, ind in branches:
+        if cell_type == "normal" and reduce in refs:
+            lines.append("            else:")
+        if pt:
+            lines.append(f"{ind}weights = self.get_projected_weights('{cell_type}')")
+        elif spec["where"] == "network":
+            lines.append(f"{ind}weights = {_weights_expr(spec, alpha)}")
+        else:
+            lines.append(f"{ind}weights = {alpha}")
+        if pc:
+            lines.append(f"{ind}weights2 = weights2_{cell_type}")
+    call = "cell(s0, s1, weights, weights2)" if pc else "cell(s0, s1, weights)"
+    lines += [f"            s0, s1 = s1, {call}",
+              "        out = self.global_pooling(s1)"]
+    if spec["drop"] == "dropout":
+        lines.append("        out = self.dropout(out)")
+    lines += ["        logits = self.classifier(out.view(out.size(0), -1))", "        return logits"]
+    return lines
+
+
+def _pc_betas(spec: dict[str, Any], refs: dict[str, str], cell_type: str, attr: str) -> list[str]:
+    beta = refs[attr]
+    return [f"        n = 3",
+            f"        start = 2",
+            f"        weights2_{cell_type} = F.softmax({beta}[0:2], dim=-1)",
+            f"        for i in range(self._steps - 1):",
+            f"            end = start + n",
+            f"            tw2 = F.softmax({beta}[start:end], dim=-1)",
+            f"            start = end",
+            f"            n += 1",
+            f"            weights2_{cell_type} = torch.cat([weights2_{cell_type}, tw2], dim=0)"]
+
+
+# --- NAS-Bench-201 cells (xautodl) ---------------------------------------------------------
+def _nb201(spec: dict[str, Any]) -> list[str]:
+    where = spec["where"]
+    lines = ["", "", "class ResNetBasicblock(nn.Module):", "",
+             "    def __init__(self, inplanes, planes, stride):",
+             "        super().__init__()",
+             "        self.conv_a = ReLUConvBN(inplanes, planes, 3, stride, 1)",
+             "        self.conv_b = ReLUConvBN(planes, planes, 3, 1, 1)",
+             "        self.downsample = nn.Sequential(",
+             "            nn.AvgPool2d(kernel_size=2, stride=2, padding=0),",
+             "            nn.Conv2d(inplanes, planes, kernel_size=1, stride=1, padding=0, bias=False),",
+             "        )",
+             "",
+             "    def forward(self, inputs):",
+             "        basicblock = self.conv_a(inputs)",
+             "        basicblock = self.conv_b(basicblock)",
+             "        return self.downsample(inputs) + basicblock",
+             "", "",
+             "class SearchCell(nn.Module):", "",
+             "    def __init__(self, C, max_nodes, op_names):",
+             "        super().__init__()",
+             "        self.edges = nn.ModuleDict()",
+             "        for i in range(1, max_nodes):",
+             "            for j in range(i):",
+             "                node_str = '{:}<-{:}'.format(i, j)"]
+    if spec["container"] == "moduledict":
+        lines += ["                self.edges[node_str] = nn.ModuleDict({name: make_op(name, C, 1) for name in op_names})"]
+    else:
+        lines += ["                self.edges[node_str] = nn.ModuleList([make_op(name, C, 1) for name in op_names])"]
+    lines += ["        self.max_nodes = max_nodes",
+              "        self.edge_keys = sorted(list(self.edges.keys()))",
+              "        self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}",
+              "        self.num_edges = len(self.edges)"]
+    if where in ("cell", "mixed"):
+        lines += _tau_line(spec)
+    arg = "alphas" if where == "cell" else ("weightss" if where == "network" else "alphas")
+    lines += ["", f"    def forward(self, inputs, {arg}):"]
+    body = []
+    if where == "cell":
+        body.append(f"weightss = {_weights_expr(spec, 'alphas')}")
+    body += ["nodes = [inputs]", "for i in range(1, self.max_nodes):", "    inter_nodes = []", "    for j in range(i):",
+             "        node_str = '{:}<-{:}'.format(i, j)"]
+    if where == "mixed":
+        body.append(f"        weights = {_weights_expr(spec, 'alphas[self.edge2index[node_str]]')}")
+    else:
+        body.append("        weights = weightss[self.edge2index[node_str]]")
+    body += ["        " + j for j in _join(spec, "self.edges[node_str]", "nodes[j]", "weights", "edge")]
+    body += ["        inter_nodes.append(edge)", "    nodes.append(sum(inter_nodes))", "return nodes[-1]"]
+    lines += ["        " + b for b in body]
+
+    lines += ["", "", "class TinyNetwork(nn.Module):", "",
+              "    def __init__(self, C, N, max_nodes, num_classes, search_space, reduction_layers):",
+              "        super().__init__()",
+              "        self._C = C",
+              "        self.max_nodes = max_nodes",
+              "        self.stem = nn.Sequential(",
+              "            nn.Conv2d(3, C, kernel_size=3, padding=1, bias=False),",
+              "            nn.BatchNorm2d(C),",
+              "        )",
+              "        C_prev = C",
+              "        self.cells = nn.ModuleList()",
+              "        num_edge = None",
+              "        for index in range(N):",
+              "            if index in reduction_layers:",
+              "                self.cells.append(ResNetBasicblock(C_prev, C_prev * 2, 2))",
+              "                C_prev *= 2",
+              "            cell = SearchCell(C_prev, max_nodes, search_space)",
+              "            num_edge = cell.num_edges",
+              "            self.cells.append(cell)",
+              "        self.op_names = list(search_space)",
+              "        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))",
+              "        self.global_pooling = nn.AdaptiveAvgPool2d(1)"]
+    if spec["drop"] == "dropout":
+        lines.append("        self.dropout = nn.Dropout(0.1)")
+    lines.append("        self.classifier = nn.Linear(C_prev, num_classes)")
+    if where == "network":
+        lines += _tau_line(spec)
+    lines += _init_alphas(spec, "        ")
+    lines += _arch_accessors(spec)
+    ref = _group_ref(spec, 0, "arch_parameters")
+    lines += ["", "    def forward(self, inputs):"]
+    if where == "network":
+        lines.append(f"        alphas = {_weights_expr(spec, ref)}")
+    else:
+        lines.append(f"        alphas = {ref}")
+    lines += ["        feature = self.stem(inputs)",
+              "        for i, cell in enumerate(self.cells):",
+              "            if isinstance(cell, SearchCell):",
+              "                feature = cell(feature, alphas)",
+              "            else:",
+              "                feature = cell(feature)",
+              "        out = self.lastact(feature)",
+              "        out = self.global_pooling(out)",
+              "        out = out.view(out.size(0), -1)"]
+    if spec["drop"] == "dropout":
+        lines.append("        out = self.dropout(out)")
+    lines += ["        logits = self.classifier(out)", "        return out, logits"]
+    return lines
+
+
+# --- layer-wise choice chains (ProxylessNAS, FBNet) ----------------------------------------
+def _chain(spec: dict[str, Any]) -> list[str]:
+    where = spec["where"]
+    proxyless = spec["flavor"] == "proxyless"
+    name = "MixedEdge" if proxyless else "MixedBlock"
+    lines = ["", "", f"class {name}(nn.Module):", "",
+             "    def __init__(self, C_in, C_out, stride, op_names):",
+             "        super().__init__()",
+             "        self.has_shortcut = C_in == C_out and stride == 1"]
+    make = "OPS[primitive](C_in, C_out, stride)"
+    if spec["drop"] == "drop_path":
+        make = f"nn.Sequential({make}, DropPath(0.2))"
+    lines += _candidate_container(spec, "candidate_ops", "op_names", make)
+    if where == "mixed":
+        lines += _tau_line(spec)
+    arg = "alpha" if where == "mixed" else "weights"
+    lines += ["", f"    def forward(self, x, {arg}):"]
+    body = []
+    if where == "mixed":
+        body.append(f"weights = {_weights_expr(spec, 'alpha')}")
+    body += _join(spec, "self.candidate_ops", "x", "weights", "out")
+    body.append("return out")
+    lines += ["        " + b for b in body]
+    lines += ["", "", "class SuperNet(nn.Module):", "",
+              "    def __init__(self, stem_width, layers, op_names, num_classes):",
+              "        super().__init__()",
+              "        self.first_conv = nn.Sequential(",
+              "            nn.Conv2d(3, stem_width, 3, 1, 1, bias=False),",
+              "            nn.BatchNorm2d(stem_width),",
+              "            nn.ReLU6(inplace=True),",
+              "        )",
+              "        self.blocks = nn.ModuleList()",
+              "        C_in = stem_width",
+              "        for C_out, stride in layers:",
+              f"            self.blocks.append({name}(C_in, C_out, stride, op_names))",
+              "            C_in = C_out",
+              "        self.feature_mix_layer = nn.Sequential(",
+              "            nn.Conv2d(C_in, 2 * C_in, 1, bias=False),",
+              "            nn.BatchNorm2d(2 * C_in),",
+              "            nn.ReLU6(inplace=True),",
+              "        )",
+              "        self.global_avg_pooling = nn.AdaptiveAvgPool2d(1)"]
+    if spec["drop"] == "dropout":
+        lines.append("        self.dropout = nn.Dropout(0.1)")
+    lines.append("        self.classifier = nn.Linear(2 * C_in, num_classes)")
+    if where == "network":
+        lines += _tau_line(spec)
+    lines += _init_alphas(spec, "        ")
+    lines += _arch_accessors(spec)
+    ref = _group_ref(spec, 0, "alphas")
+    lines += ["", "    def forward(self, x):", "        x = self.first_conv(x)"]
+    if where == "network":
+        lines.append(f"        weights = {_weights_expr(spec, ref)}")
+    lines.append("        for i, block in enumerate(self.blocks):")
+    w = "weights[i]" if where == "network" else f"{ref}[i]"
+    if proxyless:
+        lines += ["            if block.has_shortcut:", f"                x = x + block(x, {w})",
+                  "            else:", f"                x = block(x, {w})"]
+    else:
+        lines.append(f"            x = block(x, {w})")
+    lines += ["        x = self.feature_mix_layer(x)", "        x = self.global_avg_pooling(x)",
+              "        x = x.view(x.size(0), -1)"]
+    if spec["drop"] == "dropout":
+        lines.append("        x = self.dropout(x)")
+    lines += ["        return self.classifier(x)"]
+    return lines
+
+
+def _vertex_values(spec: dict[str, Any]) -> tuple[str, str] | None:
+    """(selected, others) parameter values that make the weights exactly one-hot; None if impossible."""
+    return {"softmax": ("1e4", "0."), "softmax_temp": ("1e4", "0."), "gumbel_soft": ("1e4", "0."),
+            "gumbel_hard": ("1e4", "0."), "gumbel_manual": ("1e4", "0."), "sigmoid": ("1e4", "-1e4"),
+            "relu_norm": ("1.", "-1."), "dirichlet": None}[spec["weights"]]
+
+
+def _build_functions(spec: dict[str, Any]) -> list[str]:
+    cell = spec["cell"]
+    groups = _arch_groups(spec)
+    alphas = [(i, a) for i, (a, _, role) in enumerate(groups) if role == "alpha"]
+    if cell == "darts":
+        ctor = f"Network({spec['C']}, 10, {spec['cells']}, {spec['reductions']}, {spec['steps']}, {spec['steps']}"
+        if spec["flavor"] == "pdarts":
+            k = sum(2 + i for i in range(spec["steps"]))
+            ctor += f",\n                    switches_normal=[SWITCH] * {k}, switches_reduce=[SWITCH] * {k}"
+        ctor += ")"
+    elif cell == "nb201":
+        ctor = f"TinyNetwork({spec['C']}, {spec['cells']}, {spec['nodes']}, 10, PRIMITIVES, {spec['reductions']})"
+    else:
+        ctor = f"SuperNet({spec['stem']}, {spec['layers']}, PRIMITIVES, 10)"
+    lines = ["", "", "def build():", '    """The supernet and its example inputs."""',
+             f"    torch.manual_seed({spec['seed']})",
+             f"    model = {ctor}",
+             "    x = torch.randn(2, 3, 8, 8)"]
+    if spec["dtype"] == "float64":
+        lines += ["    model = model.double()", "    x = x.double()"]
+        if spec["storage"] == "tensor":  # plain tensors are not module state: .double() leaves them alone
+            for attr, _, _ in groups:
+                lines.append(f"    model.{attr} = Variable(model.{attr}.detach().double(), requires_grad=True)")
+    lines.append("    return model, (x,)")
+    vertex = _vertex_values(spec)
+    if vertex is None:
+        lines += ["", "", "# the weights (Dirichlet samples) cannot be set exactly one-hot", "set_vertex = None"]
+    else:
+        refs = [("model.arch_params[%d]" % i) if spec["storage"] == "paramlist" else f"model.{a}" for i, a in alphas]
+        lines += ["", "", "def set_vertex(model, choose):",
+                  '    """Set the architecture parameters so that every edge\'s weights are exactly one-hot;',
+                  '    choose(row, n) picks the candidate of each row (rows numbered across tensors)."""',
+                  "    row = 0",
+                  "    with torch.no_grad():",
+                  f"        for alpha in ({', '.join(refs)},):",
+                  "            for r in range(alpha.shape[0]):",
+                  f"                alpha[r] = {vertex[1]}",
+                  f"                alpha[r, choose(row, alpha.shape[1])] = {vertex[0]}",
+                  "                row += 1"]
+    return lines
+
+
+def render(spec: dict[str, Any]) -> str:
+    """The module text of the supernet that ``spec`` describes (``build()``, ``set_vertex``)."""
+    summary = ", ".join(f"{k}={spec[k]}" for k in ("flavor", *[d for d in DIMENSIONS if d != "flavor"]))
+    head = [f'"""Generated by topofx.fuzz (seed {spec["seed"]}): a {spec["flavor"]}-style supernet.',
+            "", *textwrap.wrap(summary, 100), *textwrap.wrap(f"ops={spec['ops']}", 100), '"""']
+    imports = []
+    if spec["join"] == "reduce":
+        imports += ["import functools", "import operator"]
+    if spec["cell"] == "chain":
+        imports.append("from collections import OrderedDict")
+    imports += ["", "import torch", "import torch.nn as nn", "import torch.nn.functional as F"]
+    if spec["storage"] == "tensor":
+        imports.append("from torch.autograd import Variable")
+    lines = head + sorted(i for i in imports if i.startswith(("import f", "import o", "from c"))) + \
+        [i for i in imports if not i.startswith(("import f", "import o", "from c"))]
+    lines += ["", "SPEC = " + pprint.pformat(spec, width=100, sort_dicts=True).replace("\n", "\n       "), ""]
+    for block in _op_classes(spec) + _helpers(spec):
+        lines += ["", block.strip("\n"), ""]
+    lines += [""] + _ops_table(spec)
+    if spec["cell"] != "chain":
+        lines += _make_op_function(spec)
+    if spec["cell"] == "darts":
+        lines += _darts_mixed_op(spec) + _darts_cell(spec) + _darts_network(spec)
+    elif spec["cell"] == "nb201":
+        lines += _nb201(spec)
+    else:
+        lines += _chain(spec)
+    lines += _build_functions(spec)
+    text = "\n".join(lines) + "\n"
+    return re.sub(r"\n{4,}", "\n\n\n", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# building a model from its source
+# ---------------------------------------------------------------------------------------------
+_BUILD_DIR: Path | None = None
+
+
+def _build_dir() -> Path:
+    """One temporary folder per process for the generated module files (they stay importable and
+    their lines readable in tracebacks while the process lives)."""
+    global _BUILD_DIR
+    if _BUILD_DIR is None:
+        _BUILD_DIR = Path(tempfile.mkdtemp(prefix="topofx-fuzz-"))
+    return _BUILD_DIR
+
+
+def build(source: str, spec: dict[str, Any]) -> tuple[nn.Module, tuple, Callable[[Callable[[int, int], int]], None] | None]:
+    """Import ``source`` from a file and return ``(model, example_inputs, set_vertex)``.
+
+    ``set_vertex(choose)`` sets the model's architecture parameters so that every edge's weights are
+    exactly one-hot, ``choose(row, n)`` picking each row's candidate; it is ``None`` for weight kinds
+    that cannot be one-hot (Dirichlet samples)."""
+    digest = abs(hash(source)) & 0xFFFFFFFFFFFF
+    path = _build_dir() / f"fuzz_{spec['seed']}_{digest:012x}.py"
+    if not path.exists():
+        path.write_text(source)
+    name = path.stem
+    module = sys.modules.get(name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        assert loader_spec is not None and loader_spec.loader is not None
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[name] = module
+        loader_spec.loader.exec_module(module)
+    model, inputs = module.build()
+    setter = module.set_vertex
+    return model, tuple(inputs), (None if setter is None else functools.partial(setter, model))
+
+
+# ---------------------------------------------------------------------------------------------
+# checking one model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """What happened to one model in one mode.
+
+    ``key`` names the failure class within (mode, outcome): the first failing category of a
+    mismatch, the exception type, where in topofx it was raised and its normalized message, or the
+    fallback reason of a refusal; empty for ``ok``."""
+
+    seed: int
+    mode: str
+    outcome: str  # ok, refused, silent, crash, invalid
+    key: str = ""
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failure_class(self) -> tuple[str, str, str]:
+        return (self.mode, self.outcome, self.key)
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in ("silent", "crash", "invalid")
+
+
+class _Timeout(Exception):
+    """The per-model time limit ran out."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`_Timeout` after ``seconds`` (main thread of a POSIX process only, else no limit)."""
+    import threading
+
+    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise _Timeout(f"timed out after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _normalize(text: str, limit: int = 90) -> str:
+    """A message's first line without the parts that vary between models (numbers, names, addresses)."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    line = re.sub(r"0x[0-9a-fA-F]+", "0x?", line)
+    line = re.sub(r"/\S+/([\w.]+\.py)", r"\1", line)
+    line = re.sub(r"fuzz_\d+_[0-9a-f]+", "model", line)
+    line = re.sub(r"\b(Network|TinyNetwork|SuperNet)\b", "Model", line)
+    line = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "N", line)
+    return line[:limit]
+
+
+def _where_raised(exc: BaseException) -> str:
+    """``file.function`` of the innermost frame in topofx (or its passes), else of the innermost frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = Path(__file__).resolve().parent.parent
+    for fs in reversed(frames):
+        p = Path(fs.filename).resolve()
+        if (p.is_relative_to(root / "topofx") or p.is_relative_to(root / "passes")) and p.name != "fuzz.py":
+            return f"{p.stem}.{fs.name}"
+    if not frames:
+        return "?"
+    stem = Path(frames[-1].filename).stem
+    return f"{'model' if stem.startswith('fuzz_') else stem}.{frames[-1].name}"
+
+
+def _exception_key(stage: str, exc: BaseException) -> str:
+    if isinstance(exc, _Timeout):
+        return f"{stage}: timeout"
+    return f"{stage}: {type(exc).__name__} @{_where_raised(exc)}: {_normalize(exc)}"
+
+
+def _first_failure(report: Any, categories: Sequence[str]) -> str | None:
+    """The first category (in ``categories`` order) with a tensor outside tolerance, or ``problem``."""
+    if report.problems:
+        return "problem"
+    failing = {c.category for c in report.failures}
+    return next((c for c in categories if c in failing), None)
+
+
+def _vertex_choice(seed: int) -> Callable[[int, int], int]:
+    """A deterministic random pick per row (same picks for the same seed and row)."""
+    return lambda row, n: random.Random(seed * 7919 + row).randrange(n)
+
+
+class _GraphCalls:
+    """Counts calls of the simplified module's graph (to tell a graph run from an eager fallback)."""
+
+    def __init__(self, simplified: nn.Module):
+        self.count = 0
+        gm = getattr(simplified, "graph_module", None)
+        self.handle = gm.register_forward_pre_hook(self._hook) if isinstance(gm, nn.Module) else None
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def check_spec(spec: dict[str, Any], mode: str, *, simplify: Callable[..., Any] | None = None,
+               timeout: float | None = 60.0) -> Outcome:
+    """Render ``spec``, build the model and check ``mode``'s contract; never raises.
+
+    ``simplify`` defaults to :func:`topofx.simplify` (tests pass deliberately broken stand-ins)."""
+    start = time.perf_counter()
+    out = Outcome(spec["seed"], mode, "ok", spec=spec)
+    try:
+        with _time_limit(timeout):
+            _check(spec, mode, simplify, out)
+    except _Timeout as exc:
+        out.outcome, out.key, out.message = "crash", _exception_key("check", exc), str(exc)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None, out: Outcome) -> None:
+    import topofx
+    from topofx.capture import max_rel_error, preserved_state
+    from topofx.testing import find_arch_parameters, seeded_outputs, train_step_equivalence
+
+    simplify = simplify or topofx.simplify
+    try:
+        model, inputs, set_vertex = build(render(spec), spec)
+        model.train()
+        with preserved_state(model, tensors=find_arch_parameters(model)):
+            torch.manual_seed(0)
+            _loss(model(*inputs)).backward()
+        for p in find_arch_parameters(model):
+            p.grad = None
+        model.zero_grad(set_to_none=True)
+    except _Timeout:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the generated model does not run: a fuzzer bug
+        out.outcome, out.key, out.message = "invalid", _exception_key("build", exc), traceback.format_exc()
+        return
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            simplified = simplify(model, inputs, mode=mode)
+        except _Timeout:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any exception from simplify is a crash
+            out.outcome, out.key, out.message = "crash", _exception_key("simplify", exc), traceback.format_exc()
+            out.warnings = _warning_texts(caught)
+            return
+        if getattr(simplified, "graph_module", None) is None:
+            reason = getattr(getattr(simplified, "report", None), "fallback", None) or "no graph"
+            out.outcome, out.key = "refused", f"fallback: {_normalize(str(reason).split(' at ')[0])}"
+            out.message = str(reason)
+            out.warnings = _warning_texts(caught)
+            return
+        calls = _GraphCalls(simplified)
+        try:
+            if mode == "exact":
+                report = train_step_equivalence(model, simplified, inputs)
+                failing = _first_failure(report, ("output", "weight_grad", "arch_grad", "buffer"))
+                if failing:
+                    out.outcome, out.key, out.message = "silent", f"exact: {failing}", str(report)
+            else:
+                _check_topo(model, simplified, inputs, set_vertex, spec, out, seeded_outputs,
+                            max_rel_error, preserved_state, train_step_equivalence, find_arch_parameters)
+        except _Timeout:
+            raise
+        except Exception as exc:  # noqa: BLE001 - running the simplified module raised
+            out.outcome, out.key, out.message = "crash", _exception_key("run", exc), traceback.format_exc()
+        finally:
+            calls.close()
+            out.warnings = _warning_texts(caught)
+        if out.outcome in ("ok", "silent") and calls.count == 0:
+            out.outcome = "refused"
+            out.key = "runs eagerly: " + (_normalize(out.warnings[0]) if out.warnings else "no warning")
+
+
+def _check_topo(model, simplified, inputs, set_vertex, spec, out, seeded_outputs, max_rel_error,
+                preserved_state, train_step_equivalence, find_arch_parameters) -> None:
+    """Topo contract: runs at the model's own weights; vertex-exact output and weight gradients."""
+    alphas = find_arch_parameters(model)
+    model.train()
+    simplified.train()
+    with preserved_state(model, tensors=alphas):
+        torch.manual_seed(0)
+        result = simplified(*inputs)
+        _loss(result).backward()
+        if not all(torch.isfinite(t).all() for t in _leaves(result)):
+            out.outcome, out.key, out.message = "silent", "topo: nonfinite_output", "non-finite output at mixed weights"
+            return
+    for t in alphas + list(model.parameters()):
+        t.grad = None
+    if set_vertex is None:
+        out.notes.append(f"vertex check skipped: {spec['weights']} weights cannot be one-hot")
+        return
+    with preserved_state(model, tensors=alphas):
+        set_vertex(_vertex_choice(spec["seed"]))
+        got, expected = seeded_outputs(model, simplified, *inputs)
+        err = max_rel_error(got, expected)
+        if not err <= VERTEX_RTOL:
+            out.outcome, out.key = "silent", "topo: vertex_output"
+            out.message = f"vertex forward differs: max relative error {err:.3e} > {VERTEX_RTOL:g}"
+            return
+        report = train_step_equivalence(model, simplified, inputs)
+        grads = [c for c in report.failures if c.category == "weight_grad"]
+        if grads:
+            out.outcome, out.key = "silent", "topo: vertex_weight_grad"
+            worst = max(grads, key=lambda c: c.rel_error)
+            out.message = (f"vertex weight gradients differ on {len(grads)} tensors; worst {worst.name}: "
+                           f"rel {worst.rel_error:.3e}\n{report}")
+
+
+def _leaves(obj: Any) -> list[torch.Tensor]:
+    from topofx.testing import flatten_tensors
+
+    return [t for _, t in flatten_tensors(obj) if t.is_floating_point()]
+
+
+def _loss(obj: Any) -> torch.Tensor:
+    """A scalar that every output element reaches (a fixed pseudo-random weighting)."""
+    total = None
+    for i, t in enumerate(_leaves(obj)):
+        w = torch.linspace(-1.0, 1.0 + i, t.numel(), dtype=t.dtype).view(t.shape)
+        total = (t * w).sum() if total is None else total + (t * w).sum()
+    assert total is not None, "the model returned no floating tensor"
+    return total
+
+
+def _warning_texts(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    texts: list[str] = []
+    for w in caught:
+        text = str(w.message)
+        if text not in texts:
+            texts.append(text)
+    return texts
+
+
+def check(seed: int, modes: Sequence[str] = MODES, *, simplify: Callable[..., Any] | None = None,
+          timeout: float | None = 60.0) -> list[Outcome]:
+    """Generate model ``seed`` and check it in each of ``modes`` (a fresh model per mode)."""
+    spec = _draw_spec(seed)
+    return [check_spec(spec, mode, simplify=simplify, timeout=timeout) for mode in modes]
+
+
+# ---------------------------------------------------------------------------------------------
+# minimizing a failure
+# ---------------------------------------------------------------------------------------------
+def _shrinks(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Simpler variants of ``spec``, most structural first: fewer cells, nodes, layers and
+    candidates, then the default of every other style dimension."""
+    def with_(**changes: Any) -> dict[str, Any]:
+        return {**spec, **changes}
+
+    cell = spec["cell"]
+    if cell == "chain":
+        for i in range(len(spec["layers"]) - 1, -1, -1):
+            if len(spec["layers"]) > 1:
+                yield with_(layers=spec["layers"][:i] + spec["layers"][i + 1:])
+        for i, (c_out, stride) in enumerate(spec["layers"]):
+            if stride != 1:
+                yield with_(layers=[*spec["layers"][:i], [c_out, 1], *spec["layers"][i + 1:]])
+    else:
+        if spec["cells"] > 1:
+            last = spec["cells"] - 1
+            kept = [r for r in spec["reductions"] if r < last]
+            yield with_(cells=last, reductions=kept if len(kept) < last or cell == "nb201" else kept[:-1])
+        for r in spec["reductions"]:
+            yield with_(reductions=[x for x in spec["reductions"] if x != r])
+        size_key = "nodes" if cell == "nb201" else "steps"
+        if spec[size_key] > (2 if cell == "nb201" else 1):
+            smaller = with_(**{size_key: spec[size_key] - 1})
+            if "projected" in spec:
+                n_edges = sum(2 + i for i in range(smaller["steps"]))
+                smaller["projected"] = [[e, o] for e, o in spec["projected"] if e < n_edges]
+            yield smaller
+    if len(spec["ops"]) > 1:
+        for i in range(len(spec["ops"])):
+            smaller = with_(ops=spec["ops"][:i] + spec["ops"][i + 1:])
+            if "projected" in spec:
+                smaller["projected"] = [[e, o - (o > i)] for e, o in spec["projected"] if o != i]
+            yield smaller
+    if spec.get("projected"):
+        yield with_(projected=[])
+    default_flavor = DEFAULT_FLAVOR[cell]
+    if spec["flavor"] != default_flavor:
+        yield {k: v for k, v in with_(flavor=default_flavor).items() if k != "projected"}
+    for dim, value in DEFAULTS.items():
+        if spec[dim] != value:
+            yield with_(**{dim: value})
+    if spec["C"] != 4:
+        yield with_(C=4, **({"stem": 4} if cell == "chain" else {}))
+
+
+def minimize(spec: dict[str, Any], mode: str, outcome: str, key: str, *,
+             simplify: Callable[..., Any] | None = None, timeout: float | None = 60.0,
+             budget_s: float = 90.0) -> tuple[dict[str, Any], Outcome]:
+    """Greedily simplify ``spec`` while ``check_spec`` still gives the same failure class.
+
+    Returns the smallest spec found and its outcome (the reproducer's report).  ``budget_s`` bounds
+    the time spent, so a slow class still gets a (less minimal) reproducer."""
+    deadline = time.perf_counter() + budget_s
+    best = check_spec(spec, mode, simplify=simplify, timeout=timeout)
+    changed = True
+    while changed and time.perf_counter() < deadline:
+        changed = False
+        for candidate in _shrinks(spec):
+            if time.perf_counter() >= deadline:
+                break
+            result = check_spec(candidate, mode, simplify=simplify, timeout=timeout)
+            if result.outcome == outcome and result.key == key:
+                spec, best, changed = candidate, result, True
+                break
+    return spec, best
+
+
+# ---------------------------------------------------------------------------------------------
+# running many models
+# ---------------------------------------------------------------------------------------------
+ROW_DIMENSIONS = ("flavor", "cell", *[d for d in DIMENSIONS if d != "flavor"], "ops")
+
+
+@dataclass
+class Summary:
+    """All outcomes of a run, the failure classes and where their reproducers were written."""
+
+    outcomes: list[Outcome]
+    reproducers: dict[tuple[str, str, str], Path] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return any(o.failed for o in self.outcomes)
+
+    def classes(self, failures_only: bool = True) -> dict[tuple[str, str, str], list[Outcome]]:
+        """Outcomes grouped by failure class (``(mode, outcome, key)``), largest class first."""
+        groups: dict[tuple[str, str, str], list[Outcome]] = defaultdict(list)
+        for o in self.outcomes:
+            if o.outcome != "ok" and (o.failed or not failures_only):
+                groups[o.failure_class].append(o)
+        return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+    def table(self) -> str:
+        """Per style dimension value: models drawn with it and their outcomes (one per model and mode)."""
+        kinds = ("ok", "refused", "silent", "crash", "invalid")
+        shown = [k for k in kinds if k != "invalid" or any(o.outcome == k for o in self.outcomes)]
+        rows: dict[tuple[str, str], Counter] = defaultdict(Counter)
+        models: dict[tuple[str, str], set] = defaultdict(set)
+        for o in self.outcomes:
+            for dim in ROW_DIMENSIONS:
+                values = o.spec.get(dim)
+                for v in values if isinstance(values, list) else [values]:
+                    if v is not None:
+                        rows[(dim, str(v))][o.outcome] += 1
+                        models[(dim, str(v))].add(o.seed)
+            rows[("mode", o.mode)][o.outcome] += 1
+            models[("mode", o.mode)].add(o.seed)
+        head = f"{'dimension':<10} {'value':<20} {'models':>6} " + " ".join(f"{k:>7}" for k in shown)
+        lines = [head, "-" * len(head)]
+        order = ["mode", *ROW_DIMENSIONS]
+        for dim, value in sorted(rows, key=lambda dv: (order.index(dv[0]), _value_order(*dv))):
+            c = rows[(dim, value)]
+            lines.append(f"{dim:<10} {value:<20} {len(models[(dim, value)]):>6} " + " ".join(f"{c[k]:>7}" for k in shown))
+        total = Counter(o.outcome for o in self.outcomes)
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<10} {'':<20} {len({o.seed for o in self.outcomes}):>6} "
+                     + " ".join(f"{total[k]:>7}" for k in shown))
+        return "\n".join(lines)
+
+    def class_lines(self) -> str:
+        """One line per failure and refusal class: count, key, example seed, reproducer."""
+        lines = []
+        for (mode, outcome, key), items in self.classes(failures_only=False).items():
+            path = self.reproducers.get((mode, outcome, key))
+            seeds = ", ".join(str(o.seed) for o in items[:5]) + (", ..." if len(items) > 5 else "")
+            where = f" -> {path}" if path else ""
+            lines.append(f"{len(items):5d}  {mode:<5} {outcome:<8} {key}  [seeds {seeds}]{where}")
+        return "\n".join(lines)
+
+
+def _value_order(dim: str, value: str) -> int:
+    if dim == "ops":
+        pool = OP_POOL + CHAIN_OPS
+        return pool.index(value) if value in pool else len(pool)
+    values = DIMENSIONS.get(dim) or (MODES if dim == "mode" else ("darts", "nb201", "chain"))
+    return values.index(value) if value in values else len(values)
+
+
+def _model_seed(seed: int, i: int) -> int:
+    return seed * 100_000 + i
+
+
+def _check_task(args: tuple[int, tuple[str, ...], float | None]) -> list[Outcome]:
+    seed, modes, timeout = args
+    return check(seed, modes, timeout=timeout)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+
+
+def run(n: int, seed: int = 0, modes: Sequence[str] = MODES, *, jobs: int = 1, timeout: float | None = 60.0,
+        out: str | Path | None = "fuzz-failures", progress: bool = True,
+        simplify: Callable[..., Any] | None = None, minimize_budget_s: float = 90.0) -> Summary:
+    """Check ``n`` generated models in ``modes``; minimize and write one reproducer per failure class
+    to ``out`` (``None``: no reproducers).  ``jobs > 1`` checks models in worker processes
+    (``simplify`` must then be the default)."""
+    from tqdm import tqdm
+
+    seeds = [_model_seed(seed, i) for i in range(n)]
+    tasks = [(s, tuple(modes), timeout) for s in seeds]
+    outcomes: list[Outcome] = []
+    bar = tqdm(total=n, desc="fuzz", unit="model", disable=not progress, file=sys.stderr)
+    if jobs > 1:
+        if simplify is not None:
+            raise ValueError("a custom simplify runs in this process only: use jobs=1")
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(jobs, initializer=_init_worker, maxtasksperchild=50) as pool:
+            for result in pool.imap_unordered(_check_task, tasks):
+                outcomes += result
+                bar.update(1)
+                bar.set_postfix(_postfix(outcomes))
+    else:
+        for s in seeds:
+            outcomes += check(s, modes, simplify=simplify, timeout=timeout)
+            bar.update(1)
+            bar.set_postfix(_postfix(outcomes))
+    bar.close()
+    outcomes.sort(key=lambda o: (o.seed, MODES.index(o.mode) if o.mode in MODES else 0))
+    summary = Summary(outcomes)
+    if out is not None:
+        _write_reproducers(summary, Path(out), simplify, timeout, minimize_budget_s, progress)
+    return summary
+
+
+def _postfix(outcomes: list[Outcome]) -> dict[str, int]:
+    c = Counter(o.outcome for o in outcomes)
+    return {k: c[k] for k in ("ok", "refused", "silent", "crash") if c[k]}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "failure"
+
+
+def _write_reproducers(summary: Summary, out: Path, simplify: Callable[..., Any] | None,
+                       timeout: float | None, budget_s: float, progress: bool) -> None:
+    """Minimize the first model of each failure class and write ``<class>.py`` and ``<class>.txt``."""
+    classes = summary.classes(failures_only=True)
+    if not classes:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for (mode, outcome, key), items in classes.items():
+        first = items[0]
+        if progress:
+            print(f"minimizing [{mode} {outcome}] {key} (seed {first.seed}) ...", file=sys.stderr)
+        if outcome == "invalid":
+            spec, result = first.spec, first
+        else:
+            spec, result = minimize(first.spec, mode, outcome, key, simplify=simplify, timeout=timeout,
+                                    budget_s=budget_s)
+        stem = f"{mode}-{outcome}-{_slug(key)}"
+        py = out / f"{stem}.py"
+        py.write_text(reproducer_source(spec, mode))
+        (out / f"{stem}.txt").write_text(
+            f"failure class: mode={mode} outcome={outcome}\n  {key}\n"
+            f"count: {len(items)} of {len({o.seed for o in summary.outcomes})} models "
+            f"(seeds {', '.join(str(o.seed) for o in items[:20])}{' ...' if len(items) > 20 else ''})\n"
+            f"reproducer: {py.name} (python {py.name}); minimized from seed {first.seed}\n"
+            f"original spec: {json.dumps(first.spec, sort_keys=True)}\n"
+            f"minimized spec: {json.dumps(spec, sort_keys=True)}\n\n"
+            + (f"warnings:\n" + "\n".join(f"  {w}" for w in result.warnings) + "\n\n" if result.warnings else "")
+            + f"{result.message}\n")
+        summary.reproducers[(mode, outcome, key)] = py
+
+
+def reproducer_source(spec: dict[str, Any], mode: str) -> str:
+    """The generated model plus a ``__main__`` block that runs ``mode``'s check and prints the result."""
+    main_block = [
+        "", "",
+        'if __name__ == "__main__":',
+        "    import topofx",
+        "    from topofx.testing import train_step_equivalence",
+        "",
+        "    model, inputs = build()",
+        f'    simplified = topofx.simplify(model, inputs, mode="{mode}")',
+        "    print(simplified.report)",
+    ]
+    if mode == "exact":
+        main_block += ["    print(train_step_equivalence(model, simplified, inputs))"]
+    else:
+        main_block += [
+            "    from topofx.capture import max_rel_error",
+            "    from topofx.testing import seeded_outputs",
+            "",
+            "    torch.manual_seed(0)",
+            "    simplified(*inputs)  # runs at the model's own (mixed) weights",
+            "    if set_vertex is not None:",
+            f"        set_vertex(model, lambda row, n: random.Random({spec['seed']} * 7919 + row).randrange(n))",
+            "        model.train()",
+            "        simplified.train()",
+            "        got, expected = seeded_outputs(model, simplified, *inputs)",
+            "        print('vertex forward max relative error', max_rel_error(got, expected), '(contract: <= 1e-5)')",
+            "        report = train_step_equivalence(model, simplified, inputs)",
+            "        print('vertex weight gradients:', [str(c) for c in report.failures if c.category == 'weight_grad'] or 'equal')",
+        ]
+        main_block.insert(3, "    import random")
+    return render(spec) + "\n".join(main_block) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.fuzz") -> int:
+    """Run the fuzzer; exit status 1 if any model is ``silent``, ``crash`` or ``invalid``, else 0."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Generate random small supernets in the coding styles of public NAS codebases "
+        "and check topofx's contracts on each (exact: one train step equal; topo: vertex-exact).")
+    parser.add_argument("--n", type=int, default=100, help="number of models (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run: model i has seed SEED*100000+i")
+    parser.add_argument("--mode", default="exact,topo", help="modes to check, comma-separated (default exact,topo)")
+    parser.add_argument("--out", default="fuzz-failures", help="folder for minimized reproducers (default fuzz-failures/)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per model and mode (default 60)")
+    parser.add_argument("--minimize-budget", type=float, default=90.0,
+                        help="seconds spent minimizing each failure class (default 90)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    modes = tuple(m.strip() for m in args.mode.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        print(f"{prog}: error: --mode takes exact, topo or exact,topo; got {args.mode!r}", file=sys.stderr)
+        return 2
+    if args.n < 1 or args.jobs < 1:
+        print(f"{prog}: error: --n and --jobs must be positive", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    summary = run(args.n, args.seed, modes, jobs=args.jobs, timeout=args.timeout, out=args.out,
+                  progress=not args.no_progress, minimize_budget_s=args.minimize_budget)
+    print(summary.table())
+    classes = summary.class_lines()
+    if classes:
+        print("\nclasses (count, mode, outcome, key, example seeds, reproducer):")
+        print(classes)
+    bad = sum(o.failed for o in summary.outcomes)
+    print(f"\n{bad} failing (silent/crash) of {len(summary.outcomes)} model-mode checks"
+          + (f"; reproducers in {args.out}/" if summary.reproducers else ""))
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
