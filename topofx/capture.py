@@ -504,8 +504,10 @@ def verify_capture(
             if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
                 frame = node.meta.get("topofx_user_frame")
                 raise CaptureError(
-                    f"a tensor computed outside forward() with autograd history was frozen into the graph "
-                    f"({node.target}{', used at ' + str(frame) if frame else ''}). Compute it inside forward()"
+                    f"a tensor with autograd history, computed outside forward() or from a tensor the tracer "
+                    f"cannot see (one kept in a Python list or dict), was frozen into the graph "
+                    f"({node.target}{', used at ' + str(frame) if frame else ''}). Compute it inside forward() "
+                    "from the model's parameters, buffers or tensor attributes"
                 )
     attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
     with preserved_state(model, tensors=attrs):

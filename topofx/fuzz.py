@@ -462,7 +462,7 @@ def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]
     if join == "add_":
         seq = f"list({it})" if as_dict else ops
         return [f"candidates = {seq}", f"{out} = {w}[0] * candidates[0]({x})",
-                "for i in range(1, len(candidates)):", f"    {out}.add_({w}[i] * candidates[i]({x}))"]
+                "for k in range(1, len(candidates)):", f"    {out}.add_({w}[k] * candidates[k]({x}))"]
     if join == "stack_view":
         return [f"outs = {stack}", f"{out} = outs.mul({w}.view(-1, 1, 1, 1, 1)).sum(0)"]
     if join == "einsum":

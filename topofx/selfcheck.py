@@ -11,9 +11,11 @@
   vertex contract: the TopoNAS estimator differs from the original's by design (docs/method.md).
 
 Both sides run from the same RNG seed (random draws line up: the rewrite driver keeps their order).
-Tolerance: 1e-5 relative, widened only to 4x the original's own float32 rounding error where that is
-larger (BN over near-constant channels), and never beyond :data:`MAX_ALLOWANCE` -- an O(1) error can
-never pass, whatever the model's random draws do to the rounding estimate.
+Values (outputs, buffers) are compared in the model's own dtype at 1e-5 relative, widened only to 4x
+the original's own float32 rounding error where that is larger (BN over near-constant channels), and
+never beyond :data:`MAX_ALLOWANCE` -- an O(1) error can never pass, whatever the model's random draws
+do to the rounding estimate.  Gradients are compared on float64 copies of both sides (see
+:func:`mismatch`), at 1e-5 of the largest gradient.
 """
 from __future__ import annotations
 
@@ -29,34 +31,22 @@ from torch import nn
 from .capture import graph_attr_tensors, max_rel_error, preserved_state, run_seeded
 from .modules import MergedConvBN
 from .testing import train_step_equivalence
-from .topology import Topology, weight_provenance
+from .topology import Topology, ValueNumbering, data_dependent, weight_provenance
 
 RTOL = 1e-5
 MAX_ALLOWANCE = 1e-3
+GRAD_RTOL_FLOAT32 = 1e-4
 
 
-def _canonical(node: Any, memo: dict) -> Any:
-    """A key equal for nodes that compute the same value from the same attributes (value numbering),
-    so that prefix sharing's merges of duplicate weight computations keep one choice per value."""
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    if node not in memo:
-        if node.op in ("get_attr", "placeholder"):
-            memo[node] = (node.op, str(node.target))
-        else:
-            target = getattr(node.target, "__name__", str(node.target))
-            args = fx.node.map_aggregate((node.args, tuple(sorted(node.kwargs.items()))), lambda a: _canonical(a, memo))
-            memo[node] = (node.op, target, repr(args))
-    return memo[node]
-
-
-def vertex_choice(topology: Topology) -> dict[str, float]:
-    """A one-hot value for every edge weight of the captured graph, by node name.
+def vertex_choice(topology: Topology, number: ValueNumbering) -> dict[Any, float]:
+    """A one-hot value for every edge weight of the captured graph, by the weight's value number
+    (a rewrite that merges two equal weight computations -- prefix sharing -- leaves one node with
+    that number, which keeps the value).
 
     An edge whose weights index one architecture row picks one element of it (a hash of the row's
-    canonical key, so equal rows pick alike and different edges pick differently).
+    value number, so equal rows pick alike and different edges pick differently); other edges pick
+    by a hash of their name.
     """
-    memo: dict = {}
     choice: dict[str, float] = {}
     for edge in topology.edges:
         weights = [c.weight for c in edge.candidates]
@@ -67,51 +57,94 @@ def vertex_choice(topology: Topology) -> dict[str, float]:
             if row is None or index is None or not size:
                 picks = []
                 break
-            picks.append(index == zlib.crc32(repr(_canonical(row, memo)).encode()) % size)
+            picks.append(index == zlib.crc32(repr(number(row)).encode()) % size)
         if not picks or not any(picks):
             picks = [k == zlib.crc32(edge.name.encode()) % len(weights) for k in range(len(weights))]
         for w, on in zip(weights, picks):
-            choice[w.name] = 1.0 if on else 0.0
+            choice[number(w)] = 1.0 if on else 0.0
     return choice
 
 
-def at_vertex(gm: fx.GraphModule, choice: dict[str, float]) -> fx.GraphModule:
-    """A copy of ``gm`` (sharing its modules) whose weight nodes named in ``choice`` read
-    ``w * 0 + c``; weights merged away by a rewrite are represented by the node that replaced them."""
+def at_vertex(gm: fx.GraphModule, choice: dict[Any, float], number: ValueNumbering,
+              live: Sequence[str] = ()) -> fx.GraphModule:
+    """A copy of ``gm`` (sharing its modules) whose weight nodes (by value number) in ``choice`` read
+    ``w * 0 + c``.
+    ``live`` tensor attributes (an adapter's samples) are detached in the copy: the vertex fixes the
+    weights they carry, and each run of the check must not backpropagate into one shared sample."""
     graph = copy.deepcopy(gm.graph)
+    data = data_dependent(graph)
     for node in list(graph.nodes):
-        if node.name not in choice:
+        key = number(node) if node not in data else None  # weights never depend on the inputs
+        if key not in choice:
             continue
         with graph.inserting_after(node):
             zero = graph.call_function(operator.mul, (node, 0.0))
         with graph.inserting_after(zero):
-            fixed = graph.call_function(operator.add, (zero, choice[node.name]))
+            fixed = graph.call_function(operator.add, (zero, choice[key]))
         node.replace_all_uses_with(fixed, delete_user_cb=lambda user: user is not zero)
-    return fx.GraphModule(gm, graph)
+    vertex = fx.GraphModule(gm, graph)
+    for name in live:
+        setattr(vertex, name, getattr(gm, name).detach())
+    vertex.train(gm.training)
+    return vertex
 
 
 def _floated_buffers(gm: fx.GraphModule) -> set[int]:
     return {id(b) for m in gm.modules() if isinstance(m, MergedConvBN) for g in m.groups for _, bn in g for b in bn.buffers()}
 
 
+def _failures(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any], arch: Sequence[torch.Tensor],
+              skip_buffers: set[int], categories: set[str], rtol: float) -> tuple[list, list[str]]:
+    report = train_step_equivalence(reference, candidate, inputs, arch_params=list(arch), rtol=rtol,
+                                    atol=rtol * 0.1, train=reference.training)
+    skipped = {n for n, b in reference.named_buffers() if id(b) in skip_buffers}
+    return [c for c in report.failures
+            if c.category in categories and not (c.category == "buffer" and c.name in skipped)], report.problems
+
+
+def _in_float64(modules: tuple[nn.Module, ...], inputs: Sequence[Any], arch: Sequence[torch.Tensor],
+                skip_buffers: set[int]) -> tuple:
+    """Float64 copies of ``modules`` (one ``deepcopy``, so what they share stays shared) and of the
+    inputs, architecture tensors and skipped buffers."""
+    memo: dict = {}
+    copies = copy.deepcopy(modules, memo)
+    for m in copies:
+        m.double()
+    double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    arch64 = [memo.get(id(t), t) for t in arch]
+    skip64 = {id(b) for m in copies for b in m.buffers() if any(b is memo.get(i) for i in skip_buffers)}
+    return copies, tuple(map(double, inputs)), arch64, skip64
+
+
 def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequence[Any], *,
              arch: Sequence[torch.Tensor], skip_buffers: set[int] = frozenset(), check_arch: bool = True,
              own_error: Any = None) -> str | None:
-    """Why ``candidate`` differs from ``reference`` in one step on ``example_inputs``, or None."""
-    train = reference.training
-    report = train_step_equivalence(reference, candidate, example_inputs, arch_params=list(arch),
-                                    rtol=RTOL, atol=RTOL * 0.1, train=train)
-    skipped = {n for n, b in reference.named_buffers() if id(b) in skip_buffers}
-    failures = [c for c in report.failures
-                if not (c.category == "buffer" and c.name in skipped) and (check_arch or c.category != "arch_grad")]
-    if not failures and not report.problems:
+    """Why ``candidate`` differs from ``reference`` in one step on ``example_inputs``, or None.
+
+    Values (outputs, buffers) are compared as the model runs, in its own dtype.  Gradients are
+    compared on float64 copies of both: a conv bias before a train-mode BN has an analytically zero
+    gradient that float32 fills with rounding noise of either sign, so only float64 separates a
+    wrong gradient from noise.  (Both copies draw the same float64 random numbers from the same seed.)
+    Where a model cannot run in float64 its float32 gradients are compared at 1e-4 of the largest.
+    """
+    values = {"output", "buffer"}
+    grads = {"weight_grad", "arch_grad"} if check_arch else {"weight_grad"}
+    failures, problems = _failures(reference, candidate, example_inputs, arch, skip_buffers, values, RTOL)
+    if problems:
+        return "; ".join(problems)
+    allowance = min(MAX_ALLOWANCE, 4 * own_error()) if failures and own_error is not None else 0.0
+    failures = [c for c in failures if c.rel_error > allowance]
+    if not failures:
+        try:
+            (ref64, cand64), inputs64, arch64, skip64 = _in_float64((reference, candidate), example_inputs, arch, skip_buffers)
+            failures, problems = _failures(ref64, cand64, inputs64, arch64, skip64, grads, RTOL)
+        except Exception:  # noqa: BLE001 - a model that cannot run in float64: its float32 gradients, looser
+            failures, problems = _failures(reference, candidate, example_inputs, arch, skip_buffers, grads, GRAD_RTOL_FLOAT32)
+    if problems:
+        return "; ".join(problems)
+    if not failures:
         return None
-    if report.problems:
-        return "; ".join(report.problems)
     worst = max(failures, key=lambda c: c.rel_error)
-    allowance = min(MAX_ALLOWANCE, 4 * own_error()) if own_error is not None else 0.0
-    if all(c.rel_error <= allowance for c in failures):
-        return None
     return f"{worst.category} {worst.name} differs by {worst.rel_error:.2e} (relative)"
 
 
@@ -133,13 +166,14 @@ def own_rounding_error(model: nn.Module, example_inputs: Sequence[Any]) -> float
 class SelfCheck:
     """The check for one simplification: built from the graph as captured, before any rewrite."""
 
-    def __init__(self, model: nn.Module, captured: fx.GraphModule, topology: Topology, example_inputs: Sequence[Any], mode: str):
-        self.model, self.mode, self.example_inputs = model, mode, tuple(example_inputs)
-        self.arch = graph_attr_tensors(captured)
+    def __init__(self, model: nn.Module, captured: fx.GraphModule, topology: Topology, example_inputs: Sequence[Any],
+                 mode: str, live: Sequence[str] = ()):
+        self.model, self.mode, self.example_inputs, self.live = model, mode, tuple(example_inputs), tuple(live)
+        self.arch = [t for t in graph_attr_tensors(captured) if not any(t is getattr(captured, n) for n in live)]
         if mode == "topo":
-            self.choice = vertex_choice(topology)
-            self.reference = at_vertex(captured, self.choice)
-            self.reference.train(captured.training)
+            self.number = ValueNumbering()
+            self.choice = vertex_choice(topology, self.number)
+            self.reference = at_vertex(captured, self.choice, self.number, live)
         self._own: float | None = None
 
     def _own_error(self) -> float:
@@ -152,7 +186,6 @@ class SelfCheck:
         if self.mode == "exact":
             gm.train(self.model.training)
             return mismatch(self.model, gm, inputs, arch=self.arch, own_error=self._own_error)
-        vertex = at_vertex(gm, self.choice)
-        vertex.train(self.reference.training)
+        vertex = at_vertex(gm, self.choice, self.number, self.live)
         return mismatch(self.reference, vertex, inputs, arch=self.arch, check_arch=False,
                         skip_buffers=_floated_buffers(gm), own_error=self._own_error)

@@ -218,7 +218,7 @@ def simplify(
     captured_code = gm.code
     topology = analyze(gm.graph, root)
     freeze = UnselectedFreeze(gm, topology, live) if adapter else None  # from the graph as captured
-    self_check = SelfCheck(model, gm, topology, example_inputs, mode) if check else None
+    self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
     before = node_counts(gm)
     runs = _rewrite(gm, root, passes, lowering, example_inputs)
     problem = self_check(gm, _check_inputs(runs, example_inputs)) if self_check else None
@@ -279,7 +279,7 @@ def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, mode: str,
     """The self-check failed: find the pass that introduced the difference (simplify again from a
     fresh capture, checking after every pass) and warn, or raise under ``strict``."""
     gm = _capture.capture(root, example_inputs, strict=True, live_attrs=live).graph_module
-    check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode)
+    check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode, live)
     runs = _rewrite(gm, root, passes, lowering, example_inputs,
                     check=lambda g: (f"self-check: {why}" if (why := check(g, _check_inputs([], example_inputs))) else None))
     culprits = [run.name for run in runs if any(why.startswith("self-check") for why in run.rejected)]

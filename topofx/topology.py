@@ -263,15 +263,37 @@ def weight_provenance(weight: fx.Node) -> tuple[fx.Node | None, int | None]:
     return None, None
 
 
-def _edge_groups(weighted: list[tuple[Any, tuple[fx.Node, fx.Node]]]) -> list[list]:
+class ValueNumbering:
+    """Value numbering: equal numbers for nodes that compute the same value from the same attributes
+    and inputs (``w[0]`` written twice is one row, and stays one after prefix sharing merges it).
+    One instance numbers several graphs consistently (a graph and its rewritten copy)."""
+
+    def __init__(self) -> None:
+        self._table: dict[tuple, int] = {}
+        self._nodes: dict[fx.Node, int] = {}
+
+    def __call__(self, node: Any) -> Any:
+        if not isinstance(node, fx.Node):
+            return repr(node)
+        if node not in self._nodes:
+            if node.op in ("get_attr", "placeholder"):
+                key: tuple = (node.op, str(node.target))
+            else:
+                target = getattr(node.target, "__name__", str(node.target))
+                key = (node.op, target, repr(fx.node.map_aggregate((node.args, tuple(sorted(node.kwargs.items()))), self)))
+            self._nodes[node] = self._table.setdefault(key, len(self._table))
+        return self._nodes[node]
+
+
+def _edge_groups(weighted: list[tuple[Any, tuple[fx.Node, fx.Node]]], number: ValueNumbering) -> list[list]:
     """The weighted terms of one sum, split into mixed edges by the provenance of their weights:
-    terms indexing one row at distinct positions form one group.  Terms whose weights are not read
-    out of a vector form one group only when no term of the sum is (legacy per-op scalars)."""
-    by_row: dict[fx.Node, list] = defaultdict(list)
+    terms indexing one row (by value) at distinct positions form one group.  Terms whose weights are
+    not read out of a vector form one group only when no term of the sum is (per-op scalars)."""
+    by_row: dict[Any, list] = defaultdict(list)
     loose = []
     for term, wt in weighted:
         row, k = weight_provenance(wt[0])
-        (by_row[row] if row is not None else loose).append((term, wt, k))
+        (by_row[number(row)] if row is not None else loose).append((term, wt, k))
     groups = [g for g in by_row.values() if len({k for *_, k in g}) == len(g)]
     if loose and not by_row:
         groups.append(loose)
@@ -323,10 +345,11 @@ def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
 
     proposals: list[tuple[SumChain, fx.Node, list[Candidate], list[Any]]] = []
     weighted_muls: set[fx.Node] = set()
+    number = ValueNumbering()
     for chain in sum_chains(graph):
         weighted = [(term, wt) for term in chain.terms if (wt := weighted_term(term, data))]
         weighted_muls.update(term for term, _ in weighted)
-        for group in _edge_groups(weighted):
+        for group in _edge_groups(weighted, number):
             outputs = [wt[1] for _, wt in group]
             x = _nearest_common_dominator(idom, outputs)
             if x is None or x == _SOURCE:

@@ -1,0 +1,765 @@
+"""Every warning and error of ``docs/errors.md``, triggered through the public API.
+
+One test per message (named in the doc's ``Test:`` line), each with a small model written here
+(C=4, 8x8 inputs), asserting the exception or warning type and a distinctive part of the text.
+``test_doc_and_tests_agree`` keeps the doc and this file in step: every test the doc cites exists
+here and every test here is cited by the doc.
+"""
+from __future__ import annotations
+
+import operator
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import topofx
+from topofx import CaptureError, SelfCheckError, bench, cli, fuzz, search, zoo
+from topofx.rewrite import Rewrite
+from topofx.testing import assert_follows_alpha, assert_train_step_equivalent
+from topofx.visualize import visualize
+
+C = 4
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
+def x8(batch: int = 2, size: int = 8) -> torch.Tensor:
+    return torch.randn(batch, C, size, size, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+class ConvNet(nn.Module):
+    """Capturable, no mixed edge."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu()
+
+
+class Edge(nn.Module):
+    """One DARTS mixed edge: sum_k w_k * BN_k(conv_k(relu(x)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, k, padding=k // 2, bias=False), nn.BatchNorm2d(C)) for k in (1, 3)
+        )
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class EdgeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.edge = Edge()
+        self.alpha = nn.Parameter(1e-3 * torch.randn(2))
+
+    def forward(self, x):
+        return self.edge(x, F.softmax(self.alpha, dim=0))
+
+    def arch_parameters(self):
+        return [self.alpha]
+
+
+class DataDependentIf(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x.relu()
+        return -x
+
+
+class LenOfScalar(nn.Module):
+    def forward(self, x):
+        n = len(x.sum())
+        return x * n
+
+
+class IterOverScalar(nn.Module):
+    def forward(self, x):
+        for v in x.sum():
+            x = x + v
+        return x
+
+
+def _kw(**kwargs):
+    return kwargs
+
+
+class StarStarTensor(nn.Module):
+    def forward(self, x):
+        return _kw(**x)
+
+
+class IntOfTensor(nn.Module):
+    def forward(self, x):
+        return x * int(x.sum())
+
+
+class WeightsComputedInInit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.w = self.alpha.softmax(0)  # autograd history, computed once
+
+    def forward(self, x):
+        return x * self.w[0]
+
+
+class PythonCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # the graph bakes in the value seen while tracing
+        return x * self.calls
+
+
+class CopiedArchWeights(nn.Module):
+    """Alphas kept in a Python list (invisible to the tracer) and copied into a fresh leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.alphas = [torch.ones(1, requires_grad=True)]
+
+    def forward(self, x):
+        w = self.alphas[0].detach().clone().requires_grad_()
+        return x * w
+
+
+class TrainingBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        if self.training:
+            return self.conv(x)
+        return self.conv(x).relu()
+
+
+class ShapeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        if x.shape[-1] == 8:
+            return self.conv(x)
+        return F.avg_pool2d(self.conv(x), 2)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+class WithBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.step = 0  # a Python number held by a traced module
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def simplify_quietly(model, *args, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return topofx.simplify(model, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# simplify's arguments
+# ---------------------------------------------------------------------------------------------
+def test_simplify_unknown_mode():
+    with pytest.raises(ValueError, match=r"unknown mode 'fast'; choose one of 'topo', 'exact'"):
+        topofx.simplify(ConvNet(), x8(), mode="fast")
+
+
+def test_simplify_unknown_layout():
+    with pytest.raises(ValueError, match=r"unknown layout 'nhwc'; choose one of 'keep', 'channels_last'"):
+        topofx.simplify(ConvNet(), x8(), layout="nhwc")
+
+
+# ---------------------------------------------------------------------------------------------
+# capture
+# ---------------------------------------------------------------------------------------------
+def test_capture_fallback_warning():
+    model, x = DataDependentIf(), x8()
+    with pytest.warns(UserWarning, match=r"Falling back to the model's own eager forward .* no rewrite is applied"):
+        simplified = topofx.simplify(model, x)
+    assert simplified.graph_module is None and "data-dependent" in simplified.report.fallback
+    assert torch.equal(simplified(x), model(x))
+
+
+def test_capture_data_dependent_control_flow():
+    with pytest.raises(CaptureError, match=r"data-dependent control flow .* at .*test_errors\.py:\d+: `if x\.sum\(\) > 0:`"):
+        topofx.simplify(DataDependentIf(), x8(), strict=True)
+
+
+def test_capture_len_unknown():
+    with pytest.raises(CaptureError, match=r"len\(\) of a value whose length is unknown at capture .*`n = len\(x\.sum\(\)\)`"):
+        topofx.simplify(LenOfScalar(), x8(), strict=True)
+
+
+def test_capture_iteration_unknown():
+    with pytest.raises(CaptureError, match=r"iteration over a value whose length is unknown at capture at .*`for v in x\.sum\(\):`"):
+        topofx.simplify(IterOverScalar(), x8(), strict=True)
+
+
+def test_capture_star_star_unpacking():
+    with pytest.raises(CaptureError, match=r"`\*\*` unpacking of a traced value at .*`return _kw\(\*\*x\)`"):
+        topofx.simplify(StarStarTensor(), x8(), strict=True)
+
+
+def test_capture_other_construct():
+    with pytest.raises(CaptureError, match=r"cannot capture IntOfTensor at .*test_errors\.py:\d+: .*: TypeError: int\(\)"):
+        topofx.simplify(IntOfTensor(), x8(), strict=True)
+
+
+def test_capture_frozen_tensor_with_history():
+    with pytest.raises(CaptureError, match=r"with autograd history.*was frozen into the graph \(w, used at .*`return x \* self\.w\[0\]`\)"):
+        topofx.simplify(WeightsComputedInInit(), x8(), strict=True)
+
+
+def test_capture_disagrees_with_eager():
+    with pytest.raises(CaptureError, match=r"captured graph disagrees with eager forward \(max relative error"):
+        topofx.simplify(PythonCounter(), x8(), strict=True)
+
+
+def test_capture_arch_weights_frozen():
+    with pytest.raises(CaptureError, match=r"captured graph does not follow the architecture weights"):
+        topofx.simplify(CopiedArchWeights(), x8(), strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# rewrite and self-check
+# ---------------------------------------------------------------------------------------------
+def _pass(name, fn):
+    """A pass that fires once per graph module (the driver repeats passes until nothing changes)."""
+    done = set()
+
+    def pass_(ctx):
+        if id(ctx.gm) in done:
+            return []
+        done.add(id(ctx.gm))
+        return fn(ctx)
+
+    pass_.name, pass_.exact = name, True
+    return pass_
+
+
+def _output_input(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+
+def _append_to_output(ctx, op, arg, name):
+    """Insert ``op(y, arg)`` before the output; returns the rewrite record."""
+    gm = ctx.gm
+    y = _output_input(gm)
+    with gm.graph.inserting_after(y):
+        new = gm.graph.call_function(op, (y, arg))
+    y.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return [Rewrite(name, "fused", [y.name], new.name, True, "deliberately wrong")]
+
+
+def _inject(monkeypatch, bad):
+    from topofx.passes import EXACT_PASSES
+
+    monkeypatch.setattr("topofx.passes.EXACT_PASSES", (*EXACT_PASSES, bad))
+
+
+def test_pass_not_applied_exception(monkeypatch):
+    def crash(ctx):
+        _append_to_output(ctx, operator.mul, 2.0, "crash")  # mutates the graph, then fails
+        raise RuntimeError("boom")
+
+    _inject(monkeypatch, _pass("err_crash", crash))
+    model, x = ConvNet(), x8()
+    with pytest.warns(UserWarning, match=r"pass err_crash was not applied to ConvNet: RuntimeError: boom; the graph before it is kept"):
+        simplified = topofx.simplify(model, x, mode="exact")
+    assert simplified.graph_module is not None
+    torch.testing.assert_close(simplified(x), model(x))
+
+
+def test_pass_not_applied_output_signature(monkeypatch):
+    def flatten(ctx):
+        gm = ctx.gm
+        y = _output_input(gm)
+        with gm.graph.inserting_after(y):
+            new = gm.graph.call_method("flatten", (y, 1))
+        y.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        return [Rewrite("err_shape", "fused", [y.name], new.name, True, "deliberately wrong")]
+
+    _inject(monkeypatch, _pass("err_shape", flatten))
+    with pytest.warns(UserWarning, match=r"pass err_shape was not applied to ConvNet: it changed the output signature"):
+        topofx.simplify(ConvNet(), x8(), mode="exact")
+
+
+def _scale_pass():
+    return _pass("err_scale", lambda ctx: _append_to_output(ctx, operator.mul, 1.5, "err_scale"))
+
+
+def test_self_check_failed_warns(monkeypatch):
+    _inject(monkeypatch, _scale_pass())
+    model, x = ConvNet(), x8()
+    with pytest.warns(UserWarning, match=r"self-check failed: the simplified ConvNet differs from the original "
+                                         r"\(\w+ .* differs by .*\); pass err_scale introduced the difference\. "
+                                         r"Keeping the original's eager forward"):
+        simplified = topofx.simplify(model, x, mode="exact")
+    assert simplified.graph_module is None and simplified.report.fallback.startswith("self-check failed")
+
+
+def test_self_check_failed_strict(monkeypatch):
+    _inject(monkeypatch, _scale_pass())
+    with pytest.raises(SelfCheckError, match=r"self-check failed: .*pass err_scale introduced the difference"):
+        topofx.simplify(ConvNet(), x8(), mode="exact", strict=True)
+
+
+def test_train_eval_paths_differ():
+    model, x = TrainingBranch(), x8()
+    with pytest.warns(UserWarning, match=r"TrainingBranch\.forward takes a different path in eval mode \(Python code "
+                                         r"reads self\.training\); the simplified graph serves train mode"):
+        simplified = topofx.simplify(model, x)
+    simplified.eval()
+    assert torch.equal(simplified(x), model(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# calls of the simplified module
+# ---------------------------------------------------------------------------------------------
+def test_guard_input_shape_takes_other_path():
+    model = ShapeBranch()
+    simplified = simplify_quietly(model, x8())
+    big = x8(size=16)
+    with pytest.warns(UserWarning, match=r"inputs of shape \(\(2, 4, 16, 16\),\) take another path through "
+                                         r"ShapeBranch\.forward .*`if x\.shape\[-1\] == 8:`.*run the original's eager forward"):
+        out = simplified(big)
+    assert torch.equal(out, model(big))
+
+
+def test_guard_python_number_changed():
+    model = WithBlock()
+    simplified = simplify_quietly(model, x8())
+    model.step = 1
+    with pytest.warns(UserWarning, match=r"WithBlock\.step changed since capture; a re-trace .* showed the graph does not depend on it"):
+        simplified(x8())
+
+
+def test_guard_hook_will_not_fire():
+    model = WithBlock()
+    simplified = simplify_quietly(model, x8())
+    fired = []
+    model.block.register_forward_hook(lambda *args: fired.append(1))
+    with pytest.warns(UserWarning, match=r"forward hooks on block \(Block\) will not fire: the simplified graph does not call this module"):
+        simplified(x8())
+    assert not fired
+
+
+def test_load_state_dict_floated_size_mismatch():
+    simplified = simplify_quietly(EdgeNet(), x8(), mode="topo")
+    state = simplified.state_dict()
+    key = next(k for k in state if k.startswith("topofx_floated.") and k.endswith("running_mean"))
+    state[key] = torch.zeros(7)
+    with pytest.raises(RuntimeError, match=rf"size mismatch for {re.escape(key)}: copying \(7,\), here \(4,\)"):
+        simplified.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: topofx ...
+# ---------------------------------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    status = cli.main(list(argv))
+    err = capsys.readouterr().err
+    return status, " ".join(err.split())
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """Write ``tmp_path/m.py`` with the given source; returns its path."""
+
+    def write(source: str, name: str = "m.py") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    return write
+
+
+GOOD_FILE = """
+import torch, torch.nn as nn
+
+def build():
+    return nn.Conv2d(4, 4, 1), torch.randn(2, 4, 8, 8)
+
+def bare():
+    return nn.Conv2d(4, 4, 1)
+
+def data_dependent():
+    class M(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x.relu()
+            return x
+    return M(), torch.randn(2, 4, 8, 8)
+
+VALUE = 3
+"""
+
+
+def test_cli_usage_error(capsys):
+    status, err = run_cli(capsys, "simplify", "nb201-darts", "--mode", "fast")
+    assert status == 2
+    assert re.search(r"topofx simplify: error: argument --mode: invalid choice: 'fast'.*\(see topofx simplify --help\)", err)
+
+
+def test_cli_no_command(capsys):
+    status, err = run_cli(capsys)
+    assert status == 2 and "topofx: error: give a command: models, simplify, bench or fuzz" in err
+
+
+def test_cli_bad_input_shape(capsys):
+    status, err = run_cli(capsys, "simplify", "nb201-darts", "--input-shape", "2,a,8")
+    assert status == 2 and "bad --input-shape '2,a,8': give positive integers separated by commas" in err
+
+
+def test_cli_bad_input_shape_builtin(capsys):
+    status, err = run_cli(capsys, "simplify", "nb201-darts", "--input-shape", "2,4,8,8")
+    assert status == 2 and "built-in models take one batch of square 3-channel images, B,3,S,S" in err
+
+
+def test_cli_bad_set(capsys):
+    status, err = run_cli(capsys, "simplify", "nb201-darts", "--set", "C")
+    assert status == 2 and "bad --set 'C': use KEY=VALUE, e.g. --set C=8" in err
+
+
+def test_cli_builtin_rejects_set(capsys):
+    status, err = run_cli(capsys, "simplify", "nb201-darts", "--set", "foo=1")
+    assert status == 2 and "cannot override ['foo']; allowed: ['C', 'N']" in err
+
+
+def test_cli_factory_missing(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", str(path))
+    assert status == 2 and f"give the factory function too: {path}:FACTORY" in err
+
+
+def test_cli_unknown_model(capsys):
+    status, err = run_cli(capsys, "simplify", "no-such-net")
+    assert status == 2 and "unknown model 'no-such-net': built-in models are nb201-darts" in err
+
+
+def test_cli_model_file_not_found(capsys, tmp_path):
+    status, err = run_cli(capsys, "simplify", f"{tmp_path}/missing.py:build")
+    assert status == 2 and f"model file not found: {tmp_path}/missing.py" in err
+
+
+def test_cli_bad_factory_name(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:build()")
+    assert status == 2 and "bad factory name 'build()'" in err and "use path/to/file.py:function_name" in err
+
+
+def test_cli_not_a_python_file(capsys, model_file):
+    path = model_file(GOOD_FILE, name="m.txt")
+    status, err = run_cli(capsys, "simplify", f"{path}:build")
+    assert status == 2 and f"cannot import {path}: not a Python file" in err
+
+
+def test_cli_import_failed(capsys, model_file):
+    path = model_file("import torch\nraise RuntimeError('no data here')\n")
+    status, err = run_cli(capsys, "simplify", f"{path}:build")
+    assert status == 2 and f"importing {path} failed at m.py:2: RuntimeError: no data here" in err
+
+
+def test_cli_no_such_factory(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:biuld")
+    assert status == 2 and "m.py has no 'biuld'; it defines: bare, build, data_dependent" in err
+
+
+def test_cli_factory_not_callable(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:VALUE")
+    assert status == 2 and "m.py:VALUE is a int, not a function returning a model" in err
+
+
+def test_cli_factory_rejects_set(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:build", "--set", "C=8")
+    assert status == 2 and "m.py:build does not accept --set C: build() got an unexpected keyword argument 'C'" in err
+
+
+def test_cli_factory_failed(capsys, model_file):
+    path = model_file("def build():\n    return 1 / 0\n")
+    status, err = run_cli(capsys, "simplify", f"{path}:build")
+    assert status == 2 and "m.py:build() failed at m.py:2: ZeroDivisionError: division by zero" in err
+
+
+def test_cli_factory_returned_no_model(capsys, model_file):
+    path = model_file("def build():\n    return 'a model'\n")
+    status, err = run_cli(capsys, "simplify", f"{path}:build")
+    assert status == 2 and "m.py:build() returned a str; return an nn.Module or a (model, example_inputs) pair" in err
+
+
+def test_cli_no_example_inputs(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:bare")
+    assert status == 2 and "m.py:bare() returned a model without example inputs; pass --input-shape" in err
+
+
+def test_cli_bad_example_inputs(capsys, model_file):
+    path = model_file("import torch.nn as nn\ndef build():\n    return nn.Conv2d(4, 4, 1), 'x'\n")
+    status, err = run_cli(capsys, "simplify", f"{path}:build")
+    assert status == 2 and "m.py:build(): example_inputs must be a tensor or a tuple of tensors" in err
+
+
+def test_cli_strict_capture_error(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:data_dependent", "--strict")
+    assert status == 2 and re.search(r"topofx: error: cannot capture m\.py:data_dependent: data-dependent control flow .* at .*m\.py:\d+", err)
+
+
+def test_cli_warning_is_one_line(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:data_dependent")
+    assert status == 0 and "topofx: warning: data-dependent control flow" in err and "Falling back" in err
+
+
+def test_cli_viz_bad_format(capsys, model_file, tmp_path):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:build", "--viz", str(tmp_path / "viz"), "--format", "docx")
+    assert status == 2 and "topofx: error: unknown picture format 'docx'; choose one of svg" in err
+
+
+def test_cli_viz_unknown_cell(capsys, model_file, tmp_path):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "simplify", f"{path}:build", "--viz", str(tmp_path / "viz"), "--cell", "cells.9")
+    assert status == 2 and "unknown cell 'cells.9'; cells with mixed edges: none (no mixed edges found); or cell='all'" in err
+
+
+def test_cli_bench_file_model(capsys, model_file):
+    path = model_file(GOOD_FILE)
+    status, err = run_cli(capsys, "bench", f"{path}:build")
+    assert status == 2 and "bench runs built-in models only (topofx models); got" in err
+
+
+def test_cli_internal_error(capsys):
+    status, err = run_cli(capsys, "simplify", "pcdarts", "--set", "C=6")
+    assert status == 1
+    assert "topofx: internal error: ValueError: C=6 must be a multiple of 2*k=8 (rerun with --traceback for details)" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark: topofx bench / python -m topofx.bench, topofx.bench API
+# ---------------------------------------------------------------------------------------------
+def run_bench(capsys, *argv):
+    status = bench.main(list(argv), prog="topofx bench")
+    return status, " ".join(capsys.readouterr().err.split())
+
+
+def test_bench_no_model_name(capsys):
+    status, err = run_bench(capsys)
+    assert status == 2 and "topofx.bench: error: give a model name (or --list)" in err
+
+
+def test_bench_unknown_model(capsys):
+    status, err = run_bench(capsys, "no-such-net")
+    assert status == 2 and "topofx.bench: error: unknown model 'no-such-net'; known: nb201-darts" in err
+
+
+def test_bench_bad_modes(capsys):
+    status, err = run_bench(capsys, "nb201-darts", "--modes", "exact,fast")
+    assert status == 2 and "topofx bench: error: argument --modes: unknown mode(s) fast; choose from exact, topo" in err
+
+
+def test_bench_not_positive(capsys):
+    status, err = run_bench(capsys, "nb201-darts", "--steps", "0")
+    assert status == 2 and "argument --steps: must be >= 1" in err
+
+
+def test_bench_negative_warmup(capsys):
+    status, err = run_bench(capsys, "nb201-darts", "--warmup", "-1")
+    assert status == 2 and "argument --warmup: must be >= 0" in err
+
+
+def test_bench_not_an_integer(capsys):
+    status, err = run_bench(capsys, "nb201-darts", "--batch-size", "many")
+    assert status == 2 and "argument --batch-size: invalid _positive value: 'many'" in err
+
+
+def test_bench_zoo_unavailable(capsys, monkeypatch):
+    def broken():
+        raise ImportError("No module named 'xautodl'")
+
+    monkeypatch.setattr(bench, "_zoo", broken)
+    status, err = run_bench(capsys, "--list")
+    assert status == 1 and "topofx.bench: error: cannot load the model zoo: No module named 'xautodl'" in err
+
+
+def test_bench_api_steps():
+    with pytest.raises(ValueError, match=r"steps must be >= 1"):
+        bench.step_time(ConvNet(), x8(), steps=0)
+
+
+def test_bench_api_compare_empty():
+    with pytest.raises(ValueError, match=r"compare\(\) needs at least one model"):
+        bench.compare({}, x8())
+
+
+def test_bench_api_compare_baseline():
+    with pytest.raises(KeyError, match=r"baseline 'orig' is not one of \['original'\]"):
+        bench.compare({"original": ConvNet()}, x8(), baseline="orig")
+
+
+def test_bench_api_no_float_output():
+    class Argmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(C, C, 1)
+
+        def forward(self, x):
+            return self.conv(x).argmax(1)
+
+    with pytest.raises(TypeError, match=r"model output contains no floating-point tensor"):
+        bench.step_time(Argmax(), x8(), steps=1, warmup=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuzz: topofx fuzz / topofx.fuzz.run
+# ---------------------------------------------------------------------------------------------
+def test_fuzz_bad_mode(capsys):
+    status, err = run_cli(capsys, "fuzz", "--mode", "fast", "--no-progress")
+    assert status == 2 and "topofx fuzz: error: --mode takes exact, topo or exact,topo; got 'fast'" in err
+
+
+def test_fuzz_not_positive(capsys):
+    status, err = run_cli(capsys, "fuzz", "--n", "0", "--no-progress")
+    assert status == 2 and "topofx fuzz: error: --n and --jobs must be positive" in err
+
+
+def test_fuzz_custom_simplify_jobs():
+    with pytest.raises(ValueError, match=r"a custom simplify runs in this process only: use jobs=1"):
+        fuzz.run(1, jobs=2, simplify=topofx.simplify, out=None, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# search, visualize, zoo, testing helpers
+# ---------------------------------------------------------------------------------------------
+def test_search_no_arch_parameters():
+    with pytest.raises(ValueError, match=r"ConvNet has no architecture parameters: define arch_parameters\(\) or get_alphas\(\), or pass arch_params="):
+        search.darts_search(ConvNet(), (x8(), torch.zeros(2)), (x8(), torch.zeros(2)), steps=1, progress=False)
+
+
+def test_search_no_logits():
+    with pytest.raises(TypeError, match=r"cannot find logits in a model output of type str"):
+        search.logits_of("logits")
+
+
+def test_search_steps():
+    with pytest.raises(ValueError, match=r"steps must be >= 1"):
+        search.darts_search(EdgeNet(), (x8(), torch.zeros(2)), (x8(), torch.zeros(2)), steps=0, progress=False)
+
+
+def test_search_empty_dataset():
+    empty = (torch.zeros(0, C, 8, 8), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"empty dataset"):
+        search.darts_search(EdgeNet(), empty, empty, steps=1, progress=False)
+
+
+def test_search_empty_loader():
+    with pytest.raises(ValueError, match=r"empty data loader"):
+        search.darts_search(EdgeNet(), [], [], steps=1, progress=False)
+
+
+def test_visualize_bad_format(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown picture format 'docx'; choose one of svg, png"):
+        visualize(simplify_quietly(ConvNet(), x8()), tmp_path, fmt="docx")
+
+
+def test_visualize_no_example_inputs(tmp_path):
+    with pytest.raises(ValueError, match=r"visualize\(\) needs the model's example inputs .* pass example_inputs=\(x,\)"):
+        visualize(ConvNet(), tmp_path)
+
+
+def test_visualize_unknown_cell(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown cell 'cells\.9'; cells with mixed edges: .*; or cell='all'"):
+        visualize(simplify_quietly(EdgeNet(), x8()), tmp_path, cell="cells.9")
+
+
+def test_visualize_dot_missing(tmp_path, capsys, monkeypatch):
+    import graphviz
+
+    def no_dot(*args, **kwargs):
+        raise graphviz.ExecutableNotFound(["dot"])
+
+    monkeypatch.setattr(graphviz.Digraph, "pipe", no_dot)
+    result = visualize(simplify_quietly(ConvNet(), x8()), tmp_path)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "topofx: the graphviz `dot` program is not installed, so only before.dot and after.dot were written" in err
+    assert not result.rendered
+
+
+def test_zoo_unknown_supernet():
+    with pytest.raises(KeyError, match=r"unknown supernet 'no-such-net'; available: nb201-darts"):
+        zoo.build("no-such-net")
+
+
+def test_zoo_bad_override():
+    with pytest.raises(TypeError, match=r"nb201-darts: cannot override \['foo'\]; allowed: \['C', 'N'\]"):
+        zoo.build("nb201-darts", foo=1)
+
+
+def test_zoo_pcdarts_channels():
+    with pytest.raises(ValueError, match=r"C=6 must be a multiple of 2\*k=8"):
+        zoo.build("pcdarts", C=6)
+
+
+def test_testing_no_arch_parameters():
+    with pytest.raises(ValueError, match=r"no architecture parameters found: pass arch_params="):
+        assert_follows_alpha(ConvNet(), ConvNet(), x8())
+
+
+def test_testing_assertion_report():
+    class Doubled(ConvNet):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(AssertionError, match=r"train-step equivalence: FAILED .*\n  output"):
+        assert_train_step_equivalent(ConvNet(), Doubled(), x8())
+
+
+# ---------------------------------------------------------------------------------------------
+# the doc and this file agree
+# ---------------------------------------------------------------------------------------------
+def test_doc_and_tests_agree():
+    doc = DOC.read_text()
+    cited = re.findall(r"`(test_\w+)`", doc)
+    assert cited, "docs/errors.md cites no test"
+    defined = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), flags=re.M))
+    missing = sorted(set(cited) - defined)
+    assert not missing, f"docs/errors.md cites tests that tests/test_errors.py does not define: {missing}"
+    uncited = sorted(defined - set(cited) - {"test_doc_and_tests_agree"})
+    assert not uncited, f"tests/test_errors.py tests messages docs/errors.md does not list: {uncited}"
+    duplicated = sorted({t for t in cited if cited.count(t) > 1})
+    assert not duplicated, f"docs/errors.md cites a test twice: {duplicated}"
