@@ -221,9 +221,10 @@ def simplify(
     self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
     before = node_counts(gm)
     runs = _rewrite(gm, root, passes, lowering, example_inputs)
-    problem = self_check(gm, _check_inputs(runs, example_inputs)) if self_check else None
+    check_inputs = _check_inputs(runs, example_inputs)
+    problem = self_check(gm, check_inputs) if self_check else None
     if problem:
-        _refuse(model, root, example_inputs, mode, passes, lowering, live, problem, strict)
+        _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict)
         if adapter:
             root.release(gm)
         report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
@@ -274,14 +275,14 @@ def _warn_rejected(name: str, runs: list) -> None:
             )
 
 
-def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, mode: str, passes: tuple, lowering: tuple,
-            live: Sequence[str], problem: str, strict: bool) -> None:
+def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, check_inputs: tuple, mode: str, passes: tuple,
+            lowering: tuple, live: Sequence[str], problem: str, strict: bool) -> None:
     """The self-check failed: find the pass that introduced the difference (simplify again from a
     fresh capture, checking after every pass) and warn, or raise under ``strict``."""
     gm = _capture.capture(root, example_inputs, strict=True, live_attrs=live).graph_module
     check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode, live)
     runs = _rewrite(gm, root, passes, lowering, example_inputs,
-                    check=lambda g: (f"self-check: {why}" if (why := check(g, _check_inputs([], example_inputs))) else None))
+                    check=lambda g: (f"self-check: {why}" if (why := check(g, check_inputs)) else None))
     culprits = [run.name for run in runs if any(why.startswith("self-check") for why in run.rejected)]
     where = f"pass {', '.join(culprits)} introduced the difference" if culprits else "no single pass reproduces it"
     message = (
