@@ -168,6 +168,34 @@ def test_read_moved_past_an_inplace_update_is_put_back():
     _equal_to_model(gm, model, x)
 
 
+def test_repeated_calls_of_one_batch_norm_keep_their_order():
+    """A BN called twice updates its running statistics twice, in order: a pass that moves the
+    first call after the second is put back (``Effects.chain``), so the statistics match."""
+
+    class SharedBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4, momentum=0.5)
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.bn(self.b(x))
+
+    model, x = SharedBN(), torch.randn(2, 3, 8, 8)
+    gm = _captured(model, x)
+    first, second = _nodes(gm, lambda n: n.op == "call_module" and n.target == "bn")
+
+    def swap(gm):
+        second.append(first)
+        return _record(first)
+
+    _, run = _run(gm, model, x, _once(swap))
+    assert not run.rejected
+    order = list(gm.graph.nodes)
+    assert order.index(first) < order.index(second)
+    assert train_step_equivalence(model, gm, x).ok
+
+
 def test_new_read_of_a_mutated_value_is_undone():
     model, x = InPlace(), torch.randn(2, 3, 8, 8)
     gm = _captured(model, x)

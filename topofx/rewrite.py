@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
+from collections import defaultdict
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -247,8 +248,9 @@ class _ModuleTable:
 class Effects:
     """What a graph's program order means beyond its data flow.
 
-    * ``chain``: the impure calls (random draws, modules that cannot be vouched for) in program
-      order -- moving one past another changes which random numbers each one gets;
+    * ``chain``: the impure calls (random draws, modules that cannot be vouched for, every call of
+      a module with state that is called more than once) in program order -- moving one past
+      another changes which random numbers each one gets, or which statistics a BN call sees;
     * ``accesses``: for every storage that some node mutates in place, all nodes reading or
       writing it (through any alias) in program order -- a read must stay on its side of a write.
 
@@ -262,7 +264,12 @@ class Effects:
     def of(cls, gm: fx.GraphModule) -> "Effects":
         gm = _ModuleTable(gm)  # type: ignore[assignment]  # get_submodule without walking paths
         nodes = list(gm.graph.nodes)
-        chain = [n for n in nodes if n.op in ("call_module", "call_function", "call_method") and is_random(n, gm)]
+        calls: dict[int, int] = defaultdict(int)
+        for n in nodes:
+            if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).buffers()):
+                calls[id(gm.get_submodule(n.target))] += 1
+        chain = [n for n in nodes if n.op in ("call_module", "call_function", "call_method") and (
+            is_random(n, gm) or (n.op == "call_module" and calls.get(id(gm.get_submodule(n.target)), 0) > 1))]
         root: dict[fx.Node, fx.Node] = {}  # alias classes (union-find over "may share storage")
 
         def find(n: fx.Node) -> fx.Node:
@@ -271,7 +278,10 @@ class Effects:
             return n
 
         mutated = set()
+        attrs: dict[str, fx.Node] = {}
         for n in nodes:
+            if n.op == "get_attr":  # two reads of one attribute are one storage
+                root[find(n)] = find(attrs.setdefault(n.target, n))
             first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
             if first is not None and (aliases(n, gm) or is_inplace(n, gm)):
                 root[find(n)] = find(first)
@@ -307,7 +317,7 @@ class Effects:
             return f"it removed the random/opaque call(s) {', '.join(lost)}"
         now = Effects.of(gm)  # type: ignore[arg-type]
         if [n for n in now.chain if n in set(self.chain)] != self.chain:
-            return "it reordered random draws"
+            return "it reordered random draws (or calls of one stateful module)"
         if len(now.chain) != len(self.chain):
             return "it added a random/opaque call"
         old = set().union(*map(set, self.accesses)) if self.accesses else set()

@@ -97,9 +97,11 @@ def _floated_buffers(gm: fx.GraphModule) -> set[int]:
 
 def _failures(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any], arch: Sequence[torch.Tensor],
               skip_buffers: set[int], categories: set[str], rtol: float) -> tuple[list, list[str]]:
-    """The comparisons of one step outside ``rtol`` in ``categories`` (and structural problems)."""
+    """The comparisons of one step outside ``rtol`` in ``categories`` (and structural problems);
+    the forward alone where only values are asked for."""
     report = train_step_equivalence(reference, candidate, inputs, arch_params=list(arch), rtol=rtol,
-                                    atol=rtol * 0.1, train=reference.training)
+                                    atol=rtol * 0.1, train=reference.training,
+                                    backward=bool(categories - {"output", "buffer"}))
     skipped = {n for n, b in reference.named_buffers() if id(b) in skip_buffers}
     return [c for c in report.failures
             if c.category in categories and not (c.category == "buffer" and c.name in skipped)], report.problems
@@ -131,7 +133,7 @@ def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequenc
     Where a model cannot run in float64 its float32 gradients are compared at 1e-4 of the largest.
     """
     values = {"output", "buffer"}
-    grads = {"weight_grad", "arch_grad"} if check_arch else {"weight_grad"}
+    grads = {"output", "weight_grad", "arch_grad"} if check_arch else {"output", "weight_grad"}
     failures, problems = _failures(reference, candidate, example_inputs, arch, skip_buffers, values, rtol)
     if problems:
         return "; ".join(problems)

@@ -459,8 +459,10 @@ def train_step_equivalence(original: nn.Module, candidate: nn.Module, inputs: An
                            rtol: float = 1e-5, atol: float = 1e-6,
                            arch_params: Optional[Sequence[torch.Tensor]] = None,
                            candidate_arch_params: Optional[Sequence[torch.Tensor]] = None,
-                           seed: int = 0, sync_state: bool = True, train: bool = True) -> EquivalenceReport:
-    """Compare one forward+backward of ``candidate`` against ``original`` (train mode unless ``train=False``).
+                           seed: int = 0, sync_state: bool = True, train: bool = True,
+                           backward: bool = True) -> EquivalenceReport:
+    """Compare one forward+backward of ``candidate`` against ``original`` (train mode unless ``train=False``;
+    ``backward=False``: the forward only, outputs and buffers).
 
     Compares outputs, gradients of every weight of ``original`` (by name) and of every
     architecture parameter, and every buffer after the step (BatchNorm running statistics).
@@ -476,7 +478,7 @@ def train_step_equivalence(original: nn.Module, candidate: nn.Module, inputs: An
     report = EquivalenceReport(mode="train-step", rtol=rtol, atol=atol)
     try:
         _clear_grads(everything)
-        out_o, lw = _run(original, inputs, seed, train, True, None, seed + 1)
+        out_o, lw = _run(original, inputs, seed, train, backward, None, seed + 1)
         grads_o, arch_o, bufs_o = _record_step(pairing, "original")
         restore_state(candidate, snap_c)
         restore_state(original, snap_o)
@@ -484,7 +486,7 @@ def train_step_equivalence(original: nn.Module, candidate: nn.Module, inputs: An
         if sync_state:
             pairing.sync_candidate(original)
         _clear_grads(everything)
-        out_c, _ = _run(candidate, inputs, seed, train, True, lw, seed + 1)
+        out_c, _ = _run(candidate, inputs, seed, train, backward, lw, seed + 1)
         grads_c, arch_c, bufs_c = _record_step(pairing, "candidate")
     finally:
         restore_state(candidate, snap_c)
