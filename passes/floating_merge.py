@@ -1,12 +1,14 @@
 """Floating module sharing + kernel-normalized merge (TopoNAS; approximate, vertex-exact).
 
-Matches: on each mixed edge, the candidates that end ``Conv2d -> BatchNorm2d`` (ungrouped conv,
-plain BN, each node used only by the next) whose convolutions read the same tensor ``r`` (typically
-the ReLU shared by prefix sharing) with aligned outputs (same stride, same padding offset); two or
-more per edge.  Edges whose such candidates read the same ``r`` with one geometry are taken together.
-Candidates of one edge whose convolutions read *different* tensors with one kernel size (the
+Matches: on each mixed edge, the candidates that end ``Conv2d -> BatchNorm2d`` (ungrouped, zero-padded
+conv and BN of one :func:`~topofx.config.module_config` but kernel size, padding and dilation; each
+node used only by the next) whose convolutions read the same tensor ``r`` (typically the ReLU shared
+by prefix sharing) with aligned outputs (same stride, same padding offset); two or more per edge.
+Edges whose such candidates read the same ``r`` with one geometry are taken together.  Candidates of
+one edge whose convolutions read *different* tensors of one width with one kernel shape (the
 pointwise stages of separable convolutions, each after its own depthwise conv) are merged too, as
-one convolution over their concatenated inputs.
+one convolution over their concatenated inputs.  A sum is rebuilt once per application; an edge
+whose sum reads one rebuilt in the same application waits for the next round.
 Produces: one :class:`~topofx.modules.MergedConvBN` call per ``r``: the edge's BN-ended candidates
 float past the weighted join as ``W * BN(conv(r, K))`` with the kernel-normalized merged kernel K
 (METHOD.md 5-6), and all edges' merged kernels run as one convolution and one batch norm.  Each

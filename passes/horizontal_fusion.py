@@ -1,11 +1,13 @@
 """Horizontal fusion of convolutions and the batch norms that follow them (exact).
 
-Matches: two or more ungrouped ``nn.Conv2d`` nodes reading the same tensor with the same geometry
-(kernel, stride, padding, dilation, bias presence) -- e.g. the 3x3 convolutions of every edge leaving
-one node once their ReLU is shared.
+Matches: two or more ungrouped ``nn.Conv2d`` nodes reading the same tensor with the same
+configuration but their output width (:func:`topofx.config.module_config`: kernel, stride, padding,
+``padding_mode``, dilation, bias presence, dtype, ...) -- e.g. the 3x3 convolutions of every edge
+leaving one node once their ReLU is shared.
 Produces: one :class:`~topofx.modules.FusedConv2d` whose kernel is the concatenation of the original
 kernels (computed from them each call: gradients and optimizers stay on the originals), followed by
-a channel split for the former users.  Where every slice feeds only a ``BatchNorm2d`` of one common
+a channel split for the former users (run through the stock ``_conv_forward``, so non-zero padding
+modes stay what they were).  Where every slice feeds only a ``BatchNorm2d`` of one common
 configuration, the batch norms become one :class:`~topofx.modules.FusedBatchNorm2d` over the
 concatenated channels, which writes running statistics back to each original module; the slices
 move after it.  Exact: convolution and BN act per output channel.

@@ -2,8 +2,9 @@
 
 Matches: two or more deterministic, stateless operations with equal configuration applied to the
 same arguments -- e.g. every candidate's ``ReLU(x)`` on every edge leaving node ``x``, or the
-``AvgPool2d`` of several edges.  Stateless modules (no parameters, no buffers, no hooks, not random,
-not in place) compare by type and configuration, functions and methods by target and arguments.
+``AvgPool2d`` of several edges.  Stateless modules (no parameters, no buffers, not random, not in
+place) compare by :func:`topofx.config.module_config` (stock ``torch.nn`` classes only), functions and
+methods by target and arguments.
 Produces: one node computing the value, feeding all former users.  Exact: the same function of the
 same tensor, so outputs and gradients are unchanged.  Repeated to a fixpoint this shares whole
 stateless prefixes.
@@ -14,7 +15,6 @@ from typing import Any, Hashable
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from topofx.config import module_config
 from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, reads_mutated

@@ -719,14 +719,14 @@ def _darts_network(spec: dict[str, Any]) -> list[str]:
 
 def _pc_betas(spec: dict[str, Any], refs: dict[str, str], cell_type: str, attr: str) -> list[str]:
     beta = refs[attr]
-    return [f"        n = 3",
-            f"        start = 2",
+    return ["        n = 3",
+            "        start = 2",
             f"        weights2_{cell_type} = F.softmax({beta}[0:2], dim=-1)",
-            f"        for i in range(self._steps - 1):",
-            f"            end = start + n",
+            "        for i in range(self._steps - 1):",
+            "            end = start + n",
             f"            tw2 = F.softmax({beta}[start:end], dim=-1)",
-            f"            start = end",
-            f"            n += 1",
+            "            start = end",
+            "            n += 1",
             f"            weights2_{cell_type} = torch.cat([weights2_{cell_type}, tw2], dim=0)"]
 
 
@@ -1500,7 +1500,7 @@ def _write_reproducers(summary: Summary, out: Path, simplify: Callable[..., Any]
             f"reproducer: {py.name} (python {py.name}); minimized from seed {first.seed}\n"
             f"original spec: {json.dumps(first.spec, sort_keys=True)}\n"
             f"minimized spec: {json.dumps(spec, sort_keys=True)}\n\n"
-            + (f"warnings:\n" + "\n".join(f"  {w}" for w in result.warnings) + "\n\n" if result.warnings else "")
+            + ("warnings:\n" + "\n".join(f"  {w}" for w in result.warnings) + "\n\n" if result.warnings else "")
             + f"{result.message}\n")
         summary.reproducers[(mode, outcome, key)] = py
 
