@@ -107,18 +107,19 @@ def _failures(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any],
             if c.category in categories and not (c.category == "buffer" and c.name in skipped)], report.problems
 
 
-def _in_float64(modules: tuple[nn.Module, ...], inputs: Sequence[Any], arch: Sequence[torch.Tensor],
-                skip_buffers: set[int]) -> tuple:
-    """Float64 copies of ``modules`` (one ``deepcopy``, so what they share stays shared) and of the
-    inputs, architecture tensors and skipped buffers."""
+def _in_float64(modules: tuple[nn.Module, ...], inputs: Sequence[Any], arch: Sequence[torch.Tensor]) -> tuple:
+    """Float64 copies of ``modules`` (one ``deepcopy``, so what they share stays shared), of the
+    inputs, and the copies of the architecture tensors.  Plain architecture tensors keep their dtype and
+    identity: the graph may hold one as a buffer, the original as an attribute, and converting that
+    buffer would part the two."""
     memo: dict = {}
     copies = copy.deepcopy(modules, memo)
-    for m in copies:
-        m.double()
-    double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     arch64 = [memo.get(id(t), t) for t in arch]
-    skip64 = {id(b) for m in copies for b in m.buffers() if any(b is memo.get(i) for i in skip_buffers)}
-    return copies, tuple(map(double, inputs)), arch64, skip64
+    keep = {id(t) for t in arch64}
+    for m in copies:
+        m._apply(lambda t: t if id(t) in keep or not t.is_floating_point() else t.double())
+    double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return copies, tuple(map(double, inputs)), arch64
 
 
 def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequence[Any], *,
@@ -141,8 +142,8 @@ def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequenc
     failures = [c for c in failures if c.rel_error > allowance]
     if not failures:
         try:
-            (ref64, cand64), inputs64, arch64, skip64 = _in_float64((reference, candidate), example_inputs, arch, skip_buffers)
-            failures, problems = _failures(ref64, cand64, inputs64, arch64, skip64, grads, RTOL)
+            (ref64, cand64), inputs64, arch64 = _in_float64((reference, candidate), example_inputs, arch)
+            failures, problems = _failures(ref64, cand64, inputs64, arch64, set(), grads, RTOL)
         except Exception:  # noqa: BLE001 - a model that cannot run in float64: its float32 gradients, looser
             failures, problems = _failures(reference, candidate, example_inputs, arch, skip_buffers, grads, GRAD_RTOL_FLOAT32)
     if problems:
