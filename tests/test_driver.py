@@ -376,3 +376,19 @@ def test_terms_of_two_rows_in_one_sum_are_two_edges(style):
         warnings.simplefilter("error")
         simplified = topofx.simplify(model, x, mode="exact")
     assert train_step_equivalence(model, simplified, x).ok
+
+
+def test_self_check_accepts_plain_tensor_alphas():
+    """A fuzzer-found false alarm (seed 150: NAS-Bench-201 cells, ``stack`` join, Gumbel weights from
+    plain ``requires_grad`` tensors): the graph holds such a tensor as a buffer and the model as an
+    attribute -- one object -- and the float64 copies must keep it one, or the check sees no gradient."""
+    from topofx import fuzz
+
+    source, spec = fuzz.generate(150)
+    assert spec["storage"] == "tensor"
+    model, inputs, _ = fuzz.build(source, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simplified = topofx.simplify(model, inputs, mode="exact")
+    assert simplified.graph_module is not None
+    assert train_step_equivalence(model, simplified, inputs).ok
