@@ -392,3 +392,25 @@ def test_self_check_accepts_plain_tensor_alphas():
         simplified = topofx.simplify(model, inputs, mode="exact")
     assert simplified.graph_module is not None
     assert train_step_equivalence(model, simplified, inputs).ok
+
+
+def test_two_draws_of_one_expression_are_two_rows():
+    """SNAS-style noise written the same way in two places is two draws: their weights are two rows,
+    so terms reading element 0 of one and element 1 of the other are not one edge."""
+
+    class TwoNoisyEdges(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.zeros(2))
+            self.ops = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
+
+        def forward(self, x):
+            y = x * 2
+            u1 = torch.empty_like(self.alpha).uniform_()
+            w1 = F.softmax(self.alpha - torch.log(-torch.log(u1)), dim=-1)
+            u2 = torch.empty_like(self.alpha).uniform_()
+            w2 = F.softmax(self.alpha - torch.log(-torch.log(u2)), dim=-1)
+            return w1[0] * self.ops[0](x) + w2[1] * self.ops[1](y)
+
+    model, x = TwoNoisyEdges(), torch.randn(2, 4, 6, 6)
+    assert analyze(_captured(model, x).graph, model).edges == []

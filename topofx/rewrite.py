@@ -22,17 +22,8 @@ from torch import nn
 
 from .capture import STATIC, UNKNOWN, VALUE, run_on_meta
 from .config import module_config
-from .topology import Topology, analyze
+from .topology import Topology, analyze, draws, mutates
 
-# Operations that draw from a random number generator (or return uninitialized memory), by their
-# name without leading/trailing underscores: ``bernoulli_``, ``torch._standard_gamma``, ``F.dropout``...
-_RANDOM_NAMES = {
-    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "bernoulli",
-    "multinomial", "poisson", "binomial", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "feature_alpha_dropout", "feature_dropout", "native_dropout", "fused_dropout", "gumbel_softmax", "rrelu",
-    "exponential", "uniform", "geometric", "log_normal", "cauchy", "random", "standard_gamma",
-    "sample_dirichlet", "sample", "rsample", "empty", "empty_like", "new_empty", "empty_strided",
-}
 # Operations whose result may share storage with their first argument (a mutation of one is seen
 # through the other); over-approximated on purpose: a false alias only adds an ordering constraint.
 _ALIASING_NAMES = {
@@ -106,12 +97,7 @@ def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` mutates its first argument (``x.add_(y)``, ``ReLU(inplace=True)``, ``x[i] = y``)."""
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_function" and node.target is operator.setitem:
-        return True
-    if node.op in ("call_method", "call_function"):
-        name = target_name(node)
-        return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is True
-    return False
+    return mutates(node)
 
 
 def is_mutated(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -142,10 +128,7 @@ def is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
         mod = gm.get_submodule(node.target)
         ours = type(mod).__module__.startswith("topofx.modules")
         return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or not (ours or module_config(mod) is not None)
-    if node.op not in ("call_function", "call_method"):
-        return False
-    name = target_name(node).strip("_")
-    return name in _RANDOM_NAMES or name.removesuffix("_like") in _RANDOM_NAMES
+    return draws(node)
 
 
 def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:

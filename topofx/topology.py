@@ -256,17 +256,51 @@ def weight_provenance(weight: fx.Node) -> tuple[fx.Node | None, int | None]:
             if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
                 return row, node.args[-1] % value.numel()
             return None, None
-        value = value_of(node)
         if len(inputs) != 1 or not isinstance(value_of(inputs[0]), torch.Tensor) or value_of(inputs[0]).numel() != 1:
             return None, None
         node = inputs[0]
     return None, None
 
 
+# Operations that draw from a random number generator (or return uninitialized memory), by their
+# name without leading/trailing underscores: ``bernoulli_``, ``torch._standard_gamma``, ``F.dropout``...
+RANDOM_NAMES = {
+    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "bernoulli",
+    "multinomial", "poisson", "binomial", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+    "feature_alpha_dropout", "feature_dropout", "native_dropout", "fused_dropout", "gumbel_softmax", "rrelu",
+    "exponential", "uniform", "geometric", "log_normal", "cauchy", "random", "standard_gamma",
+    "sample_dirichlet", "sample", "rsample", "empty", "empty_like", "new_empty", "empty_strided",
+}
+
+
+def call_name(node: fx.Node) -> str:
+    return str(node.target) if node.op in ("call_module", "call_method") else getattr(node.target, "__name__", str(node.target))
+
+
+def draws(node: fx.Node) -> bool:
+    """A function or method call that draws random numbers (modules: :func:`topofx.rewrite.is_random`)."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = call_name(node).strip("_")
+    return name in RANDOM_NAMES or name.removesuffix("_like") in RANDOM_NAMES
+
+
+def mutates(node: fx.Node) -> bool:
+    """A function or method call that writes into its first argument (``x.add_(y)``, ``x[i] = y``)."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = call_name(node)
+    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is True
+
+
 class ValueNumbering:
     """Value numbering: equal numbers for nodes that compute the same value from the same attributes
     and inputs (``w[0]`` written twice is one row, and stays one after prefix sharing merges it).
-    One instance numbers several graphs consistently (a graph and its rewritten copy)."""
+    Module calls, random draws, in-place writes and values written in place are each their own value
+    (two Gumbel draws of one expression are two rows).  One instance numbers several graphs
+    consistently (a graph and its rewritten copy)."""
 
     def __init__(self) -> None:
         self._table: dict[tuple, int] = {}
@@ -278,8 +312,11 @@ class ValueNumbering:
         if node not in self._nodes:
             if node.op in ("get_attr", "placeholder"):
                 key: tuple = (node.op, str(node.target))
+            elif node.op == "call_module" or draws(node) or mutates(node) or any(mutates(u) for u in node.users):
+                key = ("unique", id(node))
             else:
-                target = getattr(node.target, "__name__", str(node.target))
+                target = node.target if isinstance(node.target, str) else \
+                    f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', node.target)}"
                 key = (node.op, target, repr(fx.node.map_aggregate((node.args, tuple(sorted(node.kwargs.items()))), self)))
             self._nodes[node] = self._table.setdefault(key, len(self._table))
         return self._nodes[node]
