@@ -20,7 +20,9 @@ do to the rounding estimate.  Gradients are compared on float64 copies of both s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
 import zlib
 from typing import Any, Sequence
@@ -109,15 +111,17 @@ def _failures(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any],
 
 def _in_float64(modules: tuple[nn.Module, ...], inputs: Sequence[Any], arch: Sequence[torch.Tensor]) -> tuple:
     """Float64 copies of ``modules`` (one ``deepcopy``, so what they share stays shared), of the
-    inputs, and the copies of the architecture tensors.  Plain architecture tensors keep their dtype and
-    identity: the graph may hold one as a buffer, the original as an attribute, and converting that
-    buffer would part the two."""
+    inputs, and the copies of the architecture tensors.  Plain architecture tensors are converted in
+    place (``.data``), so each stays one object: the graph may hold one as a buffer and the original
+    as an attribute, and a converted buffer copy would part the two."""
     memo: dict = {}
     copies = copy.deepcopy(modules, memo)
     arch64 = [memo.get(id(t), t) for t in arch]
-    keep = {id(t) for t in arch64}
+    for t in arch64:
+        if t.is_floating_point():
+            t.data = t.data.double()
     for m in copies:
-        m._apply(lambda t: t if id(t) in keep or not t.is_floating_point() else t.double())
+        m.double()  # already-float64 tensors (the architecture tensors) come back as themselves
     double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
     return copies, tuple(map(double, inputs)), arch64
 
@@ -141,9 +145,10 @@ def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequenc
     allowance = min(MAX_ALLOWANCE, 4 * own_error()) if failures and own_error is not None else 0.0
     failures = [c for c in failures if c.rel_error > allowance]
     if not failures:
-        try:
-            (ref64, cand64), inputs64, arch64 = _in_float64((reference, candidate), example_inputs, arch)
-            failures, problems = _failures(ref64, cand64, inputs64, arch64, set(), grads, RTOL)
+        try:  # (FX prints the traceback of a failing generated forward: keep that off the user's screen)
+            with contextlib.redirect_stderr(io.StringIO()):
+                (ref64, cand64), inputs64, arch64 = _in_float64((reference, candidate), example_inputs, arch)
+                failures, problems = _failures(ref64, cand64, inputs64, arch64, set(), grads, RTOL)
         except Exception:  # noqa: BLE001 - a model that cannot run in float64: its float32 gradients, looser
             failures, problems = _failures(reference, candidate, example_inputs, arch, skip_buffers, grads, GRAD_RTOL_FLOAT32)
     if problems:
