@@ -299,8 +299,9 @@ class ValueNumbering:
     """Value numbering: equal numbers for nodes that compute the same value from the same attributes
     and inputs (``w[0]`` written twice is one row, and stays one after prefix sharing merges it).
     Module calls, random draws, in-place writes and values written in place are each their own value
-    (two Gumbel draws of one expression are two rows).  One instance numbers several graphs
-    consistently (a graph and its rewritten copy)."""
+    (two Gumbel draws of one expression are two rows), named by their node: one instance numbers
+    several copies of a graph consistently (the graph as captured, its rewritten and copied versions).
+    """
 
     def __init__(self) -> None:
         self._table: dict[tuple, int] = {}
@@ -313,7 +314,7 @@ class ValueNumbering:
             if node.op in ("get_attr", "placeholder"):
                 key: tuple = (node.op, str(node.target))
             elif node.op == "call_module" or draws(node) or mutates(node) or any(mutates(u) for u in node.users):
-                key = ("unique", id(node))
+                key = ("unique", node.name)
             else:
                 target = node.target if isinstance(node.target, str) else \
                     f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', node.target)}"
