@@ -196,7 +196,8 @@ class MergedConvBN(nn.Module):
         if len({conv_offset(c) for c in convs}) != 1 or len({c.stride for c in convs}) != 1:
             raise ValueError("MergedConvBN needs convolutions with aligned outputs")
         layout = {(c.groups, c.bias is not None) if concat_inputs else (c.in_channels, c.groups, c.bias is not None) for c in convs}
-        if len({bn_config(b) for b in bns}) != 1 or None in {bn_config(b) for b in bns} or len(layout) != 1:
+        bn_configs = {bn_config(b) for b in bns}
+        if len(bn_configs) != 1 or None in bn_configs or len(layout) != 1:
             raise ValueError("MergedConvBN needs one BN configuration and one conv input layout")
         if any(len({c.out_channels for c, _ in g}) != 1 for g in groups):
             raise ValueError("the candidates of one edge must have the same output channels")

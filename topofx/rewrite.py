@@ -3,10 +3,11 @@
 A *pass* is a callable ``pass_(ctx) -> list[Rewrite]`` with two attributes: ``name`` and ``exact``.
 It matches a pattern in ``ctx.gm.graph``, rewrites the matches it can prove, and returns one
 :class:`Rewrite` record per rewrite (an empty list means "no match": the driver's fixpoint test).
-After every pass that changed something the driver removes dead code, lints the graph, recompiles
-it and re-propagates meta values through it; if the output shapes changed, or lint fails,
-the run stops with an error (the original model is untouched: the graph module is a separate
-object) -- a pass never hands back a wrong graph silently.
+After every pass that changed something the driver re-sorts the graph (keeping the order of random
+draws and in-place updates, :class:`Effects`), removes dead code, lints, recompiles and re-propagates
+meta values; if any invariant breaks (lint, output signature, a value that can no longer be
+computed, the effect order, an exception inside the pass) the pass is undone and the graph before
+it kept (:func:`_apply`) -- a pass never hands back a wrong graph silently.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ _ALIASING_NAMES = {
     "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "t", "as_strided",
     "detach", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex", "to", "type",
     "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "requires_grad_", "align_as",
-    "identity", "clone_if_needed",
 }
 
 
@@ -299,7 +299,8 @@ class Effects:
         if lost:
             return f"it removed the random/opaque call(s) {', '.join(lost)}"
         now = Effects.of(gm)  # type: ignore[arg-type]
-        if [n for n in now.chain if n in set(self.chain)] != self.chain:
+        recorded = set(self.chain)
+        if [n for n in now.chain if n in recorded] != self.chain:
             return "it reordered random draws (or calls of one stateful module)"
         if len(now.chain) != len(self.chain):
             return "it added a random/opaque call"

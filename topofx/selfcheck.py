@@ -34,7 +34,7 @@ from torch import nn
 from .capture import graph_attr_tensors, max_rel_error, preserved_state, run_seeded
 from .modules import MergedConvBN
 from .testing import train_step_equivalence
-from .topology import Topology, ValueNumbering, data_dependent, weight_provenance
+from .topology import Topology, ValueNumbering, data_dependent, value_of, weight_provenance
 
 RTOL = 1e-5
 VERTEX_RTOL = 1e-4  # topo mode's values: the merged kernel is the selected one up to its renormalization's rounding
@@ -51,17 +51,16 @@ def vertex_choice(topology: Topology, number: ValueNumbering) -> dict[Any, float
     value number, so equal rows pick alike and different edges pick differently); other edges pick
     by a hash of their name.
     """
-    choice: dict[str, float] = {}
+    choice: dict[Any, float] = {}
     for edge in topology.edges:
         weights = [c.weight for c in edge.candidates]
         picks = []
         for w in weights:
-            row, index = weight_provenance(w)
-            size = row.meta.get("topofx_value").numel() if row is not None and hasattr(row.meta.get("topofx_value"), "numel") else 0
-            if row is None or index is None or not size:
+            row, index = weight_provenance(w)  # a row is a 1-D tensor of at least two elements
+            if row is None:
                 picks = []
                 break
-            picks.append(index == zlib.crc32(repr(number(row)).encode()) % size)
+            picks.append(index == zlib.crc32(repr(number(row)).encode()) % value_of(row).numel())
         if not picks or not any(picks):
             picks = [k == zlib.crc32(edge.name.encode()) % len(weights) for k in range(len(weights))]
         for w, on in zip(weights, picks):
@@ -201,7 +200,6 @@ class SelfCheck:
 
     def _compare(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> str | None:
         if self.mode == "exact":
-            gm.train(self.model.training)
             return mismatch(self.model, gm, inputs, arch=self.arch, own_error=self._own_error)
         vertex = at_vertex(gm, self.choice, self.number, self.live)
         return mismatch(self.reference, vertex, inputs, arch=self.arch, check_arch=False,
