@@ -30,10 +30,11 @@ import copy
 import dataclasses
 import inspect
 import math
+import operator
 import os
 import traceback
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -43,7 +44,11 @@ VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the no
 STATIC = "topofx_static"  # node.meta key: value depends on shapes/constants only
 FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forward input
 TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
-SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: user frames of decisions on input shapes
+SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: (user frame, value) of decisions on shapes
+VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
+REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
+DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward
+REAL_NUMEL = 1 << 16  # attributes up to this size get real values while tracing (architecture weights are small)
 UNKNOWN = object()  # value that could not be computed
 
 _TOPOFX_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -200,18 +205,41 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
 
 
 class _ValueProxy(fx.Proxy):
-    """A proxy that knows its value's shape, so ``len()`` works on it."""
+    """A proxy that knows its value's shape, so ``len()`` works on it, and that turns into a Python
+    number where Python needs one (``range(n)``, ``torch.Size``, ``float(w)``, numpy) when the
+    number is fixed by shapes or by architecture values (see :meth:`ValueTracer.concrete`)."""
 
     def __len__(self) -> int:
         value = self.node.meta.get(VALUE, UNKNOWN)
         if isinstance(value, (torch.Tensor, tuple, list, torch.Size)):
             try:
                 if isinstance(value, torch.Tensor):
-                    self.tracer._note_shape_decision(self)  # type: ignore[attr-defined]
+                    self.tracer._note_shape_decision(self, len(value))  # type: ignore[attr-defined]
                 return len(value)
             except TypeError:
                 pass
         raise CaptureError(_where(f"len() of a value whose length is unknown at capture ({self.node.format_node()})"))
+
+    def __index__(self) -> int:
+        return self.tracer.concrete(self, operator.index, "an int")  # type: ignore[attr-defined]
+
+    def __int__(self) -> int:
+        return self.tracer.concrete(self, int, "an int")  # type: ignore[attr-defined]
+
+    def __float__(self) -> float:
+        return self.tracer.concrete(self, float, "a float")  # type: ignore[attr-defined]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        array = self.tracer.concrete(self, lambda v: v.numpy() if isinstance(v, torch.Tensor) else v, "a numpy array")  # type: ignore[attr-defined]
+        return array if dtype is None else array.astype(dtype)
+
+    @property
+    def __array_interface__(self) -> Any:  # numpy probes these before __array__
+        raise AttributeError("__array_interface__")
+
+    @property
+    def __array_struct__(self) -> Any:
+        raise AttributeError("__array_struct__")
 
 
 def _where(what: str, fix: str = "") -> str:
@@ -220,25 +248,144 @@ def _where(what: str, fix: str = "") -> str:
     return f"{what} {at}" + (f". {fix}" if fix else "")
 
 
+_DATA_METHODS = {"item", "tolist", "__bool__", "nonzero"}
+_TO_PYTHON = {"item": lambda v: v.item(), "tolist": lambda v: v.tolist()}
+_LEGACY_CONSTRUCTORS = [n for n in dir(torch) if n.endswith("Tensor") and n != "Tensor" and isinstance(getattr(torch, n), type(torch.FloatTensor))]
+_ALWAYS_RECORDED = ["rand", "randn", "randint", "randperm", "empty"]  # fresh random or uninitialized tensors
+
+
+class DistributionCall(nn.Module):
+    """One graph node for ``Distribution(*args).method(*margs)``: torch's argument validation (a
+    Python branch on tensor values) runs at call time, inside the node, as in the original."""
+
+    def __init__(self, cls: type, name: str):
+        super().__init__()
+        self.cls, self.name = cls, name
+
+    def forward(self, args: tuple, kwargs: dict, margs: tuple | None, mkwargs: dict | None) -> Any:
+        on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in _flat((args, kwargs)))
+        dist = self.cls(*args, **({**kwargs, "validate_args": False} if on_meta else kwargs))
+        attr = getattr(dist, self.name)
+        if margs is None:
+            return attr
+        if on_meta and self.name in ("sample", "rsample"):  # samplers have no meta kernels; shapes suffice
+            shape = margs[0] if margs else (mkwargs or {}).get("sample_shape", ())
+            return torch.empty(dist._extended_shape(torch.Size(shape)), device="meta")
+        return attr(*margs, **(mkwargs or {}))
+
+    def extra_repr(self) -> str:
+        return f"{self.cls.__name__}.{self.name}"
+
+
+class _TracedDistribution:
+    """What ``torch.distributions.X(proxy, ...)`` returns while tracing: its methods and properties
+    become :class:`DistributionCall` nodes."""
+
+    def __init__(self, tracer: "ValueTracer", cls: type, args: tuple, kwargs: dict):
+        self._tracer, self._cls, self._args, self._kwargs = tracer, cls, args, kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if callable(getattr(self._cls, name, None)):
+            return lambda *margs, **mkwargs: self._tracer.distribution_call(self, name, margs, mkwargs)
+        return self._tracer.distribution_call(self, name, None, None)
+
+
+_ACTIVE_TRACER: "ValueTracer | None" = None
+
+
+def _new_distribution(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``Distribution.__new__`` (installed at the first capture; plain ``object.__new__`` otherwise):
+    while a trace is active, a distribution built on traced values is a :class:`_TracedDistribution`.
+    (Setting ``__new__`` for the duration of a trace only is not possible: CPython keeps the slot.)"""
+    tracer = _ACTIVE_TRACER
+    if tracer is not None and not tracer._evaluating and any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
+        return _TracedDistribution(tracer, cls, args, kwargs)
+    return object.__new__(cls)
+
+
+def _flat(a: Any) -> list[Any]:
+    out: list[Any] = []
+    fx.node.map_aggregate(a, out.append)
+    return out
+
+
 class ValueTracer(fx.Tracer):
-    """FX tracer that propagates meta-tensor values through every node (see module docstring)."""
+    """FX tracer that propagates meta-tensor values through every node (see module docstring).
+
+    Besides shapes it keeps, for small tensors computed from the model's attributes only (the
+    architecture weights and what forward derives from them, never from the inputs or a random
+    draw), their real values: a Python decision on such a value (``if w != 0``, ``.tolist()``) is
+    taken at capture and recorded in a :class:`ValueGuard`, which asks for a new capture when it changes.
+    """
 
     def __init__(self, example_inputs: Sequence[Any]):
         super().__init__(param_shapes_constant=False)
         self.proxy_buffer_attributes = True
         self._examples: Iterator[Any] = iter(example_inputs)
         self.traced_modules: list[nn.Module] = []  # non-leaf modules whose Python forward became graph
-        self.shape_decisions: list[UserFrame | None] = []  # Python decisions taken on input shapes
+        self.shape_decisions: list[tuple[UserFrame | None, Any]] = []  # Python decisions taken on input shapes
+        self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, UserFrame | None]] = []
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
 
+    def trace(self, root, concrete_args=None):  # type: ignore[override]
+        with self._recording_factories():
+            return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _recording_factories(self) -> Iterator[None]:
+        """While tracing, legacy constructors (``torch.FloatTensor(n, c, h, w)``) and random or
+        uninitialized factories become graph nodes even when their arguments are Python ints (FX would
+        call them once and freeze the result), and distributions built on traced values become
+        :class:`DistributionCall` nodes."""
+        patched: list[tuple[Any, str, Any]] = []
+
+        def record(fn: Any) -> Any:
+            def recorded(*args: Any, **kwargs: Any) -> Any:
+                if self._evaluating:
+                    return fn(*args, **kwargs)
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return recorded
+
+        for owner, names in ((torch, _LEGACY_CONSTRUCTORS + _ALWAYS_RECORDED), (torch.cuda, _LEGACY_CONSTRUCTORS)):
+            for name in names:
+                if hasattr(owner, name):
+                    patched.append((owner, name, getattr(owner, name)))
+                    setattr(owner, name, record(getattr(owner, name)))
+        global _ACTIVE_TRACER
+        if torch.distributions.Distribution.__new__ is not _new_distribution:
+            torch.distributions.Distribution.__new__ = _new_distribution  # type: ignore[assignment]
+        outer, _ACTIVE_TRACER = _ACTIVE_TRACER, self
+        try:
+            yield
+        finally:
+            _ACTIVE_TRACER = outer
+            for owner, name, fn in patched:
+                setattr(owner, name, fn)
+
+    def distribution_call(self, dist: _TracedDistribution, name: str, margs: tuple | None, mkwargs: dict | None) -> Any:
+        target = f"topofx_distribution_{sum(isinstance(m, DistributionCall) for m in self.root.children())}"
+        self.root.add_module(target, DistributionCall(dist._cls, name))
+        return self.create_proxy("call_module", target, (dist._args, dist._kwargs, margs, mkwargs), {})
+
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         if self._evaluating:
             return forward(*args, **kwargs)
-        if not self.is_leaf_module(m, self.path_of_module(m)):
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # built inside forward(): not a submodule of the model
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise CaptureError(_where(
+                    f"a {type(m).__name__} with parameters or buffers is built inside forward(); they would be new "
+                    "on every call and no optimizer sees them", "Build it once in __init__ so it is a submodule",
+                )) from None
+            return forward(*args, **kwargs)  # parameter-free: traced through as the function it computes
+        if not self.is_leaf_module(m, path):
             self.traced_modules.append(m)
         return super().call_module(m, forward, args, kwargs)
 
@@ -253,6 +400,67 @@ class ValueTracer(fx.Tracer):
             return run_on_meta(self.root, kind, target, args, kwargs)
         finally:
             self._evaluating = False
+
+    def _drawn(self, node: fx.Node) -> bool:
+        """Whether the node's value depends on a random draw made in forward."""
+        if any(a.meta.get(DRAWN) for a in node.all_input_nodes):
+            return True
+        if node.op == "call_module":
+            module = self.root.get_submodule(node.target)
+            return isinstance(module, nn.modules.dropout._DropoutNd) or (
+                isinstance(module, DistributionCall) and module.name in ("sample", "rsample"))
+        from .topology import draws  # topology imports this module
+        return draws(node)
+
+    def _real(self, node: fx.Node, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        """The real value of a node computed from small attributes only (``None`` when there is none).
+        In-place operations run on these copies, so a later read sees the write, as in eager."""
+        if node.meta[FROM_INPUT] or node.meta[DRAWN]:
+            return None
+        self._evaluating = True  # attribute reads and calls below must not record nodes
+        try:
+            return self._real_of(kind, target, args, kwargs)
+        finally:
+            self._evaluating = False
+
+    def _real_of(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "get_attr":
+            obj: Any = self.root
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            small = isinstance(obj, torch.Tensor) and obj.numel() <= REAL_NUMEL
+            return obj.detach().clone() if small else None
+        if kind not in ("call_function", "call_method", "call_module"):
+            return None
+        missing = []
+
+        def real(a: Any) -> Any:
+            if isinstance(a, fx.Proxy):
+                a = a.node
+            if isinstance(a, fx.Node):
+                value = a.meta.get(REAL)
+                if value is None:
+                    value = a.meta.get(VALUE) if a.meta.get(STATIC) else None
+                    if value is None:
+                        missing.append(a)
+                return value
+            return a
+
+        args, kwargs = fx.node.map_aggregate(args, real), fx.node.map_aggregate(kwargs, real)
+        if missing:
+            return None
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                module = self.root.get_submodule(target)
+                stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
+                return module(*args, **kwargs) if stateless else None
+        except Exception:  # noqa: BLE001 - no real value, as for a data value
+            return None
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -269,7 +477,7 @@ class ValueTracer(fx.Tracer):
             shape_accessor = (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRS) or (
                 kind == "call_method" and target in _SHAPE_METHODS
             )
-            data_op = kind == "call_method" and target in {"item", "tolist", "__bool__", "nonzero"}
+            data_op = kind == "call_method" and target in _DATA_METHODS
             static = (
                 kind not in ("get_attr", "call_module")
                 and not isinstance(value, torch.Tensor)
@@ -280,34 +488,58 @@ class ValueTracer(fx.Tracer):
         node.meta[VALUE] = value
         node.meta[STATIC] = static
         node.meta[FROM_INPUT] = kind == "placeholder" or any(a.meta.get(FROM_INPUT) for a in node.all_input_nodes)
+        node.meta[DRAWN] = kind != "placeholder" and self._drawn(node)
+        real = self._real(node, kind, target, args, kwargs)
+        if real is not None:
+            node.meta[REAL] = real
         frame = user_frame()
         if frame is not None:
             node.meta["topofx_user_frame"] = frame
+        if kind == "call_method" and target in _TO_PYTHON:  # `.item()` / `.tolist()`: Python needs the number
+            return self.concrete(proxy, lambda v: v, f"a Python number (`.{target}()`)")
         return proxy
 
-    def to_bool(self, obj: fx.Proxy) -> bool:
-        value = obj.node.meta.get(VALUE, UNKNOWN)
-        if obj.node.meta.get(STATIC) and value is not UNKNOWN:
-            self._note_shape_decision(obj)
-            return bool(value)
-        raise CaptureError(
-            _where(
-                "data-dependent control flow (a Python `if`/`while`/`and`/`or` on a tensor value)",
-                "Keep the condition on shapes only, register an adapter (topofx.adapters.register_adapter) "
-                "that lifts the sampling out of forward, or call simplify without strict=True to run the "
-                "model's own eager forward",
-            )
-        )
+    def concrete(self, obj: fx.Proxy, convert: Callable[[Any], Any], what: str) -> Any:
+        """The Python value Python code asks of ``obj``: from shapes (a shape decision), from the real
+        value of architecture-only data (a value decision), or a :class:`CaptureError` naming the line."""
+        node = obj.node
+        value = node.meta.get(VALUE, UNKNOWN)
+        if node.meta.get(STATIC) and value is not UNKNOWN:
+            result = convert(value)
+            self._note_shape_decision(obj, result)
+            return result
+        source = node.args[0] if node.op == "call_method" and node.target in _TO_PYTHON else node
+        real = source.meta.get(REAL) if isinstance(source, fx.Node) else None
+        if real is not None:
+            result = convert(_TO_PYTHON[node.target](real) if source is not node else real)
+            self.value_decisions.append((node, convert, result, user_frame()))
+            return result
+        raise CaptureError(_where(*self._why_not_concrete(node, what)))
 
-    def _note_shape_decision(self, obj: fx.Proxy) -> None:
+    def _why_not_concrete(self, node: fx.Node, what: str) -> tuple[str, str]:
+        if node.meta.get(FROM_INPUT):
+            return (f"Python needs {what} computed from the inputs' values (data-dependent control flow)",
+                    "A graph fixes one path for all inputs: keep the Python decision on shapes only, or compute "
+                    "it with tensor operations (torch.where, masks)")
+        if node.meta.get(DRAWN):
+            return (f"Python needs {what} computed from a random draw made in forward (the decision changes "
+                    "on every call)", "Decide with tensor operations (multiply by the sampled weight), or "
+                    "register an adapter (topofx.adapters.register_adapter) that draws the sample outside forward")
+        return (f"Python needs {what} of a value unknown at capture ({node.format_node()})",
+                "Compute it with tensor operations, or move it out of forward()")
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.concrete(obj, bool, "a bool (a Python `if`/`while`/`and`/`or` on a tensor)")
+
+    def _note_shape_decision(self, obj: fx.Proxy, value: Any) -> None:
         """A Python decision on a value computed from the inputs' shapes holds for those shapes only."""
         if obj.node.meta.get(FROM_INPUT):
-            self.shape_decisions.append(user_frame())
+            self.shape_decisions.append((user_frame(), value))
 
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
         value = obj.node.meta.get(VALUE, UNKNOWN)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            self._note_shape_decision(obj)
+            self._note_shape_decision(obj, value.shape[0])
             return iter([obj[i] for i in range(value.shape[0])])
         if isinstance(value, (tuple, list, torch.Size)):
             return iter([obj[i] for i in range(len(value))])
@@ -318,6 +550,69 @@ class ValueTracer(fx.Tracer):
         if isinstance(value, dict):
             return value.keys()
         raise CaptureError(_where("`**` unpacking of a traced value"))
+
+
+class ValueGuard:
+    """The Python decisions forward took on values computed from the model's attributes only
+    (``if w != 0`` on projected weights, ``.tolist()`` of alphas): the nodes that compute them, copied
+    out of the traced graph, and the values seen at capture.  :meth:`changed` evaluates them on the
+    model's current attributes (no inputs, no gradients) and names the decisions that differ."""
+
+    def __init__(self, graph: fx.Graph, decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, UserFrame | None]]):
+        needed: set[fx.Node] = set()
+        stack = [node for node, *_ in decisions]
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        self.graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            if node in needed:
+                env[node] = self.graph.node_copy(node, lambda a: env[a])
+        self.graph.output(tuple(env[node] for node, *_ in decisions))
+        self.checks = [(convert, expected, frame) for _, convert, expected, frame in decisions]
+
+    def changed(self, root: nn.Module) -> list[UserFrame | None]:
+        """Frames of the decisions whose value differs now."""
+        with torch.no_grad():
+            values = self._evaluate(root)
+        return [frame for value, (convert, expected, frame) in zip(values, self.checks)
+                if not _same(convert(value), expected)]
+
+    def _evaluate(self, root: nn.Module) -> tuple:
+        env: dict[fx.Node, Any] = {}
+        for node in self.graph.nodes:
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "get_attr":
+                obj: Any = root
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj.detach().clone() if isinstance(obj, torch.Tensor) else obj
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                env[node] = root.get_submodule(node.target)(*args, **kwargs)
+            elif node.op == "output":
+                return args[0]
+        return ()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    try:
+        import numpy as np
+
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            return bool(np.array_equal(a, b))
+    except ImportError:
+        pass
+    return bool(a == b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,37 +648,118 @@ class Capture:
     fallback_reason: str | None = None
 
 
-def _concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
-    params = list(inspect.signature(model.forward).parameters.values())
-    extra = {
-        p.name: p.default
-        for p in params[n_inputs:]
-        if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
-    }
-    return extra or None
+def bind_call(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> inspect.BoundArguments:
+    """``model.forward``'s parameters bound to a call's arguments, defaults filled in."""
+    bound = inspect.signature(model.forward).bind(*args, **(kwargs or {}))
+    bound.apply_defaults()
+    return bound
+
+
+def call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple | None:
+    """What selects a captured graph for a call of ``model``: the type and value of every non-tensor
+    argument (defaults included) and which arguments are tensors; ``None`` when a value cannot be
+    compared by hash (a list, a dict).  Raises ``TypeError`` when the call does not fit ``forward``."""
+    if _has_var_args(model):
+        items = [*enumerate(args), *sorted((kwargs or {}).items())]
+    else:
+        items = list(bind_call(model, args, kwargs).arguments.items())
+    key = tuple((name, "tensor") if isinstance(v, torch.Tensor) else (name, type(v), v) for name, v in items)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _has_var_args(model: nn.Module) -> bool:
+    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
+    return bool(kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD})
+
+
+def _specialize(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """Name the placeholders of specialized (non-tensor) arguments after their parameters, so the
+    graph module takes the original's keywords; FX's ``_assert`` on each value stays in the graph."""
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            name = node.target.rsplit("_", 1)[0] if node.target not in concrete else node.target
+            if name in concrete and node.target != name:
+                node.target = name
 
 
 def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Trace ``model`` with :class:`ValueTracer`; raise :class:`CaptureError` naming the user's code."""
-    tracer = ValueTracer(example_inputs)
+    """Trace ``model`` with :class:`ValueTracer`; raise :class:`CaptureError` naming the user's code.
+
+    Tensor arguments become graph inputs; every other argument of ``forward`` (strings, numbers,
+    ``None``, defaults included) is specialized to its value in ``example_inputs`` and asserted in
+    the graph, so one graph serves exactly one choice of them (``SimplifiedModule`` keeps one
+    graph per choice).
+    """
+    if _has_var_args(model):
+        values, concrete = list(example_inputs), None
+    else:
+        bound = bind_call(model, example_inputs)
+        values = list(bound.arguments.values())
+        concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    tracer = ValueTracer(values)
+    own = _attribute_names(model)
     with _loose_tensors_as_buffers(model) as loose:
         try:
-            graph = tracer.trace(model, concrete_args=_concrete_args(model, len(example_inputs)))
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            _specialize(graph, concrete or {})
+            gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
         except CaptureError:
             raise
         except Exception as exc:  # FX raises many kinds; name the user's line for all of them
             frame = user_frame(traceback.extract_tb(exc.__traceback__))
             at = f" at {frame}" if frame else ""
-            raise CaptureError(
-                f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}. "
-                "Move the construct out of forward() or pass strict=False to fall back to eager control flow"
-            ) from exc
-        gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+            raise CaptureError(f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}") from exc
+        finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off
+            for name in _attribute_names(model) - own:
+                delattr(model, name)
         for name in loose:
             _unbuffer(gm, name)
+    _hold_foreign_constants(gm)
     gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
     gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
+    gm.meta[VALUE_GUARD] = ValueGuard(gm.graph, tracer.value_decisions) if tracer.value_decisions else None
+    for node in gm.graph.nodes:
+        node.meta.pop(REAL, None)
     return gm
+
+
+def _hold_foreign_constants(gm: fx.GraphModule) -> None:
+    """Python values of foreign number types in the graph (a numpy scalar computed at capture from
+    ``.tolist()`` of the alphas) are read from attributes: the generated code cannot name their types."""
+    held: dict[int, fx.Node] = {}
+
+    def hold(x: Any) -> Any:
+        if isinstance(x, (int, float, complex, str)) and type(x).__module__ != "builtins" or type(x).__module__ == "numpy":
+            if id(x) not in held:
+                name = f"topofx_constant_{len(held)}"
+                setattr(gm, name, x)
+                with gm.graph.inserting_before(next(iter(gm.graph.nodes))), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # FX expects tensors or modules behind get_attr
+                    held[id(x)] = gm.graph.get_attr(name)
+            return held[id(x)]
+        return x
+
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            node.args, node.kwargs = fx.node.map_aggregate(node.args, hold), fx.node.map_aggregate(node.kwargs, hold)
+    if held:
+        gm.recompile()
+
+
+def _attribute_names(module: nn.Module) -> set[str]:
+    return {*vars(module), *module._parameters, *module._buffers, *module._modules}
+
+
+def fingerprint(gm: fx.GraphModule) -> tuple:
+    """What a trace decided: its code and the values of its Python decisions (a baked batch size
+    may leave the code unchanged, e.g. inside a constant)."""
+    guard = gm.meta.get(VALUE_GUARD)
+    return (gm.code, tuple(repr(v) for _, v in gm.meta.get(SHAPE_DECISIONS, ())),
+            tuple(repr(e) for _, e, _ in (guard.checks if guard else ())))
 
 
 def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:
@@ -525,7 +901,9 @@ def verify_capture(
             eager2 = run_seeded(model, example_inputs)
             with preserved_state(model):
                 graphed2 = run_seeded(gm, example_inputs)
-        if not max_rel_error(graphed2, eager2) <= rtol:
+            guard = gm.meta.get(VALUE_GUARD)
+            decided_alike = guard is None or not guard.changed(model)  # else the graph is captured anew
+        if decided_alike and not max_rel_error(graphed2, eager2) <= rtol:
             raise CaptureError("captured graph does not follow the architecture weights (they were frozen as constants)")
     resample = getattr(model, "resample", None)  # an adapter's sampling step, run before every call
     with preserved_state(model, tensors=attrs):

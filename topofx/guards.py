@@ -20,6 +20,9 @@ look-ups per traced module; the graph itself is not touched):
   not, one warning names the attribute (a per-step counter would pay a re-trace every step);
 * a re-assigned tensor of the same shape is re-bound in the graph module; another shape asks for
   a recapture;
+* a Python decision on architecture values (``if w != 0``, ``.tolist()`` of the alphas) is evaluated
+  again (:class:`topofx.capture.ValueGuard`: the few small ops that compute it, no inputs); when one
+  comes out differently the verdict is ``"recapture"`` (a projection, a stage switch);
 * a hook on a module the graph does not call gets one warning naming the module.
 """
 from __future__ import annotations
@@ -37,10 +40,10 @@ from . import capture as _capture
 _SCALARS = (bool, int, float, str)
 
 
-def retraces_same(root: nn.Module, inputs: Sequence[Any], code: str) -> bool:
-    """Whether tracing ``root`` on ``inputs`` now records the same code as ``code``."""
+def retraces_same(root: nn.Module, inputs: Sequence[Any], fingerprint: tuple) -> bool:
+    """Whether tracing ``root`` on ``inputs`` now takes the decisions of ``fingerprint`` (``capture.fingerprint``)."""
     try:
-        return _capture.trace(root, inputs).code == code
+        return _capture.fingerprint(_capture.trace(root, inputs)) == fingerprint
     except _capture.CaptureError:
         return False
 
@@ -79,10 +82,12 @@ def _rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
 class Guards:
     """The assumptions of one captured graph module (see the module docstring)."""
 
-    def __init__(self, root: nn.Module, gm: fx.GraphModule, captured_code: str, example_inputs: Sequence[Any]):
+    def __init__(self, root: nn.Module, gm: fx.GraphModule, captured_code: tuple, example_inputs: Sequence[Any]):
         self.root = root
         self.code = captured_code
         self.shape_decisions = gm.meta.get(_capture.SHAPE_DECISIONS, [])
+        self.value_guard = gm.meta.get(_capture.VALUE_GUARD)
+        self.changed: list = []  # frames of the value decisions found changed by the last check
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
@@ -115,7 +120,7 @@ class Guards:
         if sig not in self.shapes_ok:
             self.shapes_ok[sig] = ok = retraces_same(self.root, inputs, self.code)
             if not ok:
-                at = "; ".join(str(f) for f in dict.fromkeys(map(str, self.shape_decisions)))
+                at = "; ".join(dict.fromkeys(str(f) for f, _ in self.shape_decisions))
                 warnings.warn(
                     f"topofx: inputs of shape {sig} take another path through {type(self.root).__name__}.forward "
                     f"than the example inputs did (a decision on shapes at {at}); calls with this shape run the "
@@ -166,9 +171,16 @@ class Guards:
                     stacklevel=4,
                 )
 
+    def values_hold(self) -> bool:
+        """Whether the decisions forward took on architecture values at capture still come out the same
+        (``if w != 0`` after a projection, a stage switch); ``changed`` names the ones that did not."""
+        guard = self.value_guard
+        self.changed = guard.changed(self.root) if guard is not None else []
+        return not self.changed
+
     def verdict(self, inputs: Sequence[Any]) -> str:
         """``"graph"``, ``"eager"`` (this input shape takes another path) or ``"recapture"``."""
         self.warn_hooks()
-        if not (self.follow_tensors() and self.scalars_hold()):
+        if not (self.follow_tensors() and self.scalars_hold() and self.values_hold()):
             return "recapture"
         return "graph" if self.shapes_allow(inputs) else "eager"

@@ -137,7 +137,7 @@ def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
         return False
     if node.op == "get_attr":
         return True
-    if is_random(node, gm) or is_inplace(node, gm):
+    if is_random(node, gm) or is_inplace(node, gm) or node.is_impure():  # an FX `_assert` is impure
         return False
     if node.op == "call_module":
         # a module whose forward updates state (BN running stats) is impure in train mode
@@ -359,7 +359,7 @@ def propagate_values(gm: fx.GraphModule, example_inputs: Sequence[Any], *, incre
     changed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            value = next(inputs, UNKNOWN)
+            value = next(inputs, node.meta.get(VALUE, UNKNOWN))  # a specialized argument keeps its value
             node.meta[VALUE] = value.detach().to("meta") if isinstance(value, torch.Tensor) else value
             continue
         if node.op == "output":

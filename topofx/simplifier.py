@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,8 @@ from .topology import analyze
 MODES = ("topo", "exact")
 LAYOUTS = ("keep", "channels_last")
 FLOATED = "topofx_floated"  # state_dict / named_buffers prefix of the floated BNs' new running statistics
+RECAPTURE_WARN_CALLS = 10  # a value decision that changes again within this many calls gets a warning
+MAX_GRAPHS = 8  # graphs kept per simplified module, one per choice of forward's non-tensor arguments
 
 
 class SelfCheckError(RuntimeError):
@@ -63,12 +66,17 @@ class SimplifiedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.graph_module is None:
             return self.original(*args, **kwargs)
+        serving = self.serving(args, kwargs)
+        if serving is not self:
+            return serving(*args, **kwargs)
         if self.__dict__.get("graph_training") not in (None, self.training):
             return self.original(*args, **kwargs)  # forward branches on self.training: other mode runs eagerly
         verdict = self.guards.verdict(args)
         if verdict == "recapture":
             self.recapture()
             return self(*args, **kwargs)
+        if "calls_since_recapture" in self.__dict__:
+            self.__dict__["calls_since_recapture"] += 1
         if verdict == "eager":  # this input shape takes another Python path than the example's
             return self.original(*args, **kwargs)
         relaxed = self.__dict__.get("relaxed")
@@ -81,9 +89,63 @@ class SimplifiedModule(nn.Module):
         finally:
             relaxed.release(self.graph_module)
 
+    def serving(self, args: tuple, kwargs: dict[str, Any]) -> nn.Module:
+        """The module that serves a call: this graph when the call's non-tensor arguments (``updateType``,
+        defaults included) are the ones it was captured with, otherwise a graph captured for theirs
+        (once per choice, kept) -- or the original's eager forward, with a warning, for a value that
+        cannot be a cache key, or past ``MAX_GRAPHS`` choices."""
+        try:
+            key = _capture.call_key(self.original, args, kwargs)
+        except TypeError:  # a call forward() rejects: the original raises the user's own error
+            return self.original
+        if key is None:
+            return self._eager_for("an argument value that cannot be told apart by hash (a list or a dict)")
+        if key == self.__dict__.get("call_key", key):
+            return self
+        others = self.__dict__.setdefault("other_graphs", {})
+        if key not in others:
+            if len(others) + 1 >= MAX_GRAPHS:
+                return self._eager_for(f"more than {MAX_GRAPHS} different values of its non-tensor arguments")
+            others[key] = self._simplified_for(args, kwargs)
+        return others[key]
+
+    def _simplified_for(self, args: tuple, kwargs: dict[str, Any]) -> "SimplifiedModule":
+        """Simplify the original again for another choice of non-tensor arguments (this call's tensors
+        serve as example inputs); floated-BN statistics start from this graph's."""
+        bound = _capture.bind_call(self.original, args, kwargs) if not _capture._has_var_args(self.original) else None
+        examples = tuple(bound.args if bound is not None else args)
+        if bound is not None and bound.kwargs:
+            return self._eager_for("a keyword-only argument")
+        examples = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in examples)
+        with torch.inference_mode(False), torch.enable_grad():
+            other = simplify(self.original, examples, **self.__dict__["options"])
+        other.train(self.training)
+        other._load_floated(self.floated_buffers())
+        return other
+
+    def _eager_for(self, why: str) -> nn.Module:
+        if why not in self.__dict__.setdefault("eager_warned", set()):
+            self.__dict__["eager_warned"].add(why)
+            warnings.warn(
+                f"topofx: {type(self.original).__name__}.forward was called with {why}; such calls run the "
+                "original's eager forward (correct, not simplified). Pass numbers, strings or tensors to forward "
+                "to have each choice captured.",
+                stacklevel=4,
+            )
+        return self.original
+
+    def _load_floated(self, theirs: dict[str, torch.Tensor]) -> None:
+        """Start the floated BNs' statistics from another graph's, where names and shapes match."""
+        with torch.no_grad():
+            for name, buf in self.floated_buffers().items():
+                if name in theirs and theirs[name].shape == buf.shape:
+                    buf.copy_(theirs[name])
+
     def recapture(self) -> None:
         """Simplify the original again (after a change the captured graph baked in, e.g. a Gumbel
         temperature read as a Python number); floated-BN running statistics carry over."""
+        self._warn_if_recapturing_often()
+        start = time.perf_counter()
         floated = self.floated_buffers()
         like = next(self.original.parameters(), None)  # the model may have moved since (.to(), .double())
         examples = tuple(
@@ -93,13 +155,28 @@ class SimplifiedModule(nn.Module):
         )
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(examples[0].device.type, enabled=False):
             fresh = simplify(self.original, examples, **self.__dict__["options"])
-        with torch.no_grad():
-            for name, buf in fresh.floated_buffers().items():
-                if name in floated and floated[name].shape == buf.shape:
-                    buf.copy_(floated[name])
+        fresh._load_floated(floated)
+        self.__dict__.update(calls_since_recapture=0, recapture_s=time.perf_counter() - start)
         for key in ("graph_module", "report", "relaxed", "freeze", "guards", "graph_training"):
             self.__dict__[key] = fresh.__dict__.get(key)
         self.graph_module.train(self.training)
+
+    def _warn_if_recapturing_often(self) -> None:
+        """A decision on architecture values that changes every few calls costs a capture each time."""
+        changed = self.guards.changed
+        since = self.__dict__.get("calls_since_recapture")  # None before the first re-capture
+        if not changed or since is None or since >= RECAPTURE_WARN_CALLS:
+            return
+        if not self.__dict__.get("recapture_warned"):
+            self.__dict__["recapture_warned"] = True
+            at = "; ".join(dict.fromkeys(str(f) for f in changed))
+            warnings.warn(
+                f"topofx: {type(self.original).__name__}.forward decides in Python on architecture values that "
+                f"changed again after {since} calls ({at}); every change captures the model anew "
+                f"(last time {self.__dict__.get('recapture_s', 0.0):.1f} s). Compute the decision with tensor operations "
+                "if it changes every step (results stay correct either way).",
+                stacklevel=4,
+            )
 
     def floated_buffers(self) -> dict[str, torch.Tensor]:
         """New buffers of the graph (floated BNs' running statistics), by their ``state_dict`` key."""
@@ -142,12 +219,16 @@ class SimplifiedModule(nn.Module):
         self.original.training = mode
         if self.graph_module is not None:
             self.graph_module.train(mode)
+        for other in self.__dict__.get("other_graphs", {}).values():
+            other.train(mode)
         return self
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
         if self.graph_module is not None:
             self.graph_module._apply(fn, recurse)
+        for other in self.__dict__.get("other_graphs", {}).values():
+            other.graph_module._apply(fn, recurse)
         return self
 
     def __getattr__(self, name: str) -> Any:
@@ -215,7 +296,7 @@ def simplify(
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
-    captured_code = gm.code
+    captured_code = _capture.fingerprint(gm)
     topology = analyze(gm.graph, root)
     freeze = UnselectedFreeze(gm, topology, live) if adapter else None  # from the graph as captured
     self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
@@ -237,6 +318,7 @@ def simplify(
         root.release(gm)  # samples drawn while verifying and rewriting
     branches_on_training = _branches_on_training(root, example_inputs, captured_code)
     simplified.__dict__.update(relaxed=root if adapter else None, freeze=freeze, options=dict(mode=mode, strict=strict, check=check, layout=layout),
+                               call_key=_capture.call_key(model, example_inputs),
                                guards=Guards(root, gm, captured_code, example_inputs))
     if branches_on_training:
         simplified.__dict__["graph_training"] = root.training
@@ -294,7 +376,7 @@ def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, check_inpu
     warnings.warn(message, stacklevel=3)
 
 
-def _branches_on_training(root: nn.Module, example_inputs: tuple, captured_code: str) -> bool:
+def _branches_on_training(root: nn.Module, example_inputs: tuple, captured_code: tuple) -> bool:
     """Whether tracing in the other train/eval mode records different code (``if self.training:``)."""
     captured_mode = root.training
     try:

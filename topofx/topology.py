@@ -282,7 +282,8 @@ def draws(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     name = call_name(node).strip("_")
-    return name in RANDOM_NAMES or name.removesuffix("_like") in RANDOM_NAMES
+    legacy = name.endswith("Tensor")  # torch.FloatTensor(n, c, h, w): uninitialized, like torch.empty
+    return legacy or name in RANDOM_NAMES or name.removesuffix("_like") in RANDOM_NAMES
 
 
 def mutates(node: fx.Node) -> bool:
