@@ -14,6 +14,7 @@ expected line numbers survive edits of this file.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -96,7 +97,6 @@ class ItemInIf(nn.Module):
 
 CASES = [
     pytest.param(DataDependentIf, "if", id="if-sum"),
-    pytest.param(ItemSelectsOp, "item-index", id="item-index"),
     pytest.param(ItemInIf, "item-if", id="item-if"),
 ]
 
@@ -134,6 +134,21 @@ def test_non_strict_warns_and_falls_back(cls, tag):
     assert all(p is q for p, q in zip(simple.parameters(), model.parameters(), strict=True))
     assert_train_step_equivalent(model, simple, x, rtol=0, atol=0)
     assert_eval_equivalent(model, simple, x, rtol=0, atol=0)
+
+
+def test_item_of_architecture_values_is_captured_and_guarded():
+    """``ops[argmax(alpha).item()]`` decides on architecture values only: captured for the current
+    choice, and captured again when a step of the alphas changes it."""
+    model, x = make(ItemSelectsOp)
+    simple = topofx.simplify(copy.deepcopy(model), x, mode="exact", strict=True)
+    assert simple.report.fallback is None
+    torch.testing.assert_close(simple(x), model(x))
+    code = simple.graph_module.code
+    with torch.no_grad():
+        for m in (model, simple):
+            m.alpha.copy_(torch.tensor([0.9, 0.1]))  # the other candidate wins now
+    torch.testing.assert_close(simple(x), model(x))
+    assert simple.graph_module.code != code  # captured anew for the new choice
 
 
 def test_item_used_as_a_number_is_captured_and_recomputed():
@@ -174,14 +189,18 @@ def test_nb201_gdas_falls_back_naming_xautodl_source():
         topofx.simplify(model, x, mode="exact", strict=True)
 
 
-def test_gdas_style_zoo_model_falls_back_naming_its_source():
-    """The zoo's own GDAS-style network is user code too: the message must name gdas_style.py."""
+def test_gdas_style_zoo_model_is_captured_with_its_sampling_and_cells_run_per_call():
+    """GDAS written as a sampling method (redraw until finite) and cells that pick their candidate with
+    ``.item()``: both decide on values drawn anew each call, so each runs as one node of the graph
+    with the original's Python, and the whole model is one graph -- no adapter."""
     model, x = zoo.build("gdas-style", C=4, N=1, image_size=8)
-    with pytest.warns(UserWarning) as records:
-        simple = topofx.simplify(model, x, mode="exact")
-    assert simple.report.fallback
-    messages = topofx_warnings(records)
-    assert len(messages) == 1 and "gdas_style.py:" in messages[0], messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simple = topofx.simplify(copy.deepcopy(model), x, mode="exact", strict=True)
+    assert simple.report.fallback is None
+    decided = simple.graph_module.meta["topofx_decided_per_call"]
+    assert "TinyGDAS.sample" in decided and any(name.startswith("cells.") for name in decided)
+    assert_train_step_equivalent(model, simple, x)
 
 
 # ---------------------------------------------------------------------------------------------

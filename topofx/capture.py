@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import operator
 import os
+import sys
 import traceback
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -45,6 +47,7 @@ STATIC = "topofx_static"  # node.meta key: value depends on shapes/constants onl
 FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forward input
 TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
 SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: (user frame, value) of decisions on shapes
+DECIDED_PER_CALL = "topofx_decided_per_call"  # GraphModule.meta key: paths of modules called as one node
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
 DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward
@@ -149,6 +152,37 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+@contextlib.contextmanager
+def _first_path_on_meta() -> Iterator[None]:
+    """Python decisions on meta tensors take some path, so a module or method whose forward decides
+    per call (called as one node, see ``trace``) still gets its output's shape: every path of a mixed
+    op yields the same shape.  A ``bool`` is True the first time each source line asks and False
+    after (a redraw-until-finite loop ends; a filtered sum keeps one term); ``.item()`` is 0
+    (integers) or 1.0; ``.tolist()`` gives ones."""
+    tensor = torch.Tensor
+    plain = {name: getattr(tensor, name) for name in ("__bool__", "item", "tolist")}
+    asked: set[tuple[Any, int]] = set()
+
+    def first_time(t: torch.Tensor) -> bool:
+        caller = sys._getframe(2)
+        where = (caller.f_code, caller.f_lineno)
+        fresh = where not in asked
+        asked.add(where)
+        return fresh
+
+    def on_meta(name: str, meta_value: Callable[[torch.Tensor], Any]) -> Callable[..., Any]:
+        return lambda t, *a, **k: meta_value(t) if t.is_meta else plain[name](t, *a, **k)
+
+    tensor.__bool__ = on_meta("__bool__", first_time)  # type: ignore[method-assign]
+    tensor.item = on_meta("item", lambda t: 1.0 if t.is_floating_point() else 0)  # type: ignore[method-assign]
+    tensor.tolist = on_meta("tolist", lambda t: torch.ones(t.shape).tolist())  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, fn in plain.items():
+            setattr(tensor, name, fn)
+
+
 _STOCK_RESULTS: dict[tuple, Any] = {}  # meta output of a stock torch.nn module, by configuration and input metadata
 
 
@@ -166,7 +200,8 @@ def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
         module._forward_hooks or module._forward_pre_hooks
     )
     if not stock:
-        return meta_copy(module)(*args, **kwargs)
+        with _first_path_on_meta():
+            return meta_copy(module)(*args, **kwargs)
     key = (
         type(module), module.extra_repr(), module.training,
         tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in [*module.named_parameters(), *module.named_buffers()]),
@@ -204,7 +239,7 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
     return UNKNOWN
 
 
-class _ValueProxy(fx.Proxy):
+class TracedValue(fx.Proxy):
     """A proxy that knows its value's shape, so ``len()`` works on it, and that turns into a Python
     number where Python needs one (``range(n)``, ``torch.Size``, ``float(w)``, numpy) when the
     number is fixed by shapes or by architecture values (see :meth:`ValueTracer.concrete`)."""
@@ -277,6 +312,27 @@ class DistributionCall(nn.Module):
         return f"{self.cls.__name__}.{self.name}"
 
 
+class MethodCall(nn.Module):
+    """One graph node for ``owner.name(*args)``, a method whose Python decides on values drawn anew
+    on every call (GDAS's redraw-until-finite sampling loop): it runs as written at every call."""
+
+    def __init__(self, owner: nn.Module, name: str):
+        super().__init__()
+        self.__dict__["owner"] = owner  # not a submodule: the owner may be the model itself
+        self.name = name
+
+    def forward(self, args: tuple, kwargs: dict) -> Any:
+        owner = self.owner
+        if any(isinstance(t, torch.Tensor) and t.is_meta for t in _flat((args, kwargs))):
+            owner = meta_copy(owner)  # shapes only: no draws, no state changes
+            with _first_path_on_meta():
+                return getattr(owner, self.name)(*args, **kwargs)
+        return getattr(owner, self.name)(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.owner).__name__}.{self.name}"
+
+
 class _TracedDistribution:
     """What ``torch.distributions.X(proxy, ...)`` returns while tracing: its methods and properties
     become :class:`DistributionCall` nodes."""
@@ -320,10 +376,14 @@ class ValueTracer(fx.Tracer):
     taken at capture and recorded in a :class:`ValueGuard`, which asks for a new capture when it changes.
     """
 
-    def __init__(self, example_inputs: Sequence[Any]):
+    def __init__(self, example_inputs: Sequence[Any], opaque: frozenset[int] = frozenset(),
+                 opaque_methods: frozenset[tuple[nn.Module, str]] = frozenset()):
         super().__init__(param_shapes_constant=False)
         self.proxy_buffer_attributes = True
         self._examples: Iterator[Any] = iter(example_inputs)
+        self.opaque = opaque  # ids of modules called as one node: their forward decides per call (see trace)
+        self.opaque_methods = opaque_methods  # (owner, method name) called as one node
+        self._within: list[nn.Module] = []  # the modules whose forward is being traced through, innermost last
         self.traced_modules: list[nn.Module] = []  # non-leaf modules whose Python forward became graph
         self.shape_decisions: list[tuple[UserFrame | None, Any]] = []  # Python decisions taken on input shapes
         self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, UserFrame | None]] = []
@@ -331,11 +391,29 @@ class ValueTracer(fx.Tracer):
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _ValueProxy(node, self)
+        return TracedValue(node, self)
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
-        with self._recording_factories():
+        with self._recording_factories(), self._recording_methods():
             return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _recording_methods(self) -> Iterator[None]:
+        """Methods in ``opaque_methods`` become :class:`MethodCall` nodes while tracing."""
+        for owner, name in self.opaque_methods:
+            owner.__dict__[name] = functools.partial(self._method_call, owner, name)
+        try:
+            yield
+        finally:
+            for owner, name in self.opaque_methods:
+                owner.__dict__.pop(name, None)
+
+    def _method_call(self, owner: nn.Module, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._evaluating:
+            return type(owner).__dict__[name](owner, *args, **kwargs)
+        target = f"topofx_method_{sum(isinstance(m, MethodCall) for m in self.root.children())}"
+        self.root.add_module(target, MethodCall(owner, name))
+        return self.create_proxy("call_module", target, (args, kwargs), {})
 
     @contextlib.contextmanager
     def _recording_factories(self) -> Iterator[None]:
@@ -385,9 +463,17 @@ class ValueTracer(fx.Tracer):
                     "on every call and no optimizer sees them", "Build it once in __init__ so it is a submodule",
                 )) from None
             return forward(*args, **kwargs)  # parameter-free: traced through as the function it computes
-        if not self.is_leaf_module(m, path):
-            self.traced_modules.append(m)
-        return super().call_module(m, forward, args, kwargs)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        self.traced_modules.append(m)
+        self._within.append(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._within.pop()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[override]
         if self._evaluating:
@@ -407,7 +493,7 @@ class ValueTracer(fx.Tracer):
             return True
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
-            return isinstance(module, nn.modules.dropout._DropoutNd) or (
+            return isinstance(module, (nn.modules.dropout._DropoutNd, MethodCall)) or (
                 isinstance(module, DistributionCall) and module.name in ("sample", "rsample"))
         from .topology import draws  # topology imports this module
         return draws(node)
@@ -495,8 +581,11 @@ class ValueTracer(fx.Tracer):
         frame = user_frame()
         if frame is not None:
             node.meta["topofx_user_frame"] = frame
-        if kind == "call_method" and target in _TO_PYTHON:  # `.item()` / `.tolist()`: Python needs the number
-            return self.concrete(proxy, lambda v: v, f"a Python number (`.{target}()`)")
+        if kind == "call_method" and target in _TO_PYTHON:  # Python needs the number(s), unless an
+            source = node.args[0]  # `.item()` of data only feeds arithmetic: then it stays a graph op
+            per_call = source.meta.get(DRAWN) and not source.meta.get(FROM_INPUT)
+            if target == "tolist" or per_call or source.meta.get(REAL) is not None:
+                return self.concrete(proxy, lambda v: v, f"a Python number (`.{target}()`)")
         return proxy
 
     def concrete(self, obj: fx.Proxy, convert: Callable[[Any], Any], what: str) -> Any:
@@ -510,11 +599,32 @@ class ValueTracer(fx.Tracer):
             return result
         source = node.args[0] if node.op == "call_method" and node.target in _TO_PYTHON else node
         real = source.meta.get(REAL) if isinstance(source, fx.Node) else None
+        if node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT):
+            unit = self._deciding_unit()
+            if unit is not None:
+                raise _DecidesPerCall(unit, user_frame())
         if real is not None:
             result = convert(_TO_PYTHON[node.target](real) if source is not node else real)
             self.value_decisions.append((node, convert, result, user_frame()))
             return result
         raise CaptureError(_where(*self._why_not_concrete(node, what)))
+
+    def _deciding_unit(self) -> nn.Module | tuple[nn.Module, str] | None:
+        """The innermost piece of user code around the current decision that can run as one node:
+        the forward of a module traced through, or another method of a module (not ``forward``)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None  # `self`
+            if not _is_library_file(frame.f_code.co_filename) and isinstance(owner, nn.Module):
+                name = frame.f_code.co_name
+                if name == "forward":
+                    return owner if any(owner is m for m in self._within) else None
+                method = type(owner).__dict__.get(name)
+                if getattr(method, "__code__", None) is frame.f_code:
+                    return (owner, name)
+            frame = frame.f_back
+        return None
 
     def _why_not_concrete(self, node: fx.Node, what: str) -> tuple[str, str]:
         if node.meta.get(FROM_INPUT):
@@ -550,6 +660,15 @@ class ValueTracer(fx.Tracer):
         if isinstance(value, dict):
             return value.keys()
         raise CaptureError(_where("`**` unpacking of a traced value"))
+
+
+class _DecidesPerCall(Exception):
+    """Raised by the tracer at a Python decision on a value drawn anew on every call (a hard Gumbel
+    sample's ``if abs(w) > 1e-10``, GDAS's ``index[e].item()``) inside ``module``'s forward."""
+
+    def __init__(self, unit: nn.Module | tuple[nn.Module, str], frame: UserFrame | None):
+        super().__init__(str(unit))
+        self.unit, self.frame = unit, frame  # a module, or (owner, method name); the decision's line
 
 
 class ValueGuard:
@@ -700,14 +819,44 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         bound = bind_call(model, example_inputs)
         values = list(bound.arguments.values())
         concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
-    tracer = ValueTracer(values)
+    opaque: set[int] = set()
+    methods: set[tuple[nn.Module, str]] = set()
+    while True:
+        try:
+            gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))
+            break
+        except _DecidesPerCall as exc:
+            # it runs as one node, with the original's Python at every call; so do the other modules
+            # of its class (the same code takes the same kind of decision)
+            if isinstance(exc.unit, tuple):
+                new, seen = {exc.unit}, methods
+            else:
+                new, seen = {id(m) for m in model.modules() if type(m) is type(exc.unit)}, opaque
+            if new <= seen:  # cannot happen: an opaque module is not traced through
+                raise CaptureError(f"a decision per call at {exc.frame} that the tracer cannot isolate") from None
+            seen |= new
+    gm.meta[DECIDED_PER_CALL] = sorted(
+        {name for name, m in model.named_modules() if id(m) in opaque and name}
+        | {f"{type(owner).__name__}.{name}" for owner, name in methods})
+    _hold_foreign_constants(gm)
+    gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
+    gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
+    gm.meta[VALUE_GUARD] = ValueGuard(gm.graph, tracer.value_decisions) if tracer.value_decisions else None
+    for node in gm.graph.nodes:
+        node.meta.pop(REAL, None)
+    return gm
+
+
+def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
+                methods: frozenset[tuple[nn.Module, str]]) -> tuple[fx.GraphModule, "ValueTracer"]:
+    tracer = ValueTracer(values, opaque, methods)
     own = _attribute_names(model)
     with _loose_tensors_as_buffers(model) as loose:
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _specialize(graph, concrete or {})
             gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
-        except CaptureError:
+        except (CaptureError, _DecidesPerCall):
             raise
         except Exception as exc:  # FX raises many kinds; name the user's line for all of them
             frame = user_frame(traceback.extract_tb(exc.__traceback__))
@@ -718,13 +867,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
                 delattr(model, name)
         for name in loose:
             _unbuffer(gm, name)
-    _hold_foreign_constants(gm)
-    gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
-    gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
-    gm.meta[VALUE_GUARD] = ValueGuard(gm.graph, tracer.value_decisions) if tracer.value_decisions else None
-    for node in gm.graph.nodes:
-        node.meta.pop(REAL, None)
-    return gm
+    return gm, tracer
 
 
 def _hold_foreign_constants(gm: fx.GraphModule) -> None:
