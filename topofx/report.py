@@ -20,6 +20,8 @@ class Report:
     cells: int = 0
     fallback: str | None = None
     adapter: str | None = None  # the adapter that lifted the sampling out of forward (GDAS)
+    decided_per_call: tuple[str, ...] = ()  # modules/methods run as one node: they decide on per-call draws
+    value_decisions: int = 0  # Python decisions on architecture values, re-checked before every call
 
     @property
     def rewrites(self) -> list[Rewrite]:
@@ -43,6 +45,13 @@ class Report:
             lines.append(f"  fallback: not captured as one graph ({self.fallback}); running the original eagerly")
             return "\n".join(lines)
         lines.append(f"  found {self.edges} mixed edges in {self.cells} cells")
+        if self.decided_per_call:
+            names = ", ".join(self.decided_per_call[:6]) + (", ..." if len(self.decided_per_call) > 6 else "")
+            lines.append(f"  run per call: {len(self.decided_per_call)} modules/methods decide on values drawn every call "
+                         f"and run as one node each, as written ({names})")
+        if self.value_decisions:
+            lines.append(f"  guarded: {self.value_decisions} Python decisions on architecture values, checked before "
+                         "every call (a change captures the model anew)")
         if self.adapter:
             lines.append(f"  adapter: {self.adapter} (sampling runs eagerly before the graph; edges relaxed to weighted sums)")
         header = f"  {'pass':<22}{'exact':<7}{'rewrites':>9}  {'actions':<28}{'nodes':>8}{'conv':>7}{'bn':>7}"

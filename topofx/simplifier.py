@@ -310,8 +310,11 @@ def simplify(
             root.release(gm)
         report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
         return SimplifiedModule(model, None, report, example_inputs)
+    guard = gm.meta.get(_capture.VALUE_GUARD)
     report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()),
-                    adapter=adapter.description if adapter else None)
+                    adapter=adapter.description if adapter else None,
+                    decided_per_call=tuple(gm.meta.get(_capture.DECIDED_PER_CALL, ())),
+                    value_decisions=len(guard.checks) if guard else 0)
     _warn_rejected(name, runs)
     simplified = SimplifiedModule(model, gm, report, example_inputs)
     if adapter:
