@@ -36,7 +36,8 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+import weakref
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -226,7 +227,7 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "call_function":
-            return target(*args, **kwargs)
+            return _on_meta_device(target, args, kwargs)
         if kind == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         if kind == "call_module":
@@ -237,6 +238,23 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
                 obj = getattr(obj, part)
             return _to_meta(obj)
     return UNKNOWN
+
+
+_LEGACY_TYPE = type(torch.FloatTensor)  # read at import: tracing replaces torch.FloatTensor by a recorder
+_FACTORIES = {getattr(torch, n) for n in ("rand", "randn", "randint", "randperm", "empty", "zeros", "ones", "full",
+                                          "arange", "linspace", "logspace", "eye", "normal")}
+
+
+def _on_meta_device(target: Any, args: Any, kwargs: Any) -> Any:
+    """Call a function on meta tensors; a factory given only Python numbers (``torch.rand(n, 1)``,
+    ``torch.FloatTensor(n, c, h, w)``) makes a meta tensor too: no memory, no random draw."""
+    if isinstance(target, _LEGACY_TYPE):  # legacy constructor: sizes only (otherwise its own error)
+        sizes = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+        if not kwargs and all(isinstance(n, int) for n in sizes):
+            return torch.empty(tuple(sizes), dtype=target.dtype, device="meta")
+    if target in _FACTORIES and "device" not in kwargs and not any(isinstance(a, torch.Tensor) for a in _flat(args)):
+        return target(*args, **kwargs, device="meta")
+    return target(*args, **kwargs)
 
 
 class TracedValue(fx.Proxy):
@@ -268,13 +286,10 @@ class TracedValue(fx.Proxy):
         array = self.tracer.concrete(self, lambda v: v.numpy() if isinstance(v, torch.Tensor) else v, "a numpy array")  # type: ignore[attr-defined]
         return array if dtype is None else array.astype(dtype)
 
-    @property
-    def __array_interface__(self) -> Any:  # numpy probes these before __array__
-        raise AttributeError("__array_interface__")
-
-    @property
-    def __array_struct__(self) -> Any:
-        raise AttributeError("__array_struct__")
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__array"):  # numpy probes __array_struct__/__array_interface__ before __array__
+            raise AttributeError(name)
+        return super().__getattr__(name)
 
 
 def _where(what: str, fix: str = "") -> str:
@@ -283,9 +298,9 @@ def _where(what: str, fix: str = "") -> str:
     return f"{what} {at}" + (f". {fix}" if fix else "")
 
 
-_DATA_METHODS = {"item", "tolist", "__bool__", "nonzero"}
-_TO_PYTHON = {"item": lambda v: v.item(), "tolist": lambda v: v.tolist()}
-_LEGACY_CONSTRUCTORS = [n for n in dir(torch) if n.endswith("Tensor") and n != "Tensor" and isinstance(getattr(torch, n), type(torch.FloatTensor))]
+_DATA_METHODS = {"item", "tolist", "numpy", "__bool__", "nonzero"}
+_TO_PYTHON = {"item": lambda v: v.item(), "tolist": lambda v: v.tolist(), "numpy": lambda v: v.numpy()}
+_LEGACY_CONSTRUCTORS = [n for n in dir(torch) if n.endswith("Tensor") and n != "Tensor" and isinstance(getattr(torch, n), _LEGACY_TYPE)]
 _ALWAYS_RECORDED = ["rand", "randn", "randint", "randperm", "empty"]  # fresh random or uninitialized tensors
 
 
@@ -386,7 +401,7 @@ class ValueTracer(fx.Tracer):
         self._within: list[nn.Module] = []  # the modules whose forward is being traced through, innermost last
         self.traced_modules: list[nn.Module] = []  # non-leaf modules whose Python forward became graph
         self.shape_decisions: list[tuple[UserFrame | None, Any]] = []  # Python decisions taken on input shapes
-        self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, UserFrame | None]] = []
+        self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
@@ -424,8 +439,9 @@ class ValueTracer(fx.Tracer):
         patched: list[tuple[Any, str, Any]] = []
 
         def record(fn: Any) -> Any:
-            def recorded(*args: Any, **kwargs: Any) -> Any:
-                if self._evaluating:
+            def recorded(*args: Any, **kwargs: Any) -> Any:  # a call from torch's own code (a module's
+                caller = sys._getframe(1).f_code.co_filename  # __init__ allocating its weight) runs as is
+                if self._evaluating or os.path.abspath(caller).startswith(_TORCH_DIR):
                     return fn(*args, **kwargs)
                 return self.create_proxy("call_function", fn, args, kwargs)
             return recorded
@@ -584,7 +600,7 @@ class ValueTracer(fx.Tracer):
         if kind == "call_method" and target in _TO_PYTHON:  # Python needs the number(s), unless an
             source = node.args[0]  # `.item()` of data only feeds arithmetic: then it stays a graph op
             per_call = source.meta.get(DRAWN) and not source.meta.get(FROM_INPUT)
-            if target == "tolist" or per_call or source.meta.get(REAL) is not None:
+            if target != "item" or per_call or source.meta.get(REAL) is not None:
                 return self.concrete(proxy, lambda v: v, f"a Python number (`.{target}()`)")
         return proxy
 
@@ -605,11 +621,11 @@ class ValueTracer(fx.Tracer):
                 raise _DecidesPerCall(unit, user_frame())
         if real is not None:
             result = convert(_TO_PYTHON[node.target](real) if source is not node else real)
-            self.value_decisions.append((node, convert, result, user_frame()))
+            self.value_decisions.append((node, convert, result, Decision(user_frame(), self._deciding_unit())))
             return result
         raise CaptureError(_where(*self._why_not_concrete(node, what)))
 
-    def _deciding_unit(self) -> nn.Module | tuple[nn.Module, str] | None:
+    def _deciding_unit(self) -> Unit | None:
         """The innermost piece of user code around the current decision that can run as one node:
         the forward of a module traced through, or another method of a module (not ``forward``)."""
         frame = sys._getframe(1)
@@ -662,11 +678,53 @@ class ValueTracer(fx.Tracer):
         raise CaptureError(_where("`**` unpacking of a traced value"))
 
 
+Unit = Union[nn.Module, tuple[nn.Module, str]]  # a module's forward, or (owner, method name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Where forward took a Python decision on architecture values: the line, and the innermost
+    module forward or method around it (``None`` in the model's own forward)."""
+
+    frame: UserFrame | None
+    unit: Unit | None = dataclasses.field(compare=False)
+
+
+PER_CALL: "weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]]" = weakref.WeakKeyDictionary()
+"""Per model: units found to decide per call (on draws, or on architecture values that change every
+few calls), by path (``unit_key``); later captures of the model run them as one node each from the start."""
+
+
+def unit_key(model: nn.Module, unit: Unit) -> tuple[str, ...] | None:
+    """``(module path,)`` or ``(owner path, method name)`` of a unit of ``model``."""
+    owner, method = unit if isinstance(unit, tuple) else (unit, None)
+    path = next((name for name, m in model.named_modules() if m is owner), None)
+    return None if path is None else (path,) if method is None else (path, method)
+
+
+def unit_name(model: nn.Module, key: tuple[str, ...]) -> str:
+    """``cells.0._ops.3`` for a module, ``Network._resource_penalty`` / ``cells.0.sample`` for a method."""
+    return ".".join([key[0] or type(model).__name__, *key[1:]]) if len(key) == 2 else key[0]
+
+
+def _per_call_units(model: nn.Module, keys: set[tuple[str, ...]]) -> tuple[set[int], set[tuple[nn.Module, str]]]:
+    """Ids of the modules and the methods that run as one node: a learned module's forward, and every
+    module of its class (same code, same kind of decision)."""
+    modules, methods = set(), set()
+    for key in keys:
+        owner = model.get_submodule(key[0])
+        if len(key) == 2:
+            methods.add((owner, key[1]))
+        else:
+            modules |= {id(m) for m in model.modules() if type(m) is type(owner)}
+    return modules, methods
+
+
 class _DecidesPerCall(Exception):
     """Raised by the tracer at a Python decision on a value drawn anew on every call (a hard Gumbel
     sample's ``if abs(w) > 1e-10``, GDAS's ``index[e].item()``) inside ``module``'s forward."""
 
-    def __init__(self, unit: nn.Module | tuple[nn.Module, str], frame: UserFrame | None):
+    def __init__(self, unit: Unit, frame: UserFrame | None):
         super().__init__(str(unit))
         self.unit, self.frame = unit, frame  # a module, or (owner, method name); the decision's line
 
@@ -677,7 +735,7 @@ class ValueGuard:
     out of the traced graph, and the values seen at capture.  :meth:`changed` evaluates them on the
     model's current attributes (no inputs, no gradients) and names the decisions that differ."""
 
-    def __init__(self, graph: fx.Graph, decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, UserFrame | None]]):
+    def __init__(self, graph: fx.Graph, decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]]):
         needed: set[fx.Node] = set()
         stack = [node for node, *_ in decisions]
         while stack:
@@ -691,13 +749,13 @@ class ValueGuard:
             if node in needed:
                 env[node] = self.graph.node_copy(node, lambda a: env[a])
         self.graph.output(tuple(env[node] for node, *_ in decisions))
-        self.checks = [(convert, expected, frame) for _, convert, expected, frame in decisions]
+        self.checks = [(convert, expected, decision) for _, convert, expected, decision in decisions]
 
-    def changed(self, root: nn.Module) -> list[UserFrame | None]:
-        """Frames of the decisions whose value differs now."""
+    def changed(self, root: nn.Module) -> list[Decision]:
+        """The decisions whose value differs now."""
         with torch.no_grad():
             values = self._evaluate(root)
-        return [frame for value, (convert, expected, frame) in zip(values, self.checks)
+        return [decision for value, (convert, expected, decision) in zip(values, self.checks)
                 if not _same(convert(value), expected)]
 
     def _evaluate(self, root: nn.Module) -> tuple:
@@ -819,25 +877,20 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         bound = bind_call(model, example_inputs)
         values = list(bound.arguments.values())
         concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
-    opaque: set[int] = set()
-    methods: set[tuple[nn.Module, str]] = set()
+    learned = PER_CALL.setdefault(model, set())
     while True:
+        opaque, methods = _per_call_units(model, learned)
         try:
             gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))
             break
         except _DecidesPerCall as exc:
-            # it runs as one node, with the original's Python at every call; so do the other modules
-            # of its class (the same code takes the same kind of decision)
-            if isinstance(exc.unit, tuple):
-                new, seen = {exc.unit}, methods
-            else:
-                new, seen = {id(m) for m in model.modules() if type(m) is type(exc.unit)}, opaque
-            if new <= seen:  # cannot happen: an opaque module is not traced through
+            key = unit_key(model, exc.unit)
+            if key is None or key in learned:  # a unit that runs as one node is not traced through
                 raise CaptureError(f"a decision per call at {exc.frame} that the tracer cannot isolate") from None
-            seen |= new
+            learned.add(key)
     gm.meta[DECIDED_PER_CALL] = sorted(
         {name for name, m in model.named_modules() if id(m) in opaque and name}
-        | {f"{type(owner).__name__}.{name}" for owner, name in methods})
+        | {unit_name(model, key) for key in learned if len(key) == 2})
     _hold_foreign_constants(gm)
     gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
     gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
@@ -902,7 +955,7 @@ def fingerprint(gm: fx.GraphModule) -> tuple:
     may leave the code unchanged, e.g. inside a constant)."""
     guard = gm.meta.get(VALUE_GUARD)
     return (gm.code, tuple(repr(v) for _, v in gm.meta.get(SHAPE_DECISIONS, ())),
-            tuple(repr(e) for _, e, _ in (guard.checks if guard else ())))
+            tuple(repr(expected) for _, expected, _ in (guard.checks if guard else ())))
 
 
 def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:

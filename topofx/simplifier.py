@@ -144,7 +144,7 @@ class SimplifiedModule(nn.Module):
     def recapture(self) -> None:
         """Simplify the original again (after a change the captured graph baked in, e.g. a Gumbel
         temperature read as a Python number); floated-BN running statistics carry over."""
-        self._warn_if_recapturing_often()
+        self._before_recapture()
         start = time.perf_counter()
         floated = self.floated_buffers()
         like = next(self.original.parameters(), None)  # the model may have moved since (.to(), .double())
@@ -161,20 +161,35 @@ class SimplifiedModule(nn.Module):
             self.__dict__[key] = fresh.__dict__.get(key)
         self.graph_module.train(self.training)
 
-    def _warn_if_recapturing_often(self) -> None:
-        """A decision on architecture values that changes every few calls costs a capture each time."""
+    def _before_recapture(self) -> None:
+        """A decision on architecture values that changes again within a few calls would cost a capture
+        every few steps: the module forward or method that takes it runs per call from now on, as one
+        node with the original's Python (``capture.PER_CALL``); a decision in the model's own forward
+        keeps being captured anew, with one warning."""
         changed = self.guards.changed
         since = self.__dict__.get("calls_since_recapture")  # None before the first re-capture
         if not changed or since is None or since >= RECAPTURE_WARN_CALLS:
             return
-        if not self.__dict__.get("recapture_warned"):
+        root = self.guards.root
+        at = "; ".join(dict.fromkeys(str(d.frame) for d in changed))
+        units = {key for d in changed if d.unit is not None and (key := _capture.unit_key(root, d.unit))}
+        if units:
+            _capture.PER_CALL.setdefault(root, set()).update(units)
+            names = ", ".join(_capture.unit_name(root, key) for key in sorted(units))
+            warnings.warn(
+                f"topofx: {type(self.original).__name__} decides in Python on architecture values that changed again "
+                f"after {since} calls ({at}); {names} now run per call as one node each, as written, instead of "
+                "being captured anew at every change",
+                stacklevel=4,
+            )
+        elif not self.__dict__.get("recapture_warned"):
             self.__dict__["recapture_warned"] = True
-            at = "; ".join(dict.fromkeys(str(f) for f in changed))
             warnings.warn(
                 f"topofx: {type(self.original).__name__}.forward decides in Python on architecture values that "
                 f"changed again after {since} calls ({at}); every change captures the model anew "
-                f"(last time {self.__dict__.get('recapture_s', 0.0):.1f} s). Compute the decision with tensor operations "
-                "if it changes every step (results stay correct either way).",
+                f"(last time {self.__dict__.get('recapture_s', 0.0):.1f} s). Compute the decision with tensor operations, "
+                "or in a method or submodule (which then runs per call), if it changes every step "
+                "(results stay correct either way).",
                 stacklevel=4,
             )
 

@@ -16,7 +16,23 @@ Names:
 * ``darts-orig``: original-DARTS style network, arch weights as plain tensors (:mod:`.darts_style`);
 * ``pcdarts``: partial channels + edge normalization (:mod:`.pcdarts_style`);
 * ``snas``: Gumbel-softmax relaxed samples drawn in forward (:mod:`.snas_style`);
-* ``gdas-style``: hard straight-through samples, selected op only (:mod:`.gdas_style`).
+* ``gdas-style``: hard straight-through samples, selected op only (:mod:`.gdas_style`);
+* ``pdarts``: P-DARTS stage 1, per-edge candidates from ``switches``, ``Dropout`` after skip
+  connections, a legacy-constructor ``Zero`` (:mod:`.pdarts_style`);
+* ``snas-full``: SNAS as its authors' code writes it: hand-written Gumbel noise, an ``nn.Softmax``
+  built in ``forward``, a NumPy resource penalty; returns ``(logits, penalty)``
+  (:mod:`.snas_full_style`);
+* ``drnas-nb201`` / ``drnas-darts``: Dirichlet-sampled weights (``rsample``) on NAS-Bench-201 and on
+  the DARTS space, ``if not w == 0`` joins (:mod:`.drnas_style`);
+* ``darts-pt``: DARTS-PT's projection state (``candidate_flags``, ``proj_weights``) and its
+  ``if w != 0`` join (:mod:`.dartspt_style`);
+* ``hard-gumbel``: ``F.gumbel_softmax(hard=True)`` redrawn every call, ``abs(w) > 1e-10`` joins
+  (:mod:`.hardgumbel_style`);
+* ``path-arg``: NASP-style ``forward(x, updateType='alpha')`` choosing softmax or one-hot weights
+  (:mod:`.patharg_style`).
+
+The defaults of the models from ``pdarts`` on are their papers' search sizes (``topofx bench`` runs
+the defaults); tests pass small overrides.
 
 The xautodl models need the optional ``xautodl`` package; it is imported lazily.
 """
@@ -95,6 +111,48 @@ def _gdas_style(**kw: Any) -> nn.Module:
     return TinyGDAS(**kw)
 
 
+def _pdarts(**kw: Any) -> nn.Module:
+    from .pdarts_style import Network
+
+    return Network(**kw)
+
+
+def _snas_full(**kw: Any) -> nn.Module:
+    from .snas_full_style import Network
+
+    return Network(**kw)
+
+
+def _drnas_nb201(**kw: Any) -> nn.Module:
+    from .drnas_style import TinyNetworkDrNAS
+
+    return TinyNetworkDrNAS(**kw)
+
+
+def _drnas_darts(**kw: Any) -> nn.Module:
+    from .drnas_style import NetworkDrNAS
+
+    return NetworkDrNAS(**kw)
+
+
+def _darts_pt(**kw: Any) -> nn.Module:
+    from .dartspt_style import DartsNetworkProj
+
+    return DartsNetworkProj(**kw)
+
+
+def _hard_gumbel(**kw: Any) -> nn.Module:
+    from .hardgumbel_style import Network
+
+    return Network(**kw)
+
+
+def _path_arg(**kw: Any) -> nn.Module:
+    from .patharg_style import TinyNetworkPathArg
+
+    return TinyNetworkPathArg(**kw)
+
+
 _NB201_DEFAULTS = dict(C=16, N=5, max_nodes=4, num_classes=10, affine=False,
                        track_running_stats=True)
 _NASNET_DEFAULTS = dict(C=8, N=2, steps=4, multiplier=4, stem_multiplier=3, num_classes=10,
@@ -138,6 +196,43 @@ _REGISTRY: Dict[str, ZooEntry] = {
                  ".item() (C=8, N=2); returns logits",
                  _gdas_style, dict(C=8, N=2, max_nodes=4, num_classes=10, affine=False,
                                    track_running_stats=True)),
+        ZooEntry("pdarts",
+                 "P-DARTS stage 1: switches, Dropout(p) after skip_connect, legacy-constructor "
+                 "Zero, plain-tensor alphas (C=16, 5 cells, p=0.1); returns logits",
+                 _pdarts, dict(C=16, num_classes=10, layers=5, steps=4, multiplier=4,
+                               stem_multiplier=3, switches_normal=None, switches_reduce=None,
+                               p=0.1)),
+        ZooEntry("snas-full",
+                 "SNAS (authors' code): uniform_ Gumbel noise, nn.Softmax built in forward, "
+                 "NumPy resource penalty (C=16, 8 cells); returns (logits, penalty)",
+                 _snas_full, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
+                                  stem_multiplier=3, temp=1.0, drop_path_prob=0.0,
+                                  use_ckpt=False, resource_lambda=1e-2)),
+        ZooEntry("drnas-nb201",
+                 "DrNAS on NAS-Bench-201: Dirichlet(elu(alpha)+1).rsample() per edge, "
+                 "'if not w == 0' join (C=16, N=5); returns logits",
+                 _drnas_nb201, dict(C=16, N=5, max_nodes=4, num_classes=10, affine=False,
+                                    track_running_stats=True, k=1)),
+        ZooEntry("drnas-darts",
+                 "DrNAS on the DARTS space: Dirichlet-sampled plain-tensor alphas, "
+                 "'if not w == 0' join (C=16, 8 cells, 4 steps); returns logits",
+                 _drnas_darts, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
+                                    stem_multiplier=3, k=1)),
+        ZooEntry("darts-pt",
+                 "DARTS-PT: projection state (candidate_flags, proj_weights), 'if w != 0' join, "
+                 "optional weights_dict argument (C=16, 8 cells); returns logits",
+                 _darts_pt, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
+                                 stem_multiplier=3)),
+        ZooEntry("hard-gumbel",
+                 "hard Gumbel-softmax samples every call, 'abs(w) > 1e-10' join runs the "
+                 "selected op only (C=16, 8 cells, DARTS space); returns logits",
+                 _hard_gumbel, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
+                                    stem_multiplier=3, tau=10.0, loop_join=False)),
+        ZooEntry("path-arg",
+                 "NASP-style forward(x, updateType='alpha'): softmax or straight-through one-hot "
+                 "weights by argument (NAS-Bench-201, C=16, N=5); returns logits",
+                 _path_arg, dict(C=16, N=5, max_nodes=4, num_classes=10, affine=False,
+                                 track_running_stats=True)),
     ]
 }
 
