@@ -402,6 +402,7 @@ class ValueTracer(fx.Tracer):
         self.traced_modules: list[nn.Module] = []  # non-leaf modules whose Python forward became graph
         self.shape_decisions: list[tuple[UserFrame | None, Any]] = []  # Python decisions taken on input shapes
         self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []
+        self.speculated: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []  # decisions on draws
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
@@ -517,7 +518,7 @@ class ValueTracer(fx.Tracer):
     def _real(self, node: fx.Node, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         """The real value of a node computed from small attributes only (``None`` when there is none).
         In-place operations run on these copies, so a later read sees the write, as in eager."""
-        if node.meta[FROM_INPUT] or node.meta[DRAWN]:
+        if node.meta[FROM_INPUT]:  # (random draws run for real: the trace forks the RNG, see trace)
             return None
         self._evaluating = True  # attribute reads and calls below must not record nodes
         try:
@@ -615,14 +616,13 @@ class ValueTracer(fx.Tracer):
             return result
         source = node.args[0] if node.op == "call_method" and node.target in _TO_PYTHON else node
         real = source.meta.get(REAL) if isinstance(source, fx.Node) else None
-        if node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT):
-            unit = self._deciding_unit()
-            if unit is not None:
-                raise _DecidesPerCall(unit, user_frame())
-        if real is not None:
+        if real is not None:  # architecture values (guarded) or a draw made in forward (speculated)
             result = convert(_TO_PYTHON[node.target](real) if source is not node else real)
-            self.value_decisions.append((node, convert, result, Decision(user_frame(), self._deciding_unit())))
+            decisions = self.speculated if node.meta.get(DRAWN) else self.value_decisions
+            decisions.append((node, convert, result, Decision(user_frame(), self._deciding_unit())))
             return result
+        if node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT) and (unit := self._deciding_unit()) is not None:
+            raise _DecidesPerCall(unit, user_frame())
         raise CaptureError(_where(*self._why_not_concrete(node, what)))
 
     def _deciding_unit(self) -> Unit | None:
@@ -881,12 +881,26 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     while True:
         opaque, methods = _per_call_units(model, learned)
         try:
-            gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))
-            break
+            with _forked_rng(model):  # draws made while tracing (to speculate) leave the caller's RNG alone
+                gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))
+                volatile = _volatile(gm, tracer.speculated)
+            if not volatile:
+                _insert_speculation_checks(gm, tracer.speculated)
+                if not hoist_speculation(gm):  # a check could not run before every state change
+                    volatile = [decision for *_, decision in tracer.speculated]
         except _DecidesPerCall as exc:
-            key = unit_key(model, exc.unit)
-            if key is None or key in learned:  # a unit that runs as one node is not traced through
-                raise CaptureError(f"a decision per call at {exc.frame} that the tracer cannot isolate") from None
+            volatile = [Decision(exc.frame, exc.unit)]
+        if not volatile:
+            break
+        before = set(learned)
+        for decision in volatile:  # decides differently from draw to draw: runs per call, as written
+            key = unit_key(model, decision.unit) if decision.unit is not None else None
+            if key is None or key in before:
+                raise CaptureError(_where(
+                    f"Python decides on a value drawn anew on every call (a random draw made in forward) at "
+                    f"{decision.frame}, outside any method or submodule that could run per call",
+                    "Decide with tensor operations (multiply by the sampled weight), move the decision into a "
+                    "method or submodule, or register an adapter (topofx.adapters.register_adapter)"))
             learned.add(key)
     gm.meta[DECIDED_PER_CALL] = sorted(
         {name for name, m in model.named_modules() if id(m) in opaque and name}
@@ -921,6 +935,94 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         for name in loose:
             _unbuffer(gm, name)
     return gm, tracer
+
+
+SPECULATION = "topofx_speculation"  # GraphModule.meta key: the Decision of each speculation check, by index
+RESAMPLES = 4  # fresh draws a speculated decision must survive at capture
+
+
+class SpeculationFailed(RuntimeError):
+    """A decision forward took on a random draw came out differently on this call than at capture."""
+
+    def __init__(self, index: int):
+        super().__init__(f"speculated decision {index} does not hold for this call's draw")
+        self.index = index
+
+
+def speculation_check(value: Any, expected: Any, index: int) -> None:
+    """Graph node: raise :class:`SpeculationFailed` when this call's draw decides otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            return
+        value = value.tolist() if isinstance(expected, (list, tuple)) else type(expected)(value)
+    if not _same(value, expected):
+        raise SpeculationFailed(index)
+
+
+fx.node._side_effectful_functions.add(speculation_check)
+
+
+@contextlib.contextmanager
+def _forked_rng(model: nn.Module) -> Iterator[None]:
+    devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _volatile(gm: fx.GraphModule, speculated: list) -> list[Decision]:
+    """Speculated decisions that come out differently on fresh draws (a hard sample's ``abs(w) > 0``),
+    as opposed to ones that hold on every draw (a Dirichlet weight is never exactly 0)."""
+    if not speculated:
+        return []
+    guard = ValueGuard(gm.graph, speculated)
+    changed: dict[int, Decision] = {}
+    for _ in range(RESAMPLES):
+        for decision in guard.changed(gm):
+            changed.setdefault(id(decision), decision)
+    return list(changed.values())
+
+
+def _insert_speculation_checks(gm: fx.GraphModule, speculated: list) -> None:
+    """After each decision on a draw, a node that checks, per call, that it comes out as at capture."""
+    for index, (node, _, expected, _) in enumerate(speculated):
+        with gm.graph.inserting_after(node):
+            check = gm.graph.call_function(speculation_check, (node, expected, index))
+        check.meta[VALUE], check.meta[STATIC] = None, False
+    gm.meta[SPECULATION] = [decision for *_, decision in speculated]
+    if speculated:
+        gm.recompile()
+
+
+def hoist_speculation(gm: fx.GraphModule) -> bool:
+    """Move the speculation checks and everything they depend on (the sampling: architecture values and
+    draws, never the inputs) to the front of the graph, so that a failed check leaves no trace but the
+    RNG's (restored by the caller).  ``False``, graph untouched, when that would reorder random draws or
+    an in-place update (``rewrite.Effects``)."""
+    from .rewrite import Effects  # rewrite imports this module
+
+    checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is speculation_check]
+    if not checks:
+        return True
+    front: set[fx.Node] = set()
+    stack = list(checks)
+    while stack:
+        node = stack.pop()
+        if node not in front:
+            front.add(node)
+            stack.extend(node.all_input_nodes)
+    nodes = list(gm.graph.nodes)
+    output = nodes[-1]
+    order = ([n for n in nodes if n.op == "placeholder"] + [n for n in nodes if n in front and n.op != "placeholder"]
+             + [n for n in nodes[:-1] if n not in front and n.op != "placeholder"] + [output])
+    position = {n: i for i, n in enumerate(order)}
+    if any(position[a] > position[b] for a, b in Effects.of(gm).order_edges(set(nodes), gm)):
+        return False
+    prev = gm.graph._root
+    for node in order:
+        prev.append(node)
+        prev = node
+    gm.recompile()
+    return True
 
 
 def _hold_foreign_constants(gm: fx.GraphModule) -> None:
@@ -983,7 +1085,12 @@ def capture(
     try:
         gm = trace(model, example_inputs)
         if verify:
-            verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
+            try:
+                verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
+            except SpeculationFailed as failed:
+                decision = gm.meta[SPECULATION][failed.index]
+                raise CaptureError(f"a decision on a random draw at {decision.frame} held on fresh draws at capture "
+                                   "but not on the verification's draw") from None
         return Capture(gm)
     except CaptureError as exc:
         if strict:

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import graph_attr_tensors, max_rel_error, preserved_state, run_seeded
+from .capture import speculation_check
 from .modules import MergedConvBN
 from .testing import train_step_equivalence
 from .topology import Topology, ValueNumbering, data_dependent, value_of, weight_provenance
@@ -72,9 +73,13 @@ def at_vertex(gm: fx.GraphModule, choice: dict[Any, float], number: ValueNumberi
               live: Sequence[str] = ()) -> fx.GraphModule:
     """A copy of ``gm`` (sharing its modules) whose weight nodes (by value number) in ``choice`` read
     ``w * 0 + c``.
+    Speculation checks (``capture.SpeculationFailed``) are left out: the vertex is not a draw.
     ``live`` tensor attributes (an adapter's samples) are detached in the copy: the vertex fixes the
     weights they carry, and each run of the check must not backpropagate into one shared sample."""
     graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):  # the vertex is no draw: decisions speculated on draws are not checked
+        if node.op == "call_function" and node.target is speculation_check:
+            graph.erase_node(node)
     data = data_dependent(graph)
     for node in list(graph.nodes):
         key = number(node) if node not in data else None  # weights never depend on the inputs

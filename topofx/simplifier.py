@@ -72,22 +72,51 @@ class SimplifiedModule(nn.Module):
         if self.__dict__.get("graph_training") not in (None, self.training):
             return self.original(*args, **kwargs)  # forward branches on self.training: other mode runs eagerly
         verdict = self.guards.verdict(args)
-        if verdict == "recapture":
+        if verdict == "recapture" or self.__dict__.pop("stale", False):
             self.recapture()
             return self(*args, **kwargs)
-        if "calls_since_recapture" in self.__dict__:
-            self.__dict__["calls_since_recapture"] += 1
+        self.__dict__["calls"] = self.__dict__.get("calls", 0) + 1
         if verdict == "eager":  # this input shape takes another Python path than the example's
             return self.original(*args, **kwargs)
         relaxed = self.__dict__.get("relaxed")
         if relaxed is None:
-            return self.graph_module(*args, **kwargs)
+            return self._run_speculating(args, kwargs)
         relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
         try:
             with self.freeze(self.graph_module):  # unselected candidates sit still, as in GDAS
                 return self.graph_module(*args, **kwargs)
         finally:
             relaxed.release(self.graph_module)
+
+    def _run_speculating(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Run the graph; when a decision forward takes on a random draw comes out otherwise than at
+        capture (its check runs before any state changes: ``capture.hoist_speculation``), restore the
+        RNG, run the original's eager forward for this call, and capture again before the next one --
+        with the deciding module or method run per call if the decision changed soon after capture."""
+        speculated = self.graph_module.meta.get(_capture.SPECULATION)
+        if not speculated:
+            return self.graph_module(*args, **kwargs)
+        devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
+        with torch.random.fork_rng(devices=devices):  # keeps the state from before the call ...
+            try:
+                result, state = self.graph_module(*args, **kwargs), _rng_states(devices)
+            except _capture.SpeculationFailed as failed:
+                result, state = failed, None
+        if state is not None:  # ... which is what a failed speculation leaves; a success moves on
+            _set_rng_states(devices, state)
+            return result
+        decision, root = speculated[result.index], self.guards.root
+        key = _capture.unit_key(root, decision.unit) if decision.unit is not None else None
+        if key is not None and self.__dict__.get("calls", 0) < RECAPTURE_WARN_CALLS:
+            _capture.PER_CALL.setdefault(root, set()).add(key)
+            warnings.warn(
+                f"topofx: {type(self.original).__name__} decides on random draws at {decision.frame}, which came out "
+                f"otherwise on call {self.__dict__.get('calls', 0)} than at capture; {_capture.unit_name(root, key)} "
+                "now runs per call as one node, as written",
+                stacklevel=4,
+            )
+        self.__dict__["stale"] = True
+        return self.original(*args, **kwargs)
 
     def serving(self, args: tuple, kwargs: dict[str, Any]) -> nn.Module:
         """The module that serves a call: this graph when the call's non-tensor arguments (``updateType``,
@@ -156,7 +185,7 @@ class SimplifiedModule(nn.Module):
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(examples[0].device.type, enabled=False):
             fresh = simplify(self.original, examples, **self.__dict__["options"])
         fresh._load_floated(floated)
-        self.__dict__.update(calls_since_recapture=0, recapture_s=time.perf_counter() - start)
+        self.__dict__.update(calls=0, recaptured=True, recapture_s=time.perf_counter() - start)
         for key in ("graph_module", "report", "relaxed", "freeze", "guards", "graph_training"):
             self.__dict__[key] = fresh.__dict__.get(key)
         self.graph_module.train(self.training)
@@ -167,8 +196,8 @@ class SimplifiedModule(nn.Module):
         node with the original's Python (``capture.PER_CALL``); a decision in the model's own forward
         keeps being captured anew, with one warning."""
         changed = self.guards.changed
-        since = self.__dict__.get("calls_since_recapture")  # None before the first re-capture
-        if not changed or since is None or since >= RECAPTURE_WARN_CALLS:
+        since = self.__dict__.get("calls", 0)
+        if not changed or not self.__dict__.get("recaptured") or since >= RECAPTURE_WARN_CALLS:
             return
         root = self.guards.root
         at = "; ".join(dict.fromkeys(str(d.frame) for d in changed))
@@ -256,6 +285,16 @@ class SimplifiedModule(nn.Module):
         return f"SimplifiedModule({type(self.original).__name__}, mode={self.report.mode})"
 
 
+def _rng_states(devices: list[int]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_states(devices: list[int], state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    for device, cuda_state in zip(devices, state[1]):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
 def _passes_for(mode: str, layout: str) -> tuple[tuple, tuple]:
     """The rewrites (run to a fixpoint) and the lowering passes (run after them) for a mode and layout."""
     from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, channels_last
@@ -318,7 +357,9 @@ def simplify(
     before = node_counts(gm)
     runs = _rewrite(gm, root, passes, lowering, example_inputs)
     check_inputs = _check_inputs(runs, example_inputs)
-    problem = self_check(gm, check_inputs) if self_check else None
+    problem = None if _capture.hoist_speculation(gm) else (
+        "the rewritten graph cannot check its decisions on random draws before it changes any state")
+    problem = problem or (self_check(gm, check_inputs) if self_check else None)
     if problem:
         _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict)
         if adapter:
