@@ -621,7 +621,9 @@ def test_projections_far_apart_do_not_warn():
     assert not [m for m in topofx_warnings(caught) if "changed again" in m], topofx_warnings(caught)
 
 
-def test_decision_flipping_on_consecutive_calls_warns():
+def test_decision_flipping_on_consecutive_calls_runs_it_per_call():
+    """The second change within a few calls moves the deciding mixed op to run per call (one node, as
+    written), with a warning naming the decision; results stay the original's throughout."""
     model = build(ProjectedNetwork)
     twin, simplified = simplify_strict(model, inputs(2), "exact")
     x = inputs(2)
@@ -636,10 +638,13 @@ def test_decision_flipping_on_consecutive_calls_warns():
         assert report.ok, str(report)
         codes.append(simplified.graph_module.code)
         flipped.append([m for m in topofx_warnings(caught) if "changed again" in m])
-    assert len(set(codes)) == len(codes), "a projection did not re-capture"
+    assert codes[1] != codes[0], "the first projection did not re-capture"
     assert not flipped[0], flipped[0]  # the first change after capture: no warning
     assert flipped[1], "no warning when the decision changed again on the next call"
     assert THIS_FILE in flipped[1][0] and "w != 0" in flipped[1][0], flipped[1][0]  # names the decision
+    assert "runs per call" in flipped[1][0] or "run per call" in flipped[1][0], flipped[1][0]
+    assert simplified.report.decided_per_call, "the deciding mixed ops do not run per call"
+    assert not flipped[2], flipped[2]  # per call now: the third projection needs no capture
 
 
 # ---------------------------------------------------------------------------------------------

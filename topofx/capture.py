@@ -37,6 +37,7 @@ import sys
 import traceback
 import warnings
 import weakref
+from collections import defaultdict
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
@@ -200,8 +201,8 @@ def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
     stock = type(module).__module__.startswith("torch.nn.modules") and not (
         module._forward_hooks or module._forward_pre_hooks
     )
-    if not stock:
-        with _first_path_on_meta():
+    if not stock:  # a user's forward may draw with no device (torch.rand(())): real draws, on a forked RNG
+        with _first_path_on_meta(), torch.random.fork_rng(devices=[]):
             return meta_copy(module)(*args, **kwargs)
     key = (
         type(module), module.extra_repr(), module.training,
@@ -276,6 +277,9 @@ class TracedValue(fx.Proxy):
     def __index__(self) -> int:
         return self.tracer.concrete(self, operator.index, "an int")  # type: ignore[attr-defined]
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # `pruned[mask] = w[mask]`: an in-place graph node
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __int__(self) -> int:
         return self.tracer.concrete(self, int, "an int")  # type: ignore[attr-defined]
 
@@ -337,15 +341,45 @@ class MethodCall(nn.Module):
         self.name = name
 
     def forward(self, args: tuple, kwargs: dict) -> Any:
-        owner = self.owner
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in _flat((args, kwargs))):
-            owner = meta_copy(owner)  # shapes only: no draws, no state changes
+            # shapes only, on meta copies of the owner and of modules passed as arguments: no draws,
+            # no state changes
+            owner, args, kwargs = meta_copy(_Bundle(self.owner, args, kwargs)).parts()
             with _first_path_on_meta():
                 return getattr(owner, self.name)(*args, **kwargs)
-        return getattr(owner, self.name)(*args, **kwargs)
+        return getattr(self.owner, self.name)(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{type(self.owner).__name__}.{self.name}"
+
+
+class _Bundle(nn.Module):
+    """An owner and a call's arguments as one module, so that one ``meta_copy`` covers the modules
+    among the arguments (``self.mixed(x, weights, self.edges[k])``) too."""
+
+    def __init__(self, owner: nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.owner = owner
+        self.passed = nn.ModuleList([m for m in _flat((args, kwargs)) if isinstance(m, nn.Module)])
+        self.__dict__["call"] = (args, kwargs)  # not registered: one deepcopy copies each module once
+
+    def parts(self) -> tuple[nn.Module, tuple, dict]:
+        return self.owner, *self.call  # in a copy, ``call`` holds the same copies as ``passed``
+
+
+class _RecordedMethod:
+    """Class attribute standing for a method while tracing: on the traced owners it records a
+    :class:`MethodCall` node; everywhere else (other instances, evaluation) it is the plain method."""
+
+    def __init__(self, tracer: "ValueTracer", function: Callable[..., Any], name: str, owners: set[int]):
+        self.tracer, self.function, self.name, self.owners = tracer, function, name, owners
+
+    def __get__(self, instance: Any, cls: type) -> Any:
+        if instance is None:
+            return self.function
+        if id(instance) in self.owners and not self.tracer._evaluating:
+            return functools.partial(self.tracer._method_call, instance, self.name)
+        return self.function.__get__(instance, cls)
 
 
 class _TracedDistribution:
@@ -415,18 +449,26 @@ class ValueTracer(fx.Tracer):
 
     @contextlib.contextmanager
     def _recording_methods(self) -> Iterator[None]:
-        """Methods in ``opaque_methods`` become :class:`MethodCall` nodes while tracing."""
+        """Methods in ``opaque_methods`` become :class:`MethodCall` nodes while tracing (for their
+        owners only: on the class, a descriptor that binds the plain function for other instances,
+        such as the meta copies that compute shapes)."""
+        by_class: dict[tuple[type, str], set[int]] = defaultdict(set)
         for owner, name in self.opaque_methods:
-            owner.__dict__[name] = functools.partial(self._method_call, owner, name)
+            by_class[(type(owner), name)].add(id(owner))
+        saved = []
+        for (cls, name), owners in by_class.items():
+            saved.append((cls, name, cls.__dict__.get(name)))
+            setattr(cls, name, _RecordedMethod(self, getattr(cls, name), name, owners))
         try:
             yield
         finally:
-            for owner, name in self.opaque_methods:
-                owner.__dict__.pop(name, None)
+            for cls, name, own in saved:
+                if own is None:
+                    delattr(cls, name)
+                else:
+                    setattr(cls, name, own)
 
     def _method_call(self, owner: nn.Module, name: str, *args: Any, **kwargs: Any) -> Any:
-        if self._evaluating:
-            return type(owner).__dict__[name](owner, *args, **kwargs)
         target = f"topofx_method_{sum(isinstance(m, MethodCall) for m in self.root.children())}"
         self.root.add_module(target, MethodCall(owner, name))
         return self.create_proxy("call_module", target, (args, kwargs), {})
@@ -561,7 +603,7 @@ class ValueTracer(fx.Tracer):
                     return getattr(args[0], target)(*args[1:], **kwargs)
                 module = self.root.get_submodule(target)
                 stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
-                return module(*args, **kwargs) if stateless else None
+                return module(*args, **kwargs) if stateless and not isinstance(module, MethodCall) else None
         except Exception:  # noqa: BLE001 - no real value, as for a data value
             return None
 
@@ -602,7 +644,7 @@ class ValueTracer(fx.Tracer):
             source = node.args[0]  # `.item()` of data only feeds arithmetic: then it stays a graph op
             per_call = source.meta.get(DRAWN) and not source.meta.get(FROM_INPUT)
             if target != "item" or per_call or source.meta.get(REAL) is not None:
-                return self.concrete(proxy, lambda v: v, f"a Python number (`.{target}()`)")
+                return self.concrete(proxy, lambda v: v, f"the values of `.{target}()`")
         return proxy
 
     def concrete(self, obj: fx.Proxy, convert: Callable[[Any], Any], what: str) -> Any:
@@ -636,7 +678,7 @@ class ValueTracer(fx.Tracer):
                 name = frame.f_code.co_name
                 if name == "forward":
                     return owner if any(owner is m for m in self._within) else None
-                method = type(owner).__dict__.get(name)
+                method = getattr(type(owner), name, None)
                 if getattr(method, "__code__", None) is frame.f_code:
                     return (owner, name)
             frame = frame.f_back
@@ -649,13 +691,14 @@ class ValueTracer(fx.Tracer):
                     "it with tensor operations (torch.where, masks)")
         if node.meta.get(DRAWN):
             return (f"Python needs {what} computed from a random draw made in forward (the decision changes "
-                    "on every call)", "Decide with tensor operations (multiply by the sampled weight), or "
-                    "register an adapter (topofx.adapters.register_adapter) that draws the sample outside forward")
-        return (f"Python needs {what} of a value unknown at capture ({node.format_node()})",
+                    "on every call)", "Decide with tensor operations (multiply by the sampled weight), move the "
+                    "decision into a method or submodule (which then runs per call), or register an adapter "
+                    "(topofx.adapters.register_adapter) that draws the sample outside forward")
+        return (f"Python needs {what} of a value unknown at capture (`{node.name}`, no meta kernel or too large)",
                 "Compute it with tensor operations, or move it out of forward()")
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        return self.concrete(obj, bool, "a bool (a Python `if`/`while`/`and`/`or` on a tensor)")
+        return self.concrete(obj, bool, "a bool (an `if`/`while`/`and`/`or` on a tensor)")
 
     def _note_shape_decision(self, obj: fx.Proxy, value: Any) -> None:
         """A Python decision on a value computed from the inputs' shapes holds for those shapes only."""
@@ -720,6 +763,41 @@ def _per_call_units(model: nn.Module, keys: set[tuple[str, ...]]) -> tuple[set[i
     return modules, methods
 
 
+def computed_by(nodes: Sequence[fx.Node]) -> list[fx.Node]:
+    """The nodes that compute ``nodes``, in graph order: their ancestors, and every in-place write
+    (``p[mask] = w[mask]``, ``w.div_(s)``) into a storage they read, directly or through a view."""
+    from .topology import mutates  # topology imports this module
+
+    graph = nodes[0].graph if nodes else None
+    included: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in included:
+            continue
+        included.add(node)
+        stack.extend(node.all_input_nodes)
+        views = [node]
+        while views:  # writers of this storage: through its users, and the users of its views
+            base = views.pop()
+            for user in base.users:
+                if mutates(user) and user.args and user.args[0] is base:
+                    stack.append(user)
+                elif user.op in ("call_function", "call_method") and user.args and user.args[0] is base and \
+                        call_name_of(user).strip("_") in _VIEW_NAMES:
+                    views.append(user)
+    return [n for n in graph.nodes if n in included] if graph is not None else []
+
+
+_VIEW_NAMES = {"view", "reshape", "getitem", "select", "narrow", "squeeze", "unsqueeze", "transpose", "permute",
+               "expand", "flatten", "unflatten", "t", "data", "detach", "as_strided", "split", "chunk", "unbind"}
+
+
+def call_name_of(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
 class _DecidesPerCall(Exception):
     """Raised by the tracer at a Python decision on a value drawn anew on every call (a hard Gumbel
     sample's ``if abs(w) > 1e-10``, GDAS's ``index[e].item()``) inside ``module``'s forward."""
@@ -736,18 +814,10 @@ class ValueGuard:
     model's current attributes (no inputs, no gradients) and names the decisions that differ."""
 
     def __init__(self, graph: fx.Graph, decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]]):
-        needed: set[fx.Node] = set()
-        stack = [node for node, *_ in decisions]
-        while stack:
-            node = stack.pop()
-            if node not in needed:
-                needed.add(node)
-                stack.extend(node.all_input_nodes)
         self.graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        for node in graph.nodes:
-            if node in needed:
-                env[node] = self.graph.node_copy(node, lambda a: env[a])
+        for node in computed_by([node for node, *_ in decisions]):
+            env[node] = self.graph.node_copy(node, lambda a: env[a])
         self.graph.output(tuple(env[node] for node, *_ in decisions))
         self.checks = [(convert, expected, decision) for _, convert, expected, decision in decisions]
 
@@ -793,15 +863,17 @@ def _same(a: Any, b: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# loose requires_grad tensors -> temporary buffers
+# plain tensor attributes -> temporary buffers
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _loose_tensors_as_buffers(model: nn.Module) -> Iterator[list[str]]:
-    """Register plain ``requires_grad`` tensor attributes as buffers (same objects) while tracing."""
+    """Register plain tensor attributes as buffers (same objects) while tracing, so the graph reads them
+    by name (live ``get_attr``) instead of freezing them as constants: plain-tensor alphas, masks that
+    pruning or projection re-assign (``self._mask = new``, followed by ``topofx.guards``)."""
     moved: list[tuple[nn.Module, str, torch.Tensor]] = []
     for prefix, module in model.named_modules():
         for name, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.requires_grad:
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 del module.__dict__[name]
                 module.register_buffer(name, value, persistent=False)
                 moved.append((module, f"{prefix}.{name}" if prefix else name, value))
@@ -883,24 +955,25 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         try:
             with _forked_rng(model):  # draws made while tracing (to speculate) leave the caller's RNG alone
                 gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))
-                volatile = _volatile(gm, tracer.speculated)
+                volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
             if not volatile:
                 _insert_speculation_checks(gm, tracer.speculated)
                 if not hoist_speculation(gm):  # a check could not run before every state change
                     volatile = [decision for *_, decision in tracer.speculated]
+                    why = "its check cannot run before the graph changes state (a draw or update comes first)"
         except _DecidesPerCall as exc:
-            volatile = [Decision(exc.frame, exc.unit)]
+            volatile, why = [Decision(exc.frame, exc.unit)], "it comes out differently from draw to draw"
         if not volatile:
             break
         before = set(learned)
         for decision in volatile:  # decides differently from draw to draw: runs per call, as written
             key = unit_key(model, decision.unit) if decision.unit is not None else None
             if key is None or key in before:
-                raise CaptureError(_where(
-                    f"Python decides on a value drawn anew on every call (a random draw made in forward) at "
-                    f"{decision.frame}, outside any method or submodule that could run per call",
-                    "Decide with tensor operations (multiply by the sampled weight), move the decision into a "
-                    "method or submodule, or register an adapter (topofx.adapters.register_adapter)"))
+                raise CaptureError(
+                    f"Python decides on a random draw made in forward at {decision.frame}, outside any method or "
+                    f"submodule that could run per call, and {why}. Decide with tensor operations (multiply by "
+                    "the sampled weight), move the decision into a method or submodule, or register an adapter "
+                    "(topofx.adapters.register_adapter)")
             learned.add(key)
     gm.meta[DECIDED_PER_CALL] = sorted(
         {name for name, m in model.named_modules() if id(m) in opaque and name}
@@ -1003,13 +1076,7 @@ def hoist_speculation(gm: fx.GraphModule) -> bool:
     checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is speculation_check]
     if not checks:
         return True
-    front: set[fx.Node] = set()
-    stack = list(checks)
-    while stack:
-        node = stack.pop()
-        if node not in front:
-            front.add(node)
-            stack.extend(node.all_input_nodes)
+    front = set(computed_by(checks))
     nodes = list(gm.graph.nodes)
     output = nodes[-1]
     order = ([n for n in nodes if n.op == "placeholder"] + [n for n in nodes if n in front and n.op != "placeholder"]
@@ -1083,15 +1150,22 @@ def capture(
     samples): they may carry autograd history.
     """
     try:
-        gm = trace(model, example_inputs)
-        if verify:
+        while True:
+            gm = trace(model, example_inputs)
             try:
-                verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
-            except SpeculationFailed as failed:
+                if verify:
+                    verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
+                return Capture(gm)
+            except SpeculationFailed as failed:  # a decision on draws changed after all: run it per call
                 decision = gm.meta[SPECULATION][failed.index]
-                raise CaptureError(f"a decision on a random draw at {decision.frame} held on fresh draws at capture "
-                                   "but not on the verification's draw") from None
-        return Capture(gm)
+                key = unit_key(model, decision.unit) if decision.unit is not None else None
+                if key is None or key in PER_CALL.get(model, ()):
+                    raise CaptureError(
+                        f"a decision on a random draw at {decision.frame} held on {RESAMPLES} fresh draws at "
+                        "capture but not on the verification's draw, outside any method or submodule that could "
+                        "run per call. Decide with tensor operations, or move the decision into a method or "
+                        "submodule") from None
+                PER_CALL.setdefault(model, set()).add(key)
     except CaptureError as exc:
         if strict:
             raise

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import capture as _capture
 
-_SCALARS = (bool, int, float, str)
+_SCALARS = (bool, int, float, str, type(None))  # None: a mask or a flag that is set later (DrNAS pruning)
 
 
 def retraces_same(root: nn.Module, inputs: Sequence[Any], fingerprint: tuple) -> bool:
@@ -53,8 +53,27 @@ def _signature(inputs: Sequence[Any]) -> tuple:
 
 
 def _scalars(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, str, Any]]:
-    """(module, name, value) of every Python number or string the modules hold."""
-    return [(m, k, v) for m in modules for k, v in vars(m).items() if type(v) in _SCALARS and k != "training"]
+    """(module, name, snapshot) of every Python number, string or ``None`` the modules hold, and of
+    every list, tuple or dict of them (DARTS-PT's ``candidate_flags``; a tensor inside one counts by
+    identity: ``proj_weights[t][e] = new`` is a change)."""
+    return [(m, k, _snapshot(v)) for m in modules for k, v in vars(m).items()
+            if (type(v) in _SCALARS or type(v) in (list, tuple, dict)) and k != "training"]
+
+
+def _snapshot(value: Any, depth: int = 0) -> Any:
+    if type(value) in _SCALARS:
+        return (type(value), value)  # True and 1 differ
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if type(value) in (list, tuple) and depth < 4:
+        return (type(value), tuple(_snapshot(v, depth + 1) for v in value))
+    if type(value) is dict and depth < 4:
+        return (dict, tuple((k, _snapshot(v, depth + 1)) for k, v in value.items()))
+    return ("object", id(value))
+
+
+def _same_scalar(now: Any, then: Any) -> bool:
+    return _snapshot(now) == then
 
 
 def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
@@ -143,9 +162,10 @@ class Guards:
 
     def scalars_hold(self) -> bool:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
-        if all(m.__dict__.get(k, self) == v for m, k, v in self.scalars):
+        moved = [(m, k) for m, k, v in self.scalars if not _same_scalar(m.__dict__.get(k, self), v)]
+        if not moved:
             return True
-        changed = sorted({f"{type(m).__name__}.{k}" for m, k, v in self.scalars if m.__dict__.get(k, self) != v})
+        changed = sorted({f"{type(m).__name__}.{k}" for m, k in moved})
         start = time.perf_counter()
         if not retraces_same(self.root, self.example_inputs, self.code):
             return False

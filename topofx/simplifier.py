@@ -128,13 +128,16 @@ class SimplifiedModule(nn.Module):
         except TypeError:  # a call forward() rejects: the original raises the user's own error
             return self.original
         if key is None:
-            return self._eager_for("an argument value that cannot be told apart by hash (a list or a dict)")
+            return self._eager_for("an argument value that cannot be told apart by hash (a list or a dict)",
+                                   "Pass a tuple, number, string or tensor to have each choice captured.")
         if key == self.__dict__.get("call_key", key):
             return self
         others = self.__dict__.setdefault("other_graphs", {})
         if key not in others:
             if len(others) + 1 >= MAX_GRAPHS:
-                return self._eager_for(f"more than {MAX_GRAPHS} different values of its non-tensor arguments")
+                return self._eager_for(f"more than {MAX_GRAPHS} different values of its non-tensor arguments",
+                                       "Pass a value that changes every step (a drop rate) as a tensor, or keep it "
+                                       "on the model.")
             others[key] = self._simplified_for(args, kwargs)
         return others[key]
 
@@ -144,7 +147,8 @@ class SimplifiedModule(nn.Module):
         bound = _capture.bind_call(self.original, args, kwargs) if not _capture._has_var_args(self.original) else None
         examples = tuple(bound.args if bound is not None else args)
         if bound is not None and bound.kwargs:
-            return self._eager_for("a keyword-only argument")
+            return self._eager_for("a keyword-only argument", "Make it an ordinary (positional-or-keyword) parameter "
+                                   "to have each choice captured.")
         examples = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in examples)
         with torch.inference_mode(False), torch.enable_grad():
             other = simplify(self.original, examples, **self.__dict__["options"])
@@ -152,13 +156,12 @@ class SimplifiedModule(nn.Module):
         other._load_floated(self.floated_buffers())
         return other
 
-    def _eager_for(self, why: str) -> nn.Module:
+    def _eager_for(self, why: str, fix: str) -> nn.Module:
         if why not in self.__dict__.setdefault("eager_warned", set()):
             self.__dict__["eager_warned"].add(why)
             warnings.warn(
                 f"topofx: {type(self.original).__name__}.forward was called with {why}; such calls run the "
-                "original's eager forward (correct, not simplified). Pass numbers, strings or tensors to forward "
-                "to have each choice captured.",
+                f"original's eager forward (correct, not simplified). {fix}",
                 stacklevel=4,
             )
         return self.original
@@ -207,15 +210,15 @@ class SimplifiedModule(nn.Module):
             names = ", ".join(_capture.unit_name(root, key) for key in sorted(units))
             warnings.warn(
                 f"topofx: {type(self.original).__name__} decides in Python on architecture values that changed again "
-                f"after {since} calls ({at}); {names} now run per call as one node each, as written, instead of "
-                "being captured anew at every change",
+                f"after {since} call(s) ({at}); from now on {names} {'runs' if len(units) == 1 else 'run'} per call "
+                "(one node, as written) instead of being captured anew at every change",
                 stacklevel=4,
             )
         elif not self.__dict__.get("recapture_warned"):
             self.__dict__["recapture_warned"] = True
             warnings.warn(
                 f"topofx: {type(self.original).__name__}.forward decides in Python on architecture values that "
-                f"changed again after {since} calls ({at}); every change captures the model anew "
+                f"changed again after {since} call(s) ({at}); every change captures the model anew "
                 f"(last time {self.__dict__.get('recapture_s', 0.0):.1f} s). Compute the decision with tensor operations, "
                 "or in a method or submodule (which then runs per call), if it changes every step "
                 "(results stay correct either way).",
