@@ -46,6 +46,7 @@ from topofx.testing import (
 from topofx.zoo import (
     dartspt_style,
     drnas_style,
+    gdas_style,
     hardgumbel_style,
     pdarts_style,
     snas_full_style,
@@ -241,7 +242,22 @@ class _SoftmaxDartsStyle(_StyleTests):
 
 
 class _HardSampledStyle(_StyleTests):
-    """The model draws its own one-hot sample every call: each seed is a vertex."""
+    """The model draws its own one-hot sample every call: each seed is a vertex.  Its mixed ops (or
+    the cells that pick a candidate with ``.item()``) decide on a value drawn anew every call, so
+    each runs per call, as written -- one node of the graph that runs only the selected candidate,
+    as the original does (``report.decided_per_call``); the rest of the model is the graph."""
+
+    deciding: type  # the class whose forward takes the per-call decision
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_captured_as_one_graph(self, mode):
+        reference, simple, x = simplified(self.name, mode)
+        report = simple.report
+        assert report.fallback is None and simple.graph_module is not None, report.fallback
+        deciding = {n for n, m in reference.named_modules() if isinstance(m, self.deciding)}
+        assert deciding and set(report.decided_per_call) == deciding, str(report)
+        mixed = expected_mixed_edges(self.name, reference)  # every mixed edge sits in one of them
+        assert mixed > 0 and report.edges == 0
 
     def test_topo_vertex_exact(self):
         reference, simple, x = simplified(self.name, "topo")
@@ -403,11 +419,13 @@ class TestDartsPT(_SoftmaxDartsStyle):
 @pytest.mark.xdist_group("styles-hard-gumbel")  # workers share the cached simplifications
 class TestHardGumbel(_HardSampledStyle):
     name = "hard-gumbel"
+    deciding = hardgumbel_style.MixedOp
 
 
 @pytest.mark.xdist_group("styles-gdas-style")  # workers share the cached simplifications
 class TestGdasStyle(_HardSampledStyle):
     name = "gdas-style"
+    deciding = gdas_style.SearchCell
 
 
 # ---------------------------------------------------------------------------------------------
