@@ -7,19 +7,25 @@ tensors; ``torch.export`` turns plain-tensor alphas into constants whose ``.grad
 
 :class:`ValueTracer` is a ``torch.fx.Tracer`` that also *runs* every node on meta tensors while it
 records it, so each proxy knows its value's shape and whether that value depends only on shapes
-("static").  With that it can
+("static"), on the inputs, or on a random draw made in forward; small values computed from the
+model's attributes alone (architecture weights, masks, samples) also get real values.  Where Python
+needs a Python value (``if``, ``int()``, ``range``, ``.tolist()``, numpy) it is given one:
 
-* unroll ``iter(proxy)`` (``zip(ops, weights)``, ``for w in weights``) when the first dimension is known;
-* answer ``len(proxy)``;
-* resolve ``if``/``while`` conditions that depend on shapes only (PC-DARTS's
-  ``if a.shape[2] == b.shape[2]``), and refuse -- naming the user's file:line -- conditions that depend
-  on data (GDAS's ``.item()`` sampling loop).
+* from shapes: a *shape decision*, re-checked for every new input shape (``topofx.guards``);
+* from architecture values: a *value decision*, re-evaluated before every call (:class:`ValueGuard`);
+  a change captures the model anew;
+* from a draw that decides the same on fresh draws: *speculated*, checked per call by a graph node
+  that runs before any state change (:func:`hoist_speculation`);
+* from a draw that decides differently: the innermost module forward or method around it runs per
+  call, as one node, with the original's Python (:class:`MethodCall`, ``PER_CALL``);
+* from the inputs' values: :class:`CaptureError` naming the user's line.
 
-Architecture weights that are plain ``requires_grad`` tensors stored as attributes (original DARTS)
-are re-registered as non-persistent buffers for the duration of the trace, so they become live
-``get_attr`` nodes; the original module is restored afterwards.  Leaf modules (``torch.nn`` modules)
-become ``call_module`` nodes that reference the original module objects, so parameters and buffers
-are shared by identity and optimizers built before capture keep working.
+Non-tensor forward arguments are specialized (one graph per choice); legacy constructors and random
+factories become graph nodes; distributions become :class:`DistributionCall` nodes; plain tensor
+attributes are registered as non-persistent buffers for the duration of the trace, so they become
+live ``get_attr`` nodes.  Leaf modules (``torch.nn`` modules) become ``call_module`` nodes that
+reference the original module objects, so parameters and buffers are shared by identity and
+optimizers built before capture keep working.
 
 Every capture verifies itself (:func:`verify_capture`) before it is trusted.
 """
@@ -766,7 +772,8 @@ def _per_call_units(model: nn.Module, keys: set[tuple[str, ...]]) -> tuple[set[i
 def computed_by(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     """The nodes that compute ``nodes``, in graph order: their ancestors, and every in-place write
     (``p[mask] = w[mask]``, ``w.div_(s)``) into a storage they read, directly or through a view."""
-    from .topology import mutates  # topology imports this module
+    from .rewrite import ALIASING_NAMES  # rewrite and topology import this module
+    from .topology import call_name, mutates
 
     graph = nodes[0].graph if nodes else None
     included: set[fx.Node] = set()
@@ -781,21 +788,13 @@ def computed_by(nodes: Sequence[fx.Node]) -> list[fx.Node]:
         while views:  # writers of this storage: through its users, and the users of its views
             base = views.pop()
             for user in base.users:
-                if mutates(user) and user.args and user.args[0] is base:
+                if not (user.args and user.args[0] is base):
+                    continue
+                if mutates(user):
                     stack.append(user)
-                elif user.op in ("call_function", "call_method") and user.args and user.args[0] is base and \
-                        call_name_of(user).strip("_") in _VIEW_NAMES:
+                elif user.op in ("call_function", "call_method") and call_name(user).strip("_") in ALIASING_NAMES:
                     views.append(user)
     return [n for n in graph.nodes if n in included] if graph is not None else []
-
-
-_VIEW_NAMES = {"view", "reshape", "getitem", "select", "narrow", "squeeze", "unsqueeze", "transpose", "permute",
-               "expand", "flatten", "unflatten", "t", "data", "detach", "as_strided", "split", "chunk", "unbind"}
-
-
-def call_name_of(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 class _DecidesPerCall(Exception):

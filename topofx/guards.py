@@ -57,7 +57,10 @@ def _scalars(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, str, Any]]:
     every list, tuple or dict of them (DARTS-PT's ``candidate_flags``; a tensor inside one counts by
     identity: ``proj_weights[t][e] = new`` is a change)."""
     return [(m, k, _snapshot(v)) for m in modules for k, v in vars(m).items()
-            if (type(v) in _SCALARS or type(v) in (list, tuple, dict)) and k != "training"]
+            if (type(v) in _SCALARS or type(v) in (list, tuple, dict)) and k not in _MODULE_INTERNALS]
+
+
+_MODULE_INTERNALS = set(vars(nn.Module())) | {"training"}  # _parameters, _modules, hooks: followed elsewhere
 
 
 def _snapshot(value: Any, depth: int = 0) -> Any:

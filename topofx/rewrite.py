@@ -27,7 +27,7 @@ from .topology import Topology, analyze, draws, mutates
 
 # Operations whose result may share storage with their first argument (a mutation of one is seen
 # through the other); over-approximated on purpose: a false alias only adds an ordering constraint.
-_ALIASING_NAMES = {
+ALIASING_NAMES = {
     "getitem", "view", "view_as", "reshape", "reshape_as", "narrow", "select", "split", "split_with_sizes",
     "tensor_split", "chunk", "unbind", "transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims",
     "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "t", "as_strided",
@@ -213,7 +213,7 @@ def aliases(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":  # nn.Identity returns its input; unknown modules might
         mod = gm.get_submodule(node.target)
         return isinstance(mod, nn.Identity) or is_random(node, gm)
-    return node.op in ("call_function", "call_method") and target_name(node).strip("_") in _ALIASING_NAMES
+    return node.op in ("call_function", "call_method") and target_name(node).strip("_") in ALIASING_NAMES
 
 
 class _ModuleTable:
