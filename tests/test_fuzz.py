@@ -2,7 +2,7 @@
 contracts, and the fuzzer itself must generate what it claims, build runnable models, set exact
 vertices, keep a failure class while minimizing and report through the command line.
 
-The CI sample is ``TOPOFX_FUZZ_N`` models (default 60), split into chunks of 10 so that pytest-xdist
+The CI sample is ``TOPOFX_FUZZ_N`` models (default 40), split into chunks of 10 so that pytest-xdist
 spreads them; ``TOPOFX_FUZZ_N=1000 pytest tests/test_fuzz.py -k sample`` runs the full set (so does
 ``topofx fuzz --n 1000``).
 """
@@ -22,7 +22,7 @@ from topofx import fuzz
 from topofx.cli import main as cli_main
 from topofx.testing import find_arch_parameters
 
-SAMPLE_N = int(os.environ.get("TOPOFX_FUZZ_N", "60"))
+SAMPLE_N = int(os.environ.get("TOPOFX_FUZZ_N", "40"))
 SAMPLE_SEED = 0
 CHUNK = 10
 SAMPLE_SEEDS = [fuzz._model_seed(SAMPLE_SEED, i) for i in range(SAMPLE_N)]
