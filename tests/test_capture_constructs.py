@@ -46,6 +46,7 @@ from torch.distributions import Dirichlet
 
 import topofx
 from topofx.testing import assert_train_step_equivalent, train_step_equivalence
+from topofx.zoo.operations import Identity, ReLUConvBN, Zero
 
 THIS_FILE = os.path.abspath(__file__)
 C = 4  # channels of the search cell
@@ -72,37 +73,6 @@ def assert_names_construct(message: str, tag: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # DARTS-style building blocks
 # ---------------------------------------------------------------------------------------------
-class ReLUConvBN(nn.Module):
-    def __init__(self, C_in: int, C_out: int, kernel_size: int):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(C_out, affine=False),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
-class Zero(nn.Module):
-    """DARTS ``Zero`` op (strided slice times zero)."""
-
-    def __init__(self, stride: int = 1):
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x):
-        if self.stride == 1:
-            return x.mul(0.0)
-        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
-
-
 class LegacyZero(nn.Module):
     """Zero op of older search code: a fresh zero tensor of the output's size (legacy constructor)."""
 
@@ -122,8 +92,8 @@ def candidates(zero: type = Zero) -> list[nn.Module]:
         zero(1),
         Identity(),
         nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), nn.BatchNorm2d(C, affine=False)),
-        ReLUConvBN(C, C, 3),
-        ReLUConvBN(C, C, 1),
+        ReLUConvBN(C, C, 3, 1, 1, affine=False),
+        ReLUConvBN(C, C, 1, 1, 0, affine=False),
     ]
 
 
