@@ -896,9 +896,22 @@ class Capture:
     fallback_reason: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def _method_signature(function: Callable[..., Any]) -> inspect.Signature:
+    signature = inspect.signature(function)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])  # without `self`
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature:
+    """``model.forward``'s signature, computed once per forward function (every call binds to it)."""
+    forward = model.forward
+    function = getattr(forward, "__func__", None)
+    return _method_signature(function) if function is not None else inspect.signature(forward)
+
+
 def bind_call(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> inspect.BoundArguments:
     """``model.forward``'s parameters bound to a call's arguments, defaults filled in."""
-    bound = inspect.signature(model.forward).bind(*args, **(kwargs or {}))
+    bound = forward_signature(model).bind(*args, **(kwargs or {}))
     bound.apply_defaults()
     return bound
 
@@ -920,7 +933,7 @@ def call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | Non
 
 
 def _has_var_args(model: nn.Module) -> bool:
-    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
+    kinds = {p.kind for p in forward_signature(model).parameters.values()}
     return bool(kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD})
 
 
