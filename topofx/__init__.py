@@ -7,7 +7,8 @@ less memory.  See ``docs/`` and ``../shared/METHOD.md`` for the method.
 from .capture import CaptureError
 from .report import Report
 from .simplifier import SelfCheckError, SimplifiedModule, simplify
+from .sparse import gate
 from .topology import analyze
 
-__all__ = ["simplify", "SimplifiedModule", "SelfCheckError", "Report", "CaptureError", "analyze"]
+__all__ = ["simplify", "SimplifiedModule", "SelfCheckError", "Report", "CaptureError", "analyze", "gate"]
 __version__ = "0.1.0"

@@ -6,30 +6,28 @@ until the sample is finite, and branches on ``index[e].item()`` to run only the 
 
 * ``sample(model) -> dict[str, Tensor]`` -- the sampling, run eagerly as an opaque step before each
   call (it draws from the RNG exactly as the original forward does), and
-* ``relaxed(model, *inputs, **samples)`` -- a traceable forward that computes every edge as the
-  weighted sum over all candidates with the sampled weights.
+* ``relaxed(model, *inputs, **samples)`` -- a traceable forward that writes each edge over all its
+  candidates, each candidate as :func:`topofx.sparse.gate` ``(w, op(x), dead=...)``: what the original
+  does with that candidate when it is not selected (GDAS on NAS-Bench-201 adds the bare weight;
+  GDAS on the DARTS space adds nothing).
 
-At a one-hot sample the weighted sum equals the original's value (the unselected terms are
-``0 * op(x)``), so a captured relaxed forward is vertex-exact; topo mode then merges each edge's
-convolutions into about one convolution per edge.  The original runs only the selected candidates,
-so :class:`UnselectedFreeze` keeps the others' parameters out of autograd and their BN statistics
-still for each call.  Adapters are looked up by model class (the
-nearest registered base class wins); :func:`register_adapter` adds one for a user's model.
+The graph then holds every candidate, and :class:`topofx.sparse.SparseForward` runs, per call, only
+the selected ones: the forward value, every gradient (alpha's included) and the BN statistics are
+GDAS's own, while prefix sharing and horizontal fusion still share the ReLUs and fuse the selected
+convolutions of the edges leaving a node.  A relaxed forward written as a plain weighted sum
+(``w * op(x)``) runs densely, with the weighted sum's gradient.  Adapters are looked up by model
+class (the nearest registered base class wins); :func:`register_adapter` adds one for a user's model.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import operator
-from collections import defaultdict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .topology import Topology
+from .sparse import gate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +76,21 @@ def _nb201_gdas_sample(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _nb201_gdas_relaxed(model: nn.Module, inputs: torch.Tensor, hardwts: torch.Tensor):
+    """xautodl's ``TinyNetworkGDAS.forward`` after the sampling; each cell as ``forward_gdas`` computes
+    it: ``w[k] * op_k(x)`` for the selected candidate, the bare ``w[k]`` for the others."""
     from xautodl.models.cell_searchs.search_cells import NAS201SearchCell
 
     feature = model.stem(inputs)
     for cell in model.cells:
-        feature = cell(feature, hardwts) if isinstance(cell, NAS201SearchCell) else cell(feature)
+        if isinstance(cell, NAS201SearchCell):
+            nodes = [feature]
+            for i in range(1, cell.max_nodes):
+                edges = [(f"{i}<-{j}", nodes[j]) for j in range(i)]
+                nodes.append(sum(sum(gate(hardwts[cell.edge2index[name]][k], op(x), dead="weight")
+                                     for k, op in enumerate(cell.edges[name])) for name, x in edges))
+            feature = nodes[-1]
+        else:
+            feature = cell(feature)
     out = model.global_pooling(model.lastact(feature))
     out = out.view(out.size(0), -1)
     return out, model.classifier(out)
@@ -96,9 +104,17 @@ def _nasnet_gdas_sample(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _nasnet_gdas_relaxed(model: nn.Module, inputs: torch.Tensor, normal_hardwts: torch.Tensor,
                          reduce_hardwts: torch.Tensor):
+    """xautodl's ``NASNetworkGDAS.forward`` after the sampling; each cell as ``forward_gdas`` computes it:
+    ``op_k(h) * w[k]`` for the selected candidate only."""
     s0 = s1 = model.stem(inputs)
     for cell in model.cells:
-        s0, s1 = s1, cell.forward_darts(s0, s1, reduce_hardwts if cell.reduction else normal_hardwts)
+        hardwts = reduce_hardwts if cell.reduction else normal_hardwts
+        states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+        for i in range(cell._steps):
+            names = [(f"{i}<-{j}", h) for j, h in enumerate(states)]
+            states.append(sum(sum(gate(hardwts[cell.edge2index[name]][k], op(h), dead="nothing")
+                                  for k, op in enumerate(cell.edges[name]._ops)) for name, h in names))
+        s0, s1 = s1, torch.cat(states[-cell._multiplier:], dim=1)
     out = model.global_pooling(model.lastact(s1))
     out = out.view(out.size(0), -1)
     return out, model.classifier(out)
@@ -146,119 +162,3 @@ class RelaxedForward(nn.Module):
 
     def forward(self, inputs: Any) -> Any:  # one input, as the NAS supernets take (FX needs a fixed signature)
         return self.adapter.relaxed(self.model, inputs, **{n: getattr(self, n) for n in self.sample_names})
-
-
-_Tensor = tuple[nn.Module, str, str]  # (owner module, "_parameters" | "_buffers", attribute name)
-
-
-class UnselectedFreeze:
-    """Freeze, for one call, the parameters and buffers that only unselected candidates use.
-
-    GDAS runs only the selected candidate of each edge, so the others' parameters get no gradient
-    (``.grad`` stays ``None``: weight decay and momentum leave them alone) and their BN running
-    statistics do not move.  The relaxed graph computes every candidate, times an exact 0; this
-    gate restores GDAS's behaviour.  Built from the captured graph *before* any rewrite:
-
-    * a candidate is gated when its weight reads a sample by indexing alone
-      (``hardwts[e][k]``); its flat position in the sample is fixed at capture;
-    * a parameter or buffer belongs to the candidates whose branches call its module (or read it
-      through ``get_attr``); one that any other node uses (a stem, a shared op, a candidate with another kind of weight)
-      is never frozen.
-
-    Before each call, the candidates whose sampled weight is exactly 0 are the unselected ones; a
-    tensor all of whose candidates are unselected is swapped, for the call, for a detached view
-    (parameters; same values, so the output is unchanged and no gradient reaches it) or a
-    throw-away copy (buffers, train mode: the statistics update lands there).  Rewritten modules
-    (fused and merged convolutions) read their originals' tensors at call time, so they see the
-    swap too.  Costs one device sync per call (GDAS itself syncs once per edge).
-    """
-
-    def __init__(self, gm: fx.GraphModule, topology: Topology, sample_names: tuple[str, ...]):
-        candidates = [c for edge in topology.edges for c in edge.candidates]
-        positions = [_sample_position(gm, c.weight, sample_names) for c in candidates]
-        owners: dict[fx.Node, set[int]] = defaultdict(set)
-        for i, cand in enumerate(candidates):
-            for node in cand.branch:
-                owners[node].add(i if positions[i] is not None else -1)  # -1: always runs
-        for node in gm.graph.nodes:  # a tensor read by get_attr belongs where its readers do
-            if node.op == "get_attr":
-                owners[node] = set().union(*(owners.get(user, {-1}) for user in node.users))
-        users: dict[tuple[int, str, str], set[int]] = defaultdict(set)
-        tensor_of: dict[tuple[int, str, str], _Tensor] = {}
-        for node in gm.graph.nodes:
-            for tensor in _tensors_read(gm, node):
-                key = (id(tensor[0]), tensor[1], tensor[2])
-                tensor_of[key] = tensor
-                users[key] |= owners.get(node) or {-1}
-        groups: dict[frozenset[int], list[_Tensor]] = defaultdict(list)
-        for key, cands in users.items():
-            if -1 not in cands:
-                groups[frozenset(cands)].append(tensor_of[key])
-        by_sample: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for i in sorted({i for cands in groups for i in cands}):
-            name, flat = positions[i]
-            by_sample[name].append((i, flat))
-        self.samples = [(name, torch.tensor([flat for _, flat in items])) for name, items in by_sample.items()]
-        self.index = {i: k for k, i in enumerate(i for items in by_sample.values() for i, _ in items)}
-        self.groups = list(groups.items())
-
-    @contextlib.contextmanager
-    def __call__(self, gm: fx.GraphModule) -> Iterator[None]:
-        """Freeze what only unselected candidates use, for the duration of one call of ``gm``."""
-        if not self.groups:
-            yield
-            return
-        weights = [getattr(gm, name).detach().reshape(-1) for name, _ in self.samples]
-        zero = torch.cat([w[flat.to(w.device)] for w, (_, flat) in zip(weights, self.samples)]) == 0
-        unselected = zero.tolist()  # the call's one device sync
-        swapped: list[tuple[dict, str, torch.Tensor]] = []
-        for cands, tensors in self.groups:
-            if not all(unselected[self.index[i]] for i in cands):
-                continue
-            for owner, kind, name in tensors:
-                table = getattr(owner, kind)
-                value = table[name]
-                if kind == "_parameters":
-                    table[name] = value.detach()
-                elif gm.training:
-                    table[name] = value.clone()
-                else:
-                    continue
-                swapped.append((table, name, value))
-        try:
-            yield
-        finally:
-            for table, name, value in swapped:
-                table[name] = value
-
-
-def _sample_position(gm: fx.GraphModule, weight: fx.Node, sample_names: tuple[str, ...]) -> tuple[str, int] | None:
-    """``(sample name, flat index)`` when ``weight`` indexes a sample (``hardwts[e][k]``), else ``None``."""
-    indices = []
-    node = weight
-    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        dynamic: list[fx.Node] = []
-        fx.node.map_arg(node.args[1], dynamic.append)
-        if dynamic:  # an index computed in the graph
-            return None
-        indices.append(node.args[1])
-        node = node.args[0]
-    if node.op != "get_attr" or node.target not in sample_names:
-        return None
-    sample = getattr(gm, node.target)
-    flat = torch.arange(sample.numel()).reshape(sample.shape)
-    for index in reversed(indices):
-        flat = flat[index]
-    return (node.target, int(flat)) if flat.numel() == 1 else None
-
-
-def _tensors_read(gm: fx.GraphModule, node: fx.Node) -> list[_Tensor]:
-    """The parameters and buffers a node reads: all of a called module's, or one ``get_attr``'s."""
-    if node.op == "call_module":
-        return [(m, kind, name) for m in gm.get_submodule(node.target).modules()
-                for kind in ("_parameters", "_buffers") for name, t in getattr(m, kind).items() if t is not None]
-    if node.op == "get_attr":
-        path, _, name = node.target.rpartition(".")
-        owner = gm.get_submodule(path)
-        return [(owner, kind, name) for kind in ("_parameters", "_buffers") if getattr(owner, kind).get(name) is not None]
-    return []

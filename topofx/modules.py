@@ -34,10 +34,12 @@ class FusedConv2d(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.splits = [c.out_channels for c in convs]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.convs[0]
-        weight = torch.cat([c.weight for c in self.convs])
-        bias = torch.cat([c.bias for c in self.convs]) if first.bias is not None else None
+    def forward(self, x: torch.Tensor, live: Sequence[bool] | None = None) -> torch.Tensor:
+        """``live``: run only the convolutions marked True (``topofx.sparse``: this call's selected ones)."""
+        convs = list(self.convs) if live is None else [c for c, on in zip(self.convs, live) if on]
+        first = convs[0]
+        weight = torch.cat([c.weight for c in convs]) if len(convs) > 1 else first.weight
+        bias = (torch.cat([c.bias for c in convs]) if len(convs) > 1 else first.bias) if first.bias is not None else None
         return first._conv_forward(x, weight, bias)  # the stock path: honours padding_mode
 
 
@@ -64,7 +66,8 @@ class FusedBatchNorm2d(nn.Module):
     the separate calls; running statistics are computed on a concatenated copy and written back
     into each original module's buffers (``num_batches_tracked`` included).  Exact.  When the
     modules disagree at run time (one switched to eval alone, different ``num_batches_tracked`` with
-    cumulative momentum) it runs them one by one.
+    cumulative momentum) it runs them one by one.  ``live`` (``topofx.sparse``) runs only the marked
+    blocks: the others' statistics stay as they are.
     """
 
     is_bn = True
@@ -77,16 +80,17 @@ class FusedBatchNorm2d(nn.Module):
         self.bns = nn.ModuleList(bns)
         self.splits = [b.num_features for b in bns]
 
-    def _uniform(self) -> bool:
-        first = self.bns[0]
-        if any(b.training != first.training for b in self.bns):
+    @staticmethod
+    def _uniform(bns: Sequence[nn.BatchNorm2d]) -> bool:
+        first = bns[0]
+        if any(b.training != first.training for b in bns):
             return False
         if first.momentum is None and first.track_running_stats:
-            return len({int(b.num_batches_tracked) for b in self.bns}) == 1
+            return len({int(b.num_batches_tracked) for b in bns}) == 1
         return True
 
-    def _affine(self, scales: Sequence[torch.Tensor | None], y: torch.Tensor):
-        bns = list(self.bns)
+    @staticmethod
+    def _affine(bns: Sequence[nn.BatchNorm2d], scales: Sequence[torch.Tensor | None], y: torch.Tensor):
         if not scales or all(s is None for s in scales):
             if not bns[0].affine:
                 return None, None
@@ -102,10 +106,13 @@ class FusedBatchNorm2d(nn.Module):
                 biases.append(bn.bias if s is None else bn.bias * s)
         return torch.cat(weights), (torch.cat(biases) if biases else None)
 
-    def forward(self, y: torch.Tensor, *scales: torch.Tensor | None) -> torch.Tensor:
-        bns = list(self.bns)
-        if not self._uniform():
-            parts = [bn(part) for bn, part in zip(bns, y.split(self.splits, dim=1))]
+    def forward(self, y: torch.Tensor, *scales: torch.Tensor | None, live: Sequence[bool] | None = None) -> torch.Tensor:
+        bns = list(self.bns) if live is None else [b for b, on in zip(self.bns, live) if on]
+        if live is not None and scales:
+            scales = tuple(s for s, on in zip(scales, live) if on)
+        splits = [b.num_features for b in bns]
+        if not self._uniform(bns):
+            parts = [bn(part) for bn, part in zip(bns, y.split(splits, dim=1))]
             if scales:
                 parts = [p if s is None else p * s for p, s in zip(parts, scales)]
             return torch.cat(parts, dim=1)
@@ -121,12 +128,12 @@ class FusedBatchNorm2d(nn.Module):
             factor = first.momentum if first.momentum is not None else 0.0
         mean = torch.cat([b.running_mean for b in bns]) if tracked else None
         var = torch.cat([b.running_var for b in bns]) if tracked else None
-        weight, bias = self._affine(scales, y)
+        weight, bias = self._affine(bns, scales, y)
         use_batch_stats = first.training or not tracked
         out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, first.eps)
         if update:
             with torch.no_grad():
-                for bn, m, v in zip(bns, mean.split(self.splits), var.split(self.splits)):
+                for bn, m, v in zip(bns, mean.split(splits), var.split(splits)):
                     bn.running_mean.copy_(m)
                     bn.running_var.copy_(v)
         return out

@@ -22,6 +22,7 @@ class Report:
     adapter: str | None = None  # the adapter that lifted the sampling out of forward (GDAS)
     decided_per_call: tuple[str, ...] = ()  # modules/methods run as one node: they decide on per-call draws
     value_decisions: int = 0  # Python decisions on architecture values, re-checked before every call
+    sparse: int = 0  # gated candidates (topofx.sparse): each runs only on calls that select it
 
     @property
     def rewrites(self) -> list[Rewrite]:
@@ -44,7 +45,7 @@ class Report:
         if self.fallback:
             lines.append(f"  fallback: not captured as one graph ({self.fallback}); running the original eagerly")
             return "\n".join(lines)
-        lines.append(f"  found {self.edges} mixed edges in {self.cells} cells")
+        lines.append(f"  found {self.edges} mixed edges" + (f" in {self.cells} cells" if self.cells else ""))
         if self.decided_per_call:
             names = ", ".join(self.decided_per_call[:6]) + (", ..." if len(self.decided_per_call) > 6 else "")
             lines.append(f"  run per call: {len(self.decided_per_call)} modules/methods decide on values drawn every call "
@@ -53,7 +54,9 @@ class Report:
             lines.append(f"  guarded: {self.value_decisions} Python decisions on architecture values, checked before "
                          "every call (a change captures the model anew)")
         if self.adapter:
-            lines.append(f"  adapter: {self.adapter} (sampling runs eagerly before the graph; edges relaxed to weighted sums)")
+            lines.append(f"  adapter: {self.adapter} (sampling runs eagerly before the graph)")
+        if self.sparse:
+            lines.append(f"  sparse: {self.sparse} candidates run only on the calls that select them (one sync per call)")
         header = f"  {'pass':<22}{'exact':<7}{'rewrites':>9}  {'actions':<28}{'nodes':>8}{'conv':>7}{'bn':>7}"
         lines += [header, "  " + "-" * (len(header) - 2)]
         for p in self.passes:

@@ -185,9 +185,9 @@ class SelfCheck:
                  mode: str, live: Sequence[str] = ()):
         self.model, self.mode, self.example_inputs, self.live = model, mode, tuple(example_inputs), tuple(live)
         self.arch = [t for t in graph_attr_tensors(captured) if t.is_leaf and not any(t is getattr(captured, n) for n in live)]
-        if mode == "topo":
+        if mode == "topo" or live:  # an adapter's graph reads its sample: compare against the graph as captured
             self.number = ValueNumbering()
-            self.choice = vertex_choice(topology, self.number)
+            self.choice = vertex_choice(topology, self.number) if mode == "topo" else {}
             self.reference = at_vertex(captured, self.choice, self.number, live)
         self._own: float | None = None
 
@@ -204,8 +204,9 @@ class SelfCheck:
             return f"one step raised {type(exc).__name__}: {exc}"
 
     def _compare(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> str | None:
-        if self.mode == "exact":
+        if self.mode == "exact" and not self.live:
             return mismatch(self.model, gm, inputs, arch=self.arch, own_error=self._own_error)
         vertex = at_vertex(gm, self.choice, self.number, self.live)
-        return mismatch(self.reference, vertex, inputs, arch=self.arch, check_arch=False,
-                        skip_buffers=_floated_buffers(gm), own_error=self._own_error, rtol=VERTEX_RTOL)
+        topo = self.mode == "topo"
+        return mismatch(self.reference, vertex, inputs, arch=self.arch, check_arch=not topo,
+                        skip_buffers=_floated_buffers(gm), own_error=self._own_error, rtol=VERTEX_RTOL if topo else RTOL)

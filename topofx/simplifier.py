@@ -4,6 +4,8 @@
 2. find its mixed edges, inputs, candidates and cells (``topofx.topology``);
 3. rewrite the redundant parallel paths to a fixpoint (``topofx.passes`` via ``topofx.rewrite``),
    then lower the result (topo mode's fused weighted sums; the channels-last layout when asked);
+   a sampled supernet's graph (an adapter's gates) gets the exact rewrites and runs sparsely
+   (``topofx.sparse``: per call, only what the selected candidates need);
 4. check the result against the original on the example inputs;
 5. hand back a drop-in :class:`SimplifiedModule`.
 """
@@ -18,13 +20,14 @@ import torch.fx as fx
 from torch import nn
 
 from . import capture as _capture
-from .adapters import RelaxedForward, UnselectedFreeze, adapter_for
+from .adapters import RelaxedForward, adapter_for
 from .guards import Guards, retraces_same
 from .modules import MergedConvBN, to_channels_last
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .selfcheck import SelfCheck
-from .topology import analyze
+from .sparse import SparseForward, gates
+from .topology import analyze, sum_chains
 
 MODES = ("topo", "exact")
 LAYOUTS = ("keep", "channels_last")
@@ -83,8 +86,8 @@ class SimplifiedModule(nn.Module):
             return self._run_speculating(args, kwargs)
         relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
         try:
-            with self.freeze(self.graph_module):  # unselected candidates sit still, as in GDAS
-                return self.graph_module(*args, **kwargs)
+            sparse = self.__dict__.get("sparse")
+            return sparse(self.graph_module, *args, **kwargs) if sparse else self.graph_module(*args, **kwargs)
         finally:
             relaxed.release(self.graph_module)
 
@@ -189,7 +192,7 @@ class SimplifiedModule(nn.Module):
             fresh = simplify(self.original, examples, **self.__dict__["options"])
         fresh._load_floated(floated)
         self.__dict__.update(calls=0, recaptured=True, recapture_s=time.perf_counter() - start)
-        for key in ("graph_module", "report", "relaxed", "freeze", "guards", "graph_training"):
+        for key in ("graph_module", "report", "relaxed", "sparse", "guards", "graph_training"):
             self.__dict__[key] = fresh.__dict__.get(key)
         self.graph_module.train(self.training)
 
@@ -298,15 +301,21 @@ def _set_rng_states(devices: list[int], state: tuple) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _passes_for(mode: str, layout: str) -> tuple[tuple, tuple]:
-    """The rewrites (run to a fixpoint) and the lowering passes (run after them) for a mode and layout."""
-    from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, channels_last
+def _passes_for(mode: str, layout: str, sampled: bool = False) -> tuple[tuple, tuple]:
+    """The rewrites (run to a fixpoint) and the lowering passes (run after them) for a mode and layout.
+    A sampled graph (gates) takes the exact rewrites in both modes: its edges are one-hot on every
+    call, where merging buys nothing and would change the original's gradients; topo mode still
+    lowers its depthwise convolutions."""
+    from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, channels_last, depthwise_layout
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(map(repr, LAYOUTS))}")
-    rewrites, lowering = (EXACT_PASSES, ()) if mode == "exact" else (TOPO_PASSES, TOPO_LOWERING)
+    if sampled:
+        rewrites, lowering = EXACT_PASSES, ((depthwise_layout,) if mode == "topo" else ())
+    else:
+        rewrites, lowering = (EXACT_PASSES, ()) if mode == "exact" else (TOPO_PASSES, TOPO_LOWERING)
     return rewrites, lowering + ((channels_last,) if layout == "channels_last" else ())
 
 
@@ -343,9 +352,9 @@ def simplify(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    passes, lowering = _passes_for(mode, layout)
+    _passes_for(mode, layout)  # unknown names fail before any work
     name = type(model).__name__
-    adapter = adapter_for(model) if mode == "topo" else None
+    adapter = adapter_for(model)
     root = RelaxedForward(model, adapter) if adapter else model
     live = root.sample_names if adapter else ()
     captured = _capture.capture(root, example_inputs, strict=strict, live_attrs=live)
@@ -355,7 +364,9 @@ def simplify(
     gm = captured.graph_module
     captured_code = _capture.fingerprint(gm)
     topology = analyze(gm.graph, root)
-    freeze = UnselectedFreeze(gm, topology, live) if adapter else None  # from the graph as captured
+    sampled = bool(adapter) and bool(gates(gm))
+    passes, lowering = _passes_for(mode, layout, sampled)
+    gated_edges = sum(any(t in set(gates(gm)) for t in chain.terms) for chain in sum_chains(gm.graph))
     self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
     before = node_counts(gm)
     runs = _rewrite(gm, root, passes, lowering, example_inputs)
@@ -363,6 +374,8 @@ def simplify(
     problem = None if _capture.hoist_speculation(gm) else (
         "the rewritten graph cannot check its decisions on random draws before it changes any state")
     problem = problem or (self_check(gm, check_inputs) if self_check else None)
+    sparse = SparseForward(gm, live) if sampled else None
+    problem = problem or (sparse.check(gm, check_inputs) if sparse and check else None)
     if problem:
         _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict)
         if adapter:
@@ -370,8 +383,9 @@ def simplify(
         report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
         return SimplifiedModule(model, None, report, example_inputs)
     guard = gm.meta.get(_capture.VALUE_GUARD)
-    report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges), len(topology.cells()),
+    report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges) or gated_edges, len(topology.cells()),
                     adapter=adapter.description if adapter else None,
+                    sparse=len(sparse.gates) if sparse else 0,
                     decided_per_call=tuple(gm.meta.get(_capture.DECIDED_PER_CALL, ())),
                     value_decisions=len(guard.checks) if guard else 0)
     _warn_rejected(name, runs)
@@ -379,7 +393,7 @@ def simplify(
     if adapter:
         root.release(gm)  # samples drawn while verifying and rewriting
     branches_on_training = _branches_on_training(root, example_inputs, captured_code)
-    simplified.__dict__.update(relaxed=root if adapter else None, freeze=freeze, options=dict(mode=mode, strict=strict, check=check, layout=layout),
+    simplified.__dict__.update(relaxed=root if adapter else None, sparse=sparse, options=dict(mode=mode, strict=strict, check=check, layout=layout),
                                call_key=_capture.call_key(model, example_inputs),
                                guards=Guards(root, gm, captured_code, example_inputs))
     if branches_on_training:
