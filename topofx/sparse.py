@@ -200,10 +200,10 @@ class SparseForward:
             live_widths = [w for w, b in zip(group.widths, on_block) if b]
             remap = {b: sum(on_block[:b]) for b in range(len(on_block))}
             blocks[k] = (None if all(on_block) else tuple(on_block), live_widths, remap)
-        self._cache[pattern] = (flags, blocks)
+        plan = self._cache[pattern] = (flags, blocks)
         if len(self._cache) > PATTERN_CACHE:
             self._cache.popitem(last=False)
-        return flags, blocks
+        return plan
 
     def __call__(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
         flags, blocks = self.plan(self.pattern(gm))
