@@ -175,10 +175,12 @@ def test_item_used_as_a_number_is_captured_and_recomputed():
 # ---------------------------------------------------------------------------------------------
 # zoo models with data-dependent control flow (GDAS: hard sampling with .item())
 # ---------------------------------------------------------------------------------------------
-def test_nb201_gdas_exact_mode_is_captured_without_an_adapter():
+def test_nb201_gdas_is_captured_without_an_adapter(monkeypatch):
     """xautodl's GDAS redraws until finite in its own forward (speculated: the redraw is never needed
     on a fresh draw, and a call that needs it runs eagerly) and picks candidates with ``.item()`` in its
-    cells (which run per call): one graph, exactly GDAS's step."""
+    cells (which run per call): one graph, exactly GDAS's step -- the way a copy of GDAS's code that
+    no adapter is registered for is captured."""
+    monkeypatch.setattr(topofx.simplifier, "adapter_for", lambda model: None)
     model, x = zoo.build("nb201-gdas", C=8, N=1, image_size=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

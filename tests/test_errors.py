@@ -569,6 +569,42 @@ def test_self_check_failed_strict(monkeypatch):
         topofx.simplify(ConvNet(), x8(), mode="exact", strict=True)
 
 
+class _Gated(nn.Module):
+    """A hard-sampled edge of two candidates, registered with an adapter written with gates."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.alpha = nn.Parameter(torch.zeros(1, 2))
+
+    def forward(self, x):
+        hardwts, index = topofx.adapters.hard_gumbel_sample(self.alpha, 1.0)
+        k = index[0].item()
+        return sum(hardwts[0][i] * op(x) if i == k else hardwts[0][i]
+                   for i, op in enumerate([self.conv, nn.Identity()])).mean()
+
+
+topofx.adapters.register_adapter(
+    _Gated, lambda m: {"w": topofx.adapters.hard_gumbel_sample(m.alpha, 1.0)[0]},
+    lambda m, x, w: sum(topofx.gate(w[0][i], op(x)) for i, op in enumerate([m.conv, nn.Identity()])).mean())
+
+
+def test_self_check_sparse_execution_differs(monkeypatch):
+    from topofx.sparse import SparseForward
+
+    plan = SparseForward.plan
+    monkeypatch.setattr(SparseForward, "plan", lambda self, p: plan(self, bytes([1] * len(p))))  # every gate dead
+    with pytest.warns(UserWarning, match=r"self-check failed: the simplified _Gated differs from the original "
+                                         r"\(sparse execution differs from the graph by .* \(relative\)\)"):
+        simplified = topofx.simplify(_Gated(), x8())
+    assert simplified.graph_module is None
+
+
+def test_gate_bad_rule():
+    with pytest.raises(ValueError, match=r"gate\(dead='zero'\): choose one of 'weight', 'nothing'"):
+        topofx.gate(torch.tensor(1.0), torch.ones(2), dead="zero")
+
+
 def test_train_eval_paths_differ():
     model, x = TrainingBranch(), x8()
     with pytest.warns(UserWarning, match=r"TrainingBranch\.forward takes a different path in eval mode \(Python code "

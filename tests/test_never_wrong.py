@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import topofx
+from topofx import zoo
 from topofx.capture import max_rel_error, preserved_state
 from topofx.rewrite import Rewrite
 from topofx.testing import find_arch_parameters, seeded_outputs, set_one_hot, train_step_equivalence
@@ -366,3 +367,69 @@ def test_bad_passes_really_are_wrong_without_check(monkeypatch):
         assert _failures(report, (category,)), kind
         if kind == "detach":
             assert not _failures(report, ("output", "weight_grad", "buffer"))
+
+
+def test_projected_darts_pt_graph_holds_only_the_projected_candidates():
+    """DARTS-PT's projections zero the other candidates' weights and its join skips them (`if w != 0`):
+    the captured graph leaves them out (a guarded decision), and a new projection captures anew.
+    Was silently wrong (0.17 relative): the guard missed `weights[e].data.copy_(proj)` (a write
+    through `.data`), so every call looked changed, the mixed ops were moved to run per call, and the
+    next in-place write into `candidate_flags` (a tensor in a dict, read as a constant) went unseen."""
+    from topofx.testing import assert_train_step_equivalent
+
+    model, (x,) = zoo.build("darts-pt-projected", C=4, layers=3, projected=7, batch_size=2)
+    full, _ = zoo.build("darts-pt", C=4, layers=3, batch_size=2)
+    projected = topofx.simplify(model, x, mode="exact", strict=True)
+    searched = topofx.simplify(full, x, mode="exact", strict=True)
+    assert projected.report.before["conv"] < searched.report.before["conv"]
+    assert projected.guards.values_hold() and not projected.report.decided_per_call
+    assert_train_step_equivalent(model, projected, (x,))
+    model.project_op(7, 2, "normal")  # one more projection: captured anew before the next call
+    assert_train_step_equivalent(model, projected, (x,))
+    assert projected.__dict__.get("recaptured")
+
+
+class _FlagsInADict(nn.Module):
+    """A projection flag kept in a dict (read as a constant when traced) and flipped in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.flags = {"normal": torch.tensor([True, False])}
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if self.flags["normal"][0] else y.relu()
+
+
+def test_in_place_write_into_a_tensor_held_in_a_dict_is_seen():
+    model, x = _FlagsInADict(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    assert torch.equal(simplified(x), model(x))
+    model.flags["normal"][0] = False  # in place: the same tensor object
+    assert torch.equal(simplified(x), model(x))
+
+
+class _WriteThroughData(nn.Module):
+    """A value decision on weights written through ``.data`` first (DARTS-PT's projected rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2, 3))
+        self.proj = torch.tensor([0.0, 1.0, 0.0])
+        self.ops = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1), nn.Identity()])
+
+    def forward(self, x):
+        weights = self.alpha.softmax(-1)
+        weights[0].data.copy_(self.proj)
+        return sum(w * op(x) for w, op in zip(weights[0], self.ops) if w != 0)
+
+
+def test_value_guard_sees_writes_through_data():
+    """The guard re-evaluates `w != 0` with the `.data` write: right after capture nothing changed."""
+    model, x = _WriteThroughData(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    assert simplified.guards.values_hold()
+    for _ in range(3):
+        assert torch.allclose(simplified(x), model(x))
+    assert not simplified.__dict__.get("recaptured")

@@ -772,8 +772,8 @@ def _per_call_units(model: nn.Module, keys: set[tuple[str, ...]]) -> tuple[set[i
 def computed_by(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     """The nodes that compute ``nodes``, in graph order: their ancestors, and every in-place write
     (``p[mask] = w[mask]``, ``w.div_(s)``) into a storage they read, directly or through a view."""
-    from .rewrite import ALIASING_NAMES  # rewrite and topology import this module
-    from .topology import call_name, mutates
+    from .rewrite import is_view  # rewrite and topology import this module
+    from .topology import mutates
 
     graph = nodes[0].graph if nodes else None
     included: set[fx.Node] = set()
@@ -792,7 +792,7 @@ def computed_by(nodes: Sequence[fx.Node]) -> list[fx.Node]:
                     continue
                 if mutates(user):
                     stack.append(user)
-                elif user.op in ("call_function", "call_method") and call_name(user).strip("_") in ALIASING_NAMES:
+                elif is_view(user):
                     views.append(user)
     return [n for n in graph.nodes if n in included] if graph is not None else []
 
@@ -812,13 +812,16 @@ class ValueGuard:
     out of the traced graph, and the values seen at capture.  :meth:`changed` evaluates them on the
     model's current attributes (no inputs, no gradients) and names the decisions that differ."""
 
-    def __init__(self, graph: fx.Graph, decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]]):
+    def __init__(self, gm: fx.GraphModule, decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]]):
         self.graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for node in computed_by([node for node, *_ in decisions]):
             env[node] = self.graph.node_copy(node, lambda a: env[a])
         self.graph.output(tuple(env[node] for node, *_ in decisions))
         self.checks = [(convert, expected, decision) for _, convert, expected, decision in decisions]
+        # what the model itself does not hold (FX's tensor constants: a tensor read from a dict) is read
+        # from the graph module: the same objects, so in-place writes into them are seen
+        self.held = {n.target: _resolve(gm, n.target) for n in self.graph.nodes if n.op == "get_attr"}
 
     def changed(self, root: nn.Module) -> list[Decision]:
         """The decisions whose value differs now."""
@@ -833,9 +836,10 @@ class ValueGuard:
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if node.op == "get_attr":
-                obj: Any = root
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
+                try:
+                    obj: Any = _resolve(root, node.target)
+                except AttributeError:
+                    obj = self.held[node.target]
                 env[node] = obj.detach().clone() if isinstance(obj, torch.Tensor) else obj
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)
@@ -846,6 +850,13 @@ class ValueGuard:
             elif node.op == "output":
                 return args[0]
         return ()
+
+
+def _resolve(root: Any, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -993,7 +1004,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     _hold_foreign_constants(gm)
     gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
     gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
-    gm.meta[VALUE_GUARD] = ValueGuard(gm.graph, tracer.value_decisions) if tracer.value_decisions else None
+    gm.meta[VALUE_GUARD] = ValueGuard(gm, tracer.value_decisions) if tracer.value_decisions else None
     for node in gm.graph.nodes:
         node.meta.pop(REAL, None)
     return gm
@@ -1059,7 +1070,7 @@ def _volatile(gm: fx.GraphModule, speculated: list) -> list[Decision]:
     as opposed to ones that hold on every draw (a Dirichlet weight is never exactly 0)."""
     if not speculated:
         return []
-    guard = ValueGuard(gm.graph, speculated)
+    guard = ValueGuard(gm, speculated)
     changed: dict[int, Decision] = {}
     for _ in range(RESAMPLES):
         for decision in guard.changed(gm):
@@ -1154,12 +1165,12 @@ def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:
 
 def capture(
     model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True,
-    live_attrs: Sequence[str] = (),
+    live_attrs: Sequence[str] = (), stacklevel: int = 3,
 ) -> Capture:
     """Capture ``model``; on failure raise (``strict``) or warn and return an eager fallback.
 
     ``live_attrs`` name tensor attributes that are set anew before every call (an adapter's
-    samples): they may carry autograd history.
+    samples): they may carry autograd history.  ``stacklevel`` locates the warning at the user's call.
     """
     try:
         while True:
@@ -1184,7 +1195,7 @@ def capture(
         warnings.warn(
             f"topofx: {exc}. Falling back to the model's own eager forward (per-candidate ops unchanged); "
             "no rewrite is applied to this network.",
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
         return Capture(None, str(exc))
 

@@ -52,31 +52,50 @@ def _signature(inputs: Sequence[Any]) -> tuple:
     return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in inputs)
 
 
-def _scalars(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, str, Any]]:
+def _scalars(modules: Sequence[nn.Module], live: set[int]) -> list[tuple[nn.Module, str, Any]]:
     """(module, name, snapshot) of every Python number, string or ``None`` the modules hold, and of
-    every list, tuple or dict of them (DARTS-PT's ``candidate_flags``; a tensor inside one counts by
-    identity: ``proj_weights[t][e] = new`` is a change)."""
-    return [(m, k, _snapshot(v)) for m in modules for k, v in vars(m).items()
+    every list, tuple or dict of them (DARTS-PT's ``candidate_flags``).  A tensor inside one counts by
+    identity when the graph reads it live (``live``: a parameter, buffer or tensor attribute of a
+    module; ``proj_weights[t][e] = new`` is a change), and by value otherwise: tracing read it as a
+    constant, so an in-place write (``candidate_flags[t][e] = False``) is a change too."""
+    return [(m, k, _snapshot(v, live)) for m in modules for k, v in vars(m).items()
             if (type(v) in _SCALARS or type(v) in (list, tuple, dict)) and k not in _MODULE_INTERNALS]
 
 
 _MODULE_INTERNALS = set(vars(nn.Module())) | {"training"}  # _parameters, _modules, hooks: followed elsewhere
 
 
-def _snapshot(value: Any, depth: int = 0) -> Any:
+def _live_tensors(root: nn.Module) -> set[int]:
+    """ids of the tensors a graph reads by ``get_attr`` (so: live) -- every module's parameters,
+    buffers and plain tensor attributes."""
+    return {id(t) for m in root.modules()
+            for t in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()) if isinstance(t, torch.Tensor)}
+
+
+class _TensorValue:
+    """A tensor held in a container, by identity and value (compared with ``torch.equal``)."""
+
+    __slots__ = ("id", "value")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, tensor: torch.Tensor):
+        self.id, self.value = id(tensor), tensor.detach().clone()
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _TensorValue) and self.id == other.id and self.value.shape == other.value.shape
+                and self.value.dtype == other.value.dtype and torch.equal(self.value, other.value))
+
+
+def _snapshot(value: Any, live: set[int], depth: int = 0) -> Any:
     if type(value) in _SCALARS:
         return (type(value), value)  # True and 1 differ
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
+        return ("tensor", id(value)) if id(value) in live else _TensorValue(value)
     if type(value) in (list, tuple) and depth < 4:
-        return (type(value), tuple(_snapshot(v, depth + 1) for v in value))
+        return (type(value), tuple(_snapshot(v, live, depth + 1) for v in value))
     if type(value) is dict and depth < 4:
-        return (dict, tuple((k, _snapshot(v, depth + 1)) for k, v in value.items()))
+        return (dict, tuple((k, _snapshot(v, live, depth + 1)) for k, v in value.items()))
     return ("object", id(value))
-
-
-def _same_scalar(now: Any, then: Any) -> bool:
-    return _snapshot(now) == then
 
 
 def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
@@ -113,7 +132,8 @@ class Guards:
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
-        self.scalars = _scalars(self.traced)
+        self.live = _live_tensors(root)
+        self.scalars = _scalars(self.traced, self.live)
         self.tensors = self._captured_tensors(gm)
         own = {id(m) for m in root.modules()}
         targets = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
@@ -165,14 +185,14 @@ class Guards:
 
     def scalars_hold(self) -> bool:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
-        moved = [(m, k) for m, k, v in self.scalars if not _same_scalar(m.__dict__.get(k, self), v)]
+        moved = [(m, k) for m, k, v in self.scalars if _snapshot(m.__dict__.get(k, self), self.live) != v]
         if not moved:
             return True
         changed = sorted({f"{type(m).__name__}.{k}" for m, k in moved})
         start = time.perf_counter()
         if not retraces_same(self.root, self.example_inputs, self.code):
             return False
-        self.scalars = _scalars(self.traced)
+        self.scalars = _scalars(self.traced, self.live)
         if not self.retrace_warned.issuperset(changed):
             self.retrace_warned.update(changed)
             warnings.warn(

@@ -213,6 +213,14 @@ def aliases(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":  # nn.Identity returns its input; unknown modules might
         mod = gm.get_submodule(node.target)
         return isinstance(mod, nn.Identity) or is_random(node, gm)
+    return is_view(node)
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether a function or method call's value may share storage with its first argument
+    (``x.view(...)``, ``x[i]``, ``x.data``)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:2] in (("data",), ("T",), ("mT",), ("H",), ("real",), ("imag",))
     return node.op in ("call_function", "call_method") and target_name(node).strip("_") in ALIASING_NAMES
 
 

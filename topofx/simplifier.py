@@ -26,7 +26,7 @@ from .modules import MergedConvBN, to_channels_last
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .selfcheck import SelfCheck
-from .sparse import SparseForward, gates
+from .sparse import SparseForward, gateable, gates
 from .topology import analyze, sum_chains
 
 MODES = ("topo", "exact")
@@ -354,19 +354,17 @@ def simplify(
     example_inputs = tuple(example_inputs)
     _passes_for(mode, layout)  # unknown names fail before any work
     name = type(model).__name__
-    adapter = adapter_for(model)
-    root = RelaxedForward(model, adapter) if adapter else model
-    live = root.sample_names if adapter else ()
-    captured = _capture.capture(root, example_inputs, strict=strict, live_attrs=live)
+    adapter, root, live, captured = _capture_sampling(model, example_inputs, mode, strict)
     if captured.graph_module is None:
         report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
     captured_code = _capture.fingerprint(gm)
     topology = analyze(gm.graph, root)
-    sampled = bool(adapter) and bool(gates(gm))
+    sampled = any(gateable(gm, g, live) for g in gates(gm))
     passes, lowering = _passes_for(mode, layout, sampled)
-    gated_edges = sum(any(t in set(gates(gm)) for t in chain.terms) for chain in sum_chains(gm.graph))
+    gated = set(gates(gm))
+    gated_edges = sum(any(t in gated for t in chain.terms) for chain in sum_chains(gm.graph))
     self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
     before = node_counts(gm)
     runs = _rewrite(gm, root, passes, lowering, example_inputs)
@@ -405,6 +403,23 @@ def simplify(
             stacklevel=2,
         )
     return simplified
+
+
+def _capture_sampling(model: nn.Module, example_inputs: tuple, mode: str, strict: bool) -> tuple:
+    """``(adapter, root, sample names, capture)``: through the model's adapter when it has one (its
+    sampling lifted out of forward, ``topofx.adapters``), else the model itself.  Exact mode keeps the
+    adapter only when every candidate it relaxes is gated for sparse execution: a plain weighted sum
+    gives the unselected weights another gradient than the original's."""
+    adapter = adapter_for(model)
+    if adapter is not None:
+        root = RelaxedForward(model, adapter)
+        captured = _capture.capture(root, example_inputs, strict=strict, live_attrs=root.sample_names, stacklevel=4)
+        gm = captured.graph_module
+        relaxed_exactly = gm is not None and bool(gates(gm)) and all(
+            gateable(gm, g, root.sample_names) for g in gates(gm))
+        if mode == "topo" or relaxed_exactly:
+            return adapter, root, root.sample_names, captured
+    return None, model, (), _capture.capture(model, example_inputs, strict=strict, stacklevel=4)
 
 
 def _rewrite(gm: fx.GraphModule, root: nn.Module, passes: tuple, lowering: tuple, example_inputs: tuple,

@@ -63,6 +63,15 @@ def gates(gm: fx.GraphModule) -> list[fx.Node]:
     return [node for node in gm.graph.nodes if is_gate(node)]
 
 
+def gateable(gm: fx.GraphModule, node: fx.Node, sample_names: Sequence[str]) -> bool:
+    """A gate on a sampled weight whose users only add it (so a dead term can be left out or
+    replaced by its weight) and whose sums nothing mutates (a left-out term would alias)."""
+    return (
+        sample_position(gm, node.args[0], sample_names) is not None and bool(node.users)
+        and all(is_add(u) and not is_mutated(u, gm) for u in node.users) and not is_mutated(node, gm)
+    )
+
+
 def sample_position(gm: fx.GraphModule, weight: Any, sample_names: Sequence[str]) -> tuple[str, int] | None:
     """``(sample name, flat index)`` when ``weight`` indexes a sample by constants (``hardwts[e][k]``)."""
     indices = []
@@ -125,41 +134,38 @@ class SparseForward:
 
     def __init__(self, gm: fx.GraphModule, sample_names: Sequence[str]):
         nodes = list(gm.graph.nodes)
-        self.index = {n: i for i, n in enumerate(nodes)}
-        self.gates = [g for g in gates(gm) if self._gateable(gm, g, sample_names)]
-        positions = [sample_position(gm, g.args[0], sample_names) for g in self.gates]
+        index = {n: i for i, n in enumerate(nodes)}
+        gate_nodes = [g for g in gates(gm) if gateable(gm, g, sample_names)]
+        positions = [sample_position(gm, g.args[0], sample_names) for g in gate_nodes]
         names = sorted({name for name, _ in positions})
         self.samples = [(name, torch.tensor([flat for n, flat in positions if n == name])) for name in names]
         order = [(name, flat) for name in names for n, flat in positions if n == name]
-        self.gate_slot = [order.index(p) for p in positions]  # gate -> its position in the call's pattern
-        self.groups = [g for n in nodes if (g := _FusedGroup.match(gm, n)) is not None]
-        self._inputs = [[self.index[a] for a in n.all_input_nodes] for n in nodes]
-        self._gate_weight = {self.index[g]: self.index[g.args[0]] for g in self.gates}
-        self._roots = self._static_roots(gm, nodes)
+        # (node index, weight's node index, position in the call's zero pattern) per gate
+        self.gates = [(index[g], index[g.args[0]], order.index(p)) for g, p in zip(gate_nodes, positions)]
+        groups = [g for n in nodes if (g := _FusedGroup.match(gm, n)) is not None]
+        # (channel widths, [(getitem's node index, block)]) per fused group
+        self.groups = [(group.widths, [(index[item], item.args[1]) for item in group.items]) for group in groups]
+        self._inputs = [[index[a] for a in n.all_input_nodes] for n in nodes]
+        self._gate_weight = {g: w for g, w, _ in self.gates}
+        self._roots = self._static_roots(gm, nodes, index, gate_nodes)
         self._cache: OrderedDict[bytes, tuple] = OrderedDict()
+        self._flat_on: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.modules = [gm.get_submodule(n.target) if n.op == "call_module" else None for n in nodes]
-        self._run = _generate(nodes, self.index, self.gates, self.groups)
+        self._run = _generate(nodes, index, gate_nodes, groups)  # holds no node: deepcopy-safe
 
-    @staticmethod
-    def _gateable(gm: fx.GraphModule, node: fx.Node, sample_names: Sequence[str]) -> bool:
-        """A gate on a sampled weight whose users only add it (so a dead term can be left out or
-        replaced by its weight) and whose sums nothing mutates (a left-out term would alias)."""
-        return (
-            sample_position(gm, node.args[0], sample_names) is not None and bool(node.users)
-            and all(is_add(u) and not is_mutated(u, gm) for u in node.users) and not is_mutated(node, gm)
-        )
-
-    def _static_roots(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> list[int]:
+    def _static_roots(self, gm: fx.GraphModule, nodes: list[fx.Node], index: dict[fx.Node, int],
+                      gate_nodes: list[fx.Node]) -> list[int]:
         """The output, and the nodes with effects that no gate's term governs (those always run)."""
         gated: set[int] = set()
-        stack = [self.index[g.args[1]] for g in self.gates if isinstance(g.args[1], fx.Node)]
+        stack = [index[g.args[1]] for g in gate_nodes if isinstance(g.args[1], fx.Node)]
         while stack:
             i = stack.pop()
             if i not in gated:
                 gated.add(i)
                 stack.extend(self._inputs[i])
-        always = self._reach([self.index[nodes[-1]]], frozenset(self.index[g] for g in self.gates))
-        return [self.index[nodes[-1]]] + [
+        output = len(nodes) - 1
+        always = self._reach([output], frozenset(self._gate_weight))
+        return [output] + [
             i for i, n in enumerate(nodes)
             if n.op not in ("placeholder", "output") and not is_pure(n, gm) and (i not in gated or i in always)
         ]
@@ -178,9 +184,16 @@ class SparseForward:
 
     def pattern(self, gm: fx.GraphModule) -> bytes:
         """Which gated weights are exactly zero on this call (the call's one device sync)."""
-        zero = torch.cat([getattr(gm, name).detach().reshape(-1)[flat.to(getattr(gm, name).device)]
-                          for name, flat in self.samples]) == 0
-        return bytes(zero.tolist())
+        picked = []
+        for name, flat in self.samples:
+            sample = getattr(gm, name).detach()
+            if flat.device != sample.device:  # moved once per device, not copied on every call
+                key = (name, sample.device)
+                if key not in self._flat_on:
+                    self._flat_on[key] = flat.to(sample.device)
+                flat = self._flat_on[key]
+            picked.append(sample.reshape(-1)[flat])
+        return bytes((torch.cat(picked) == 0).tolist())
 
     def plan(self, pattern: bytes) -> tuple[list[int], dict[int, tuple]]:
         """Per node 0 (not run), 1 (run) or 2 (a dead gate: its substitute), and the live blocks of
@@ -189,15 +202,15 @@ class SparseForward:
         if cached is not None:
             self._cache.move_to_end(pattern)
             return cached
-        dead = frozenset(self.index[g] for g, slot in zip(self.gates, self.gate_slot) if pattern[slot])
+        dead = frozenset(g for g, _, slot in self.gates if pattern[slot])
         live = self._reach(self._roots, dead)
-        flags = [(2 if i in dead else 1) if i in live else 0 for i in range(len(self.index))]
+        flags = [(2 if i in dead else 1) if i in live else 0 for i in range(len(self._inputs))]
         blocks = {}
-        for k, group in enumerate(self.groups):
-            on_block = [False] * len(group.widths)
-            for item in group.items:
-                on_block[item.args[1]] = on_block[item.args[1]] or bool(flags[self.index[item]])
-            live_widths = [w for w, b in zip(group.widths, on_block) if b]
+        for k, (widths, items) in enumerate(self.groups):
+            on_block = [False] * len(widths)
+            for item, block in items:
+                on_block[block] = on_block[block] or bool(flags[item])
+            live_widths = [w for w, b in zip(widths, on_block) if b]
             remap = {b: sum(on_block[:b]) for b in range(len(on_block))}
             blocks[k] = (None if all(on_block) else tuple(on_block), live_widths, remap)
         plan = self._cache[pattern] = (flags, blocks)
@@ -211,16 +224,20 @@ class SparseForward:
 
     def check(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> str | None:
         """Why the sparse run's values differ from the graph's dense run on ``inputs`` (at the sample
-        the graph holds now), or None -- a check of this module's liveness and code, not of the passes."""
-        from .capture import max_rel_error, preserved_state, run_seeded
+        the graph holds now), or None -- a check of this module's liveness and code, not of the passes.
+        In eval mode: a dropout in a candidate draws only where it runs, so train-mode draws differ."""
+        from .capture import max_rel_error, preserved_state
 
+        modes = [(m, m.training) for m in gm.modules()]
         try:
-            with torch.no_grad(), preserved_state(gm), torch.random.fork_rng(devices=[]):
-                dense = run_seeded(gm, inputs)
-            with torch.no_grad(), preserved_state(gm), torch.random.fork_rng(devices=[]):
-                sparse = run_seeded(lambda *xs: self(gm, *xs), inputs)
+            gm.eval()
+            with torch.no_grad(), preserved_state(gm):
+                dense, sparse = gm(*inputs), self(gm, *inputs)
         except Exception as exc:  # noqa: BLE001 - a sparse run that fails is no equal either
             return f"sparse execution raised {type(exc).__name__}: {exc}"
+        finally:
+            for module, mode in modes:
+                module.training = mode
         error = max_rel_error(dense, sparse)
         return None if error <= CHECK_RTOL else f"sparse execution differs from the graph by {error:.2e} (relative)"
 
@@ -295,6 +312,8 @@ def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[
             dead = w if n.kwargs.get("dead", "weight") == "weight" else "None"
             lines.append(f"if L[{i}] == 1: {v} = {w} * {t}")
             lines.append(f"elif L[{i}] == 2: {v} = {dead}")
+        elif n in nothing_adds:  # `is_add`: two operands, no keywords, as a function or a method
+            lines.append(f"if L[{i}]: {v} = _add_nothing({expr(n.args[0])}, {expr(n.args[1])})")
         else:
             if n.op == "get_attr":
                 env[f"A{i}"] = operator.attrgetter(n.target)
@@ -313,8 +332,6 @@ def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[
                 k, role = group_of.get(n, (None, None))
                 if role == "item":
                     code = f"{expr(n.args[0])}[P[{k}][2][{n.args[1]}]]"
-                elif n in nothing_adds:
-                    code = f"_add_nothing({call_args(n.args, n.kwargs)})"
                 else:
                     env[f"F{i}"] = n.target
                     code = f"F{i}({call_args(n.args, n.kwargs)})"

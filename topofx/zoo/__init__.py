@@ -26,6 +26,7 @@ Names:
   the DARTS space, ``if not w == 0`` joins (:mod:`.drnas_style`);
 * ``darts-pt``: DARTS-PT's projection state (``candidate_flags``, ``proj_weights``) and its
   ``if w != 0`` join (:mod:`.dartspt_style`);
+* ``darts-pt-projected``: the same, with half of each cell type's edges projected (``project_op``);
 * ``hard-gumbel``: ``F.gumbel_softmax(hard=True)`` redrawn every call, ``abs(w) > 1e-10`` joins
   (:mod:`.hardgumbel_style`);
 * ``path-arg``: NASP-style ``forward(x, updateType='alpha')`` choosing softmax or one-hot weights
@@ -141,6 +142,16 @@ def _darts_pt(**kw: Any) -> nn.Module:
     return DartsNetworkProj(**kw)
 
 
+def _darts_pt_projected(projected: int = 7, **kw: Any) -> nn.Module:
+    """DARTS-PT midway through its projection phase: the first ``projected`` edges of both cell types
+    fixed to one operation each (``project_op``), the others still searched."""
+    model = _darts_pt(**kw)
+    for cell_type in ("normal", "reduce"):
+        for eid in range(projected):
+            model.project_op(eid, 1 + eid % (model.num_ops - 1), cell_type)  # never 'none'
+    return model
+
+
 def _hard_gumbel(**kw: Any) -> nn.Module:
     from .hardgumbel_style import Network
 
@@ -223,6 +234,11 @@ _REGISTRY: Dict[str, ZooEntry] = {
                  "optional weights_dict argument (C=16, 8 cells); returns logits",
                  _darts_pt, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
                                  stem_multiplier=3)),
+        ZooEntry("darts-pt-projected",
+                 "DARTS-PT midway through projection: 7 of 14 edges per cell type projected onto one "
+                 "operation (C=16, 8 cells); returns logits",
+                 _darts_pt_projected, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
+                                           stem_multiplier=3, projected=7)),
         ZooEntry("hard-gumbel",
                  "hard Gumbel-softmax samples every call, 'abs(w) > 1e-10' join runs the "
                  "selected op only (C=16, 8 cells, DARTS space); returns logits",
