@@ -389,6 +389,18 @@ def test_projected_darts_pt_graph_holds_only_the_projected_candidates():
     assert projected.__dict__.get("recaptured")
 
 
+def test_passes_may_read_a_storage_after_its_last_write():
+    """The projected rows are written (`.data.copy_`) before any read of the weights: topo mode's
+    passes add readers after those writes, which the driver accepts (nothing rejected) -- and the
+    vertex self-check holds."""
+    model, (x,) = zoo.build("darts-pt-projected", C=4, layers=3, projected=7, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simplified = topofx.simplify(model, x, mode="topo", strict=True)
+    assert not any(run.rejected for run in simplified.report.passes)
+    assert any(r.action == "merged" for r in simplified.report.rewrites)
+
+
 class _FlagsInADict(nn.Module):
     """A projection flag kept in a dict (read as a constant when traced) and flipped in place."""
 

@@ -298,6 +298,22 @@ class Effects:
                     edges += [(a, n) for a in acc[:i]] + [(n, b) for b in acc[i + 1:]]
         return edges
 
+    def _settled_read(self, acc: list[fx.Node], new: list[fx.Node], position: dict[fx.Node, int], gm: Any) -> bool:
+        """Whether the new readers of a mutated storage read its final value, as every original reader
+        does: the storage was written first and only read after its last write (DARTS-PT's projected
+        rows: ``weights[e].data.copy_(proj)`` at the top of forward), and the new nodes come after that
+        write.  (Views taken to write through do not read.)"""
+        recorded = next((r for r in self.accesses if set(r) & set(acc)), None)
+        if recorded is None:
+            return False
+        recorded = [n for n in recorded if n in position]
+        writes = [i for i, n in enumerate(recorded) if is_inplace(n, gm)]
+        reads = [i for i, n in enumerate(recorded) if not is_inplace(n, gm) and not aliases(n, gm)]
+        if not writes or any(i < writes[-1] for i in reads):
+            return False
+        last_write = max(position[n] for n in acc if is_inplace(n, gm))
+        return all(position[n] > last_write for n in new)
+
     def violation(self, gm: fx.GraphModule) -> str | None:
         """Why the graph no longer keeps the recorded order, or None."""
         gm = _ModuleTable(gm)  # type: ignore[assignment]
@@ -314,9 +330,9 @@ class Effects:
             return "it added a random/opaque call"
         old = set().union(*map(set, self.accesses)) if self.accesses else set()
         for acc in now.accesses:
-            new = [n.name for n in acc if n not in old]
-            if new:
-                return f"new node(s) {', '.join(new)} read a value that is mutated in place"
+            new = [n for n in acc if n not in old]
+            if new and not self._settled_read(acc, new, position, gm):
+                return f"new node(s) {', '.join(n.name for n in new)} read a value that is mutated in place"
         for acc in self.accesses:
             kept = [n for n in acc if n in position]
             for i, n in enumerate(kept):
