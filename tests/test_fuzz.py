@@ -197,6 +197,33 @@ def test_run_classifies_silent_and_writes_one_reproducer_per_class(tmp_path):
     assert "exact" in summary.table() and "silent" in summary.table()
 
 
+def _perturbs_gradients(model, example_inputs, mode="topo", **kwargs):
+    """A wrong simplify whose outputs are right: the graph's output carries 1.001x its gradient."""
+    simplified = topofx.simplify(model, example_inputs, mode=mode, **kwargs)
+    gm = simplified.graph_module
+    if gm is not None:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        (value,) = out.args
+
+        def scale(v):  # v + 0.001 * (v - v.detach()): same value, gradient times 1.001
+            if not isinstance(v, torch.fx.Node):
+                return v
+            detached = gm.graph.call_method("detach", (v,))
+            delta = gm.graph.call_function(torch.sub, (v, detached))
+            return gm.graph.call_function(torch.add, (v, gm.graph.call_function(torch.mul, (delta, 1e-3))))
+        with gm.graph.inserting_before(out):
+            out.args = (torch.fx.node.map_arg(value, scale),)
+        gm.recompile()
+    return simplified
+
+
+def test_wrong_gradients_stay_silent_after_the_float64_recheck():
+    """Gradients outside 1e-5 in float32 are compared again in float64: a real error stays an error."""
+    seed = next(s for s in SAMPLE_SEEDS[:30] if fuzz.check_spec(fuzz._draw_spec(s), "exact").outcome == "ok")
+    outcome = fuzz.check_spec(fuzz._draw_spec(seed), "exact", simplify=_perturbs_gradients)
+    assert (outcome.outcome, outcome.key) == ("silent", "exact: weight_grad")
+
+
 def test_cli_prints_table_and_exit_status(monkeypatch, tmp_path, capsys):
     real_check_spec = fuzz.check_spec
 

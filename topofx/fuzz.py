@@ -13,7 +13,9 @@ Contracts checked (per model, per mode):
 
 * ``exact``: :func:`topofx.testing.train_step_equivalence` of ``simplify(model, x, mode="exact")``
   against the original (outputs, every weight's and architecture parameter's gradient, BN buffers;
-  rtol 1e-5).
+  rtol 1e-5).  Gradients outside it in float32 are compared again on float64 copies of both, at the
+  same 1e-5 (:func:`topofx.selfcheck.mismatch`): through batch norms of tiny batches float32
+  rounding of another (equally exact) summation order can reach 1e-2, a wrong gradient stays wrong.
 * ``topo``: the simplified module runs forward+backward at the model's own (mixed) weights; at a
   one-hot vertex (set by the generated ``set_vertex``; skipped for weight kinds that cannot be
   one-hot, e.g. Dirichlet) the train-mode output equals the original's within 1e-5
@@ -1152,6 +1154,7 @@ def check_spec(spec: dict[str, Any], mode: str, *, simplify: Callable[..., Any] 
 def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None, out: Outcome) -> None:
     import topofx
     from topofx.capture import max_rel_error, preserved_state
+    from topofx.selfcheck import mismatch
     from topofx.testing import find_arch_parameters, seeded_outputs, train_step_equivalence
 
     simplify = simplify or topofx.simplify
@@ -1191,6 +1194,9 @@ def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None,
             if mode == "exact":
                 report = train_step_equivalence(model, simplified, inputs)
                 failing = _first_failure(report, ("output", "weight_grad", "arch_grad", "buffer"))
+                if failing in ("weight_grad", "arch_grad") and mismatch(
+                        model, simplified, inputs, arch=find_arch_parameters(model)) is None:
+                    failing = None  # float32 rounding: equal on float64 copies
                 if failing:
                     out.outcome, out.key, out.message = "silent", f"exact: {failing}", str(report)
             else:

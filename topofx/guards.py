@@ -5,7 +5,7 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 * decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
   shapes they were taken on;
 * plain Python numbers that traced code reads (a Gumbel temperature ``self.temp``) are constants
-  in the graph;
+  in the graph, and so are tensors it reads out of a list or dict (DARTS-PT's ``candidate_flags``);
 * ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
   ``self.alphas_normal = ...`` holds a new object;
 * modules the graph no longer calls (traced through, or fused away by a pass) do not run hooks.
@@ -15,7 +15,7 @@ look-ups per traced module; the graph itself is not touched):
 
 * a new input shape is traced again on meta tensors; if it takes other decisions, that call runs
   the original's eager forward, with a warning naming the decision's source line;
-* a changed Python number is traced again; if the graph changes, the verdict is ``"recapture"``
+* a changed Python number (or an in-place write into a tensor held in a list or dict) is traced again; if the graph changes, the verdict is ``"recapture"``
   and the simplified module simplifies the model again (floated-BN statistics carried over); if
   not, one warning names the attribute (a per-step counter would pay a re-trace every step);
 * a re-assigned tensor of the same shape is re-bound in the graph module; another shape asks for
