@@ -16,6 +16,8 @@ from topofx.adapters import adapter_for, hard_gumbel_sample, register_adapter
 from topofx.capture import max_rel_error, preserved_state
 from topofx.testing import seeded_outputs
 
+from sampled_step import one_step
+
 GRAD_RTOL = 1e-5
 
 
@@ -57,24 +59,11 @@ def _acts_like_gdas(model, simplified, x, seed) -> set[str]:
     return moved
 
 
-def _step(model, net, x, seed):
-    """One train step from ``seed``: (outputs, gradients by name, buffers after) -- state restored."""
-    with preserved_state(model):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        out = net(x)
-        out[-1].logsumexp(-1).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        model.zero_grad(set_to_none=True)
-    return out, grads, buffers
-
-
 def assert_equals_gdas(model, simplified, x, seed):
     """Forward value, every parameter gradient and alpha's (float64 both sides, to 1e-5 of the largest),
     the set of parameters with a gradient, and every buffer after the step: GDAS's own."""
-    out_ref, grads_ref, bufs_ref = _step(model, model, x, seed)
-    out, grads, bufs = _step(model, simplified, x, seed)
+    out_ref, grads_ref, bufs_ref = one_step(model, model, x, seed)
+    out, grads, bufs = one_step(model, simplified, x, seed)
     assert max_rel_error(out_ref, out) <= 1e-6
     assert set(grads) == set(grads_ref)
     scale = max(g.abs().max().item() for g in grads_ref.values())

@@ -13,6 +13,8 @@ from topofx.capture import max_rel_error, preserved_state
 from topofx.modules import FusedConv2d
 from topofx.sparse import gate
 
+from sampled_step import one_step
+
 
 def _conv(C: int, k: int) -> nn.Module:
     return nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, k, padding=k // 2, bias=False), nn.BatchNorm2d(C))
@@ -56,18 +58,6 @@ def _relaxed(m, x, hardwts):
 register_adapter(_FanOutCell, lambda m: {"hardwts": hard_gumbel_sample(m.alpha, m.tau)[0]}, _relaxed, "fan-out")
 
 
-def _step(model, net, x, seed):
-    with preserved_state(model):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        out = net(x)
-        out.logsumexp(-1).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        model.zero_grad(set_to_none=True)
-    return out, grads, buffers
-
-
 def test_gate_is_the_product_eagerly():
     w, t = torch.tensor(0.5), torch.randn(2, 3)
     assert torch.equal(gate(w, t), w * t) and torch.equal(gate(w, t, dead="nothing"), w * t)
@@ -87,8 +77,8 @@ def test_sparse_run_equals_the_original(dead, mode):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             selected |= {(e, int(k)) for e, k in enumerate(hard_gumbel_sample(model.alpha, model.tau)[1].flatten())}
-        out_ref, grads_ref, bufs_ref = _step(model, model, x, seed)
-        out, grads, bufs = _step(model, simplified, x, seed)
+        out_ref, grads_ref, bufs_ref = one_step(model, model, x, seed)
+        out, grads, bufs = one_step(model, simplified, x, seed)
         assert max_rel_error(out_ref, out) <= 1e-12
         assert set(grads) == set(grads_ref)
         for name, g in grads_ref.items():
@@ -194,8 +184,8 @@ def test_deepcopy_runs_its_own_modules():
         for p in twin.original.parameters():
             p.add_(0.5)
     for seed in range(3):
-        out_ref, grads_ref, _ = _step(twin.original, twin.original, x, seed)
-        out, grads, _ = _step(twin.original, twin, x, seed)
+        out_ref, grads_ref, _ = one_step(twin.original, twin.original, x, seed)
+        out, grads, _ = one_step(twin.original, twin, x, seed)
         assert max_rel_error(out_ref, out) <= 1e-6 and set(grads) == set(grads_ref)
         assert all(p.grad is None for p in model.parameters())  # nothing reached the original model
 

@@ -20,7 +20,9 @@ from torch import nn
 
 import topofx
 from topofx.adapters import hard_gumbel_sample, register_adapter
-from topofx.capture import max_rel_error, preserved_state
+from topofx.capture import max_rel_error
+
+from sampled_step import one_step
 
 SPARSE_N = int(os.environ.get("TOPOFX_SPARSE_N", "12"))
 SEEDS = 4
@@ -119,18 +121,6 @@ def _sample(m):
 register_adapter(RandomGated, _sample, _relaxed, "random gated")
 
 
-def _step(model, net, x, seed):
-    with preserved_state(model):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        out = net(x)
-        out.logsumexp(-1).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        model.zero_grad(set_to_none=True)
-    return out, grads, buffers
-
-
 @pytest.mark.parametrize("mode", ["exact", "topo"])
 @pytest.mark.parametrize("seed", range(SPARSE_N))
 def test_random_gated_supernet_equals_its_original(seed, mode):
@@ -140,8 +130,8 @@ def test_random_gated_supernet_equals_its_original(seed, mode):
     simplified = topofx.simplify(model, x, mode=mode, strict=True)
     assert simplified.report.sparse > 0
     for draw in range(SEEDS):
-        out_ref, grads_ref, bufs_ref = _step(model, model, x, 1000 * seed + draw)
-        out, grads, bufs = _step(model, simplified, x, 1000 * seed + draw)
+        out_ref, grads_ref, bufs_ref = one_step(model, model, x, 1000 * seed + draw)
+        out, grads, bufs = one_step(model, simplified, x, 1000 * seed + draw)
         assert max_rel_error(out_ref, out) <= 1e-9, model.edge_list
         assert set(grads) == set(grads_ref)
         scale = max(g.abs().max().item() for g in grads_ref.values())

@@ -43,7 +43,10 @@ _BUILTINS_LOADED = False
 
 def register_adapter(cls: type, sample: Callable[[nn.Module], dict[str, torch.Tensor]], relaxed: Callable[..., Any],
                      description: str = "") -> None:
-    """Register how to capture models of class ``cls`` (and its subclasses)."""
+    """Register how to capture models of class ``cls`` (and its subclasses): ``sample(model)`` draws what
+    the original's forward draws, as a dict of tensors; ``relaxed(model, *inputs, **samples)`` computes
+    the forward from them, each candidate written as :func:`topofx.gate` ``(w, op(x), dead=...)`` so
+    that only the selected ones run (a plain ``w * op(x)`` runs densely, in topo mode only)."""
     _REGISTRY[cls] = Adapter(sample, relaxed, description)
 
 

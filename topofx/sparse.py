@@ -137,11 +137,12 @@ class SparseForward:
         index = {n: i for i, n in enumerate(nodes)}
         gate_nodes = [g for g in gates(gm) if gateable(gm, g, sample_names)]
         positions = [sample_position(gm, g.args[0], sample_names) for g in gate_nodes]
-        names = sorted({name for name, _ in positions})
-        self.samples = [(name, torch.tensor([flat for n, flat in positions if n == name])) for name in names]
-        order = [(name, flat) for name in names for n, flat in positions if n == name]
+        order = sorted(set(positions))  # distinct sampled weights (cells may share a sample's rows)
+        names = sorted({name for name, _ in order})
+        self.samples = [(name, torch.tensor([flat for n, flat in order if n == name])) for name in names]
+        slot = {p: i for i, p in enumerate(order)}
         # (node index, weight's node index, position in the call's zero pattern) per gate
-        self.gates = [(index[g], index[g.args[0]], order.index(p)) for g, p in zip(gate_nodes, positions)]
+        self.gates = [(index[g], index[g.args[0]], slot[p]) for g, p in zip(gate_nodes, positions)]
         groups = [g for n in nodes if (g := _FusedGroup.match(gm, n)) is not None]
         # (channel widths, [(getitem's node index, block)]) per fused group
         self.groups = [(group.widths, [(index[item], item.args[1]) for item in group.items]) for group in groups]
