@@ -165,3 +165,14 @@ def test_bad_format(nb201, tmp_path):
     simplified, inputs = nb201
     with pytest.raises(ValueError, match="format"):
         visualize(simplified, tmp_path, fmt="docx", example_inputs=inputs)
+
+
+def test_sampled_supernet_before_is_the_relaxed_forward(tmp_path):
+    """GDAS through its adapter: the before picture is the graph simplify rewrote (the relaxed forward,
+    every candidate gated), so rewritten nodes are highlighted on both sides."""
+    model, (x,) = zoo.build("nb201-gdas", C=4, N=1, batch_size=2, image_size=8)
+    simplified = topofx.simplify(model, x)
+    paths = visualize(simplified, tmp_path)
+    before, after = _dot(paths, "before"), _dot(paths, "after")
+    assert "gate" in before and "gate" in after
+    assert before.count("->") > after.count("->")

@@ -663,20 +663,21 @@ def visualize(
 
     notes: dict[str, str] = {}
     graphs: dict[str, Any] = {}
+    traced = getattr(simplified, "__dict__", {}).get("relaxed") or original  # an adapter's relaxed forward (GDAS)
     try:
-        before_gm = trace(original, inputs)
+        before_gm = trace(traced, inputs)
     except CaptureError as exc:
         text = f"could not capture {model_name}:\\n{_wrap(str(exc))}"
         graphs["before"] = _note_graph(f"before: {model_name}", text)
         graphs["after"] = _note_graph(f"after: {model_name} (mode={mode})", text)
         notes["before"] = notes["after"] = "capture failed, note only"
     else:
-        topo = analyze(before_gm.graph, original)
+        topo = analyze(before_gm.graph, traced)
         cells_map = topo.cells()
         cells = [c for c in cells_map if c]
-        if cell not in (None, "all") and cell not in cells and _is_submodule(original, cell):
+        if cell not in (None, "all") and cell not in cells and _is_submodule(traced, cell):
             cells.append(cell)  # a module without mixed edges (a reduction block, the stem): draw it too
-        selection, collapsed = _select(cell, collapse_repeated, cells, cells_map, original, before_gm)
+        selection, collapsed = _select(cell, collapse_repeated, cells, cells_map, traced, before_gm)
         what = ("whole network" if selection is None else
                 f"cell {selection[0]}" + (" (first cell with mixed edges; cell='all' for all)" if cell is None else ""))
         before_lay = _before_layout(before_gm, topo, cells)
