@@ -605,6 +605,28 @@ def test_gate_bad_rule():
         topofx.gate(torch.tensor(1.0), torch.ones(2), dead="zero")
 
 
+def test_estimate_sparse_model():
+    with pytest.raises(ValueError, match=r"estimate: _Gated runs sparsely \(topofx\.sparse\): its memory depends on "
+                                         r"each call's sample; measure it with topofx bench"):
+        topofx.estimate(_Gated(), x8())
+
+
+class _ReadsValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) * float(x.abs().max())
+
+
+def test_estimate_needs_tensor_values():
+    with pytest.warns(UserWarning):  # simplify falls back: the scale is computed from the input's values
+        with pytest.raises(ValueError, match=r"estimate: _ReadsValues's forward cannot run without tensor values "
+                                             r"\(.*\); measure it with topofx bench"):
+            topofx.estimate(_ReadsValues(), x8())
+
+
 def test_train_eval_paths_differ():
     model, x = TrainingBranch(), x8()
     with pytest.warns(UserWarning, match=r"TrainingBranch\.forward takes a different path in eval mode \(Python code "
