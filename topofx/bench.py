@@ -156,9 +156,10 @@ def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def _storage_ptr(t: torch.Tensor) -> int | None:
+def _storage_key(t: torch.Tensor) -> int | None:
+    """Identity of ``t``'s storage (views share it; also for fake tensors, which have no address)."""
     try:
-        return t.untyped_storage().data_ptr()
+        return t.untyped_storage()._cdata
     except Exception:  # tensor subclasses / opaque tensors without a storage
         return None
 
@@ -260,36 +261,11 @@ def saved_activation_bytes(
     the global RNG state is left untouched.
     """
     snap = _Snapshot(model)
-    excluded: set[int] = set()
-    for t in snap.tensors:
-        ptr = _storage_ptr(t)
-        if ptr:
-            excluded.add(ptr)
-
-    saved: dict[int, int] = {}
-    keyless: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return t
-        ptr = _storage_ptr(t)
-        if ptr is None:  # no storage to key on: charge the tensor itself
-            keyless[id(t)] = t.numel() * t.element_size()
-            return t
-        if ptr == 0 or ptr in excluded:
-            return t
-        nbytes = t.untyped_storage().nbytes()
-        if nbytes > saved.get(ptr, 0):
-            saved[ptr] = nbytes
-        return t  # keep the storage alive: its address cannot be recycled
-
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
+    excluded = {key for t in snap.tensors if (key := _storage_key(t)) is not None}
     try:
         model.train()
         with _seeded_rng(0), torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            with counting_saved_bytes(excluded) as counted:
                 out = _call(model, inputs)
                 if loss_fn is not None:
                     out = loss_fn(out)
@@ -297,7 +273,37 @@ def saved_activation_bytes(
     finally:
         snap.restore()
         gc.collect()
-    return int(sum(saved.values()) + sum(keyless.values()))
+    return counted.total
+
+
+class _SavedBytes:
+    total = 0
+
+
+@contextlib.contextmanager
+def counting_saved_bytes(excluded: set[int] = frozenset()) -> Iterator[_SavedBytes]:
+    """Count, while active, the bytes of distinct storages autograd saves for backward (``.total``,
+    set on exit).  Parameters, leaf tensors requiring grad and storages in ``excluded`` are not
+    counted; a saved tensor keeps its storage alive, so no key is recycled."""
+    saved: dict[int, int] = {}
+    keyless: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+            return t
+        key = _storage_key(t)
+        if key is None:  # no storage to key on: charge the tensor itself
+            keyless[id(t)] = t.numel() * t.element_size()
+        elif key not in excluded:
+            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
+        return t
+
+    counted = _SavedBytes()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield counted
+    finally:
+        counted.total = int(sum(saved.values()) + sum(keyless.values()))
 
 
 # --------------------------------------------------------------------------- time

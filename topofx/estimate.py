@@ -3,8 +3,8 @@ without running it.
 
 Both forwards run once under PyTorch's ``FakeTensorMode`` (tensors with shapes, dtypes and devices
 but no storage: nothing is allocated, no kernel runs), at the example's batch size and at twice it.
-Every tensor autograd saves for backward is counted once per storage, as ``topofx bench`` measures
-for real (``bench.saved_activation_bytes``), so the two agree to a fraction of a percent.  Two batch
+Every tensor autograd saves for backward is counted once per storage by the counter ``topofx bench``
+measures real steps with (``bench.counting_saved_bytes``), so the two agree to a fraction of a percent.  Two batch
 sizes give the per-sample slope and the fixed part of the activations; the model's state
 (parameters, their gradients, optimizer slots, buffers) is added for the predicted peak, and
 :meth:`MemoryEstimate.max_batch` inverts it for a memory budget.
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .bench import counting_saved_bytes
 from .capture import preserved_state
 
 GIB = 2**30
@@ -96,15 +97,6 @@ def estimate(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, 
 def _fake_saved_bytes(net: nn.Module, model: nn.Module, inputs: tuple, scale: int) -> int:
     """Bytes of distinct storages autograd saves in one train-mode forward of ``net`` on fake inputs
     whose batch is ``scale`` times the example's (the model's state is left as it was)."""
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return t
-        storage = t.untyped_storage()
-        saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
-        return t
-
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     state = [t for t in model.__dict__.values() if isinstance(t, torch.Tensor)]  # plain-tensor alphas
     with preserved_state(model, tensors=state), fake_mode, torch.enable_grad():
@@ -113,7 +105,7 @@ def _fake_saved_bytes(net: nn.Module, model: nn.Module, inputs: tuple, scale: in
         was = net.training
         net.train()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with counting_saved_bytes() as counted:
                 net(*fakes)
         except Exception as exc:  # noqa: BLE001 - a forward that needs tensor values
             raise ValueError(f"estimate: {type(model).__name__}'s forward cannot run without tensor values "
@@ -121,4 +113,4 @@ def _fake_saved_bytes(net: nn.Module, model: nn.Module, inputs: tuple, scale: in
                              "measure it with topofx bench") from exc
         finally:
             net.train(was)
-    return sum(saved.values())
+    return counted.total
