@@ -15,9 +15,10 @@ look-ups per traced module; the graph itself is not touched):
 
 * a new input shape is traced again on meta tensors; if it takes other decisions, that call runs
   the original's eager forward, with a warning naming the decision's source line;
-* a changed Python number (or an in-place write into a tensor held in a list or dict) is traced again; if the graph changes, the verdict is ``"recapture"``
-  and the simplified module simplifies the model again (floated-BN statistics carried over); if
-  not, one warning names the attribute (a per-step counter would pay a re-trace every step);
+* a changed Python number (or an in-place write into a tensor held in a list or dict) is traced
+  again; if the graph changes, the verdict is ``"recapture"`` and the simplified module simplifies
+  the model again (floated-BN statistics carried over); if not, one warning names the attribute (a
+  per-step counter would pay a re-trace every step);
 * a re-assigned tensor of the same shape is re-bound in the graph module; another shape asks for
   a recapture;
 * a Python decision on architecture values (``if w != 0``, ``.tolist()`` of the alphas) is evaluated
@@ -73,28 +74,29 @@ def _live_tensors(root: nn.Module) -> set[int]:
 
 
 class _TensorValue:
-    """A tensor held in a container, by identity and value (compared with ``torch.equal``)."""
+    """A tensor held in a container, by identity and value (compared with ``torch.equal``); the
+    snapshot taken at capture holds a copy, the one taken to compare with it the tensor itself."""
 
     __slots__ = ("id", "value")
     __hash__ = None  # type: ignore[assignment]
 
-    def __init__(self, tensor: torch.Tensor):
-        self.id, self.value = id(tensor), tensor.detach().clone()
+    def __init__(self, tensor: torch.Tensor, copy: bool):
+        self.id, self.value = id(tensor), tensor.detach().clone() if copy else tensor.detach()
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, _TensorValue) and self.id == other.id and self.value.shape == other.value.shape
                 and self.value.dtype == other.value.dtype and torch.equal(self.value, other.value))
 
 
-def _snapshot(value: Any, live: set[int], depth: int = 0) -> Any:
+def _snapshot(value: Any, live: set[int], copy: bool = True, depth: int = 0) -> Any:
     if type(value) in _SCALARS:
         return (type(value), value)  # True and 1 differ
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value)) if id(value) in live else _TensorValue(value)
+        return ("tensor", id(value)) if id(value) in live else _TensorValue(value, copy)
     if type(value) in (list, tuple) and depth < 4:
-        return (type(value), tuple(_snapshot(v, live, depth + 1) for v in value))
+        return (type(value), tuple(_snapshot(v, live, copy, depth + 1) for v in value))
     if type(value) is dict and depth < 4:
-        return (dict, tuple((k, _snapshot(v, live, depth + 1)) for k, v in value.items()))
+        return (dict, tuple((k, _snapshot(v, live, copy, depth + 1)) for k, v in value.items()))
     return ("object", id(value))
 
 
@@ -185,7 +187,7 @@ class Guards:
 
     def scalars_hold(self) -> bool:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
-        moved = [(m, k) for m, k, v in self.scalars if _snapshot(m.__dict__.get(k, self), self.live) != v]
+        moved = [(m, k) for m, k, v in self.scalars if _snapshot(m.__dict__.get(k, self), self.live, copy=False) != v]
         if not moved:
             return True
         changed = sorted({f"{type(m).__name__}.{k}" for m, k in moved})
