@@ -2,7 +2,8 @@
 
 * **exact mode**: the simplified module against the original model -- outputs, the gradient of every
   parameter and of every architecture tensor the graph reads, and every buffer after the step
-  (BN running statistics);
+  (BN running statistics); for an adapter's graph, which reads a sample drawn outside it, against
+  the graph as captured instead (capture verified it against the model);
 * **topo mode**: the rewritten graph against the graph as captured (which capture verified against
   the eager model), both evaluated at one *vertex*: every mixed edge's weights replaced by a one-hot
   choice, ``w * 0 + c`` (the value is exactly ``c``, the graph keeps its gradient paths).  Outputs,

@@ -251,7 +251,7 @@ class SparseForward:
 def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[fx.Node], groups: list[_FusedGroup]):
     """The guarded forward: ``run(gm, modules, L, P, *placeholders)``; ``L[i]`` says whether node i runs
     (1) or, for a gate, is dead (2); ``P[k]`` gives fused group k's live blocks."""
-    env: dict[str, Any] = {"_add_nothing": _add_nothing, "operator": operator}
+    env: dict[str, Any] = {"_add_nothing": _add_nothing}
     consts: list[Any] = []
     env["K"] = consts
 
