@@ -167,19 +167,21 @@ def test_minimizer_keeps_the_failure_class():
         _breaks_on_group_norm(model, inputs, mode="exact")
 
 
-def _perturbs_output(model, example_inputs, mode="topo", **kwargs):
-    """A wrong simplify that still runs its graph: scales the graph's output by (1 + 1e-3)."""
-    simplified = topofx.simplify(model, example_inputs, mode=mode, **kwargs)
+def _edit_outputs(simplified, edit):
+    """Replace each tensor the graph returns by ``edit(graph, node)`` (a wrong simplify that still runs)."""
     gm = simplified.graph_module
     if gm is not None:
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        (value,) = out.args
         with gm.graph.inserting_before(out):
-            def scale(v):
-                return gm.graph.call_function(torch.mul, (v, 1.001)) if isinstance(v, torch.fx.Node) else v
-            out.args = (torch.fx.node.map_arg(value, scale),)
+            out.args = (torch.fx.node.map_arg(out.args[0], lambda v: edit(gm.graph, v)),)
         gm.recompile()
     return simplified
+
+
+def _perturbs_output(model, example_inputs, mode="topo", **kwargs):
+    """A wrong simplify that still runs its graph: scales the graph's output by (1 + 1e-3)."""
+    return _edit_outputs(topofx.simplify(model, example_inputs, mode=mode, **kwargs),
+                         lambda graph, v: graph.call_function(torch.mul, (v, 1.001)))
 
 
 def test_run_classifies_silent_and_writes_one_reproducer_per_class(tmp_path):
@@ -198,23 +200,12 @@ def test_run_classifies_silent_and_writes_one_reproducer_per_class(tmp_path):
 
 
 def _perturbs_gradients(model, example_inputs, mode="topo", **kwargs):
-    """A wrong simplify whose outputs are right: the graph's output carries 1.001x its gradient."""
-    simplified = topofx.simplify(model, example_inputs, mode=mode, **kwargs)
-    gm = simplified.graph_module
-    if gm is not None:
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        (value,) = out.args
-
-        def scale(v):  # v + 0.001 * (v - v.detach()): same value, gradient times 1.001
-            if not isinstance(v, torch.fx.Node):
-                return v
-            detached = gm.graph.call_method("detach", (v,))
-            delta = gm.graph.call_function(torch.sub, (v, detached))
-            return gm.graph.call_function(torch.add, (v, gm.graph.call_function(torch.mul, (delta, 1e-3))))
-        with gm.graph.inserting_before(out):
-            out.args = (torch.fx.node.map_arg(value, scale),)
-        gm.recompile()
-    return simplified
+    """A wrong simplify whose outputs are right: ``v + 1e-3 * (v - v.detach())``, same value, gradient
+    times 1.001."""
+    def edit(graph, v):
+        delta = graph.call_function(torch.sub, (v, graph.call_method("detach", (v,))))
+        return graph.call_function(torch.add, (v, graph.call_function(torch.mul, (delta, 1e-3))))
+    return _edit_outputs(topofx.simplify(model, example_inputs, mode=mode, **kwargs), edit)
 
 
 def test_wrong_gradients_stay_silent_after_the_float64_recheck():
