@@ -5,6 +5,8 @@
 After the rewrites reach their fixpoint, ``simplify`` lowers the result: ``TOPO_LOWERING`` in topo
 mode (they take apart the sums the rewrites match on), then ``channels_last`` where its ``layout``
 argument asks for it (a memory-layout choice, not a topology rewrite).
+A pass that serves some devices only says which in ``pass.devices`` (and why, in its docstring):
+``simplify`` runs it only when the model runs on one of them (``for_device``); the rewrites serve all.
 """
 from .zero_elimination import zero_elimination
 from .prefix_sharing import prefix_sharing
@@ -22,4 +24,11 @@ EXACT_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, weight_folding, 
 TOPO_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion)
 TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout)
 
-__all__ = ["EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+
+
+def for_device(passes: tuple, device_type: str) -> tuple:
+    """The passes that serve a device type (``"cpu"``, ``"cuda"``, ...): those without ``devices`` serve all."""
+    return tuple(p for p in passes if device_type in getattr(p, "devices", (device_type,)))
+
+
+__all__ = ["for_device", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

@@ -14,6 +14,9 @@ nowhere else.  Exact against the original fed channels-last input: the same oper
 values.  Against the original as run in NCHW, PyTorch's channels-last kernels round differently
 (batch-norm statistics most, ~1e-4 relative on nearly constant channels), which is why ``simplify``
 applies this pass only with ``layout="channels_last"``.
+Serves the CPU only (its conversions act on CPU tensors): on CUDA channels-last pays with cuDNN's
+tensor-core kernels (half precision under autocast), a choice the user makes by feeding channels-last
+inputs and ``model.to(memory_format=torch.channels_last)`` -- the graph keeps the layout it is fed.
 """
 from __future__ import annotations
 
@@ -67,3 +70,4 @@ def channels_last(ctx: PassContext) -> list[Rewrite]:
 
 channels_last.name = "channels_last"
 channels_last.exact = True
+channels_last.devices = ("cpu",)

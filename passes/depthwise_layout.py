@@ -7,6 +7,8 @@ module (the original model is untouched: the graph module has its own containers
 its input to channels-last, convolves, and converts back: the rest of the graph stays NCHW.
 Same output values (measured bit-equal); the weight gradient sums in another order (~1e-6
 relative), so exact mode, whose contract is the original's arithmetic, does not run it.
+Serves the CPU only: the gain is oneDNN's; on CUDA cuDNN runs NCHW depthwise convolutions natively and
+a layout change per convolution would add two copies for no documented gain.
 """
 from __future__ import annotations
 
@@ -21,3 +23,4 @@ def depthwise_layout(ctx: PassContext) -> list[Rewrite]:
 
 depthwise_layout.name = "depthwise_layout"
 depthwise_layout.exact = False
+depthwise_layout.devices = ("cpu",)

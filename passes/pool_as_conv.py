@@ -6,6 +6,10 @@ original model is untouched: the graph module has its own containers): the same 
 the same count, computed by a depthwise convolution with a ones kernel.  On the CPU this is several
 times faster than ``avg_pool2d``'s kernel; on other devices the module calls ``avg_pool2d``.
 Exact up to float rounding of the division.
+Serves the CPU only: there ``avg_pool2d``'s kernel is the slow one (measured, docs/benchmarks.md); on
+CUDA ``avg_pool2d`` is cuDNN's native pooling, which a depthwise convolution (itself a slower class of
+kernel on GPUs) cannot beat, so the graph keeps ``nn.AvgPool2d`` there (``weighted_sum`` still pools
+once per node).
 """
 from __future__ import annotations
 
@@ -20,3 +24,4 @@ def pool_as_conv(ctx: PassContext) -> list[Rewrite]:
 
 pool_as_conv.name = "pool_as_conv"
 pool_as_conv.exact = True
+pool_as_conv.devices = ("cpu",)

@@ -7,7 +7,8 @@ architecture factor ``w`` feed only the tree.
 Produces: one :func:`~topofx.modules.weighted_sum` call over the terms, left to right: one output
 buffer instead of one tensor per product and per partial sum; backward computes each weight's
 gradient as a dot product without materializing ``g * t``.  Weighted average poolings of the
-node's inputs (:class:`~topofx.modules.ConvAvgPool2d`, one configuration) become one pooling of
+node's inputs (``nn.AvgPool2d`` or its CPU lowering :class:`~topofx.modules.ConvAvgPool2d`, one
+configuration) become one pooling of
 their weighted sum, ``sum_i w_i P(x_i) = P(sum_i w_i x_i)`` (the pooling is linear and saves
 nothing for backward), so a node pools once instead of once per input and keeps no pooled tensor.
 Other weighted stateless calls (``w * maxpool(x)``) stay products, for ``recompute`` to run after
@@ -57,8 +58,9 @@ def _pooled(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     pool = gm.get_submodule(node.target)
-    if type(pool) is not ConvAvgPool2d or is_mutated(node, gm):
+    if is_mutated(node, gm) or not (type(pool) is ConvAvgPool2d or ConvAvgPool2d.supports(pool)):
         return None
+    pool = pool if type(pool) is ConvAvgPool2d else ConvAvgPool2d(pool)  # its configuration, normalized
     x = node.args[0].meta.get(VALUE) if isinstance(node.args[0], fx.Node) else None
     if not isinstance(x, torch.Tensor):
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import topofx
-from topofx import CaptureError, SelfCheckError, bench, cli, fuzz, search, zoo
+from topofx import CaptureError, SelfCheckError, bench, cli, fuzz, nb201, search, zoo
 from topofx.rewrite import Rewrite
 from topofx.testing import assert_follows_alpha, assert_train_step_equivalent
 from topofx.visualize import visualize
@@ -354,6 +355,17 @@ def test_simplify_unknown_mode():
 def test_simplify_unknown_layout():
     with pytest.raises(ValueError, match=r"unknown layout 'nhwc'; choose one of 'keep', 'channels_last'"):
         topofx.simplify(ConvNet(), x8(), layout="nhwc")
+
+
+def test_compile_of_a_sparse_model_stays_eager():
+    model, inputs = zoo.build("nb201-gdas", batch_size=2, image_size=8, C=4, N=1)
+    with pytest.warns(UserWarning, match=r"TinyNetworkGDAS runs sparsely \(only each call's selected candidates\); its "
+                                         r"forward stays eager, not compiled: every sample would be another graph"):
+        simplified = topofx.simplify(model, inputs, compile=True)
+    assert simplified.runner is simplified.graph_module
+    _, logits = simplified(*inputs)
+    logits.sum().backward()
+    assert logits.shape == (2, 10) and model.arch_parameters.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -839,7 +851,7 @@ def test_cli_usage_error(capsys):
 
 def test_cli_no_command(capsys):
     status, err = run_cli(capsys)
-    assert status == 2 and "topofx: error: give a command: models, simplify, bench or fuzz" in err
+    assert status == 2 and "topofx: error: give a command: models, simplify, bench, fuzz or nb201" in err
 
 
 def test_cli_bad_input_shape(capsys):
@@ -1067,6 +1079,80 @@ def test_fuzz_not_positive(capsys):
 def test_fuzz_custom_simplify_jobs():
     with pytest.raises(ValueError, match=r"a custom simplify runs in this process only: use jobs=1"):
         fuzz.run(1, jobs=2, simplify=topofx.simplify, out=None, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# NAS-Bench-201: topofx.nb201, topofx nb201 ...
+# ---------------------------------------------------------------------------------------------
+def test_cli_nb201_no_command(capsys):
+    status, err = run_cli(capsys, "nb201")
+    assert status == 2 and "topofx: error: give an nb201 command: arch, lookup or export (see topofx nb201 --help)" in err
+
+
+def test_nb201_malformed_arch_string(capsys):
+    status, err = run_cli(capsys, "nb201", "arch", "|nor_conv_3x3~0|+|skip_connect~0|none~1|")
+    assert status == 2 and ("topofx: error: arch string '|nor_conv_3x3~0|+|skip_connect~0|none~1|' has 2 node(s) "
+                            "separated by '+'; NAS-Bench-201 cells have 3 (node 1 from node 0;") in err
+
+
+def test_nb201_bad_genotype():
+    with pytest.raises(nb201.NB201Error, match=r"node 2 of the genotype is a str; give a sequence of \(op, input\) pairs"):
+        nb201.arch_str([[("none", 0)], "skip_connect~0|none~1", [("none", 0), ("none", 1), ("none", 2)]])
+
+
+def test_nb201_not_a_cell():
+    with pytest.raises(nb201.NB201Error, match=r"unknown op 'sep_conv_3x3' on edge 2<-1 of the genotype; NAS-Bench-201's "
+                                               r"ops are none, skip_connect, nor_conv_1x1, nor_conv_3x3, avg_pool_3x3"):
+        nb201.index([[("none", 0)], [("none", 0), ("sep_conv_3x3", 1)], [("none", 0), ("none", 1), ("none", 2)]])
+
+
+def test_nb201_index_out_of_range(capsys):
+    status, err = run_cli(capsys, "nb201", "arch", "15625")
+    assert status == 2 and "topofx: error: index 15625 is out of range: NAS-Bench-201 indexes are 0..15624" in err
+
+
+def empty_table() -> nb201.Table:
+    return nb201.Table({d: {m: [None] * nb201.NUM_ARCHS for m in nb201.METRICS} for d in nb201.DATASETS}, "test")
+
+
+def test_nb201_table_unknown_dataset():
+    with pytest.raises(nb201.NB201Error, match=r"unknown dataset 'cifar-10'; NAS-Bench-201's are cifar10-valid, cifar10, "
+                                               r"cifar100, ImageNet16-120"):
+        empty_table().accuracy(0, "cifar-10")
+
+
+def test_nb201_lookup_file_not_found(capsys, tmp_path):
+    status, err = run_cli(capsys, "nb201", "lookup", "--file", str(tmp_path / "nb201.json"), "0")
+    assert status == 2 and f"topofx: error: file not found: {tmp_path / 'nb201.json'}" in err
+
+
+def test_nb201_not_a_table(capsys, tmp_path):
+    path = tmp_path / "nb201.json"
+    path.write_text('{"format": "nats-bench", "version": 1}')
+    status, err = run_cli(capsys, "nb201", "lookup", "--file", str(path), "0")
+    assert status == 2 and f"topofx: error: {path} is not a NAS-Bench-201 table written by topofx nb201 export" in err
+
+
+def test_nb201_cannot_write_table(tmp_path):
+    path = tmp_path / "no-such-folder" / "nb201.json"
+    with pytest.raises(nb201.NB201Error, match=rf"cannot write the table to {re.escape(str(path))}: No such file or directory"):
+        empty_table().save(path)
+
+
+def test_nb201_api_missing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "nas_201_api", None)  # as if nas-bench-201 were not installed
+    status, err = run_cli(capsys, "nb201", "export", "--file", str(tmp_path / "b.pth"), "--out", str(tmp_path / "t.json"))
+    assert status == 2
+    assert "topofx: error: reading a benchmark file needs the NAS-Bench-201 API: pip install nas-bench-201" in err
+
+
+def test_nb201_not_a_benchmark_file(capsys, tmp_path):
+    path = tmp_path / "b.pth"
+    torch.save({"meta_archs": list(nb201.all_archs())}, path)
+    status, err = run_cli(capsys, "nb201", "export", "--file", str(path), "--out", str(tmp_path / "t.json"))
+    assert status == 2 and (f"topofx: error: {path} is not a NAS-Bench-201 benchmark file: it needs meta_archs, "
+                            "arch2infos, evaluated_indexes; found ['meta_archs']") in err
+    assert not (tmp_path / "t.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------

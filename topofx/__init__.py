@@ -5,11 +5,12 @@ redundant parallel paths of its mixed edges, and returns a drop-in module that t
 less memory.  See ``docs/`` and ``../shared/METHOD.md`` for the method.
 """
 from .capture import CaptureError
+from .derive import derive
 from .estimate import MemoryEstimate, estimate
 from .report import Report
 from .simplifier import SelfCheckError, SimplifiedModule, simplify
 from .sparse import gate
 from .topology import analyze
 
-__all__ = ["simplify", "SimplifiedModule", "SelfCheckError", "Report", "CaptureError", "analyze", "gate", "estimate", "MemoryEstimate"]
+__all__ = ["simplify", "derive", "SimplifiedModule", "SelfCheckError", "Report", "CaptureError", "analyze", "gate", "estimate", "MemoryEstimate"]
 __version__ = "0.1.0"

@@ -309,6 +309,30 @@ def counting_saved_bytes(excluded: set[int] = frozenset()) -> Iterator[_SavedByt
 # --------------------------------------------------------------------------- time
 
 
+class _Stopwatch:
+    """Seconds of the work inside ``with``: CUDA events on a GPU (the work is asynchronous there;
+    ``end.synchronize()`` waits for it), ``perf_counter`` on the CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.seconds = cuda, float("nan")
+
+    def __enter__(self) -> "_Stopwatch":
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
 class _Trainer:
     """Times single training steps of one model, each from the same snapshot."""
 
@@ -326,18 +350,18 @@ class _Trainer:
         self.params = _trainable(model)
         self.optimizer = optimizer_factory(self.params)
         self.times: list[float] = []
+        self.cuda = any(t.is_cuda for t in _floating_leaves(inputs))
 
     def step(self, record: bool = True) -> float:
         model, opt = self.model, self.optimizer
         model.train()
         gc.collect()
-        with _gc_paused(), torch.enable_grad():
-            t0 = time.perf_counter()
+        with _gc_paused(), torch.enable_grad(), _Stopwatch(self.cuda) as watch:
             opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(_call(model, self.inputs))
             loss.backward()
             opt.step()
-            dt = time.perf_counter() - t0
+        dt = watch.seconds
         del loss
         self.snapshot.restore_values()  # next step starts from the same state
         if record:

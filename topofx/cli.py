@@ -6,6 +6,9 @@
     topofx simplify MODEL [--mode exact|topo] [--viz DIR] [--input-shape 2,3,32,32] [--strict]
     topofx bench MODEL [--modes exact,topo] [--batch-size 64] [--steps 5] ...
     topofx fuzz [--n 1000] [--seed 0] [--mode exact,topo] [--out DIR] [--jobs 2] [--timeout 60]
+    topofx nb201 arch ARCH...                       # NAS-Bench-201 index <-> arch string
+    topofx nb201 lookup --file FILE [--json] ARCH...  # accuracies from a benchmark file or a table
+    topofx nb201 export --file BENCHMARK --out table.json
 
 ``MODEL`` is a built-in name (``topofx models``) or ``path/to/file.py:factory``: the file is imported
 from its path and ``factory()`` must return a model, or a ``(model, example_inputs)`` pair; for a
@@ -286,6 +289,56 @@ def _fuzz(argv: list[str]) -> int:
     return fuzz.main(argv, prog=f"{PROG} fuzz")
 
 
+def _nb201_arch(text: str) -> int | str:
+    """An ARCH argument: digits are an index, anything else an arch string."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def _cmd_nb201_arch(args: argparse.Namespace) -> int:
+    from . import nb201
+
+    for text in args.arch:
+        try:
+            i = nb201.index(_nb201_arch(text))
+        except nb201.NB201Error as exc:
+            raise UserError(str(exc)) from None
+        print(f"{i}  {nb201.arch_str(i)}")
+    return 0
+
+
+def _cmd_nb201_lookup(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from . import nb201
+
+    try:
+        records = nb201.lookup(args.file, [_nb201_arch(a) for a in args.arch])
+    except nb201.NB201Error as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in records], indent=1))
+    else:
+        print("\n\n".join(r.format() for r in records))
+    return 0
+
+
+def _cmd_nb201_export(args: argparse.Namespace) -> int:
+    from . import nb201
+
+    try:
+        table = nb201.export_table(args.file, args.out)
+    except nb201.NB201Error as exc:
+        raise UserError(str(exc)) from None
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB): {table.evaluated} of {len(table)} architectures evaluated")
+    return 0
+
+
+_NB201_TRUST = ("A benchmark file is a pickle, unpickled in full, which can run any code it holds: "
+                "use only a file from a trusted source (the NAS-Bench-201 authors' download).")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -344,6 +397,40 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Same options as `python -m topofx.fuzz` (run `topofx fuzz --help`).",
         add_help=False,
     )
+
+    p_nb = sub.add_parser(
+        "nb201", help="NAS-Bench-201: architecture names and benchmark accuracies",
+        description="Convert NAS-Bench-201 architectures between arch string and the API's index, look up "
+        "their accuracies, and export the benchmark file to a compact JSON table (docs/nb201.md).",
+    )
+    nb_sub = p_nb.add_subparsers(dest="nb201_command", metavar="NB201_COMMAND", parser_class=_Parser)
+    arch_help = "an arch string (|nor_conv_3x3~0|+|...|, quoted) or an index 0..15624; several may be given"
+    p_arch = nb_sub.add_parser("arch", help="print index and arch string",
+                               description="Print the NAS-Bench-201 API's index and the arch string of each ARCH.")
+    p_arch.add_argument("arch", metavar="ARCH", nargs="+", help=arch_help)
+    p_arch.set_defaults(func=_cmd_nb201_arch)
+    p_look = nb_sub.add_parser(
+        "lookup", help="accuracies of architectures, from a benchmark file or an exported table",
+        description="Print each ARCH's 200-epoch accuracies (valid and test per dataset, mean over trials) "
+        "from a NAS-Bench-201 benchmark file, read through the nas-bench-201 API (slow, and GBs of memory, "
+        "for NAS-Bench-201-v1_1-096897.pth), or from a table written by `topofx nb201 export` (a second). "
+        + _NB201_TRUST + " A table is plain JSON.",
+    )
+    p_look.add_argument("--file", required=True, metavar="FILE",
+                        help="benchmark file (.pth; trusted source only) or table (.json from export)")
+    p_look.add_argument("--json", action="store_true", help="print the records as JSON")
+    p_look.add_argument("arch", metavar="ARCH", nargs="+", help=arch_help)
+    p_look.set_defaults(func=_cmd_nb201_lookup)
+    p_exp = nb_sub.add_parser(
+        "export", help="write a benchmark file's accuracies as a compact JSON table",
+        description="Read a NAS-Bench-201 benchmark file through the nas-bench-201 API and write every "
+        "architecture's 200-epoch accuracies as a JSON table of a few MB that `topofx nb201 lookup` and "
+        "topofx.nb201.Table read in a second. " + _NB201_TRUST,
+    )
+    p_exp.add_argument("--file", required=True, metavar="BENCHMARK",
+                       help="the benchmark file, e.g. NAS-Bench-201-v1_1-096897.pth (trusted source only)")
+    p_exp.add_argument("--out", required=True, metavar="TABLE", help="where to write the table (.json)")
+    p_exp.set_defaults(func=_cmd_nb201_export)
     return parser
 
 
@@ -366,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SystemExit as exc:  # --help (0) and usage errors (2) return instead of exiting
                 return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
             if not getattr(args, "command", None):
-                raise UserError("give a command: models, simplify, bench or fuzz (see topofx --help)")
+                raise UserError("give a command: models, simplify, bench, fuzz or nb201 (see topofx --help)")
+            if args.command == "nb201" and not getattr(args, "nb201_command", None):
+                raise UserError("give an nb201 command: arch, lookup or export (see topofx nb201 --help)")
             return int(args.func(args) or 0)
         except UserError as exc:
             if show_tb:

@@ -8,6 +8,7 @@ from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from .config import module_config
@@ -328,9 +329,14 @@ class RecomputedScale(nn.Module):
 
     def forward(self, x: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in ws)):
-            y = self.fn(x)
-            return tuple(y * w for w in ws)
+            return self._scaled(x, *ws)
+        if torch.compiler.is_compiling():  # the compiler's own recomputation (its backward cannot call autograd)
+            return checkpoint(self._scaled, x, *ws, use_reentrant=False)
         return _ScaledRecompute.apply(self.fn, x, *ws)
+
+    def _scaled(self, x: torch.Tensor, *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.fn(x)
+        return tuple(y * w for w in ws)
 
 
 class ConvAvgPool2d(nn.Module):
@@ -373,14 +379,13 @@ class ConvAvgPool2d(nn.Module):
         kernel, counts = self._kernel_and_counts(x.shape, x)
         return F.conv2d(x, kernel, None, self.stride, self.padding, 1, x.shape[1]) / counts
 
-    def pool_transposed(self, g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The gradient of :meth:`pool` at an input shaped and laid out like ``like`` (the pooling is
-        linear: this is its transpose applied to ``g``; ``like``'s values are not read)."""
-        kernel, counts = self._kernel_and_counts(like.shape, like)
-        return torch.ops.aten.convolution_backward(
-            g / counts, like, kernel, None, self.stride, self.padding, (1, 1), False, (0, 0), like.shape[1],
-            (True, False, False),
-        )[0]
+    def pool_transposed(self, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The gradient of :meth:`pool` at an input of ``shape`` (the pooling is linear: this is its
+        transpose, a transposed convolution with the same ones kernel, applied to ``g / counts``)."""
+        kernel, counts = self._kernel_and_counts(shape, g)
+        extra = tuple(size - ((out - 1) * s - 2 * p + k)
+                      for size, out, s, p, k in zip(shape[-2:], g.shape[-2:], self.stride, self.padding, self.kernel_size))
+        return F.conv_transpose2d(g / counts, kernel, None, self.stride, self.padding, extra, shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4:
@@ -396,15 +401,12 @@ class _LinearPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pool: ConvAvgPool2d, x: torch.Tensor):  # type: ignore[override]
-        ctx.pool, ctx.shape, ctx.dtype = pool, x.shape, x.dtype
-        ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.pool, ctx.shape = pool, x.shape
         return pool.pool(x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        like = torch.empty(ctx.shape, dtype=ctx.dtype, device=g.device, memory_format=layout)  # shape and strides only
-        return None, ctx.pool.pool_transposed(g, like)
+        return None, ctx.pool.pool_transposed(g, ctx.shape)
 
 
 def is_cpu_image(x: object) -> bool:
@@ -479,6 +481,13 @@ def _accumulate(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | 
     return out
 
 
+def _keeps_dtype(t: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``t * w`` has ``t``'s dtype: equal dtypes, or a 0-dim floating ``w`` (which type promotion
+    does not let widen a floating tensor).  Written with dtype attributes only, which ``torch.compile``
+    traces (``torch.result_type`` breaks its graph)."""
+    return w.dtype == t.dtype or (w.dim() == 0 and w.is_floating_point() and t.is_floating_point())
+
+
 def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """``w_0 * t_0 + w_1 * t_1 + ...`` (a ``None`` weight is 1), left to right, in one output buffer.
 
@@ -490,7 +499,7 @@ def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor |
     uniform = all(
         isinstance(t, torch.Tensor) and t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
         and (w is None or (w.numel() == 1 and w.dim() <= t.dim() and w.device == first.device
-                          and torch.result_type(t, w) == first.dtype))
+                          and _keeps_dtype(first, w)))
         for t, w in zip(terms, weights)
     )
     if not uniform:

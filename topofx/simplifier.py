@@ -87,7 +87,7 @@ class SimplifiedModule(nn.Module):
         relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
         try:
             sparse = self.__dict__.get("sparse")
-            return sparse(self.graph_module, *args, **kwargs) if sparse else self.graph_module(*args, **kwargs)
+            return sparse(self.graph_module, *args, **kwargs) if sparse else self.runner(*args, **kwargs)
         finally:
             relaxed.release(self.graph_module)
 
@@ -98,11 +98,11 @@ class SimplifiedModule(nn.Module):
         with the deciding module or method run per call if the decision changed soon after capture."""
         speculated = self.graph_module.meta.get(_capture.SPECULATION)
         if not speculated:
-            return self.graph_module(*args, **kwargs)
+            return self.runner(*args, **kwargs)
         devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
         with torch.random.fork_rng(devices=devices):  # keeps the state from before the call ...
             try:
-                result, state = self.graph_module(*args, **kwargs), _rng_states(devices)
+                result, state = self.runner(*args, **kwargs), _rng_states(devices)
             except _capture.SpeculationFailed as failed:
                 result, state = failed, None
         if state is not None:  # ... which is what a failed speculation leaves; a success moves on
@@ -120,6 +120,44 @@ class SimplifiedModule(nn.Module):
             )
         self.__dict__["stale"] = True
         return self.original(*args, **kwargs)
+
+    @property
+    def runner(self) -> Callable:
+        """What runs the graph: its compiled form after :meth:`compile`, else the graph module."""
+        compiled = self.__dict__.get("compiled")
+        return self.graph_module if compiled is None else compiled
+
+    def compile(self, **options: Any) -> "SimplifiedModule":  # type: ignore[override]
+        """Run the simplified graph through ``torch.compile(graph_module, **options)`` from now on
+        (``mode="reduce-overhead"`` adds CUDA graphs; ``docs/compile.md``).
+
+        Only the graph is compiled: the drop-in guards keep running in Python before each call, and a
+        change they catch captures, simplifies and compiles again.  Architecture weights are the graph's
+        parameters, which ``torch.compile`` takes as inputs, so one compiled graph serves every alpha
+        value.  A sampled supernet's sparse forward stays eager, with a warning: its work changes with
+        every sample (``docs/compile.md`` has the measurements)."""
+        self.__dict__["compile_options"] = options
+        self.__dict__["compiled"] = None
+        if self.graph_module is None:
+            return self
+        if self.__dict__.get("sparse") is not None:
+            warnings.warn(f"topofx: {type(self.original).__name__} runs sparsely (only each call's selected candidates); "
+                          "its forward stays eager, not compiled: every sample would be another graph (docs/compile.md)",
+                          stacklevel=2)
+            return self
+        self.__dict__["compiled"] = torch.compile(self.graph_module, **options)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``deepcopy``: DARTS-V2's unrolled model) compiles its own graph, not a copy of ours."""
+        state = self.__dict__.copy()
+        state.pop("compiled", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "compile_options" in state:
+            self.compile(**state["compile_options"])
 
     def serving(self, args: tuple, kwargs: dict[str, Any]) -> nn.Module:
         """The module that serves a call: this graph when the call's non-tensor arguments (``updateType``,
@@ -157,6 +195,8 @@ class SimplifiedModule(nn.Module):
             other = simplify(self.original, examples, **self.__dict__["options"])
         other.train(self.training)
         other._load_floated(self.floated_buffers())
+        if "compile_options" in self.__dict__:
+            other.compile(**self.__dict__["compile_options"])
         return other
 
     def _eager_for(self, why: str, fix: str) -> nn.Module:
@@ -192,9 +232,11 @@ class SimplifiedModule(nn.Module):
             fresh = simplify(self.original, examples, **self.__dict__["options"])
         fresh._load_floated(floated)
         self.__dict__.update(calls=0, recaptured=True, recapture_s=time.perf_counter() - start)
-        for key in ("graph_module", "report", "relaxed", "sparse", "guards", "graph_training"):
+        for key in ("graph_module", "report", "relaxed", "sparse", "guards", "graph_training", "lowered_for"):
             self.__dict__[key] = fresh.__dict__.get(key)
         self.graph_module.train(self.training)
+        if "compile_options" in self.__dict__:
+            self.compile(**self.__dict__["compile_options"])
 
     def _before_recapture(self) -> None:
         """A decision on architecture values that changes again within a few calls would cost a capture
@@ -274,12 +316,19 @@ class SimplifiedModule(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """``.to()``, ``.cuda()``, ``.double()``: the graph's own modules follow; a move to another device
+        type lowers the graph for it again (``simplify``'s lowering passes are chosen per device) on the
+        next call."""
         super()._apply(fn, recurse)
+        for simplified in (self, *self.__dict__.get("other_graphs", {}).values()):
+            simplified._follow(fn, recurse)
+        return self
+
+    def _follow(self, fn: Callable, recurse: bool) -> None:
         if self.graph_module is not None:
             self.graph_module._apply(fn, recurse)
-        for other in self.__dict__.get("other_graphs", {}).values():
-            other.graph_module._apply(fn, recurse)
-        return self
+            moved = device_type(self.original, ()) != self.__dict__.get("lowered_for")
+            self.__dict__["stale"] = self.__dict__.get("stale", False) or moved
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -301,12 +350,13 @@ def _set_rng_states(devices: list[int], state: tuple) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _passes_for(mode: str, layout: str, sampled: bool = False) -> tuple[tuple, tuple]:
-    """The rewrites (run to a fixpoint) and the lowering passes (run after them) for a mode and layout.
+def _passes_for(mode: str, layout: str, sampled: bool = False, device: str = "cpu") -> tuple[tuple, tuple]:
+    """The rewrites (run to a fixpoint) and the lowering passes (run after them) for a mode, a layout
+    and the device type the model runs on (passes that serve other devices are left out).
     A sampled graph (gates) takes the exact rewrites in both modes: its edges are one-hot on every
     call, where merging buys nothing and would change the original's gradients; topo mode still
     lowers its depthwise convolutions."""
-    from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, channels_last, depthwise_layout
+    from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, channels_last, depthwise_layout, for_device
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
@@ -316,7 +366,14 @@ def _passes_for(mode: str, layout: str, sampled: bool = False) -> tuple[tuple, t
         rewrites, lowering = EXACT_PASSES, ((depthwise_layout,) if mode == "topo" else ())
     else:
         rewrites, lowering = (EXACT_PASSES, ()) if mode == "exact" else (TOPO_PASSES, TOPO_LOWERING)
-    return rewrites, lowering + ((channels_last,) if layout == "channels_last" else ())
+    lowering += (channels_last,) if layout == "channels_last" else ()
+    return for_device(rewrites, device), for_device(lowering, device)
+
+
+def device_type(model: nn.Module, example_inputs: tuple) -> str:
+    """Where the model runs: its example inputs' device, else its parameters'."""
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)] or list(model.parameters())
+    return tensors[0].device.type if tensors else "cpu"
 
 
 def simplify(
@@ -327,6 +384,7 @@ def simplify(
     strict: bool = False,
     check: bool = True,
     layout: str = "keep",
+    compile: bool | dict[str, Any] = False,
 ) -> SimplifiedModule:
     """Capture ``model``, rewrite its redundant parallel paths, and return a drop-in module.
 
@@ -348,6 +406,11 @@ def simplify(
             docs/benchmarks.md).  Same operations, but PyTorch's channels-last kernels round
             differently (batch-norm statistics most: ~1e-4 relative on near-constant channels), so
             outputs equal the original's *fed channels-last input* rather than the original's.
+        compile: ``True`` or a dict of ``torch.compile`` options (``{"mode": "reduce-overhead"}``): run
+            the simplified graph compiled (:meth:`SimplifiedModule.compile`; the self-check runs eagerly).
+
+    The lowering passes serve the device the model runs on (its example inputs' device): the CPU's
+    pooling and layout lowerings are left out on CUDA; ``.to()`` another device type lowers anew.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -362,7 +425,8 @@ def simplify(
     captured_code = _capture.fingerprint(gm)
     topology = analyze(gm.graph, root)
     sampled = any(gateable(gm, g, live) for g in gates(gm))
-    passes, lowering = _passes_for(mode, layout, sampled)
+    lowered_for = device_type(model, example_inputs)
+    passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
     self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
     before = node_counts(gm)
     runs = _rewrite(gm, root, passes, lowering, example_inputs)
@@ -389,9 +453,12 @@ def simplify(
     if adapter:
         root.release(gm)  # samples drawn while verifying and rewriting
     branches_on_training = _branches_on_training(root, example_inputs, captured_code)
-    simplified.__dict__.update(relaxed=root if adapter else None, sparse=sparse, options=dict(mode=mode, strict=strict, check=check, layout=layout),
+    simplified.__dict__.update(relaxed=root if adapter else None, sparse=sparse, lowered_for=lowered_for,
+                               options=dict(mode=mode, strict=strict, check=check, layout=layout),
                                call_key=_capture.call_key(model, example_inputs),
                                guards=Guards(root, gm, captured_code, example_inputs))
+    if compile:
+        simplified.compile(**(compile if isinstance(compile, dict) else {}))
     if branches_on_training:
         simplified.__dict__["graph_training"] = root.training
         warnings.warn(
