@@ -1,6 +1,8 @@
 """The runtime modules that rewritten graphs call, against the torch modules they stand for."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -206,3 +208,19 @@ def test_merged_conv_bn_concatenated_inputs():
     beta = sum(a[i] * bn.bias for i, (_, bn) in enumerate(group))
     expected = F.batch_norm(y, None, None, total * gamma, total * beta, True)
     assert torch.allclose(merged(*xs, *w), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_keeps_dtype_agrees_with_type_promotion():
+    """weighted_sum's compile-traceable dtype check never claims a dtype torch.result_type would not
+    give (a wrong yes would accumulate in the wrong dtype; a no only takes the plain expression), and
+    says yes where supernets need it: equal dtypes, and a 0-dim alpha weight on an autocast activation."""
+    from topofx.modules import _keeps_dtype
+
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for t_dtype, w_dtype in itertools.product(dtypes, dtypes):
+        for t_shape, w_shape in itertools.product(((), (2, 3)), ((), (1,))):
+            t, w = torch.ones(t_shape, dtype=t_dtype), torch.ones(w_shape, dtype=w_dtype)
+            promoted_keeps = torch.result_type(t, w) == t.dtype
+            assert promoted_keeps or not _keeps_dtype(t, w), (t_dtype, t_shape, w_dtype, w_shape)
+            if t_dtype == w_dtype or (t_shape and not w_shape):
+                assert _keeps_dtype(t, w), (t_dtype, t_shape, w_dtype, w_shape)

@@ -482,10 +482,11 @@ def _accumulate(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | 
 
 
 def _keeps_dtype(t: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``t * w`` has ``t``'s dtype: equal dtypes, or a 0-dim floating ``w`` (which type promotion
-    does not let widen a floating tensor).  Written with dtype attributes only, which ``torch.compile``
-    traces (``torch.result_type`` breaks its graph)."""
-    return w.dtype == t.dtype or (w.dim() == 0 and w.is_floating_point() and t.is_floating_point())
+    """Whether ``t * w`` surely has ``t``'s dtype: equal dtypes, or a 0-dim floating ``w`` times a
+    dimensioned floating ``t`` (type promotion does not let such a ``w`` widen ``t``); other pairs take
+    the plain expression.  Written with dtype attributes
+    only, which ``torch.compile`` traces (``torch.result_type`` breaks its graph)."""
+    return w.dtype == t.dtype or (w.dim() == 0 and t.dim() > 0 and w.is_floating_point() and t.is_floating_point())
 
 
 def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
