@@ -8,9 +8,9 @@ Produces: one :func:`~topofx.modules.weighted_sum` call over the terms, left to 
 buffer instead of one tensor per product and per partial sum; backward computes each weight's
 gradient as a dot product without materializing ``g * t``.  Weighted average poolings of the
 node's inputs (``nn.AvgPool2d`` or its CPU lowering :class:`~topofx.modules.ConvAvgPool2d`, one
-configuration) become one pooling of
-their weighted sum, ``sum_i w_i P(x_i) = P(sum_i w_i x_i)`` (the pooling is linear and saves
-nothing for backward), so a node pools once instead of once per input and keeps no pooled tensor.
+configuration) become one pooling of their weighted sum, ``sum_i w_i P(x_i) = P(sum_i w_i x_i)``
+(the pooling is linear), so a node pools once instead of once per input and keeps no pooled tensor
+(the CPU lowering saves nothing for backward; ``nn.AvgPool2d``'s autograd keeps the summed input).
 Other weighted stateless calls (``w * maxpool(x)``) stay products, for ``recompute`` to run after
 this pass (it saves only ``x`` and recomputes the pooling in backward).
 Exactness: the same terms in a different association (``(a + b) + (c + d)`` becomes

@@ -372,8 +372,9 @@ def _passes_for(mode: str, layout: str, sampled: bool = False, device: str = "cp
 
 def device_type(model: nn.Module, example_inputs: tuple) -> str:
     """Where the model runs: its example inputs' device, else its parameters'."""
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)] or list(model.parameters())
-    return tensors[0].device.type if tensors else "cpu"
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor)), None)
+    first = first if first is not None else next(model.parameters(), None)
+    return first.device.type if first is not None else "cpu"
 
 
 def simplify(
