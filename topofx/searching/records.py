@@ -91,6 +91,7 @@ def plot_alphas(history: Sequence[Sequence[Sequence]], path: str | Path, *, name
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     panels = []  # (tensor index, row index or None)
@@ -102,7 +103,7 @@ def plot_alphas(history: Sequence[Sequence[Sequence]], path: str | Path, *, name
             panels.append((t, None))
     cols = min(7, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows + 0.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows + 0.6), squeeze=False)
     epochs = list(range(1, len(history) + 1))
     lines, labels = [], []
     for ax, (t, r) in zip(axes.flat, panels):
@@ -115,7 +116,7 @@ def plot_alphas(history: Sequence[Sequence[Sequence]], path: str | Path, *, name
                 labels.append(names[k] if names is not None and r is not None and k < len(names) else f"{k}")
         ax.set_title(f"alpha {t}" + (f" edge {r}" if r is not None else " (edge weights)"), fontsize=7)
         ax.tick_params(labelsize=6)
-        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # y: each panel its own range, changes stay visible
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.legend(lines, labels, loc="upper center", ncol=min(8, len(labels)), fontsize=7, frameon=False)
