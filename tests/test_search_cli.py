@@ -112,3 +112,18 @@ def test_search_help_and_errors(tmp_path, capsys):
     assert main(["search", "--algo", "enas"]) == 2
     assert main(["search", "--space", "darts", "--nb201", "t.json", "--out", str(tmp_path / "x")]) == 2
     assert "--nb201 needs --space nb201" in capsys.readouterr().err
+
+
+def test_nb201_table_lookup_per_epoch(tmp_path, capsys):
+    from topofx import nb201
+
+    accuracy = {d: {m: [None] * nb201.NUM_ARCHS for m in nb201.METRICS} for d in nb201.DATASETS}
+    accuracy["cifar10"]["test"] = [i / 1000 for i in range(nb201.NUM_ARCHS)]
+    nb201.Table(accuracy, "made up").save(tmp_path / "table.json")
+    out = tmp_path / "run"
+    assert search(out, "--algo", "darts-v1", "--space", "nb201", "--epochs", "1", "--simplify", "none",
+                  "--nb201", str(tmp_path / "table.json")) == 0
+    record = read_log(out)[0]
+    assert record["nb201"]["index"] == nb201.index(record["arch"])
+    assert record["nb201"]["accuracy"]["cifar10"]["test"] == nb201.index(record["arch"]) / 1000
+    assert "NB201 cifar10 test" in capsys.readouterr().out

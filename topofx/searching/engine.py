@@ -454,7 +454,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _load_weights(net: nn.Module, alphas: list[torch.Tensor], state: dict[str, Any], strict: bool = True) -> None:
-    net.load_state_dict(state["net"], strict=strict)
+    result = net.load_state_dict(state["net"], strict=strict)
+    if result.missing_keys:  # strict=False only tolerates the simplified module's extra (floated BN) keys
+        raise ValueError(f"checkpoint lacks {len(result.missing_keys)} of the model's keys, e.g. {result.missing_keys[:3]}")
     with torch.no_grad():
         for a, saved in zip(alphas, state["alphas"], strict=True):
             a.copy_(saved)
