@@ -43,6 +43,8 @@ SMALL = {
     "darts-orig": dict(C=4, layers=3, steps=2, multiplier=2),
     "pcdarts": dict(C=8, layers=3, steps=2, multiplier=2),
     "snas": dict(C=4, layers=3, steps=2, multiplier=2),
+    "snas-nb201": dict(C=4, N=1),
+    "pcdarts-nb201": dict(C=8, N=1),
 }
 NAMES = list(SMALL)
 BUILD = dict(image_size=16, batch_size=4)

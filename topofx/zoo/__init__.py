@@ -29,6 +29,9 @@ Names:
 * ``darts-pt-projected``: the same, with half of each cell type's edges projected (``project_op``);
 * ``hard-gumbel``: ``F.gumbel_softmax(hard=True)`` redrawn every call, ``abs(w) > 1e-10`` joins
   (:mod:`.hardgumbel_style`);
+* ``snas-nb201``: SNAS's Gumbel-softmax sample on the NAS-Bench-201 cell (:mod:`.snas_nb201_style`);
+* ``pcdarts-nb201``: PC-DARTS's partial channels and edge normalization on the NAS-Bench-201 cell
+  (:mod:`.pcdarts_nb201_style`);
 * ``path-arg``: NASP-style ``forward(x, updateType='alpha')`` choosing softmax or one-hot weights
   (:mod:`.patharg_style`).
 
@@ -158,6 +161,18 @@ def _hard_gumbel(**kw: Any) -> nn.Module:
     return Network(**kw)
 
 
+def _snas_nb201(**kw: Any) -> nn.Module:
+    from .snas_nb201_style import TinyNetworkSNAS
+
+    return TinyNetworkSNAS(**kw)
+
+
+def _pcdarts_nb201(**kw: Any) -> nn.Module:
+    from .pcdarts_nb201_style import TinyNetworkPCDARTS
+
+    return TinyNetworkPCDARTS(**kw)
+
+
 def _path_arg(**kw: Any) -> nn.Module:
     from .patharg_style import TinyNetworkPathArg
 
@@ -182,11 +197,11 @@ _REGISTRY: Dict[str, ZooEntry] = {
         ZooEntry("darts-space",
                  "xautodl NASNetworkDARTS on the DARTS space (C=8, N=2, 4 steps); "
                  "returns (features, logits)",
-                 lambda **kw: _nasnet("NASNetworkDARTS", **kw), _NASNET_DEFAULTS, ("C", "N")),
+                 lambda **kw: _nasnet("NASNetworkDARTS", **kw), _NASNET_DEFAULTS, ("C", "N", "steps", "multiplier")),
         ZooEntry("darts-space-gdas",
                  "xautodl NASNetworkGDAS on the DARTS space (C=8, N=2, 4 steps); hard Gumbel, "
                  "not traceable; returns (features, logits)",
-                 lambda **kw: _nasnet("NASNetworkGDAS", **kw), _NASNET_DEFAULTS, ("C", "N")),
+                 lambda **kw: _nasnet("NASNetworkGDAS", **kw), _NASNET_DEFAULTS, ("C", "N", "steps", "multiplier")),
         ZooEntry("darts-orig",
                  "original-DARTS style network, plain-tensor alphas (C=8, 5 cells, 4 steps); "
                  "returns logits",
@@ -244,6 +259,16 @@ _REGISTRY: Dict[str, ZooEntry] = {
                  "selected op only (C=16, 8 cells, DARTS space); returns logits",
                  _hard_gumbel, dict(C=16, num_classes=10, layers=8, steps=4, multiplier=4,
                                     stem_multiplier=3, tau=10.0, loop_join=False)),
+        ZooEntry("snas-nb201",
+                 "SNAS on NAS-Bench-201: Gumbel-softmax edge weights sampled in forward, "
+                 "'op(x) * w' join (C=8, N=1); returns logits",
+                 _snas_nb201, dict(C=8, N=1, max_nodes=4, num_classes=10, affine=False,
+                                   track_running_stats=True, temp=1.0)),
+        ZooEntry("pcdarts-nb201",
+                 "PC-DARTS on NAS-Bench-201: partial channels k=4 + edge-normalization betas "
+                 "(C=8, N=1); returns logits",
+                 _pcdarts_nb201, dict(C=8, N=1, max_nodes=4, num_classes=10, affine=False,
+                                      track_running_stats=True, k=4)),
         ZooEntry("path-arg",
                  "NASP-style forward(x, updateType='alpha'): softmax or straight-through one-hot "
                  "weights by argument (NAS-Bench-201, C=16, N=5); returns logits",
@@ -277,7 +302,8 @@ def build(name: str, *, batch_size: int = 2, image_size: int = 32, seed: int = 0
     Parameters and architecture weights are initialised under ``torch.manual_seed(seed)`` (the
     global RNG state is restored afterwards); inputs are standard-normal of shape
     ``(batch_size, 3, image_size, image_size)`` drawn from a generator seeded with ``seed``.
-    ``overrides`` replace constructor arguments (for the xautodl models only ``C`` and ``N``).
+    ``overrides`` replace constructor arguments (for the xautodl models only ``C`` and ``N``, and
+    ``steps``/``multiplier`` on the DARTS space).
     """
     entry = _entry(name)
     allowed = entry.allowed()
