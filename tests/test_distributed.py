@@ -50,9 +50,11 @@ def _worker(rank: int, init_file: str) -> None:
             else:
                 torch.testing.assert_close(p.grad, q.grad, msg=name)
 
-        grads = torch.autograd.grad(model(mine).sum(), [model.bn.weight])
-        (avg,) = world.average(grads)
-        assert world.gather(avg.tolist())[0] == world.gather(avg.tolist())[1]
+        params = [model.bn.weight, model.a.weight, model.never.weight]
+        grads = torch.autograd.grad(model(mine).sum(), params, allow_unused=True)
+        avg = world.average(grads, params)
+        assert avg[2] is None and avg[1] is not None  # a runs on rank 0 only: rank 1 counts zero
+        assert world.gather([g.tolist() for g in avg[:2]])[0] == world.gather([g.tolist() for g in avg[:2]])[1]
 
         with torch.no_grad():
             model.bn.running_mean.fill_(rank + 1.0)

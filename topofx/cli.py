@@ -379,11 +379,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise UserError(f"--data {config.data}: no such directory (CIFAR-10 python batches are never downloaded)")
     if args.stop_after is not None and args.stop_after < 0:
         raise UserError("--stop-after must be >= 0")
+    from .distributed import World
+
+    world = World.from_environment()  # torchrun --nproc_per_node=N -m topofx search ...: one rank per process
     try:
         result = run_search(config, resume=args.resume, stop_after=args.stop_after,
-                            progress=not args.no_progress, echo=print)
+                            progress=not args.no_progress, echo=print, world=world)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
+    if not world.is_main:
+        return 0
+    if world.size > 1:
+        print(f"{world.size} ranks, one genotype")
     state = "done" if result.finished else f"stopped after epoch {len(result.log)} (continue with --resume)"
     print(f"search {state} in {result.seconds:.1f}s")
     print(f"genotype: {result.arch or json.dumps(result.genotype)}")

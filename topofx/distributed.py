@@ -60,33 +60,29 @@ class World:
         return tuple(t[self.rank * per:end] for t in tensors)
 
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        """Average ``p.grad`` over the ranks, in one flat all-reduce (``None`` counts as zero; stays
-        ``None`` where every rank has none)."""
-        if self.size == 1 or not params:
-            return
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in params])
+        """Average each ``p.grad`` over the ranks (see :meth:`average`)."""
+        for p, g in zip(params, self.average([p.grad for p in params], params)):
+            p.grad = g
+
+    def average(self, grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Gradients of ``params`` (``p.grad``s, or what ``torch.autograd.grad(allow_unused=True)``
+        returns) averaged over the ranks in one flat all-reduce: ``None`` counts as zero, and stays
+        ``None`` where every rank has ``None``."""
+        grads = list(grads)
+        if self.size == 1 or not grads:
+            return grads
+        has = torch.tensor([g is not None for g in grads], dtype=torch.float32)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for g, p in zip(grads, params)])
         dist.all_reduce(has)
         dist.all_reduce(flat)
         flat /= self.size
+        out: list[torch.Tensor | None] = []
         offset = 0
         for p, present in zip(params, has.tolist()):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if present else None
+            out.append(flat[offset:offset + n].view_as(p).to(p.dtype) if present else None)
             offset += n
-
-    def average(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``values`` (gradients returned by ``torch.autograd.grad``) averaged over the ranks."""
-        if self.size == 1:
-            return list(values)
-        flat = torch.cat([v.reshape(-1).float() for v in values])
-        dist.all_reduce(flat)
-        flat /= self.size
-        out, offset = [], 0
-        for v in values:
-            out.append(flat[offset:offset + v.numel()].view_as(v).to(v.dtype))
-            offset += v.numel()
         return out
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:

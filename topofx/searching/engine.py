@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import World
 from .algorithms import SINGLE_LEVEL, SPACES, Algorithm, algorithm
 from .records import alpha_entropy, alpha_probs, genotype_record, jsonable, op_names, plot_alphas
 from .step import Batch, SearchStep, arch_parameters
@@ -150,19 +151,21 @@ def _set_random_state(state: list) -> None:
 class Searcher:
     """One search run.  ``Searcher(config).run()`` is :func:`run_search`.
 
-    ``rank``/``world_size``: a data-parallel hook; every rank shards each batch
-    (:meth:`batches`) and :meth:`SearchStep.reduce_gradients` averages the gradients.  Only rank 0
-    writes files.
+    ``world`` (:class:`topofx.distributed.World`, one process by default; ``torchrun`` gives more):
+    every rank draws the same batches and computes its shard (:meth:`batches`),
+    :meth:`SearchStep.reduce_gradients` averages the gradients, rank 0's BN statistics are copied to
+    all ranks after each epoch, and the ranks' genotypes are checked equal at the end.  Only rank 0
+    prints and writes files.
     """
 
     def __init__(self, config: SearchConfig, *, resume: bool = False, stop_after: int | None = None,
                  progress: bool = True, echo: Callable[[str], None] | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 world: World = World()):
         self.config = config.validate()
         self.algo: Algorithm = algorithm(config.algo)
         self.resume, self.stop_after, self.progress = resume, stop_after, progress
-        self.echo = echo or (lambda text: None)
-        self.rank, self.world_size = rank, world_size
+        self.world = world
+        self.echo = echo if echo is not None and world.is_main else (lambda text: None)
         self.out = Path(config.out) if config.out else None
         if resume and (self.out is None or not (self.out / CHECKPOINT).is_file()):
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {self.out}")
@@ -199,7 +202,7 @@ class Searcher:
         ids = {id(a) for a in self.alphas}
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
         self.step = SearchStep(self.net, self.alphas, weights, self.hyper, self.algo.arch_step,
-                               rank=self.rank, world_size=self.world_size)
+                               world=self.world)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.step.w_opt, T_max=cfg.epochs,
                                                                     eta_min=self.hyper.w_lr_min)
         self.activation = self._activation_bytes()
@@ -248,13 +251,13 @@ class Searcher:
     # -- data: the one place batches are drawn ---------------------------------------------------
     def batches(self, split: str) -> Iterator[Batch]:
         """One epoch of ``split`` in a fresh random order (its own generator), full batches only;
-        each rank takes its share of every batch."""
+        each rank takes its shard of every batch."""
         x, y = self.splits[split]
         size = min(self.config.batch_size, len(y))
         order = torch.randperm(len(y), generator=self.generators[split])
         for i in range(0, len(y) - size + 1, size):
-            idx = order[i:i + size][self.rank::self.world_size]
-            yield x[idx], y[idx]
+            idx = order[i:i + size]
+            yield self.world.shard(x[idx], y[idx])
 
     def steps_per_epoch(self) -> int:
         size = min(self.config.batch_size, min(len(s[1]) for s in self.splits.values()))
@@ -275,7 +278,7 @@ class Searcher:
         train_it = self.batches("train")
         arch_it = self.batches("arch") if "arch" in self.splits else None
         bar = None
-        if self.progress and self.rank == 0:
+        if self.progress and self.world.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc=f"{cfg.algo} {cfg.space} epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -311,6 +314,7 @@ class Searcher:
                 bar.close()
         seconds = time.perf_counter() - start
         self.scheduler.step()
+        self.world.broadcast_buffers(self.net)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **hooked,
                                   "train_loss": sums["train_loss"] / steps, "train_acc": sums["train_acc"] / steps}
         if arch_it is not None:
@@ -359,7 +363,7 @@ class Searcher:
         start = time.perf_counter()
         try:
             self.setup()
-            if self.rank == 0 and self.out is not None:
+            if self.world.is_main and self.out is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 (self.out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
                 self._rewrite_log()
@@ -372,12 +376,14 @@ class Searcher:
                 self.epoch += 1
                 self.log.append(record)
                 self.echo(self._summary(record))
-                if self.rank == 0 and self.out is not None:
+                if self.world.is_main and self.out is not None:
                     with open(self.out / LOG, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     self.save_checkpoint(self.out / CHECKPOINT)
             genotype = genotype_record(self.model, cfg.space)
-            if finished and self.rank == 0 and self.out is not None:
+            if len({json.dumps(g, sort_keys=True) for g in self.world.gather(genotype)}) > 1:
+                raise RuntimeError(f"the {self.world.size} ranks ended with different genotypes")
+            if finished and self.world.is_main and self.out is not None:
                 (self.out / GENOTYPE).write_text(json.dumps(
                     {"algo": cfg.algo, "space": cfg.space, "supernet": cfg.supernet, "epochs": self.epoch, **genotype},
                     indent=1) + "\n")
@@ -464,7 +470,7 @@ def _load_weights(net: nn.Module, alphas: list[torch.Tensor], state: dict[str, A
 
 def run_search(config: SearchConfig, **options: Any) -> SearchResult:
     """Run a search (``options``: :class:`Searcher`'s keyword arguments: ``resume``, ``stop_after``,
-    ``progress``, ``echo``, ``rank``, ``world_size``)."""
+    ``progress``, ``echo``, ``world``)."""
     return Searcher(config, **options).run()
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import World
 from .algorithms import FIRST_ORDER, SINGLE_LEVEL, UNROLLED, Hyper
 from .hypergradient import unrolled_arch_gradients
 
@@ -65,19 +66,19 @@ class SearchStep:
     """The optimizers of a search and its three kinds of update.
 
     ``net`` is what runs (the supernet or its simplified module); ``alphas`` and ``weights`` are the
-    original's tensors, which both share.  ``rank``/``world_size`` are for data-parallel searches:
-    :meth:`reduce_gradients` averages over the ranks when ``world_size > 1``.
+    original's tensors, which both share.  ``world`` (:class:`topofx.distributed.World`) is for
+    data-parallel searches: :meth:`reduce_gradients` averages over its ranks.
     """
 
     def __init__(self, net: nn.Module, alphas: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                  hyper: Hyper, kind: str = FIRST_ORDER, *,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                 rank: int = 0, world_size: int = 1):
+                 world: World = World()):
         if kind not in (FIRST_ORDER, UNROLLED, SINGLE_LEVEL):
             raise ValueError(f"unknown architecture step {kind!r}")
         self.net, self.alphas, self.weights = net, list(alphas), list(weights)
         self.hyper, self.kind, self.loss_fn = hyper, kind, loss_fn
-        self.rank, self.world_size = rank, world_size
+        self.world = world
         self.w_opt = torch.optim.SGD(self.weights, lr=hyper.w_lr, momentum=hyper.w_momentum,
                                      weight_decay=hyper.w_weight_decay, nesterov=hyper.w_nesterov)
         self.a_opt = torch.optim.Adam(self.alphas, lr=hyper.a_lr, betas=hyper.a_betas,
@@ -91,16 +92,7 @@ class SearchStep:
 
     def reduce_gradients(self, params: Sequence[torch.Tensor], grads: list) -> list:
         """Average ``grads`` over the data-parallel ranks (a no-op for one process)."""
-        if self.world_size == 1:
-            return grads
-        import torch.distributed as dist
-
-        out = []
-        for p, g in zip(params, grads):
-            g = torch.zeros_like(p) if g is None else g.clone()
-            dist.all_reduce(g)
-            out.append(g.div_(self.world_size))
-        return out
+        return self.world.average(grads, params)
 
     # -- updates -------------------------------------------------------------------------------
     @property
