@@ -291,6 +291,12 @@ def _fuzz(argv: list[str]) -> int:
     return fuzz.main(argv, prog=f"{PROG} fuzz")
 
 
+def _fidelity(argv: list[str]) -> int:
+    from . import fidelity
+
+    return fidelity.main(argv, prog=f"{PROG} fidelity")
+
+
 def _nb201_arch(text: str) -> int | str:
     """An ARCH argument: digits are an index, anything else an arch string."""
     return int(text) if text.strip().isdigit() else text
@@ -514,6 +520,11 @@ def _build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "fidelity", help="search with the original, exact and topo supernets and compare what they find",
+        description="Same options as `python -m topofx.fidelity` (run `topofx fidelity --help`).",
+        add_help=False,
+    )
+    sub.add_parser(
         "fuzz", help="check random supernets written in the styles of public NAS codebases",
         description="Same options as `python -m topofx.fuzz` (run `topofx fuzz --help`).",
         add_help=False,
@@ -569,6 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _bench(argv[1:])
             if argv and argv[0] == "fuzz":  # so does fuzz
                 return _fuzz(argv[1:])
+            if argv and argv[0] == "fidelity":  # and fidelity
+                return _fidelity(argv[1:])
             parser = _build_parser()
             try:
                 args = parser.parse_args(argv)

@@ -5,7 +5,8 @@ exact simplification and on the TopoNAS (topo) one -- with the same seeds, for e
 dataset asked, on the NAS-Bench-201 space; then retrains every derived architecture from scratch
 (:func:`topofx.evaluate.retrain`, several seeds) and tabulates, per dataset, algorithm and mode:
 
-* search wall time (and its speed-up against the original),
+* search wall time, set-up (data, capture, simplification) included, and the time of the search
+  loop alone, with the loop's speed-up against the original's,
 * activation memory of the searched supernet (and its ratio to the original's),
 * how many of the 6 edges of the derived cell agree with the original's choice, per seed,
 * the derived architectures' retrained test accuracy, mean +- std over search seeds x retrain seeds.
@@ -47,18 +48,19 @@ class FidelityConfig:
     batch_size: int = 64
     retrain_epochs: int = 10
     retrain_seeds: int = 3
+    threads: int | None = 1
     out: str = "fidelity"
     progress: bool = True
 
 
 def _search(cfg: FidelityConfig, algo: str, data: str, seed: int, mode: str) -> dict[str, Any]:
-    from .search import SearchConfig, run_search
+    from .searching import SearchConfig, run_search
 
     result = run_search(SearchConfig(algo=algo, space="nb201", data=data, epochs=cfg.epochs, simplify=mode,
                                      seed=seed, C=cfg.C, N=cfg.N, batch_size=cfg.batch_size,
-                                     max_steps=cfg.max_steps, out=None, progress=cfg.progress))
-    return {"seconds": result.seconds, "activation_bytes": result.activation_bytes,
-            "arch": nb201.arch_str(result.genotype)}
+                                     max_steps=cfg.max_steps, threads=cfg.threads), progress=cfg.progress)
+    return {"seconds": result.seconds, "loop_seconds": sum(r["epoch_time"] for r in result.log),
+            "activation_bytes": result.log[-1]["activation_bytes"], "arch": result.arch}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -107,6 +109,12 @@ def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
+def _memory(runs: list[dict[str, Any]]) -> float | None:
+    """Mean activation bytes (``None`` where the search could not estimate them: sampled forwards)."""
+    known = [r["activation_bytes"] for r in runs if r["activation_bytes"] is not None]
+    return statistics.mean(known) if known else None
+
+
 def _agreement(a: str, b: str) -> int:
     return sum(x == y for x, y in zip(nb201.ops(a), nb201.ops(b)))
 
@@ -120,9 +128,9 @@ def table(results: dict[str, Any]) -> str:
         + (f" of at most {cfg['max_steps']} steps" if cfg.get("max_steps") else "")
         + f"; retrain: {cfg['retrain_epochs']} epochs, {cfg['retrain_seeds']} seeds per architecture",
         "",
-        "| data | algorithm | supernet | search s (mean) | speed-up | activation MB | memory ratio "
+        "| data | algorithm | supernet | search s | loop s | loop speed-up | activation MB | memory ratio "
         "| edges agreeing with original (of 6, per seed) | retrained test acc % (mean ± std) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for data in cfg["data"]:
         for algo in cfg["algos"]:
@@ -133,15 +141,17 @@ def table(results: dict[str, Any]) -> str:
                 if not done:
                     continue
                 secs = statistics.mean(r["seconds"] for r in done)
-                mem = statistics.mean(r["activation_bytes"] for r in done) / 1e6
                 done_base = [b for b in base if b]
-                speed = (statistics.mean(b["seconds"] for b in done_base) / secs) if done_base else float("nan")
-                ratio = (mem * 1e6 / statistics.mean(b["activation_bytes"] for b in done_base)) if done_base else float("nan")
+                loop = statistics.mean(r["loop_seconds"] for r in done)
+                speed = f"{statistics.mean(b['loop_seconds'] for b in done_base) / loop:.2f}x" if done_base else "-"
+                mem, ratio = _memory(done), _memory(done_base)
+                ratio = f"{mem / ratio:.2f}" if mem and ratio else "-"
                 agree = ", ".join(str(_agreement(r["arch"], b["arch"])) if r and b else "-" for r, b in zip(runs, base))
                 accs = [100 * retrains[f"{data}/{r['arch']}/{k}"] for r in done for k in range(cfg["retrain_seeds"])
                         if f"{data}/{r['arch']}/{k}" in retrains]
                 name = "original" if mode == "none" else mode
-                lines.append(f"| {data} | {algo} | {name} | {secs:.1f} | {speed:.2f}x | {mem:.1f} | {ratio:.2f} "
+                mem = f"{mem / 1e6:.1f}" if mem else "not estimable"
+                lines.append(f"| {data} | {algo} | {name} | {secs:.1f} | {loop:.1f} | {speed} | {mem} | {ratio} "
                              f"| {agree} | {_mean_std(accs)} |")
     lines += ["", "Derived architectures (arch strings), per seed:", ""]
     for key, r in searches.items():
@@ -167,6 +177,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "topofx fidelity") -> in
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs)
     parser.add_argument("--retrain-seeds", type=int, default=d.retrain_seeds)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 1)")
     parser.add_argument("--out", default=d.out, help="results directory (a rerun resumes from it)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
@@ -177,3 +188,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "topofx fidelity") -> in
     results = run(cfg)
     print(table(results))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
