@@ -851,7 +851,7 @@ def test_cli_usage_error(capsys):
 
 def test_cli_no_command(capsys):
     status, err = run_cli(capsys)
-    assert status == 2 and "topofx: error: give a command: models, simplify, bench, fuzz, nb201 or search" in err
+    assert status == 2 and "topofx: error: give a command: models, simplify, bench, fuzz, nb201, search, derive, evaluate or fidelity" in err
 
 
 def test_cli_bad_input_shape(capsys):

@@ -6,6 +6,7 @@ train-mode forward, and the retraining by its loss falling and its test accuracy
 """
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -69,3 +70,30 @@ def test_retrain_learns_digits():
     first, last = sum(result.train_loss[:5]) / 5, sum(result.train_loss[-5:]) / 5
     assert last < 0.7 * first
     assert result.test_acc > 0.5  # ten classes: chance is 0.1
+
+
+def test_derive_and_evaluate_commands(tmp_path, capsys):
+    from topofx.cli import main
+    from topofx.evaluate import load_child
+    from topofx.searching import load_search
+
+    run = tmp_path / "run"
+    assert main(["search", "--algo", "darts-v1", "--space", "nb201", "--data", "digits", "--batch-size", "16",
+                 "--image-size", "8", "--channels", "4", "--cells", "1", "--max-steps", "2", "--epochs", "1",
+                 "--no-progress", "--threads", "1", "--out", str(run)]) == 0
+    assert main(["derive", str(run), "--out", str(tmp_path / "child.pt")]) == 0
+    assert "weights inherited from the searched supernet" in capsys.readouterr().out
+    child, (model, _, _) = load_child(tmp_path / "child.pt"), load_search(run)
+    searched = model.state_dict()
+    assert child.state_dict().keys() <= searched.keys()
+    for key, value in child.state_dict().items():
+        assert torch.equal(value, searched[key]), key
+    assert (tmp_path / "child.py").read_text().startswith("\n\n\ndef forward")
+
+    arch = "|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|skip_connect~0|none~1|nor_conv_3x3~2|"
+    assert main(["evaluate", arch, "--channels", "4", "--image-size", "8", "--epochs", "1", "--seeds", "0,1",
+                 "--threads", "1", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["genotype"] == arch and len(result["test_acc"]) == 2 and result["mean"] > 0.2
+    assert main(["derive", arch, "--space", "darts"]) == 2
+    assert "the genotype is of the nb201 space" in capsys.readouterr().err

@@ -9,6 +9,10 @@
     topofx nb201 arch ARCH...                       # NAS-Bench-201 index <-> arch string
     topofx nb201 lookup --file FILE [--json] ARCH...  # accuracies from a benchmark file or a table
     topofx nb201 export --file BENCHMARK --out table.json
+    topofx search --algo darts-v1|darts-v2|gdas|snas|pcdarts --space nb201|darts --out DIR [--resume]
+    topofx derive SOURCE [--out child.pt]          # the found architecture as a torch.fx module
+    topofx evaluate SOURCE [--data digits] [--epochs 10] [--seeds 0,1,2]   # retrain from scratch
+    topofx fidelity [--algos ...] [--data ...] [--seeds ...] --out DIR     # original vs exact vs topo
     topofx search --algo darts-v1|darts-v2|gdas|snas|pcdarts --space nb201|darts --data digits
                   [--epochs N] [--simplify topo|exact|none] [--seed S] --out DIR [--resume] ...
 
@@ -462,6 +466,148 @@ def _add_search_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_search)
 
 
+def _genotype_source(text: str, space: str | None) -> tuple[Any, str, dict[str, int], Path | None]:
+    """``(genotype, space, network sizes, search folder)`` of a derive/evaluate SOURCE: a search's
+    ``--out`` folder, a JSON file holding a genotype, or a NAS-Bench-201 arch string or index."""
+    import json
+
+    from . import nb201
+    from .searching import SearchConfig
+    from .searching.engine import CONFIG, GENOTYPE
+
+    path = Path(text).expanduser()
+    sizes: dict[str, int] = {}
+    folder = None
+    if path.is_dir():
+        if not (path / GENOTYPE).is_file():
+            raise UserError(f"{path} holds no {GENOTYPE}: not a finished `topofx search --out` folder")
+        record = json.loads((path / GENOTYPE).read_text())
+        config = SearchConfig.from_dict(json.loads((path / CONFIG).read_text()))
+        sizes = dict(C=config.C, N=config.N, nodes=config.nodes,
+                     image_size=32 if config.data.startswith("cifar10:") else config.image_size)
+        genotype, found, folder = record["genotype"], record["space"], path
+    elif path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+        except ValueError as exc:
+            raise UserError(f"{path}: not JSON ({exc})") from None
+        found = loaded.get("space") if isinstance(loaded, dict) and "genotype" in loaded else None
+        genotype = loaded["genotype"] if found else loaded
+    else:
+        try:
+            genotype = nb201.arch_str(_nb201_arch(text))
+        except nb201.NB201Error as exc:
+            raise UserError(f"{text!r} is no search folder, genotype file or NAS-Bench-201 architecture: {exc}") from None
+        found = "nb201"
+    found = found or ("nb201" if isinstance(genotype, str) else "darts")
+    if space and space != found:
+        raise UserError(f"--space {space}: the genotype is of the {found} space")
+    return genotype, found, sizes, folder
+
+
+def _child_sizes(args: argparse.Namespace, sizes: dict[str, int]) -> dict[str, int]:
+    given = {"C": args.channels, "N": args.cells, "nodes": args.nodes, "image_size": args.image_size}
+    defaults = {"C": 8, "N": 1, "nodes": 4, "image_size": 16}
+    return {k: v if v is not None else sizes.get(k, defaults[k]) for k, v in given.items()}
+
+
+def _child(genotype: Any, space: str, sizes: dict[str, int], seed: int):  # noqa: ANN202
+    from .evaluate import child_network
+
+    try:
+        return child_network(genotype, space, seed=seed, **sizes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    import torch
+
+    from .derive import CHOICES
+
+    genotype, space, found, folder = _genotype_source(args.source, args.space)
+    sizes = _child_sizes(args, found)
+    child = _child(genotype, space, sizes, args.seed)
+    inherited = False
+    if folder is not None and not any(v is not None for v in (args.channels, args.cells, args.nodes)):
+        from .searching import load_search
+
+        model, config, _ = load_search(folder)
+        searched = model.state_dict()
+        own = child.state_dict()
+        if config.supernet == _CANONICAL[space] and all(k in searched and searched[k].shape == v.shape
+                                                         for k, v in own.items()):
+            child.load_state_dict({k: searched[k] for k in own})
+            inherited = True
+    kept = child.meta[CHOICES]
+    print(f"child of the {space} space ({', '.join(f'{k}={v}' for k, v in sizes.items())}): "
+          f"{len(kept)} edges, {sum(p.numel() for p in child.parameters())} parameters, weights "
+          + ("inherited from the searched supernet" if inherited else "freshly initialized"))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": "topofx-child", "genotype": genotype, "space": space, **sizes,
+                    "state_dict": child.state_dict()}, out)
+        out.with_suffix(".py").write_text(child.code)
+        print(f"wrote {out} (genotype, sizes, state_dict; topofx.evaluate.load_child reads it) and "
+              f"{out.with_suffix('.py')} (the child's code)")
+    else:
+        print(child.code)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+    import statistics
+
+    from . import data as datasets
+    from .evaluate import retrain
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    genotype, space, found, _ = _genotype_source(args.source, args.space)
+    sizes = _child_sizes(args, found)
+    try:
+        dataset = datasets.load(args.data, image_size=sizes["image_size"])
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise UserError(str(exc)) from None
+    sizes["image_size"] = dataset.image_shape[-1]  # CIFAR-10 stays 32x32
+    accs = []
+    for seed in args.seeds:
+        child = _child(genotype, space, sizes, seed)
+        result = retrain(child, dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                         progress=not args.no_progress)
+        accs.append(result.test_acc)
+        print(f"seed {seed}: test accuracy {100 * result.test_acc:.2f}% ({result.seconds:.1f}s, "
+              f"last train loss {result.train_loss[-1]:.3f})")
+    mean = statistics.mean(accs)
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    print(f"{space} child, {args.data}, {args.epochs} epochs: test accuracy {100 * mean:.2f} ± {100 * std:.2f}% "
+          f"over {len(accs)} seed(s)")
+    if args.json:
+        print(json.dumps({"genotype": genotype, "space": space, "data": args.data, "epochs": args.epochs,
+                          "seeds": list(args.seeds), "test_acc": accs, "mean": mean, "std": std}))
+    return 0
+
+
+_CANONICAL = {"nb201": "nb201-darts", "darts": "darts-space"}
+
+
+def _add_child_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE",
+                   help="a `topofx search --out` folder, a JSON file holding a genotype, or a NAS-Bench-201 "
+                   "arch string (quoted) or index")
+    p.add_argument("--space", choices=("nb201", "darts"), default=None,
+                   help="the genotype's space (default: the search's, or nb201 for arch strings)")
+    p.add_argument("--channels", type=int, default=None, help="C of the child (default: the search's, else 8)")
+    p.add_argument("--cells", type=int, default=None, help="N of the child (default: the search's, else 1)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes per DARTS-space cell (default: the search's, else 4)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size the child is built for (default: the search's, else 16)")
+
+
 _NB201_TRUST = ("A benchmark file is a pickle, unpickled in full, which can run any code it holds: "
                 "use only a file from a trusted source (the NAS-Bench-201 authors' download).")
 
@@ -530,6 +676,37 @@ def _build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
+    p_der = sub.add_parser(
+        "derive", help="the architecture a search found, as a standalone torch.fx module",
+        description="Build the child network of SOURCE's genotype: the space's DARTS-style supernet "
+        "(xautodl TinyNetworkDarts / NASNetworkDARTS) with one-hot architecture weights, cut down to the chosen "
+        "operations by topofx.derive. From a search folder of that supernet the child keeps the searched "
+        "weights; otherwise its weights are freshly initialized. Prints its code, or writes it with --out.",
+    )
+    _add_child_arguments(p_der)
+    p_der.add_argument("--out", metavar="FILE", default=None,
+                       help="write FILE (.pt: genotype, sizes, state_dict) and FILE's .py (the child's code)")
+    p_der.add_argument("--seed", type=int, default=0, help="seed of fresh weights")
+    p_der.set_defaults(func=_cmd_derive)
+
+    p_eval = sub.add_parser(
+        "evaluate", help="retrain a found architecture from scratch and report test accuracy",
+        description="Train SOURCE's child network from scratch on --data's training split (SGD, momentum 0.9, "
+        "weight decay 3e-4, cosine learning rate, gradient clipping 5) and report accuracy on its test split, "
+        "per seed and mean ± std.",
+    )
+    _add_child_arguments(p_eval)
+    p_eval.add_argument("--data", default="digits", help="digits (default), mnist5k or cifar10:DIR (see docs/search.md)")
+    p_eval.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    p_eval.add_argument("--batch-size", type=int, default=64)
+    p_eval.add_argument("--lr", type=float, default=0.025, help="initial learning rate (default 0.025)")
+    p_eval.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",") if x], default=[0],
+                        help="comma-separated seeds, one training each (default 0)")
+    p_eval.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p_eval.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p_eval.add_argument("--no-progress", action="store_true")
+    p_eval.set_defaults(func=_cmd_evaluate)
+
     p_nb = sub.add_parser(
         "nb201", help="NAS-Bench-201: architecture names and benchmark accuracies",
         description="Convert NAS-Bench-201 architectures between arch string and the API's index, look up "
@@ -588,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SystemExit as exc:  # --help (0) and usage errors (2) return instead of exiting
                 return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
             if not getattr(args, "command", None):
-                raise UserError("give a command: models, simplify, bench, fuzz, nb201 or search (see topofx --help)")
+                raise UserError("give a command: models, simplify, bench, fuzz, nb201, search, derive, evaluate or fidelity (see topofx --help)")
             if args.command == "nb201" and not getattr(args, "nb201_command", None):
                 raise UserError("give an nb201 command: arch, lookup or export (see topofx nb201 --help)")
             return int(args.func(args) or 0)

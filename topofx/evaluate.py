@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from .data import Dataset
 from .derive import derive
 from .search import logits_of
 
-__all__ = ["child_network", "one_hot_supernet", "retrain", "RetrainResult", "darts_edges"]
+__all__ = ["child_network", "one_hot_supernet", "load_child", "retrain", "RetrainResult", "darts_edges"]
 
 SPACES = {"nb201": "nb201-darts", "darts": "darts-space"}
 # DARTS's operation names -> xautodl's names for the same operations on the DARTS space.
@@ -84,24 +85,37 @@ def _one_hot_alphas(model: nn.Module, space: str, genotype: Any) -> None:
         fill(alpha, chosen)
 
 
-def one_hot_supernet(genotype: Any, space: str = "nb201", *, C: int = 8, N: int = 1, image_size: int = 16,
-                     seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """The space's DARTS-style supernet (``C`` channels, ``N`` cells per stage, 10 classes), freshly
-    initialized from ``seed``, with one-hot architecture weights on ``genotype``'s operations; and an
-    example input batch of 2 ``image_size`` RGB images."""
+def one_hot_supernet(genotype: Any, space: str = "nb201", *, C: int = 8, N: int = 1, nodes: int = 4,
+                     image_size: int = 16, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """The space's DARTS-style supernet (``C`` channels, ``N`` cells per stage, ``nodes`` nodes per
+    DARTS-space cell, 10 classes), freshly initialized from ``seed``, with one-hot architecture weights
+    on ``genotype``'s operations; and an example input batch of 2 ``image_size`` RGB images."""
     if space not in SPACES:
         raise ValueError(f"unknown space {space!r}: use one of {', '.join(SPACES)}")
-    model, (x,) = zoo.build(SPACES[space], batch_size=2, image_size=image_size, seed=seed, C=C, N=N)
+    cells = dict(steps=nodes, multiplier=nodes) if space == "darts" else {}
+    model, (x,) = zoo.build(SPACES[space], batch_size=2, image_size=image_size, seed=seed, C=C, N=N, **cells)
     _one_hot_alphas(model, space, genotype)
     return model.train(), x
 
 
-def child_network(genotype: Any, space: str = "nb201", *, C: int = 8, N: int = 1, image_size: int = 16,
-                  seed: int = 0) -> fx.GraphModule:
+def child_network(genotype: Any, space: str = "nb201", *, C: int = 8, N: int = 1, nodes: int = 4,
+                  image_size: int = 16, seed: int = 0) -> fx.GraphModule:
     """The architecture ``genotype`` names in ``space`` (``nb201`` or ``darts``) as a freshly initialized
     standalone ``GraphModule``: :func:`one_hot_supernet` cut down to the chosen operations."""
-    model, x = one_hot_supernet(genotype, space, C=C, N=N, image_size=image_size, seed=seed)
+    model, x = one_hot_supernet(genotype, space, C=C, N=N, nodes=nodes, image_size=image_size, seed=seed)
     return derive(model, (x,))
+
+
+def load_child(path: str | Path) -> fx.GraphModule:
+    """The child ``topofx derive --out FILE`` wrote: rebuilt from its genotype and sizes, with its
+    ``state_dict`` (read with ``weights_only``: no pickled code runs)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != "topofx-child":
+        raise ValueError(f"{path} was not written by `topofx derive --out`")
+    child = child_network(saved["genotype"], saved["space"], C=saved["C"], N=saved["N"], nodes=saved["nodes"],
+                          image_size=saved["image_size"])
+    child.load_state_dict(saved["state_dict"])
+    return child
 
 
 @dataclasses.dataclass
