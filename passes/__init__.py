@@ -18,11 +18,12 @@ from .pool_as_conv import pool_as_conv
 from .channels_last import channels_last
 from .weighted_sum import weighted_sum
 from .depthwise_layout import depthwise_layout
+from .depthwise_recompute import depthwise_recompute
 
 EXACT_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
 TOPO_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion)
-TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout)
+TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout, depthwise_recompute)
 
 
 
@@ -31,4 +32,4 @@ def for_device(passes: tuple, device_type: str) -> tuple:
     return tuple(p for p in passes if device_type in getattr(p, "devices", (device_type,)))
 
 
-__all__ = ["for_device", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["for_device", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

@@ -262,19 +262,29 @@ class MergedConvBN(nn.Module):
         beta = (a[..., None] * stacked([bn.bias for _, bn in pairs])).sum(1)
         return kernel, bias, (total * gamma).flatten(), (total * beta).flatten()
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        n_inputs = self.sizes[0] if self.concat_inputs else 1
-        weights = torch.stack([t.reshape(()) for t in args[n_inputs:]])
+    @property
+    def n_inputs(self) -> int:
+        """How many leading arguments of ``forward`` are image inputs (the rest are weights)."""
+        return self.sizes[0] if self.concat_inputs else 1
+
+    @property
+    def geometry(self) -> tuple:
+        """``(stride, padding, dilation, groups)`` of the merged convolution."""
+        return self.stride, self.padding, self.groups[0][0][0].dilation if self.concat_inputs else (1, 1), 1
+
+    def mixed(self, ws: Sequence[torch.Tensor]) -> tuple:
+        """The merged kernel, conv bias (or None), BN scale and shift (or None) at weights ``ws``."""
+        weights = torch.stack([t.reshape(()) for t in ws])
         if self.batched:
             blocks = [(list(self.groups), weights.view(len(self.sizes), self.sizes[0]))]
         else:
             blocks = [([g], w[None]) for g, w in zip(self.groups, weights.split(self.sizes))]
         kernel, bias, scale, shift = (list(parts) for parts in zip(*(self._merge(g, w) for g, w in blocks)))
-        r = torch.cat(args[:n_inputs], dim=1) if self.concat_inputs else args[0]
-        kernel = torch.cat(kernel)
-        bias = torch.cat(bias) if self.has_bias else None
-        dilation = self.groups[0][0][0].dilation if self.concat_inputs else 1
-        y = F.conv2d(r, kernel, bias, self.stride, self.padding, dilation)
+        return (torch.cat(kernel), torch.cat(bias) if self.has_bias else None, torch.cat(scale),
+                torch.cat(shift) if self.mix_affine else None)
+
+    def normalized(self, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """The floated batch norm of the merged convolution's output ``y`` (updates its statistics)."""
         bn = self.floated
         factor = 0.0
         if bn.training and bn.track_running_stats:
@@ -282,11 +292,14 @@ class MergedConvBN(nn.Module):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch_stats = bn.training or not bn.track_running_stats
         dtype = affine_dtype(bn, y)  # weights may be float32 alphas, y autocast to low precision
-        return F.batch_norm(
-            y, bn.running_mean, bn.running_var, torch.cat(scale).to(dtype),
-            torch.cat(shift).to(dtype) if self.mix_affine else None,
-            use_batch_stats, factor, bn.eps,
-        )
+        return F.batch_norm(y, bn.running_mean, bn.running_var, scale.to(dtype),
+                            shift.to(dtype) if shift is not None else None, use_batch_stats, factor, bn.eps)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        n_inputs = self.n_inputs
+        kernel, bias, scale, shift = self.mixed(args[n_inputs:])
+        r = torch.cat(args[:n_inputs], dim=1) if self.concat_inputs else args[0]
+        return self.normalized(F.conv2d(r, kernel, bias, *self.geometry), scale, shift)
 
 
 class _ScaledRecompute(torch.autograd.Function):
@@ -515,6 +528,38 @@ def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[torch.Tensor |
     return _accumulate(terms, weights)
 
 
+def is_depthwise(conv: nn.Module) -> bool:
+    """A stock depthwise ``nn.Conv2d`` (``groups == in_channels == out_channels``) with zero padding
+    given as numbers (what ``convolution_backward`` takes); with or without bias, any stride and dilation."""
+    return (type(conv) is nn.Conv2d and module_config(conv) is not None and conv.groups == conv.in_channels == conv.out_channels
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def _geometry(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: tuple,
+          channels_last: bool = False) -> torch.Tensor:
+    """``F.conv2d``; ``channels_last``: computed in channels-last layout, NCHW in and out."""
+    if channels_last:
+        return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, *geometry).contiguous()
+    return F.conv2d(x, weight, bias, *geometry)
+
+
+def _conv_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, geometry: tuple,
+                   mask: Sequence[bool], channels_last: bool = False) -> tuple:
+    """The gradients of :func:`_conv` for input, weight and bias that ``mask`` asks for (else None):
+    the call autograd's own convolution backward makes."""
+    if channels_last:
+        g, x = g.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    stride, padding, dilation, groups = geometry
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        g, x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation, False, (0, 0), groups,
+        (mask[0], mask[1], has_bias and mask[2]))
+    return (gx.contiguous() if channels_last and gx is not None else gx), gw, gb
+
+
 class ChannelsLastDepthwise(nn.Module):
     """A depthwise ``nn.Conv2d`` computed in channels-last layout on the CPU, NCHW in and out.
 
@@ -525,6 +570,8 @@ class ChannelsLastDepthwise(nn.Module):
     NCHW input, as the convolution itself would; backward converts it again.  Other devices and
     layouts call the convolution as is."""
 
+    is_conv = True
+
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
@@ -534,8 +581,13 @@ class ChannelsLastDepthwise(nn.Module):
         return (type(conv) is nn.Conv2d and module_config(conv) is not None and conv.groups > 1 and conv.groups == conv.in_channels
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
+    @staticmethod
+    def applies(x: torch.Tensor) -> bool:
+        """Whether an input is computed channels-last (else the convolution runs as is)."""
+        return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+        if not self.applies(x):
             return self.conv(x)
         return _ChannelsLastConv.apply(x, self.conv.weight, self.conv.bias, self.conv)
 
@@ -543,20 +595,135 @@ class ChannelsLastDepthwise(nn.Module):
 class _ChannelsLastConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d):  # type: ignore[override]
-        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.geometry, ctx.has_bias = _geometry(conv), bias is not None
         ctx.save_for_backward(x, weight)
-        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, conv.stride, conv.padding,
-                     conv.dilation, conv.groups)
-        return y.contiguous()
+        return _conv(x, weight, bias, ctx.geometry, channels_last=True)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        conv = ctx.conv
-        cl = torch.channels_last
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            g.contiguous(memory_format=cl), x.contiguous(memory_format=cl), weight,
-            [weight.shape[0]] if ctx.has_bias else None, conv.stride, conv.padding, conv.dilation, False, (0, 0),
-            conv.groups, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]),
-        )
-        return (gx.contiguous() if gx is not None else None), gw, gb, None
+        return (*_conv_backward(g, x, weight, ctx.has_bias, ctx.geometry, ctx.needs_input_grad, channels_last=True), None)
+
+
+def _conv_stage(consumer: nn.Module, rest: Sequence[torch.Tensor]) -> tuple:
+    """``(kernel, bias, geometry, finish)`` of a convolution reading depthwise outputs: a stock
+    ``nn.Conv2d``, a :class:`FusedConv2d` or a :class:`MergedConvBN` (``rest``: its weights;
+    ``finish``: its batch norm, else None)."""
+    if isinstance(consumer, MergedConvBN):
+        kernel, bias, scale, shift = consumer.mixed(rest)
+        return kernel, bias, consumer.geometry, lambda y: consumer.normalized(y, scale, shift)
+    convs = list(consumer.convs) if isinstance(consumer, FusedConv2d) else [consumer]
+    first = convs[0]
+    kernel = torch.cat([c.weight for c in convs]) if len(convs) > 1 else first.weight
+    bias = (torch.cat([c.bias for c in convs]) if len(convs) > 1 else first.bias) if first.bias is not None else None
+    return kernel, bias, _geometry(first), None
+
+
+def _depthwise_then_conv(slots: tuple, geometry: tuple, n: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``conv(cat_i(dw_i(x_i)), kernel, bias)``; ``tensors``: the n ``x_i``, each slot's depthwise
+    weight and bias (None for an input read as is), the kernel and bias; ``slots``: per input, the
+    depthwise geometry (None: read as is) and whether it runs channels-last."""
+    xs, params, (kernel, bias) = tensors[:n], tensors[n:3 * n], tensors[3 * n:]
+    outs = [x if geom is None else _conv(x, params[2 * i], params[2 * i + 1], geom, cl)
+            for i, (x, (geom, cl)) in enumerate(zip(xs, slots))]
+    return F.conv2d(torch.cat(outs, dim=1) if n > 1 else outs[0], kernel, bias, *geometry)
+
+
+class _DepthwiseRecompute(torch.autograd.Function):
+    """:func:`_depthwise_then_conv` saving the ``x_i`` (and the kernel) but not the depthwise outputs:
+    backward computes them again, then makes the convolution backward calls autograd would make."""
+
+    @staticmethod
+    def forward(ctx, slots: tuple, geometry: tuple, n: int, *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.slots, ctx.geometry, ctx.n, ctx.has_bias = slots, geometry, n, tensors[-1] is not None
+        ctx.save_for_backward(*tensors[:-1])
+        return _depthwise_then_conv(slots, geometry, n, *tensors)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        n, slots = ctx.n, ctx.slots
+        saved = ctx.saved_tensors
+        xs, params, kernel = saved[:n], saved[n:3 * n], saved[3 * n]
+        needs = ctx.needs_input_grad[3:]
+        grads: list[torch.Tensor | None] = [None] * (3 * n + 2)
+        outs = [x if geom is None else _conv(x, params[2 * i], params[2 * i + 1], geom, cl)
+                for i, (x, (geom, cl)) in enumerate(zip(xs, slots))]
+        r = torch.cat(outs, dim=1) if n > 1 else outs[0]
+        del outs
+        gr, grads[3 * n], grads[3 * n + 1] = _conv_backward(g, r, kernel, ctx.has_bias, ctx.geometry,
+                                                            (any(needs[:3 * n]), needs[3 * n], needs[3 * n + 1]))
+        del r
+        if gr is None:
+            return (None, None, None, *grads)
+        parts = gr.split([x.shape[1] for x in xs], dim=1) if n > 1 else (gr,)
+        for i, (x, part, (geom, cl)) in enumerate(zip(xs, parts, slots)):
+            if geom is None:
+                grads[i] = part if needs[i] else None
+                continue
+            weight, bias = params[2 * i], params[2 * i + 1]
+            grads[i], grads[n + 2 * i], grads[n + 2 * i + 1] = _conv_backward(
+                part, x, weight, bias is not None, geom, (needs[i], needs[n + 2 * i], needs[n + 2 * i + 1]), cl)
+        return (None, None, None, *grads)
+
+
+class RecomputedDepthwise(nn.Module):
+    """Depthwise convolutions and the one convolution that reads their outputs -- a separable or
+    dilated convolution's pointwise stage: a stock ``nn.Conv2d``, a :class:`FusedConv2d`, or a
+    :class:`MergedConvBN` over the concatenated outputs of several candidates' depthwise stages --
+    computed in one autograd function that saves the depthwise *inputs* (the ReLU outputs the network
+    keeps anyway) instead of the depthwise outputs, and computes those again in backward.  Exact:
+    the same convolutions forward, the same ``convolution_backward`` calls backward.
+
+    ``forward`` takes the consumer's arguments with each depthwise output replaced by the depthwise
+    input (``depthwise[i]`` is None where the consumer reads its argument as is).  A
+    :class:`ChannelsLastDepthwise` keeps its channels-last layout on the CPU.  Under ``torch.compile``
+    it is a non-reentrant checkpoint (the compiler recomputes; one graph)."""
+
+    is_conv = True
+
+    def __init__(self, depthwise: Sequence[nn.Module | None], consumer: nn.Module):
+        super().__init__()
+        if any(m is not None and self.unwrap(m) is None for m in depthwise) or not self.reads(consumer):
+            raise ValueError("RecomputedDepthwise needs depthwise convolutions and a supported convolution reading them")
+        self.depthwise = nn.ModuleList(nn.Identity() if m is None else m for m in depthwise)
+        self.consumer = consumer
+        self.is_bn = bool(getattr(consumer, "is_bn", False))
+        # per input: read as is, a depthwise conv, or a ChannelsLastDepthwise (decided here: forward stays traceable)
+        self.kinds = tuple("as_is" if m is None else "channels_last" if type(m) is ChannelsLastDepthwise else "conv"
+                           for m in depthwise)
+
+    @staticmethod
+    def reads(consumer: nn.Module) -> int:
+        """How many leading arguments of a supported consumer are image inputs (0: not supported)."""
+        if isinstance(consumer, MergedConvBN):
+            return consumer.n_inputs
+        if type(consumer) is FusedConv2d or (type(consumer) is nn.Conv2d and module_config(consumer) is not None):
+            first = consumer.convs[0] if type(consumer) is FusedConv2d else consumer
+            return int(first.padding_mode == "zeros" and not isinstance(first.padding, str))
+        return 0
+
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Conv2d | None:
+        """The depthwise convolution a module computes (itself or a :class:`ChannelsLastDepthwise`'s), or None."""
+        conv = module.conv if type(module) is ChannelsLastDepthwise else module
+        return conv if is_depthwise(conv) else None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        n = len(self.depthwise)
+        xs = args[:n]
+        kernel, bias, geometry, finish = _conv_stage(self.consumer, args[n:])
+        slots, params = [], []
+        for x, m, kind in zip(xs, self.depthwise, self.kinds):
+            conv = None if kind == "as_is" else m.conv if kind == "channels_last" else m
+            slots.append((None, False) if conv is None else
+                         (_geometry(conv), kind == "channels_last" and ChannelsLastDepthwise.applies(x)))
+            params += (None, None) if conv is None else (conv.weight, conv.bias)
+        tensors = (*xs, *params, kernel, bias)
+        slots = tuple(slots)
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+            y = _depthwise_then_conv(slots, geometry, n, *tensors)
+        elif torch.compiler.is_compiling():  # the compiler's own recomputation
+            y = checkpoint(_depthwise_then_conv, slots, geometry, n, *tensors, use_reentrant=False)
+        else:
+            y = _DepthwiseRecompute.apply(slots, geometry, n, *tensors)
+        return finish(y) if finish is not None else y
