@@ -1,10 +1,12 @@
 """Data-parallel search (gloo, two CPU processes): each rank's averaged gradient is the mean of the
-two shards' gradients computed in one process, both ranks end with the same alphas and genotype
+two shards' gradients computed in one process (with BN on running statistics: the full batch's
+gradient), both ranks end with the same alphas and genotype
 (first-order DARTS, DARTS-V2's four gradients, GDAS's operations unused on one rank), and
 ``torchrun --nproc_per_node=2 -m topofx search`` runs from the command line.
 
 Batch normalization normalizes each shard by its own statistics (``SyncBatchNorm`` is CUDA-only),
-so the reference is the mean of per-shard gradients, not one gradient of the whole batch."""
+so in train mode the reference is the mean of per-shard gradients, not one gradient of the whole
+batch."""
 from __future__ import annotations
 
 import copy
@@ -32,7 +34,8 @@ TINY = dict(data="digits", batch_size=16, image_size=8, C=8, N=1, nodes=2, max_s
 
 def _gradients_match(world: World) -> None:
     """One weight+alpha gradient of a simplified supernet on this rank's shard, averaged, against
-    the mean of both shards' gradients computed here."""
+    the full batch's gradient (eval mode) and the mean of both shards' gradients (train mode)
+    computed here."""
     model, (x,) = zoo.build("nb201-darts", batch_size=8, C=4, N=1, image_size=8)
     y = torch.arange(8) % 10
     with warnings.catch_warnings():
@@ -40,14 +43,25 @@ def _gradients_match(world: World) -> None:
         net = topofx.simplify(model, x[:2], mode="topo")
     reference = copy.deepcopy(net)
     params = list(net.parameters())
-    expected = [torch.zeros_like(p) for p in params]
-    for xs, ys in zip(x.chunk(2), y.chunk(2)):
-        grads = torch.autograd.grad(F.cross_entropy(logits_of(reference(xs)), ys), list(reference.parameters()))
-        expected = [e + g / 2 for e, g in zip(expected, grads)]
     alphas = arch_parameters(model)
     step = SearchStep(net, alphas, [p for p in params if all(p is not a for a in alphas)],
                       ALGORITHMS["darts-v1"].hyper, world=world)
     xs, ys = world.shard(x, y)
+    # BN on running statistics (eval mode): samples are independent, the average is the full batch's
+    net.eval(), reference.eval()  # before any train-mode forward changes the running statistics
+    full = torch.autograd.grad(F.cross_entropy(logits_of(reference(x)), y), list(reference.parameters()),
+                               allow_unused=True)
+    got = step.gradients(F.cross_entropy(logits_of(net(xs)), ys), params)
+    for g, e in zip(got, full):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    net.train(), reference.train()
+
+    expected = [torch.zeros_like(p) for p in params]
+    for xh, yh in zip(x.chunk(2), y.chunk(2)):
+        grads = torch.autograd.grad(F.cross_entropy(logits_of(reference(xh)), yh), list(reference.parameters()))
+        expected = [e + g / 2 for e, g in zip(expected, grads)]
     got = step.gradients(F.cross_entropy(logits_of(net(xs)), ys), params)
     assert len(got) == len(expected) and any(a.requires_grad for a in alphas)
     for g, e in zip(got, expected):
