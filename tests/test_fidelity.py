@@ -11,7 +11,7 @@ from topofx import fidelity
 
 
 def test_fidelity_table_and_resume(tmp_path, monkeypatch):
-    cfg = fidelity.FidelityConfig(algos=("darts-v1",), data=("digits",), seeds=(0,), epochs=1, max_steps=3,
+    cfg = fidelity.FidelityConfig(algos=("darts-v1",), data=("digits",), seeds=(0,), epochs=1, max_steps=2,
                                   C=4, batch_size=32, retrain_epochs=1, retrain_seeds=2, out=str(tmp_path),
                                   progress=False)
     results = fidelity.run(cfg)

@@ -1,8 +1,8 @@
 """Data-parallel search (gloo, two CPU processes): each rank's averaged gradient is the mean of the
 two shards' gradients computed in one process (with BN on running statistics: the full batch's
 gradient), both ranks end with the same alphas and genotype
-(first-order DARTS, DARTS-V2's four gradients, GDAS's operations unused on one rank), and
-``torchrun --nproc_per_node=2 -m topofx search`` runs from the command line.
+(DARTS-V2's four gradients, GDAS's operations unused on one rank), and
+``torchrun --standalone --nproc_per_node=2 -m topofx search`` runs from the command line.
 
 Batch normalization normalizes each shard by its own statistics (``SyncBatchNorm`` is CUDA-only),
 so in train mode the reference is the mean of per-shard gradients, not one gradient of the whole
@@ -86,7 +86,7 @@ def _worker(rank: int, init_file: str, algos: list[str]) -> None:
 
 
 def test_two_ranks_search_one_genotype(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), ["darts-v1", "darts-v2", "gdas"]), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), ["darts-v2", "gdas"]), nprocs=2, join=True)
 
 
 def test_torchrun_search(tmp_path):

@@ -1,6 +1,6 @@
 """Data-parallel search with ``torch.distributed``: shard each batch, average every gradient.
 
-A search launched by ``torchrun --nproc_per_node=N -m topofx search ...`` runs one process per rank.
+A search launched by ``torchrun --standalone --nproc_per_node=N -m topofx search ...`` runs one process per rank.
 All ranks draw the same batches (same seeds); each computes its shard of every batch
 (:meth:`World.shard`) and, after every backward, :meth:`World.average_gradients` averages the
 gradients of weights *and* architecture parameters over the ranks.  Replicas that start equal and
