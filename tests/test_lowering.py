@@ -144,3 +144,11 @@ def test_channels_last_returns_outputs_in_the_original_layout():
     assert feature.is_contiguous()
     with pytest.raises(ValueError, match="unknown layout"):
         topofx.simplify(model, x, layout="nhwc")
+
+
+def test_report_counts_a_channels_last_depthwise_as_a_conv():
+    """Wrapping a depthwise convolution changes its layout, not the number of convolutions."""
+    model, (x,) = zoo.build("darts-orig", batch_size=2, C=4, layers=3)
+    report = topofx.simplify(model, x, mode="topo").report
+    (layout,) = [p for p in report.passes if p.name == "depthwise_layout"]
+    assert layout.rewrites and layout.removed["conv"] == 0
