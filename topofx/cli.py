@@ -696,7 +696,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "per seed and mean ± std.",
     )
     _add_child_arguments(p_eval)
-    p_eval.add_argument("--data", default="digits", help="digits (default), mnist5k or cifar10:DIR (see docs/search.md)")
+    p_eval.add_argument("--data", default="digits", help="digits (default), mnist5k or cifar10:DIR (python batches in DIR, "
+                        "trusted files only: they are pickles)")
     p_eval.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     p_eval.add_argument("--batch-size", type=int, default=64)
     p_eval.add_argument("--lr", type=float, default=0.025, help="initial learning rate (default 0.025)")
