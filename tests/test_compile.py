@@ -139,3 +139,13 @@ def test_moving_to_another_device_type_lowers_again():
     simplified(x)
     assert simplified.lowered_for == "cpu" and simplified.__dict__.get("recaptured")
     assert any(isinstance(m, ConvAvgPool2d) for m in simplified.graph_module.modules())
+
+
+def test_empty_options_compile_with_the_defaults():
+    """``compile={}`` asks for torch.compile's defaults; an empty dict is falsy and used to mean no compile."""
+    model, (x,) = zoo.build("nb201-darts", batch_size=2, C=4, N=1, image_size=8)
+    simplified = topofx.simplify(model, x, compile={})
+    assert simplified.runner is not simplified.graph_module
+    assert simplified.runner._orig_mod is simplified.graph_module
+    plain = topofx.simplify(model, x, compile=False)
+    assert plain.runner is plain.graph_module

@@ -458,7 +458,7 @@ def simplify(
                                options=dict(mode=mode, strict=strict, check=check, layout=layout),
                                call_key=_capture.call_key(model, example_inputs),
                                guards=Guards(root, gm, captured_code, example_inputs))
-    if compile:
+    if compile is not False and compile is not None:  # {}: compile with torch.compile's defaults
         simplified.compile(**(compile if isinstance(compile, dict) else {}))
     if branches_on_training:
         simplified.__dict__["graph_training"] = root.training
