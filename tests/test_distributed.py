@@ -15,8 +15,9 @@ class Gated(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b, self.never = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+        with torch.random.fork_rng(devices=[]):  # equal replicas, the session's RNG left alone
+            torch.manual_seed(0)
+            self.a, self.b, self.never = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
         self.bn = nn.BatchNorm1d(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +62,10 @@ def _worker(rank: int, init_file: str) -> None:
         world.broadcast_buffers(model)
         assert torch.equal(model.bn.running_mean, torch.ones(3))
         assert world.gather(rank) == [0, 1]
+        world.close()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # after a failure: no barrier, the other rank may be gone
+            dist.destroy_process_group()
 
 
 def test_world_two_cpu_processes(tmp_path):

@@ -397,6 +397,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                             progress=not args.no_progress, echo=print, world=world)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
+    world.close()
     if not world.is_main:
         return 0
     if world.size > 1:

@@ -93,6 +93,13 @@ class World:
         for buffer in module.buffers():
             dist.broadcast(buffer, 0)
 
+    def close(self) -> None:
+        """Wait for every rank, then end the process group: a rank that tears its group down while
+        another still exchanges the last collective's messages aborts that one."""
+        if self.size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every rank, in rank order."""
         if self.size == 1:
