@@ -40,6 +40,7 @@ import math
 import operator
 import os
 import sys
+import sysconfig
 import traceback
 import warnings
 import weakref
@@ -50,12 +51,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .reads import Read, ReadRecorder
+
 VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the node
 STATIC = "topofx_static"  # node.meta key: value depends on shapes/constants only
 FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forward input
 TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
 SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: (user frame, value) of decisions on shapes
 DECIDED_PER_CALL = "topofx_decided_per_call"  # GraphModule.meta key: paths of modules called as one node
+READS = "topofx_reads"  # GraphModule.meta key: the Reads of Python values outside the traced modules' attributes
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
 DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward
@@ -84,11 +88,24 @@ class UserFrame:
         return f"{self.filename}:{self.lineno}: `{self.line.strip()}`"
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_library_file(filename: str) -> bool:
     path = os.path.abspath(filename)
     if path.startswith(os.path.join(_TOPOFX_DIR, "zoo")):
         return False  # the built-in supernets are user code as far as error messages go
     return path.startswith(_TOPOFX_DIR) or path.startswith(_TORCH_DIR) or "<" in filename
+
+
+_STDLIB_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")})
+
+
+@functools.lru_cache(maxsize=4096)
+def _reads_nothing(filename: str) -> bool:
+    """Code whose Python reads cannot be what the user changes between steps: the standard library,
+    torch, topofx (other installed packages, NNI's model spaces say, are user code here)."""
+    path = os.path.abspath(filename)
+    in_stdlib = path.startswith(_STDLIB_DIRS) and "-packages" not in path
+    return in_stdlib or _is_library_file(filename)
 
 
 def user_frame(frames: Sequence[traceback.FrameSummary] | None = None) -> UserFrame | None:
@@ -247,6 +264,7 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
     return UNKNOWN
 
 
+_IS_TENSOR_CODE = torch.is_tensor.__code__
 _LEGACY_TYPE = type(torch.FloatTensor)  # read at import: tracing replaces torch.FloatTensor by a recorder
 _FACTORIES = {getattr(torch, n) for n in ("rand", "randn", "randint", "randperm", "empty", "zeros", "ones", "full",
                                           "arange", "linspace", "logspace", "eye", "normal")}
@@ -279,6 +297,15 @@ class TracedValue(fx.Proxy):
             except TypeError:
                 pass
         raise CaptureError(_where(f"len() of a value whose length is unknown at capture ({self.node.format_node()})"))
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        """What ``isinstance`` sees: to the user's code a tensor, as eagerly (``assert isinstance(x,
+        torch.Tensor)``, ``torch.is_tensor(w)``, type dispatch); to torch's and topofx's code the proxy."""
+        frame = sys._getframe(1)
+        if frame.f_code is _IS_TENSOR_CODE:  # torch.is_tensor(x), called by the user
+            frame = frame.f_back
+        return TracedValue if frame is None or _is_library_file(frame.f_code.co_filename) else torch.Tensor
 
     def __index__(self) -> int:
         return self.tracer.concrete(self, operator.index, "an int")  # type: ignore[attr-defined]
@@ -416,10 +443,36 @@ def _new_distribution(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
+class AppliedFunction:
+    """A custom ``torch.autograd.Function`` applied as written: the target of one node, so that its own
+    ``backward`` runs.  Tracing through its ``forward`` would keep the forward and silently replace the
+    backward by the forward's autograd (a binary gate's gradient for every path would be lost)."""
+
+    topofx_opaque = True  # its effects are unknown to the passes (topology.draws)
+
+    def __init__(self, function: type):
+        self.function = function
+        self.__name__ = f"{function.__name__}_apply"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function.apply(*args, **kwargs)
+
+
 def _flat(a: Any) -> list[Any]:
     out: list[Any] = []
     fx.node.map_aggregate(a, out.append)
     return out
+
+
+def _unwatched(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with :class:`topofx.reads.ReadRecorder` paused: it watches user code, and recording
+    a node or calling a leaf module runs none (pausing keeps the trace as fast as without it)."""
+    recorder = sys.gettrace()
+    sys.settrace(None)
+    try:
+        return fn(*args)
+    finally:
+        sys.settrace(recorder)
 
 
 class ValueTracer(fx.Tracer):
@@ -443,6 +496,7 @@ class ValueTracer(fx.Tracer):
         self.shape_decisions: list[tuple[UserFrame | None, Any]] = []  # Python decisions taken on input shapes
         self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []
         self.speculated: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []  # decisions on draws
+        self.reads: list[Read] = []  # Python values read outside the traced modules' attributes (topofx.reads)
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
@@ -483,8 +537,9 @@ class ValueTracer(fx.Tracer):
     def _recording_factories(self) -> Iterator[None]:
         """While tracing, legacy constructors (``torch.FloatTensor(n, c, h, w)``) and random or
         uninitialized factories become graph nodes even when their arguments are Python ints (FX would
-        call them once and freeze the result), and distributions built on traced values become
-        :class:`DistributionCall` nodes."""
+        call them once and freeze the result), distributions built on traced values become
+        :class:`DistributionCall` nodes, a user's ``torch.autograd.Function`` one :class:`AppliedFunction`
+        node (its own backward runs), and a legacy ``Variable(value)`` the detached alias it is."""
         patched: list[tuple[Any, str, Any]] = []
 
         def record(fn: Any) -> Any:
@@ -495,6 +550,26 @@ class ValueTracer(fx.Tracer):
                 return self.create_proxy("call_function", fn, args, kwargs)
             return recorded
 
+        apply = torch.autograd.Function.__dict__["apply"].__func__
+
+        def recorded_apply(cls: type, *args: Any, **kwargs: Any) -> Any:  # a Function of the user's (not
+            defined_in = inspect.getsourcefile(cls) or ""  # torch's own, whose backward is its forward's autograd)
+            if self._evaluating or _is_library_file(defined_in) or not any(
+                    isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
+                return apply(cls, *args, **kwargs)
+            return self.create_proxy("call_function", AppliedFunction(cls), args, kwargs)
+
+        patched.append((torch.autograd.Function, "apply", torch.autograd.Function.__dict__["apply"]))
+        torch.autograd.Function.apply = classmethod(recorded_apply)  # type: ignore[assignment]
+
+        def variable(cls: type, *args: Any, **kwargs: Any) -> Any:  # legacy `Variable(t, requires_grad=False)`:
+            if not (args and isinstance(args[0], fx.Proxy)):  # a detached alias of t
+                return type.__call__(cls, *args, **kwargs)
+            detached = args[0].detach()
+            return detached.requires_grad_() if kwargs.get("requires_grad", args[1:2] == (True,)) else detached
+
+        patched.append((type(torch.autograd.Variable), "__call__", None))
+        type(torch.autograd.Variable).__call__ = variable  # type: ignore[method-assign]
         for owner, names in ((torch, _LEGACY_CONSTRUCTORS + _ALWAYS_RECORDED), (torch.cuda, _LEGACY_CONSTRUCTORS)):
             for name in names:
                 if hasattr(owner, name):
@@ -509,7 +584,10 @@ class ValueTracer(fx.Tracer):
         finally:
             _ACTIVE_TRACER = outer
             for owner, name, fn in patched:
-                setattr(owner, name, fn)
+                if fn is None:
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, fn)
 
     def distribution_call(self, dist: _TracedDistribution, name: str, margs: tuple | None, mkwargs: dict | None) -> Any:
         target = f"topofx_distribution_{sum(isinstance(m, DistributionCall) for m in self.root.children())}"
@@ -529,7 +607,7 @@ class ValueTracer(fx.Tracer):
                 )) from None
             return forward(*args, **kwargs)  # parameter-free: traced through as the function it computes
         if self.is_leaf_module(m, path):
-            return super().call_module(m, forward, args, kwargs)
+            return _unwatched(super().call_module, m, forward, args, kwargs)
         self.traced_modules.append(m)
         self._within.append(m)
         try:
@@ -614,6 +692,9 @@ class ValueTracer(fx.Tracer):
             return None
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+        return _unwatched(self._create_proxy, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+
+    def _create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn):  # type: ignore[no-untyped-def]
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if VALUE in node.meta:  # create_proxy can be re-entered for the same node
@@ -1004,6 +1085,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     _hold_foreign_constants(gm)
     gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
     gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
+    gm.meta[READS] = tracer.reads
     gm.meta[VALUE_GUARD] = ValueGuard(gm, tracer.value_decisions) if tracer.value_decisions else None
     for node in gm.graph.nodes:
         node.meta.pop(REAL, None)
@@ -1014,7 +1096,7 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
                 methods: frozenset[tuple[nn.Module, str]]) -> tuple[fx.GraphModule, "ValueTracer"]:
     tracer = ValueTracer(values, opaque, methods)
     own = _attribute_names(model)
-    with _loose_tensors_as_buffers(model) as loose:
+    with _loose_tensors_as_buffers(model) as loose, ReadRecorder(_reads_nothing, lambda: tracer._evaluating) as read:
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _specialize(graph, concrete or {})
@@ -1030,6 +1112,9 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
                 delattr(model, name)
         for name in loose:
             _unbuffer(gm, name)
+    traced = {id(m) for m in (model, *tracer.traced_modules)}
+    tracer.reads = read.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
+                              and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
     return gm, tracer
 
 

@@ -6,9 +6,13 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
   shapes they were taken on;
 * plain Python numbers that traced code reads (a Gumbel temperature ``self.temp``) are constants
   in the graph, and so are tensors it reads out of a list or dict (DARTS-PT's ``candidate_flags``);
+  so are numbers read from anywhere else -- a module-level scheduler's ``decay_rate``, a global, a
+  closure, a class attribute (the access paths :mod:`topofx.reads` found in the traced code);
 * ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
   ``self.alphas_normal = ...`` holds a new object;
-* modules the graph no longer calls (traced through, or fused away by a pass) do not run hooks.
+* modules the graph no longer calls (traced through, or fused away by a pass) do not run hooks;
+* the module tree is the one traced: a candidate the training loop sets to ``None`` (or swaps for
+  another module) between steps changes what forward does.
 
 :class:`Guards` records these facts at capture and checks them before each call (a few dictionary
 look-ups per traced module; the graph itself is not touched):
@@ -24,7 +28,8 @@ look-ups per traced module; the graph itself is not touched):
 * a Python decision on architecture values (``if w != 0``, ``.tolist()`` of the alphas) is evaluated
   again (:class:`topofx.capture.ValueGuard`: the few small ops that compute it, no inputs); when one
   comes out differently the verdict is ``"recapture"`` (a projection, a stage switch);
-* a hook on a module the graph does not call gets one warning naming the module.
+* a hook on a module the graph does not call gets one warning naming the module;
+* a changed module tree (any module's ``_modules``, compared by identity) asks for a recapture.
 """
 from __future__ import annotations
 
@@ -136,6 +141,9 @@ class Guards:
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
         self.live = _live_tensors(root)
         self.scalars = _scalars(self.traced, self.live)
+        self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())]
+        self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
+        self.structure = [dict(m._modules) for m in self.modules]  # swapped asks for a new capture
         self.tensors = self._captured_tensors(gm)
         own = {id(m) for m in root.modules()}
         targets = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
@@ -173,6 +181,10 @@ class Guards:
                 )
         return self.shapes_ok[sig]
 
+    def structure_holds(self) -> bool:
+        """Whether every module still has the submodules it had at capture (one list compare, in C)."""
+        return [m._modules for m in self.modules] == self.structure
+
     def follow_tensors(self) -> bool:
         """Re-bind re-assigned tensors; ``False`` when one changed shape (the graph must be captured again)."""
         for target, gm_owner, field in self.tensors:
@@ -187,14 +199,17 @@ class Guards:
 
     def scalars_hold(self) -> bool:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
-        moved = [(m, k) for m, k, v in self.scalars if _snapshot(m.__dict__.get(k, self), self.live, copy=False) != v]
+        moved = [f"{type(m).__name__}.{k}" for m, k, v in self.scalars
+                 if _snapshot(m.__dict__.get(k, self), self.live, copy=False) != v]
+        moved += [r.where for r, v in self.reads if _snapshot(r.value(), self.live, copy=False) != v]
         if not moved:
             return True
-        changed = sorted({f"{type(m).__name__}.{k}" for m, k in moved})
+        changed = sorted(set(moved))
         start = time.perf_counter()
         if not retraces_same(self.root, self.example_inputs, self.code):
             return False
         self.scalars = _scalars(self.traced, self.live)
+        self.reads = [(r, _snapshot(r.value(), self.live)) for r, _ in self.reads]
         if not self.retrace_warned.issuperset(changed):
             self.retrace_warned.update(changed)
             warnings.warn(
@@ -226,6 +241,6 @@ class Guards:
     def verdict(self, inputs: Sequence[Any]) -> str:
         """``"graph"``, ``"eager"`` (this input shape takes another path) or ``"recapture"``."""
         self.warn_hooks()
-        if not (self.follow_tensors() and self.scalars_hold() and self.values_hold()):
+        if not (self.structure_holds() and self.follow_tensors() and self.scalars_hold() and self.values_hold()):
             return "recapture"
         return "graph" if self.shapes_allow(inputs) else "eager"

@@ -1,0 +1,259 @@
+"""Constructs of real search code that capture used to get silently wrong, or to refuse (issue 22).
+
+Each model is this file's own, written in the idiom of the code where the construct was seen:
+
+3. a custom ``torch.autograd.Function`` whose backward is not its forward's autograd (a binary-gate
+   supernet gives every gate a gradient, ProxylessNAS-style): captured as one node calling ``apply``,
+   gradients of the gates and of every conv equal the original's, in exact and topo mode;
+4. Python numbers read from outside the traced modules' attributes (a module-level scheduler's
+   ``decay_rate``, a global dict, a closure over a config object, a class attribute): after the
+   training loop changes them, the simplified module follows (captured anew), in both modes.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Variable
+
+import topofx
+from topofx import capture
+from topofx.testing import assert_train_step_equivalent
+
+MODES = ("exact", "topo")
+C = 4
+
+
+def _x(seed: int = 0, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, C, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _candidates() -> nn.ModuleList:
+    return nn.ModuleList([
+        nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C, affine=False)),
+        nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=False)),
+        nn.MaxPool2d(3, 1, 1),
+    ])
+
+
+# --- 3. a custom autograd Function -----------------------------------------------------------------
+class ArchGradient(torch.autograd.Function):
+    """Forward: the active path's output; backward: d loss / d gate for every path (binary gates)."""
+
+    @staticmethod
+    def forward(ctx, gates, active, *outs):
+        ctx.save_for_backward(*outs)
+        ctx.active = active
+        return outs[active].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        outs = ctx.saved_tensors
+        gate_grad = torch.stack([(grad * o).sum() for o in outs])
+        return (gate_grad, None, *[grad if i == ctx.active else None for i in range(len(outs))])
+
+
+class BinaryGateEdge(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.gates = nn.Parameter(torch.tensor([0.5, 0.3, 0.2]))
+        self.active = 0
+
+    def forward(self, x):
+        outs = [op(x) for op in self.candidate_ops]
+        return ArchGradient.apply(self.gates, self.active, *outs)
+
+
+class BinaryGateNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edge = BinaryGateEdge()
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.edge(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_custom_autograd_function_keeps_its_backward(mode):
+    model, x = BinaryGateNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    applied = [n for n in simplified.graph_module.graph.nodes if isinstance(n.target, capture.AppliedFunction)]
+    assert len(applied) == 1 and applied[0].target.function is ArchGradient
+    report = assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.edge.gates],
+                                          candidate_arch_params=[simplified.original.edge.gates])
+    assert any(c.category == "arch_grad" for c in report.comparisons)
+
+
+def test_capture_of_a_function_keeps_the_gate_gradients():
+    """Before: capture traced into ``forward`` and the gates got no gradient at all."""
+    model, x = BinaryGateNet(), _x()
+    gm = capture.trace(model, (x,))
+    gm(x).sum().backward()
+    assert model.edge.gates.grad is not None and model.edge.gates.grad.abs().sum() > 0
+
+
+# --- 4. numbers read from outside the traced modules ------------------------------------------------
+class DecayScheduler:
+    """Steps a coefficient once per epoch (the auxiliary skip's decay)."""
+
+    def __init__(self, rate: float):
+        self.decay_rate = rate
+
+    def step(self) -> None:
+        self.decay_rate *= 0.5
+
+
+scheduler = DecayScheduler(1.0)
+SEARCH = {"skip_scale": 1.0}
+
+
+class SearchConfig:
+    tau = 1.0
+
+
+class AuxSkipCell(nn.Module):
+    bias_scale = 1.0  # a class attribute the loop sets on the class
+
+    def __init__(self, config: SearchConfig):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.alpha = nn.Parameter(1e-3 * torch.randn(3))
+        self.config = config
+
+        def temperature(logits):  # a closure over the config object
+            return F.softmax(logits / config.tau, -1)
+
+        self.weights_of = temperature
+
+    def forward(self, x):
+        w = self.weights_of(self.alpha)
+        mixed = sum(wk * op(x) for wk, op in zip(w, self.candidate_ops))
+        return mixed + x * scheduler.decay_rate * SEARCH["skip_scale"] * type(self).bias_scale
+
+
+class AuxSkipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.cell = AuxSkipCell(SearchConfig())
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.cell(self.stem(x)).mean((2, 3)))
+
+
+def _restore_globals():
+    scheduler.decay_rate, SEARCH["skip_scale"], AuxSkipCell.bias_scale = 1.0, 1.0, 1.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("change", ["scheduler", "global dict", "closure object", "class attribute"])
+def test_numbers_read_outside_the_modules_are_followed(mode, change):
+    _restore_globals()
+    try:
+        model, x = AuxSkipNet(), _x()
+        simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+        {"scheduler": scheduler.step,
+         "global dict": lambda: SEARCH.update(skip_scale=3.0),
+         "closure object": lambda: setattr(simplified.original.cell.config, "tau", 0.1),
+         "class attribute": lambda: setattr(AuxSkipCell, "bias_scale", 2.5)}[change]()
+        model.cell.config.tau = simplified.original.cell.config.tau
+        if mode == "exact":
+            assert_train_step_equivalent(model, simplified, (x,))
+        else:  # topo is vertex-exact only: it must equal a topo simplify made after the change
+            fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+            with torch.no_grad():
+                torch.testing.assert_close(simplified(x), fresh(x))
+        assert simplified.__dict__.get("recaptured"), "the change was not seen"
+    finally:
+        _restore_globals()
+
+
+# --- 1. type checks and legacy wrappers on traced values -------------------------------------------
+class TypeCheckingEdge(nn.Module):
+    """A graph-framework edge: checks what it is given, as library code does, before mixing."""
+
+    def __init__(self):
+        super().__init__()
+        self.candidate_ops = _candidates()
+
+    def forward(self, x, weights):
+        assert isinstance(x, dict) or isinstance(x, torch.Tensor)
+        if not isinstance(weights, np.ndarray) and not torch.is_tensor(weights):
+            raise TypeError(f"Unsupported type of weights: {type(weights)}")
+        mask = Variable(torch.ones_like(x[:, :1]).div_(1.0), requires_grad=False)
+        return sum(w * op(x) for w, op in zip(weights, self.candidate_ops)) * mask
+
+
+class TypeCheckingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edges = nn.ModuleList([TypeCheckingEdge(), TypeCheckingEdge()])
+        self.alpha = nn.Parameter(1e-3 * torch.randn(2, 3))
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        weights = F.softmax(self.alpha, dim=-1)
+        for edge, w in zip(self.edges, weights):
+            x = edge(x, w)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_type_checks_and_variable_see_a_tensor(mode):
+    model, x = TypeCheckingNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.fallback is None and simplified.report.edges == 2
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,))
+    else:  # both edges' conv candidates merged
+        assert sum(r.action == "merged" for r in simplified.report.rewrites) == 2
+
+
+# --- 5. structure the training loop changes between steps ------------------------------------------
+class DroppableEdge(nn.Module):
+    """Candidates may be set to ``None`` by the loop (to save memory) and skipped by forward."""
+
+    def __init__(self):
+        super().__init__()
+        self._ops = _candidates()
+        self.alpha = nn.Parameter(1e-3 * torch.randn(3))
+
+    def forward(self, x):
+        w = F.softmax(self.alpha, -1)
+        return sum(w[k] * op(x) for k, op in enumerate(self._ops) if op is not None)
+
+
+class DroppableNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edge = DroppableEdge()
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.edge(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_candidates_set_to_none_between_steps_are_followed(mode):
+    model, x = DroppableNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    dropped = simplified.original.edge._ops[0]
+    simplified.original.edge._ops[0] = model.edge._ops[0] = None  # the loop drops a candidate ...
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,))
+    simplified.original.edge._ops[0] = dropped  # ... and puts it back
+    assert simplified.guards.verdict((x,)) == "recapture"

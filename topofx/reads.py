@@ -1,0 +1,204 @@
+"""Which Python values traced code read, wherever they live, so that none is baked in unguarded.
+
+A trace turns every Python number forward reads into a constant of the graph.  The attributes of
+the modules whose forward is traced are guarded by :mod:`topofx.guards` directly; a number read
+from anywhere else -- a module-level scheduler object (``scheduler.decay_rate``), a global, a
+closure, a class attribute, an attribute of a plain object held by a module (``self.cfg.tau``) --
+would otherwise stay frozen at its capture-time value after the training loop changes it.
+
+:class:`ReadRecorder` watches the trace with ``sys.settrace`` (frame starts only): for every frame of
+user code (not the standard library's, torch's or topofx's) it keeps the frame's code, its globals, and the objects its arguments and
+closure cells held on entry.  Each code object's bytecode is then read once for *access paths*:
+a global, a closure variable or an argument followed by attribute loads and constant subscripts
+(``scheduler.decay_rate``, ``CONFIG["tau"]``, ``self.cfg.tau``, ``type(self).scale``).  Every path that resolves, without
+running user code (no properties, no ``__getattr__``), to a Python scalar or a tuple/list/dict of
+them becomes a :class:`Read`, which the guards snapshot at capture and compare before each call.
+
+Not seen (documented in ``docs/capture.md``): paths through locals assigned inside the function
+(``cfg = self.cfg; cfg.tau``), ``getattr(obj, name)`` with a computed name, values returned by
+methods of library code, a closure over a bare number rebound with ``nonlocal``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import dis
+import functools
+import inspect
+import sys
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+MISSING = object()  # a path that does not resolve (any more)
+_ROOTS = {"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_FAST", "LOAD_FAST_CHECK"}
+_SKIPPED_MODULES = ("torch", "numpy", "math", "builtins", "typing", "functools", "operator", "collections")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Read:
+    """One access path traced code took: ``steps`` applied to ``root`` (a globals dict, or the object a
+    closure variable or an argument held), each ``("item", key)``, ``("attr", name)`` or, for
+    ``type(obj).attr``, ``("type", None)``."""
+
+    root: Any
+    steps: tuple[tuple[str, Any], ...]
+    where: str  # how the user wrote it: "scheduler.decay_rate"
+
+    def value(self) -> Any:
+        return resolve(self.root, self.steps)
+
+
+def _attr(obj: Any, name: str) -> Any:
+    """``obj.name`` without running user code: instance or class dictionaries (and a module's
+    parameters, buffers and submodules); descriptors other than plain values count as missing."""
+    if isinstance(obj, nn.Module):
+        for table in (obj._parameters, obj._buffers, obj._modules):
+            if name in table:
+                return table[name]
+    try:
+        value = inspect.getattr_static(obj, name)
+    except (AttributeError, TypeError):
+        return MISSING
+    if isinstance(value, (property, types.MemberDescriptorType, types.GetSetDescriptorType, classmethod,
+                          staticmethod)):
+        return MISSING
+    return value
+
+
+def resolve(root: Any, steps: tuple[tuple[str, Any], ...]) -> Any:
+    obj = root
+    for kind, key in steps:
+        if kind == "type":
+            obj = type(obj)
+        elif kind == "attr":
+            obj = _attr(obj, key) if key != "__class__" else type(obj)
+        else:
+            try:
+                obj = obj[key] if isinstance(obj, (dict, list, tuple)) else MISSING
+            except (KeyError, IndexError, TypeError):
+                return MISSING
+        if obj is MISSING:
+            return MISSING
+    return obj
+
+
+@functools.lru_cache(maxsize=1024)
+def _paths(code: types.CodeType) -> list[tuple[str, str, tuple[tuple[str, Any], ...]]]:
+    """(root opcode, root name, steps) of every access path in ``code`` with at least one step
+    (a bare global or closure number: zero steps, kept too)."""
+    out = []
+    instructions = list(dis.get_instructions(code))
+    i = 0
+    while i < len(instructions):
+        ins = instructions[i]
+        if ins.opname not in _ROOTS:
+            i += 1
+            continue
+        root, name, steps = ins.opname, ins.argval, []
+        i += 1
+        if name == "type" and root == "LOAD_GLOBAL" and i + 1 < len(instructions):  # type(self).attr
+            arg, calls = instructions[i], [x.opname for x in instructions[i + 1:i + 3]]
+            if arg.opname in _ROOTS and "CALL" in calls and instructions[i + 1 + calls.index("CALL")].arg == 1:
+                root, name, steps = arg.opname, arg.argval, [("type", None)]
+                i += 2 + calls.index("CALL")
+        while i < len(instructions):
+            nxt = instructions[i]
+            if nxt.opname == "LOAD_ATTR" and not (sys.version_info >= (3, 12) and nxt.arg & 1):  # 3.12: method load
+                steps.append(("attr", nxt.argval))
+                i += 1
+            elif (nxt.opname == "LOAD_CONST" and i + 1 < len(instructions)
+                  and instructions[i + 1].opname == "BINARY_SUBSCR" and isinstance(nxt.argval, (int, str))):
+                steps.append(("item", nxt.argval))
+                i += 2
+            else:
+                break
+        if steps or root != "LOAD_FAST":
+            out.append((root, name, tuple(steps)))
+    return out
+
+
+def _skipped_root(obj: Any) -> bool:
+    """Library modules and what lives in them (``torch.float32``, ``math.pi``): constants."""
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__.split(".")[0] in _SKIPPED_MODULES
+    return isinstance(obj, (torch.Tensor, torch.fx.Proxy)) or callable(obj) and not isinstance(obj, (type, nn.Module))
+
+
+class ReadRecorder:
+    """Record the user frames a trace runs (``with ReadRecorder(is_library) as r: ...``), then
+    :meth:`reads` gives the guarded access paths (see the module docstring)."""
+
+    def __init__(self, is_library: Callable[[str], bool], paused: Callable[[], bool] = lambda: False):
+        self._library = is_library
+        self._paused = paused  # e.g. while the tracer runs a module on meta copies to learn shapes
+        self._user: dict[types.CodeType, bool] = {}
+        self._frames: list[tuple[types.CodeType, dict, dict[str, Any], dict[str, Any]]] = []
+        self._seen: set[tuple] = set()
+
+    def _on_call(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        """``sys.settrace`` hook: called when a Python frame starts; returns ``None`` (no line events)."""
+        code = frame.f_code
+        user = self._user.get(code)
+        if user is None:
+            user = self._user[code] = not self._library(code.co_filename)
+        if not user or self._paused():
+            return
+        names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+        local = frame.f_locals
+        args = {n: local[n] for n in names if n in local}
+        free = {n: local[n] for n in code.co_freevars if n in local}
+        key = (code, tuple(id(v) for v in args.values()), tuple(id(v) for v in free.values()))
+        if key not in self._seen:
+            self._seen.add(key)
+            self._frames.append((code, frame.f_globals, args, free))
+
+    def __enter__(self) -> "ReadRecorder":
+        self._outer = sys.gettrace()  # a debugger's or coverage's tracer pauses while the trace runs
+        sys.settrace(self._on_call)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.settrace(self._outer)
+
+    def reads(self, skip: Callable[[Any, tuple], bool]) -> list[Read]:
+        """The recorded paths that resolve to Python values worth guarding; ``skip(root, steps)``
+        drops paths guarded elsewhere (a traced module's own attributes)."""
+        out: dict[tuple, Read] = {}
+        for code, globals_, args, free in self._frames:
+            for op, name, steps in _paths(code):
+                for root, full in self._roots(op, name, steps, globals_, args, free):
+                    if not skip(root, full) and (id(root), full) not in out and _guardable(resolve(root, full)):
+                        out[(id(root), full)] = Read(root, full, _describe(name, steps))
+        return list(out.values())
+
+    @staticmethod
+    def _roots(op: str, name: str, steps: tuple, globals_: dict, args: dict, free: dict) -> Iterator[tuple]:
+        if op == "LOAD_GLOBAL":
+            holder = globals_ if name in globals_ else vars(sys.modules["builtins"])
+            first = holder.get(name, MISSING)
+            if first is not MISSING and not _skipped_root(first):
+                yield holder, (("item", name), *steps)
+        elif op == "LOAD_DEREF" and name in free and steps and not _skipped_root(free[name]):
+            yield free[name], steps  # the object keeps its identity (a bare number rebound by `nonlocal`: not seen)
+        elif name in args and not _skipped_root(args[name]):
+            yield args[name], steps
+
+
+def _guardable(value: Any, depth: int = 0) -> bool:
+    """A Python scalar, or a tuple/list/dict of them: what a trace bakes into the graph."""
+    if type(value) in (bool, int, float, str, type(None)):
+        return value is not None or depth == 0
+    if type(value) in (list, tuple) and depth < 3:
+        return len(value) > 0 and all(_guardable(v, depth + 1) for v in value)
+    if type(value) is dict and depth < 3:
+        return len(value) > 0 and all(_guardable(v, depth + 1) for v in value.values())
+    return False
+
+
+def _describe(name: str, steps: tuple) -> str:
+    text = name
+    for kind, key in steps:
+        text += f".{key}" if kind == "attr" else f"[{key!r}]"
+    return text
