@@ -257,3 +257,16 @@ def test_candidates_set_to_none_between_steps_are_followed(mode):
         assert_train_step_equivalent(model, simplified, (x,))
     simplified.original.edge._ops[0] = dropped  # ... and puts it back
     assert simplified.guards.verdict((x,)) == "recapture"
+
+
+def test_verification_compares_backward():
+    """A capture that keeps the forward but changes the backward (here: the Function traced through, as
+    capture did before) is refused by the verification, which used to compare outputs only."""
+    from unittest import mock
+
+    model, x = BinaryGateNet(), _x()
+    with mock.patch.object(capture, "_is_library_file", lambda filename: True):  # trace through, as before
+        gm = capture.trace(model, (x,))
+    assert not any(isinstance(n.target, capture.AppliedFunction) for n in gm.graph.nodes)
+    with pytest.raises(capture.CaptureError, match="training step disagrees"):
+        capture.verify_capture(model, gm, (x,))

@@ -1391,11 +1391,47 @@ def verify_capture(
         if decided_alike and not max_rel_error(graphed2, eager2) <= rtol:
             raise CaptureError("captured graph does not follow the architecture weights (they were frozen as constants)")
     resample = getattr(model, "resample", None)  # an adapter's sampling step, run before every call
+    state = [*dict.fromkeys([*model.parameters(), *attrs, *model.buffers()])]
+    if not live_attrs:  # backward too: a capture that changes it (a custom Function traced through) is caught
+        with preserved_state(model, tensors=attrs):
+            expected = _step(model, example_inputs, state)
+        with preserved_state(model, tensors=attrs):
+            got = _step(gm, example_inputs, state)
+        for (name, want), (_, have) in zip(expected, got):
+            if not _close(have, want, rtol):
+                raise CaptureError(f"captured graph's training step disagrees with eager forward+backward: the "
+                                   f"{name} of a {tuple(want.shape) if want is not None else tuple(have.shape)} tensor "
+                                   "differs (an operation whose backward is not its forward's autograd?)")
     with preserved_state(model, tensors=attrs):
         for _ in range(2):
             if live_attrs and callable(resample):
                 resample(gm)
-            leaves = _float_leaves(run_seeded(gm, example_inputs))
-            loss = sum(leaf.float().sum() for leaf in leaves if leaf.requires_grad)
-            if isinstance(loss, torch.Tensor):
-                loss.backward()
+            _backward(run_seeded(gm, example_inputs))
+
+
+def _backward(out: Any) -> None:
+    leaves = _float_leaves(out)
+    loss = sum(leaf.float().sum() for leaf in leaves if leaf.requires_grad)
+    if isinstance(loss, torch.Tensor):
+        loss.backward()
+
+
+def _step(module: nn.Module, inputs: Sequence[Any], state: list[torch.Tensor]) -> list[tuple[str, Any]]:
+    """One seeded forward+backward from cleared grads: every tensor's gradient, and every buffer after it."""
+    for t in state:
+        t.grad = None
+    _backward(run_seeded(module, inputs))
+    return [("gradient", t.grad) if t.requires_grad else ("value after the step", t.detach().clone()) for t in state]
+
+
+def _close(have: torch.Tensor | None, want: torch.Tensor | None, rtol: float) -> bool:
+    """Equal up to float noise, at the scale of the larger tensor; a missing gradient equals zeros."""
+    if have is None or want is None:
+        present = want if have is None else have
+        return present is None or not present.numel() or not present.abs().max().item() > 0
+    if have.shape != want.shape:
+        return False
+    if not want.is_floating_point():
+        return torch.equal(have, want)
+    scale = max(want.abs().max().item(), have.abs().max().item(), 1e-6) if want.numel() else 1.0
+    return not ((have - want).abs().max().item() > 10 * rtol * scale) if want.numel() else True
