@@ -270,3 +270,50 @@ def test_verification_compares_backward():
     assert not any(isinstance(n.target, capture.AppliedFunction) for n in gm.graph.nodes)
     with pytest.raises(capture.CaptureError, match="training step disagrees"):
         capture.verify_capture(model, gm, (x,))
+
+
+# --- 2. architecture weights kept as tensors in a Python list --------------------------------------
+class ListAlphaNet(nn.Module):
+    """Alphas appended per edge to a plain list (no attribute each), replaced between epochs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edges = nn.ModuleList([_candidates(), _candidates()])
+        self.alphas = []
+        for _ in self.edges:
+            self.alphas.append(Variable(1e-3 * torch.randn(3), requires_grad=True))
+        self.head = nn.Linear(C, 3)
+
+    def arch_parameters(self):
+        return self.alphas
+
+    def forward(self, x):
+        x = self.stem(x)
+        for ops, alpha in zip(self.edges, self.alphas):
+            w = F.softmax(alpha, dim=-1)
+            x = sum(wk * op(x) for wk, op in zip(w, ops))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alphas_in_a_list_stay_live(mode):
+    model, x = ListAlphaNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.edges == 2
+    ours = simplified.original.alphas
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=model.alphas, candidate_arch_params=ours)
+    simplified(x).sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in ours)  # gradients reach the list's tensors
+    with torch.no_grad():
+        ours[0].add_(torch.randn(3))  # an optimizer step: followed without a recapture
+    calls = simplified.__dict__.get("calls", 0)
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+    assert not simplified.__dict__.get("recaptured") and simplified.__dict__["calls"] == calls + 1
+    ours[1] = Variable(torch.tensor([5.0, -5.0, 0.0]), requires_grad=True)  # a new epoch's tensor
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))

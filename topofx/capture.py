@@ -59,6 +59,7 @@ FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forw
 TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
 SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: (user frame, value) of decisions on shapes
 DECIDED_PER_CALL = "topofx_decided_per_call"  # GraphModule.meta key: paths of modules called as one node
+HELD = "topofx_held"  # GraphModule.meta key: (get_attr target, module, attribute, key) of tensors read out of containers
 READS = "topofx_reads"  # GraphModule.meta key: the Reads of Python values outside the traced modules' attributes
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
@@ -500,8 +501,14 @@ class ValueTracer(fx.Tracer):
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
+    before_forward: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]  # once the graph exists
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return TracedValue(node, self)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]
+        self.before_forward()
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         with self._recording_factories(), self._recording_methods():
@@ -956,25 +963,63 @@ def _same(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # plain tensor attributes -> temporary buffers
 # ---------------------------------------------------------------------------------------------
+_MODULE_FIELDS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks
+
+
+def _held_view(container: Any, slots: dict[Any, str], read: Callable[[str], Any]) -> Any:
+    """A copy of ``container`` (same type) whose tensors at ``slots`` are ``read(qualified name)``:
+    what forward sees while tracing, so ``self.alphas[i]`` is a live ``get_attr``, not a constant."""
+    if type(container) is dict:
+        return {k: read(slots[k]) if k in slots else v for k, v in container.items()}
+    return type(container)(read(slots[i]) if i in slots else v for i, v in enumerate(container))
+
+
 @contextlib.contextmanager
-def _loose_tensors_as_buffers(model: nn.Module) -> Iterator[list[str]]:
+def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> Iterator[tuple[list[str], list, Callable]]:
     """Register plain tensor attributes as buffers (same objects) while tracing, so the graph reads them
     by name (live ``get_attr``) instead of freezing them as constants: plain-tensor alphas, masks that
-    pruning or projection re-assign (``self._mask = new``, followed by ``topofx.guards``)."""
+    pruning or projection re-assign (``self._mask = new``, followed by ``topofx.guards``).  Tensors
+    held in a list, tuple or dict attribute (``self.alphas[i]``, appended per edge) are registered as
+    ``topofx_held_<attr>_<key>`` (parameters as parameters), recorded in ``gm.meta[HELD]``, so that
+    the guards follow an element the training loop replaces."""
     moved: list[tuple[nn.Module, str, torch.Tensor]] = []
+    held: list[tuple[nn.Module, str, str, Any]] = []
+    views: list[tuple[nn.Module, str, Any, dict[Any, str]]] = []
     for prefix, module in model.named_modules():
         for name, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 del module.__dict__[name]
                 module.register_buffer(name, value, persistent=False)
                 moved.append((module, f"{prefix}.{name}" if prefix else name, value))
+            elif type(value) in (list, tuple, dict) and name not in _MODULE_FIELDS:
+                slots = {}
+                for key, item in list(value.items() if type(value) is dict else enumerate(value)):
+                    if isinstance(item, torch.Tensor) and isinstance(key, (int, str)):
+                        slot = f"topofx_held_{name}_{key}"
+                        table = module._parameters if isinstance(item, nn.Parameter) else module._buffers
+                        if slot not in vars(module) and slot not in table:
+                            table[slot] = item
+                            slots[key] = f"{prefix}.{slot}" if prefix else slot
+                            held.append((module, slots[key], name, key))
+                if slots:
+                    views.append((module, name, value, slots))
+
+    def install() -> None:  # once the tracer has its graph: forward reads get_attr nodes out of the views
+        for module, name, value, slots in views:
+            object.__setattr__(module, name, _held_view(value, slots, read))
     try:
-        yield [qualified for _, qualified, _ in moved]
+        yield [qualified for _, qualified, _ in moved], held, install
     finally:
+        for module, name, value, _ in views:
+            object.__setattr__(module, name, value)
         for module, qualified, value in moved:
             name = qualified.rsplit(".", 1)[-1]
             module._buffers.pop(name, None)
             object.__setattr__(module, name, value)
+        for module, qualified, _, _ in held:
+            slot = qualified.rsplit(".", 1)[-1]
+            module._parameters.pop(slot, None)
+            module._buffers.pop(slot, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1096,7 +1141,13 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
                 methods: frozenset[tuple[nn.Module, str]]) -> tuple[fx.GraphModule, "ValueTracer"]:
     tracer = ValueTracer(values, opaque, methods)
     own = _attribute_names(model)
-    with _loose_tensors_as_buffers(model) as loose, ReadRecorder(_reads_nothing, lambda: tracer._evaluating) as read:
+    proxies: dict[str, Any] = {}
+
+    def read(qualified: str) -> Any:  # one get_attr node per held tensor, created where first read
+        return proxies.get(qualified) or proxies.setdefault(qualified, tracer.create_proxy("get_attr", qualified, (), {}))
+
+    with _loose_tensors_as_buffers(model, read) as (loose, held, tracer.before_forward), \
+            ReadRecorder(_reads_nothing, lambda: tracer._evaluating) as recorder:
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _specialize(graph, concrete or {})
@@ -1112,8 +1163,12 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
                 delattr(model, name)
         for name in loose:
             _unbuffer(gm, name)
+        read_by_graph = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        gm.meta[HELD] = [(target, module, attr, key) for module, target, attr, key in held if target in read_by_graph]
+        for target, *_ in gm.meta[HELD]:
+            _unbuffer(gm, target)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
-    tracer.reads = read.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
+    tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
                               and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
     return gm, tracer
 

@@ -33,9 +33,10 @@ look-ups per traced module; the graph itself is not touched):
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -113,6 +114,14 @@ def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
     return obj, field
 
 
+def _element(module: nn.Module, attr: str, key: Any) -> Any:
+    """``module.attr[key]`` now (``None`` when it is gone)."""
+    try:
+        return vars(module)[attr][key]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
 def _rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
     """Make ``owner.field`` the tensor ``value``, keeping its kind (parameter, buffer or plain attribute)."""
     was_buffer = field in owner._buffers
@@ -139,7 +148,7 @@ class Guards:
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
-        self.live = _live_tensors(root)
+        self.live = _live_tensors(root) | {id(_element(m, a, k)) for _, m, a, k in gm.meta.get(_capture.HELD, ())}
         self.scalars = _scalars(self.traced, self.live)
         self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())]
         self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
@@ -155,13 +164,16 @@ class Guards:
         self.retrace_warned: set[str] = set()
         self.warn_hooks()
 
-    def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[str, Any, str]]:
-        """``get_attr`` targets whose graph-module tensor is (at capture) the root's own object."""
+    def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
+        """(where the root holds it now, graph-module owner, field) of every ``get_attr`` tensor that is
+        (at capture) the root's own object: an attribute, or an element of a list or dict attribute."""
         out = []
         for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr"):
             (gm_owner, field), (owner, _) = _owner(gm, target), _owner(self.root, target)
             if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
-                out.append((target, gm_owner, field))
+                out.append((functools.partial(getattr, owner, field, None), gm_owner, field))
+        for target, module, attr, key in gm.meta.get(_capture.HELD, ()):
+            out.append((functools.partial(_element, module, attr, key), *_owner(gm, target)))
         return out
 
     def shapes_allow(self, inputs: Sequence[Any]) -> bool:
@@ -187,14 +199,14 @@ class Guards:
 
     def follow_tensors(self) -> bool:
         """Re-bind re-assigned tensors; ``False`` when one changed shape (the graph must be captured again)."""
-        for target, gm_owner, field in self.tensors:
-            owner, _ = _owner(self.root, target)
-            now, held = getattr(owner, field, None), getattr(gm_owner, field)
+        for current, gm_owner, field in self.tensors:
+            now, held = current(), getattr(gm_owner, field)
             if now is held:
                 continue
             if not isinstance(now, torch.Tensor) or now.shape != held.shape:
                 return False
             _rebind(gm_owner, field, now)
+            self.live.add(id(now))
         return True
 
     def scalars_hold(self) -> bool:
