@@ -215,15 +215,17 @@ def _keep_selected(gm: fx.GraphModule, topo: Topology, selected: list[int]) -> N
                 kept_output[c.mul] = c.output
             else:
                 dropped.add(c.mul)
+    rebuilt: dict[fx.Node, fx.Node] = {}  # an edge's sum can be a term of another's (``reduce`` joins: ``e1 + e2``)
     for root in dict.fromkeys(edge.join for edge in topo.edges):
         chain = next(e.chain for e in topo.edges if e.join is root)
-        terms = [kept_output.get(t, t) for t in chain.terms
+        terms = [rebuilt.get(t, kept_output.get(t, t)) for t in chain.terms
                  if t not in dropped and not (isinstance(t, (int, float)) and t == 0)]
         with gm.graph.inserting_before(root):
             total = terms[0]
             for term in terms[1:]:
                 total = gm.graph.call_function(operator.add, (total, term))
         root.replace_all_uses_with(total)
+        rebuilt[root] = total
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
