@@ -41,7 +41,7 @@ from torch import nn
 
 from .capture import DRAWN, capture, speculation_check
 from .rewrite import is_inplace
-from .simplifier import SimplifiedModule
+from .simplifier import SimplifiedModule, canonicalize
 from .topology import MixedEdge, Topology, analyze, data_dependent, weighted_term
 
 CHOICES = "topofx_choices"  # child.meta key: the list of :class:`Choice` made, one per mixed edge
@@ -79,6 +79,7 @@ def derive(model: nn.Module, example_inputs: Sequence[Any], genotype: Genotype |
     """
     root = model.original if isinstance(model, SimplifiedModule) else model
     gm = capture(root, tuple(example_inputs), strict=True).graph_module
+    canonicalize(gm, root, example_inputs)
     topo = analyze(gm.graph, root)
     if not topo.edges:
         raise ValueError(
