@@ -261,8 +261,8 @@ def _stack_join(gm: fx.GraphModule, join: fx.Node, stack: fx.Node, row: fx.Node 
     shape or dtype."""
     outs = _stacked(stack)[0]
     value, first = _tensor(join), _tensor(outs[0])
-    dtypes = {_tensor(o).dtype for o in outs} | ({_tensor(row).dtype} if row is not None else set())
-    if value is None or value.shape != first.shape or dtypes != {value.dtype}:
+    # a one-element weight times a tensor takes the tensor's dtype (a float row never promotes it)
+    if value is None or value.shape != first.shape or {_tensor(o).dtype for o in outs} != {value.dtype}:
         return None
     graph = gm.graph
     with graph.inserting_before(join):
@@ -274,6 +274,15 @@ def _stack_join(gm: fx.GraphModule, join: fx.Node, stack: fx.Node, row: fx.Node 
     acc.meta.update({k: v for k, v in join.meta.items() if k not in acc.meta})
     join.replace_all_uses_with(acc)
     return acc
+
+
+def _settled(gm: fx.GraphModule, join: fx.Node, stack: fx.Node, accesses: list[list[fx.Node]], order: Any) -> bool:
+    """No in-place write, between the stack and the join, to a storage that the stack, the join or
+    what is computed from the stack reads: the chain reads the stacked outs at the join instead
+    (drop-path's writes into candidate outputs before they are stacked are fine)."""
+    reading = {stack, join, *stack.users}
+    return not any(order(stack) < order(n) < order(join) and is_inplace(n, gm)
+                   for access in accesses if reading & set(access) for n in access)
 
 
 def _alpha(node: fx.Node) -> float | None:
@@ -336,15 +345,13 @@ def canonical_joins(ctx: PassContext) -> list[Rewrite]:
     gm = ctx.gm
     graph = gm.graph
     data = data_dependent(graph)
-    # nodes that read or write a storage something mutates in place: the chain reads the stacked outs
-    # at the join, not at the stack, so neither they nor the stack may change in between
-    touched = {n for access in Effects.of(gm).accesses for n in access}
+    accesses, order = Effects.of(gm).accesses, node_order(graph)
     records = []
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
         found = _reduce_sum(node, data) or _contraction(node, data) or _flat_matmul(node, data)
-        if found is not None and not {node, found[1], *found[1].users} & touched:
+        if found is not None and _settled(gm, node, found[1], accesses, order):
             acc = _stack_join(gm, *found)
             if acc is not None:
                 records.append(Rewrite("canonical_joins", "canonical", [node.name], acc.name, True,

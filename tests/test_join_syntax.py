@@ -44,7 +44,7 @@ class Zero(nn.Module):
 
 def join(syntax: str, w: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
     """``sum_k w[k] * outs[k]``, written in ``syntax``."""
-    if syntax in ("nni", "nni_none"):
+    if syntax in ("nni", "nni_none", "nni_drop_path"):
         return torch.sum(torch.stack(outs) * w.view(-1, 1, 1, 1, 1), 0)
     if syntax == "stack_last":
         return (torch.stack(outs, dim=-1) * w).sum(-1)
@@ -85,7 +85,13 @@ class MixedOp(nn.Module):
     def forward(self, x, w, syntax):
         if syntax == "nni_none":  # "none" has no alpha: a zero weight slice for its zero output
             w = torch.cat([w, torch.zeros(1)])
-        return join(syntax, w, [op(x) for op in self.candidates])
+        outs = [op(x) for op in self.candidates]
+        if syntax == "nni_drop_path":  # DARTS's drop-path, in place, into the candidates before they are stacked
+            for out in outs[1:]:
+                mask = out.new_empty(out.size(0), 1, 1, 1).bernoulli_(0.8)
+                out.div_(0.8)
+                out.mul_(mask)
+        return join(syntax, w, outs)
 
 
 class Supernet(nn.Module):
@@ -151,6 +157,14 @@ def test_finds_the_mixed_edges_and_is_exact(syntax, mode):
             bad = [f"{c.category} {c.name}: {c.rel_error:.2e}" for c in vertex.comparisons
                    if not c.ok and c.category in ("output", "weight_grad")]
             assert not vertex.problems and not bad, bad
+
+
+def test_candidates_written_in_place_before_the_stack():
+    """Drop-path writes into the candidate outputs before they are stacked: the chain reads their final
+    values, as the stack does (the first reads of their shape do not count)."""
+    reference, simple, x = _pair("nni_drop_path", "exact")
+    assert simple.report.edges == EDGES, str(simple.report)
+    assert_train_step_equivalent(reference, simple, (x,))
 
 
 @pytest.mark.parametrize("syntax", ["einsum", "add_", "reduce"])
