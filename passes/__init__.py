@@ -1,5 +1,7 @@
 """Rewrite passes, one small module each (importable as ``topofx.passes``).
 
+``canonical_joins`` runs once before the others, on the graph as captured (``simplify``'s
+``canonicalize``): it rewrites joins written other than as ``+`` chains into them (exact).
 ``EXACT_PASSES`` keep outputs, gradients and BN statistics equal to the original's;
 ``TOPO_PASSES`` add the TopoNAS floating/merge rewrite (vertex-exact).
 After the rewrites reach their fixpoint, ``simplify`` lowers the result: ``TOPO_LOWERING`` in topo
@@ -8,6 +10,7 @@ argument asks for it (a memory-layout choice, not a topology rewrite).
 A pass that serves some devices only says which in ``pass.devices`` (and why, in its docstring):
 ``simplify`` runs it only when the model runs on one of them (``for_device``); the rewrites serve all.
 """
+from .canonical_joins import canonical_joins
 from .zero_elimination import zero_elimination
 from .prefix_sharing import prefix_sharing
 from .horizontal_fusion import horizontal_fusion
@@ -32,4 +35,4 @@ def for_device(passes: tuple, device_type: str) -> tuple:
     return tuple(p for p in passes if device_type in getattr(p, "devices", (device_type,)))
 
 
-__all__ = ["for_device", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["for_device", "canonical_joins", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

@@ -45,6 +45,7 @@ from torch import nn
 from torch.distributions import Dirichlet
 
 import topofx
+from topofx.capture import UNKNOWN, VALUE, DistributionCall, capture
 from topofx.testing import assert_train_step_equivalent, train_step_equivalence
 from topofx.zoo.operations import Identity, ReLUConvBN, Zero
 
@@ -511,6 +512,16 @@ def test_dirichlet_samples_differ_between_calls():
         torch.manual_seed(0)
         first, second = simplified(x), simplified(x)
     assert not torch.equal(first, second), "the Dirichlet sample was frozen at capture"
+
+
+def test_dirichlet_sample_has_the_concentrations_dtype():
+    """A float64 model's samples are float64 on meta too (a float32 meta value left what the sample
+    weights without a value: the mixed edges it joins went unseen)."""
+    model = build(DirichletNetwork).double()
+    gm = capture(model, (inputs(2).double(),), strict=True).graph_module
+    samples = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), DistributionCall)]
+    assert samples and all(n.meta[VALUE].dtype == torch.float64 for n in samples)
+    assert all(n.meta[VALUE] is not UNKNOWN for n in gm.graph.nodes if n.op != "output")
 
 
 @pytest.mark.parametrize("bad", [float("-inf"), float("nan")])

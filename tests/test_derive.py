@@ -8,8 +8,10 @@ and the same BN statistics; the child has no architecture parameters, fewer para
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import itertools
+import operator
 from typing import Any
 
 import pytest
@@ -150,3 +152,28 @@ def test_model_without_mixed_edges_is_refused():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     with pytest.raises(ValueError, match="no mixed edges"):
         topofx.derive(net, (torch.randn(2, 3, 8, 8),))
+
+
+class ReduceJoins(nn.Module):
+    """Two edges joined by ``functools.reduce`` (a ``+`` chain without ``sum``'s 0) and added into one
+    node: the second edge's sum is then a term of the first edge's chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.edges = nn.ModuleList(nn.ModuleList([nn.Identity(), nn.Conv2d(4, 4, 3, padding=1)]) for _ in range(2))
+        self.alphas = nn.Parameter(torch.zeros(2, 2))
+
+    def forward(self, x):
+        w = torch.softmax(self.alphas, dim=-1)
+        e0, e1 = (functools.reduce(operator.add, [w[i][k] * op(x) for k, op in enumerate(ops)])
+                  for i, ops in enumerate(self.edges))
+        return e0 + e1
+
+
+def test_edge_sum_inside_another_edges_sum():
+    torch.manual_seed(0)
+    model, x = ReduceJoins(), torch.randn(2, 4, 8, 8)
+    set_one_hot([model.alphas], lambda r, n: r)
+    child = topofx.derive(model, (x,))
+    assert sorted(c.index for c in child.meta[CHOICES]) == [0, 1]
+    torch.testing.assert_close(child(x), model(x), rtol=1e-6, atol=1e-6)

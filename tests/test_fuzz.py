@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import topofx
+import topofx.simplifier
 from topofx import fuzz
 from topofx.cli import main as cli_main
 from topofx.testing import find_arch_parameters
@@ -134,6 +135,43 @@ def test_dirichlet_has_no_vertex():
     seed = _first_seed(lambda s: s["weights"] == "dirichlet")
     spec = fuzz._draw_spec(seed)
     assert fuzz.build(fuzz.render(spec), spec)[2] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# joins: every join syntax the fuzzer writes yields its mixed edges, merged in topo mode
+# ---------------------------------------------------------------------------------------------
+ONE_CELL = {"seed": 1, "flavor": "darts", "cell": "darts", "weights": "softmax", "where": "network",
+            "storage": "parameter", "container": "modulelist", "dtype": "float32", "drop": "none",
+            "bn": "no_affine", "C": 4, "ops": ["skip_connect", "conv_1x1", "conv_3x3"], "cells": 1,
+            "reductions": [], "steps": 1}  # two mixed edges, each with two Conv->BN candidates to merge
+JOINS = [(join, form) for join in fuzz.DIMENSIONS["join"] if join not in ("cond_ne", "cond_gt")
+         for form in fuzz.JOIN_FORMS.get(join, (None,))]
+
+
+def test_every_join_form_is_drawn():
+    drawn = defaultdict(set)
+    for i in range(400):
+        spec = fuzz._draw_spec(fuzz._model_seed(SAMPLE_SEED, i))
+        if spec["join"] in fuzz.JOIN_FORMS:
+            drawn[spec["join"]].add(spec["join_form"])
+        else:
+            assert "join_form" not in spec
+    assert drawn == {join: set(forms) for join, forms in fuzz.JOIN_FORMS.items()}
+
+
+@pytest.mark.parametrize("join,form", JOINS, ids=[f"{j}-{f}" if f else j for j, f in JOINS])
+def test_every_join_yields_its_mixed_edges_merged(join, form):
+    spec = {**ONE_CELL, "join": join, **({"join_form": form} if form else {})}
+    model, inputs, _ = fuzz.build(fuzz.render(spec), spec)
+    report = topofx.simplify(model, inputs, mode="topo", check=False).report
+    assert fuzz._edges_and_merges(report) == (2, 2), str(report)
+
+
+def test_a_join_left_as_written_is_missed(monkeypatch):
+    monkeypatch.setattr(topofx.simplifier, "canonicalize", lambda *args, **kwargs: [])
+    outcome = fuzz.check_spec({**ONE_CELL, "join": "einsum", "join_form": "stack_first"}, "topo")
+    assert outcome.outcome == "missed" and outcome.failed, (outcome.outcome, outcome.key, outcome.message)
+    assert "einsum (stack_first)" in outcome.key and "0 mixed edges found" in outcome.message
 
 
 # ---------------------------------------------------------------------------------------------

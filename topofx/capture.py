@@ -356,9 +356,11 @@ class DistributionCall(nn.Module):
         attr = getattr(dist, self.name)
         if margs is None:
             return attr
-        if on_meta and self.name in ("sample", "rsample"):  # samplers have no meta kernels; shapes suffice
+        if on_meta and self.name in ("sample", "rsample"):  # samplers have no meta kernels: shape and dtype
             shape = margs[0] if margs else (mkwargs or {}).get("sample_shape", ())
-            return torch.empty(dist._extended_shape(torch.Size(shape)), device="meta")
+            floats = (t.dtype for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point())
+            dtype = torch.long if isinstance(dist, torch.distributions.Categorical) else next(floats, None)
+            return torch.empty(dist._extended_shape(torch.Size(shape)), dtype=dtype, device="meta")
         return attr(*margs, **(mkwargs or {}))
 
     def extra_repr(self) -> str:

@@ -41,7 +41,7 @@ from torch import nn
 
 from .capture import DRAWN, capture, speculation_check
 from .rewrite import is_inplace
-from .simplifier import SimplifiedModule
+from .simplifier import SimplifiedModule, canonicalize
 from .topology import MixedEdge, Topology, analyze, data_dependent, weighted_term
 
 CHOICES = "topofx_choices"  # child.meta key: the list of :class:`Choice` made, one per mixed edge
@@ -79,6 +79,7 @@ def derive(model: nn.Module, example_inputs: Sequence[Any], genotype: Genotype |
     """
     root = model.original if isinstance(model, SimplifiedModule) else model
     gm = capture(root, tuple(example_inputs), strict=True).graph_module
+    canonicalize(gm, root, example_inputs)
     topo = analyze(gm.graph, root)
     if not topo.edges:
         raise ValueError(
@@ -215,15 +216,17 @@ def _keep_selected(gm: fx.GraphModule, topo: Topology, selected: list[int]) -> N
                 kept_output[c.mul] = c.output
             else:
                 dropped.add(c.mul)
+    rebuilt: dict[fx.Node, fx.Node] = {}  # an edge's sum can be a term of another's (``reduce`` joins: ``e1 + e2``)
     for root in dict.fromkeys(edge.join for edge in topo.edges):
         chain = next(e.chain for e in topo.edges if e.join is root)
-        terms = [kept_output.get(t, t) for t in chain.terms
+        terms = [rebuilt.get(t, kept_output.get(t, t)) for t in chain.terms
                  if t not in dropped and not (isinstance(t, (int, float)) and t == 0)]
         with gm.graph.inserting_before(root):
             total = terms[0]
             for term in terms[1:]:
                 total = gm.graph.call_function(operator.add, (total, term))
         root.replace_all_uses_with(total)
+        rebuilt[root] = total
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:

@@ -5,7 +5,9 @@ Why: the zoo and the hypothesis strategy in the tests write supernets one way.  
 write the same ``sum_k w_k * op_k(x)`` in many ways -- DARTS's ``zip``-sum with plain-tensor alphas,
 PC-DARTS's partial channels and edge betas, xautodl's ``ModuleDict`` cells keyed ``'1<-0'``, SNAS's
 hand-written Gumbel, ProxylessNAS/FBNet layer-wise choices of inverted bottlenecks, DARTS-PT's
-projected weights, einsum or in-place accumulation, float64 models, drop-path draws in forward.
+projected weights, joins over stacked candidates (NNI's ``torch.sum(torch.stack(outs) * w.view(-1, 1, 1,
+1, 1), 0)``, with a zero weight slice; einsum, tensordot, matmul, stacked first or last; ``JOIN_FORMS``)
+or in-place accumulation, float64 models, drop-path draws in forward.
 Every generated model is a module text written to a temporary file and imported, so the tracer sees
 real user source lines, and a failing model is its own standalone reproducer.
 
@@ -20,10 +22,13 @@ Contracts checked (per model, per mode):
   one-hot vertex (set by the generated ``set_vertex``; skipped for weight kinds that cannot be
   one-hot, e.g. Dirichlet) the train-mode output equals the original's within 1e-5
   (``vertex_output``) and so do the weight gradients (``vertex_weight_grad``, its own category).
+  A join written other than as ``zipsum``'s ``+`` chain (conditional joins aside) finds as many mixed
+  edges and makes as many floating merges as the same model written with ``zipsum`` (``missed``).
 
 Outcomes: ``ok`` (captured, ran its graph, equivalent), ``refused`` (fell back to the eager forward:
 no graph, or the graph was not used for the call; the warning text is recorded), ``silent`` (the
-graph ran and differs -- warnings, if any, are recorded but do not excuse a mismatch), ``crash``
+graph ran and differs -- warnings, if any, are recorded but do not excuse a mismatch), ``missed`` (topo:
+the join's mixed edges were not all found or merged as the ``+`` chain's are), ``crash``
 (an exception from ``simplify`` or from running the simplified module, a timeout included), and
 ``invalid`` (the generated model itself does not run: a fuzzer bug).
 
@@ -59,7 +64,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    "DIMENSIONS", "OP_POOL", "CHAIN_OPS", "Outcome", "Summary",
+    "DIMENSIONS", "JOIN_FORMS", "OP_POOL", "CHAIN_OPS", "Outcome", "Summary",
     "generate", "render", "build", "check", "check_spec", "minimize", "run", "main",
 ]
 
@@ -92,6 +97,18 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "bn": ("no_affine", "affine", "no_track"),
 }
 
+#: The forms a join style is written in (``spec["join_form"]``; the first is the style's default): NNI's
+#: ``torch.sum(torch.stack(outs) * w.view(-1, 1, 1, 1, 1), 0)``, with a zero weight slice for a zero
+#: output appended, candidates stacked last and reduced there, ``torch.add(..., alpha=)``.  Drawn from a
+#: stream of its own, so that every other draw of a seed stays what it was.
+JOIN_FORMS: dict[str, tuple[str, ...]] = {
+    "stack_view": ("mul_sum", "torch_sum", "zero_pad", "stack_last", "stacked_terms"),
+    "einsum": ("stack_first", "stack_last"),
+    "tensordot": ("stack_first", "stack_last"),
+    "matmul": ("flat", "stack_last"),
+    "add_": ("add_", "add_alpha"),
+}
+
 CELL_OF_FLAVOR = {"darts": "darts", "pcdarts": "darts", "pdarts": "darts", "darts_pt": "darts",
                   "snas": "darts", "nb201": "nb201", "proxyless": "chain", "fbnet": "chain"}
 DEFAULT_FLAVOR = {"darts": "darts", "nb201": "nb201", "chain": "fbnet"}
@@ -118,6 +135,8 @@ def _draw_spec(seed: int) -> dict[str, Any]:
     spec: dict[str, Any] = {"seed": seed}
     for dim, values in DIMENSIONS.items():
         spec[dim] = rng.choice(values)
+    if spec["join"] in JOIN_FORMS:
+        spec["join_form"] = random.Random(f"{seed}:join_form").choice(JOIN_FORMS[spec["join"]])
     cell = CELL_OF_FLAVOR[spec["flavor"]]
     spec["cell"] = cell
     spec["C"] = rng.choice((4, 8))
@@ -446,9 +465,10 @@ def _tau_line(spec: dict[str, Any]) -> list[str]:
 def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]:
     """Statements that set ``out`` to the weighted sum of the candidates ``ops`` applied to ``x``."""
     join = spec["join"]
+    form = spec.get("join_form", JOIN_FORMS.get(join, ("",))[0])
     as_dict = spec["container"] == "moduledict"
     it = f"{ops}.values()" if as_dict else ops
-    stack = f"torch.stack([op({x}) for op in {it}])"
+    stack = f"torch.stack([op({x}) for op in {it}]{', dim=-1' if form == 'stack_last' else ''})"
     if join == "zipsum":
         return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}))"]
     if join == "index":
@@ -463,15 +483,31 @@ def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]
         return [f"{out} = functools.reduce(operator.add, [w * op({x}) for w, op in zip({w}, {it})])"]
     if join == "add_":
         seq = f"list({it})" if as_dict else ops
+        accumulate = (f"{out} = torch.add({out}, {w}[k] * candidates[k]({x}), alpha=0.5)" if form == "add_alpha"
+                      else f"{out}.add_({w}[k] * candidates[k]({x}))")
         return [f"candidates = {seq}", f"{out} = {w}[0] * candidates[0]({x})",
-                "for k in range(1, len(candidates)):", f"    {out}.add_({w}[k] * candidates[k]({x}))"]
+                "for k in range(1, len(candidates)):", f"    {accumulate}"]
     if join == "stack_view":
-        return [f"outs = {stack}", f"{out} = outs.mul({w}.view(-1, 1, 1, 1, 1)).sum(0)"]
+        return {
+            "mul_sum": [f"outs = {stack}", f"{out} = outs.mul({w}.view(-1, 1, 1, 1, 1)).sum(0)"],
+            "torch_sum": [f"outs = {stack}", f"{out} = torch.sum(outs * {w}.view(-1, 1, 1, 1, 1), 0)"],
+            "zero_pad": [f"outs = [op({x}) for op in {it}]", "outs.append(torch.zeros_like(outs[0]))",
+                         f"padded = torch.cat([{w}, {w}.new_zeros(1)])",
+                         f"{out} = torch.sum(torch.stack(outs) * padded.view(-1, 1, 1, 1, 1), 0)"],
+            "stack_last": [f"outs = {stack}", f"{out} = (outs * {w}).sum(-1)"],
+            "stacked_terms": [f"{out} = torch.stack([w * op({x}) for w, op in zip({w}, {it})]).sum(dim=0)"],
+        }[form]
     if join == "einsum":
+        if form == "stack_last":
+            return [f"outs = {stack}", f"{out} = torch.einsum('...k,k->...', outs, {w})"]
         return [f"outs = {stack}", f"{out} = torch.einsum('k,kbchw->bchw', {w}, outs)"]
     if join == "tensordot":
+        if form == "stack_last":
+            return [f"outs = {stack}", f"{out} = torch.tensordot(outs, {w}, dims=([-1], [0]))"]
         return [f"outs = {stack}", f"{out} = torch.tensordot({w}, outs, dims=1)"]
     if join == "matmul":
+        if form == "stack_last":
+            return [f"outs = {stack}", f"{out} = outs @ {w}"]
         return [f"outs = {stack}", f"{out} = torch.matmul({w}, outs.flatten(1)).view(outs.shape[1:])"]
     if join == "cond_ne":
         return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}) if w != 0)"]
@@ -951,7 +987,8 @@ def _build_functions(spec: dict[str, Any]) -> list[str]:
 
 def render(spec: dict[str, Any]) -> str:
     """The module text of the supernet that ``spec`` describes (``build()``, ``set_vertex``)."""
-    summary = ", ".join(f"{k}={spec[k]}" for k in ("flavor", *[d for d in DIMENSIONS if d != "flavor"]))
+    summary = ", ".join(f"{k}={spec[k]}" for k in ("flavor", *[d for d in DIMENSIONS if d != "flavor"], "join_form")
+                        if k in spec)
     head = [f'"""Generated by topofx.fuzz (seed {spec["seed"]}): a {spec["flavor"]}-style supernet.',
             "", *textwrap.wrap(summary, 100), *textwrap.wrap(f"ops={spec['ops']}", 100), '"""']
     imports = []
@@ -1046,7 +1083,7 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.outcome in ("silent", "crash", "invalid")
+        return self.outcome in ("silent", "missed", "crash", "invalid")
 
 
 class _Timeout(Exception):
@@ -1212,6 +1249,37 @@ def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None,
         if out.outcome in ("ok", "silent") and calls.count == 0:
             out.outcome = "refused"
             out.key = "runs eagerly: " + (_normalize(out.warnings[0]) if out.warnings else "no warning")
+    if mode == "topo" and out.outcome == "ok":
+        try:
+            _check_join(spec, simplified.report, simplify, out)
+        except _Timeout:
+            raise
+        except Exception as exc:  # noqa: BLE001 - simplifying the + chain twin raised
+            out.outcome, out.key, out.message = "crash", _exception_key("join", exc), traceback.format_exc()
+
+
+def _edges_and_merges(report: Any) -> tuple[int, int]:
+    """The mixed edges a report found and the floating merges it made."""
+    return report.edges, sum(len(p.rewrites) for p in report.passes if p.name == "floating_merge")
+
+
+def _check_join(spec: dict[str, Any], report: Any, simplify: Callable[..., Any], out: Outcome) -> None:
+    """Topo contract of a join written other than as ``zipsum``'s ``+`` chain: its mixed edges are found
+    and merged as the chain's are (the same model written with ``zipsum``).  Conditional joins decide per
+    candidate and are left out."""
+    if spec["join"] in ("zipsum", "cond_ne", "cond_gt"):
+        return
+    twin = {**{k: v for k, v in spec.items() if k != "join_form"}, "join": "zipsum"}
+    model, inputs, _ = build(render(twin), twin)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _edges_and_merges(simplify(model, inputs, mode="topo", check=False).report)
+    got = _edges_and_merges(report)
+    if got != expected:
+        form = f" ({spec['join_form']})" if "join_form" in spec else ""
+        out.outcome, out.key = "missed", f"topo: {spec['join']}{form} join not rewritten as a + chain"
+        out.message = (f"{got[0]} mixed edges found, {got[1]} floating merges; "
+                       f"the same model written as a + chain: {expected[0]}, {expected[1]}")
 
 
 def _check_topo(model, simplified, inputs, set_vertex, spec, out, seeded_outputs, max_rel_error,
@@ -1323,9 +1391,11 @@ def _shrinks(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     default_flavor = DEFAULT_FLAVOR[cell]
     if spec["flavor"] != default_flavor:
         yield {k: v for k, v in with_(flavor=default_flavor).items() if k != "projected"}
+    if spec.get("join_form", JOIN_FORMS.get(spec["join"], ("",))[0]) != JOIN_FORMS.get(spec["join"], ("",))[0]:
+        yield with_(join_form=JOIN_FORMS[spec["join"]][0])
     for dim, value in DEFAULTS.items():
         if spec[dim] != value:
-            yield with_(**{dim: value})
+            yield {k: v for k, v in with_(**{dim: value}).items() if not (dim == "join" and k == "join_form")}
     if spec["C"] != 4:
         yield with_(C=4, **({"stem": 4} if cell == "chain" else {}))
 
@@ -1355,7 +1425,7 @@ def minimize(spec: dict[str, Any], mode: str, outcome: str, key: str, *,
 # ---------------------------------------------------------------------------------------------
 # running many models
 # ---------------------------------------------------------------------------------------------
-ROW_DIMENSIONS = ("flavor", "cell", *[d for d in DIMENSIONS if d != "flavor"], "ops")
+ROW_DIMENSIONS = ("flavor", "cell", *[d for d in DIMENSIONS if d != "flavor"], "join_form", "ops")
 
 
 @dataclass
@@ -1379,8 +1449,8 @@ class Summary:
 
     def table(self) -> str:
         """Per style dimension value: models drawn with it and their outcomes (one per model and mode)."""
-        kinds = ("ok", "refused", "silent", "crash", "invalid")
-        shown = [k for k in kinds if k != "invalid" or any(o.outcome == k for o in self.outcomes)]
+        kinds = ("ok", "refused", "silent", "missed", "crash", "invalid")
+        shown = [k for k in kinds if k not in ("missed", "invalid") or any(o.outcome == k for o in self.outcomes)]
         rows: dict[tuple[str, str], Counter] = defaultdict(Counter)
         models: dict[tuple[str, str], set] = defaultdict(set)
         for o in self.outcomes:
@@ -1419,6 +1489,9 @@ def _value_order(dim: str, value: str) -> int:
     if dim == "ops":
         pool = OP_POOL + CHAIN_OPS
         return pool.index(value) if value in pool else len(pool)
+    if dim == "join_form":
+        forms = list(dict.fromkeys(f for fs in JOIN_FORMS.values() for f in fs))
+        return forms.index(value) if value in forms else len(forms)
     values = DIMENSIONS.get(dim) or (MODES if dim == "mode" else ("darts", "nb201", "chain"))
     return values.index(value) if value in values else len(values)
 
@@ -1473,7 +1546,7 @@ def run(n: int, seed: int = 0, modes: Sequence[str] = MODES, *, jobs: int = 1, t
 
 def _postfix(outcomes: list[Outcome]) -> dict[str, int]:
     c = Counter(o.outcome for o in outcomes)
-    return {k: c[k] for k in ("ok", "refused", "silent", "crash") if c[k]}
+    return {k: c[k] for k in ("ok", "refused", "silent", "missed", "crash") if c[k]}
 
 
 def _slug(text: str) -> str:
@@ -1582,7 +1655,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.fuzz")
         print("\nclasses (count, mode, outcome, key, example seeds, reproducer):")
         print(classes)
     bad = sum(o.failed for o in summary.outcomes)
-    print(f"\n{bad} failing (silent/crash) of {len(summary.outcomes)} model-mode checks"
+    print(f"\n{bad} failing (silent/missed/crash) of {len(summary.outcomes)} model-mode checks"
           + (f"; reproducers in {args.out}/" if summary.reproducers else ""))
     return 1 if summary.failed else 0
 

@@ -35,6 +35,12 @@ ALIASING_NAMES = {
     "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "requires_grad_", "align_as",
 }
 
+# Calls that read only their first argument's shape, dtype and device, never its values.
+METADATA_NAMES = {
+    "size", "dim", "numel", "new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like",
+    "ones_like", "full_like", "rand_like", "randn_like", "randint_like",
+}
+
 
 @dataclasses.dataclass
 class Rewrite:
@@ -216,6 +222,13 @@ def aliases(node: fx.Node, gm: fx.GraphModule) -> bool:
     return is_view(node)
 
 
+def reads_metadata(node: fx.Node) -> bool:
+    """Whether a call reads only the shape, dtype or device of its first argument, not its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:2] in (("shape",), ("dtype",), ("device",), ("ndim",))
+    return node.op in ("call_function", "call_method") and target_name(node) in METADATA_NAMES
+
+
 def is_view(node: fx.Node) -> bool:
     """Whether a function or method call's value may share storage with its first argument
     (``x.view(...)``, ``x[i]``, ``x.data``)."""
@@ -302,13 +315,15 @@ class Effects:
         """Whether the new readers of a mutated storage read its final value, as every original reader
         does: the storage was written first and only read after its last write (DARTS-PT's projected
         rows: ``weights[e].data.copy_(proj)`` at the top of forward), and the new nodes come after that
-        write.  (Views taken to write through do not read.)"""
+        write.  (Views taken to write through do not read, nor do reads of its shape alone: drop-path's
+        ``x.new_empty(x.size(0), 1, 1, 1)`` before it writes into ``x``.)"""
         recorded = next((r for r in self.accesses if set(r) & set(acc)), None)
         if recorded is None:
             return False
         recorded = [n for n in recorded if n in position]
         writes = [i for i, n in enumerate(recorded) if is_inplace(n, gm)]
-        reads = [i for i, n in enumerate(recorded) if not is_inplace(n, gm) and not aliases(n, gm)]
+        reads = [i for i, n in enumerate(recorded)
+                 if not is_inplace(n, gm) and not aliases(n, gm) and not reads_metadata(n)]
         if not writes or any(i < writes[-1] for i in reads):
             return False
         last_write = max(position[n] for n in acc if is_inplace(n, gm))

@@ -1,7 +1,10 @@
 """``simplify(model, example_inputs)``: the method's outline in one function.
 
 1. capture the unmodified supernet as an FX graph (``topofx.capture``);
-2. find its mixed edges, inputs, candidates and cells (``topofx.topology``);
+2. rewrite the weighted joins written other than as ``+`` chains (stacked candidates reduced with
+   ``sum``/``einsum``/``tensordot``/``matmul``, in-place ``add_`` accumulation) into ``+`` chains
+   (:func:`canonicalize`), then find the mixed edges, inputs, candidates and cells
+   (``topofx.topology``);
 3. rewrite the redundant parallel paths to a fixpoint (``topofx.passes`` via ``topofx.rewrite``),
    then lower the result (topo mode's fused weighted sums; the channels-last layout when asked);
    a sampled supernet's graph (an adapter's gates) gets the exact rewrites and runs sparsely
@@ -424,13 +427,14 @@ def simplify(
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
     captured_code = _capture.fingerprint(gm)
+    before = node_counts(gm)
+    canonical = canonicalize(gm, root, example_inputs, live)
     topology = analyze(gm.graph, root)
     sampled = any(gateable(gm, g, live) for g in gates(gm))
     lowered_for = device_type(model, example_inputs)
     passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
     self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
-    before = node_counts(gm)
-    runs = _rewrite(gm, root, passes, lowering, example_inputs)
+    runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
     check_inputs = _check_inputs(runs, example_inputs)
     problem = None if _capture.hoist_speculation(gm) else (
         "the rewritten graph cannot check its decisions on random draws before it changes any state")
@@ -494,6 +498,24 @@ def _capture_sampling(model: nn.Module, example_inputs: tuple, mode: str, strict
     return None, model, (), _capture.capture(model, example_inputs, strict=strict, stacklevel=4)
 
 
+def canonicalize(gm: fx.GraphModule, root: nn.Module, example_inputs: Sequence[Any], live: Sequence[str] = ()) -> list:
+    """Rewrite the weighted joins of a captured graph that are written other than as ``+`` chains into
+    ``+`` chains (``passes.canonical_joins``; exact), before anything reads its topology: the self-check's
+    vertex, the report's edges and ``derive`` see them as the mixed edges they are.  The graph is then
+    verified against the eager model as a capture is (:func:`topofx.capture.verify_capture`), or the
+    rewrite undone."""
+    from topofx.passes import canonical_joins
+
+    def verified(g: fx.GraphModule) -> str | None:
+        try:
+            _capture.verify_capture(root, g, tuple(example_inputs), live_attrs=live)
+        except _capture.CaptureError as exc:
+            return str(exc)
+        return None
+
+    return run_to_fixpoint(gm, root, (canonical_joins,), tuple(example_inputs), check=verified)
+
+
 def _rewrite(gm: fx.GraphModule, root: nn.Module, passes: tuple, lowering: tuple, example_inputs: tuple,
              check: Callable[[fx.GraphModule], str | None] | None = None) -> list:
     """The rewrites to their fixpoint, then the lowering passes (each with the driver's invariants)."""
@@ -525,6 +547,7 @@ def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, check_inpu
     """The self-check failed: find the pass that introduced the difference (simplify again from a
     fresh capture, checking after every pass) and warn, or raise under ``strict``."""
     gm = _capture.capture(root, example_inputs, strict=True, live_attrs=live).graph_module
+    canonicalize(gm, root, example_inputs, live)
     check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode, live)
     runs = _rewrite(gm, root, passes, lowering, example_inputs,
                     check=lambda g: (f"self-check: {why}" if (why := check(g, check_inputs)) else None))

@@ -41,6 +41,7 @@ __all__ = ["visualize", "VisualizeResult", "ACTION_COLORS", "DOT_MISSING_HINT"]
 
 #: fill colour per rewrite action (also used in the legend)
 ACTION_COLORS = {
+    "canonical": "#c7e9c0",
     "removed": "#fc9272",
     "shared": "#9ecae1",
     "fused": "#fdae6b",
@@ -55,6 +56,7 @@ _APPROX_BORDER = "#c0392b"
 
 _LEGEND = {
     "before": {
+        "canonical": "canonical: join written other than as a + chain (stack reduced, einsum, add_)",
         "removed": "removed: zero term dropped from its sum",
         "shared": "shared: duplicate, now computed once",
         "fused": "fused: computed by one call with others (convs/BNs, folded weight, pooling)",
@@ -64,6 +66,7 @@ _LEGEND = {
         "dead": "gone: dead after a rewrite",
     },
     "after": {
+        "canonical": "canonical: the join as a + chain of weighted terms",
         "removed": "removed: sum without its zero terms",
         "shared": "shared: computed once, used by all",
         "fused": "fused: one call (concatenated convs/BNs, folded weights, recomputed pooling)",
