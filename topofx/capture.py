@@ -987,6 +987,8 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
     moved: list[tuple[nn.Module, str, torch.Tensor]] = []
     held: list[tuple[nn.Module, str, str, Any]] = []
     views: list[tuple[nn.Module, str, Any, dict[Any, str]]] = []
+    named = {id(t) for m in model.modules()  # held elsewhere by name: read by that name (`self._arch_parameters`)
+             for t in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()) if isinstance(t, torch.Tensor)}
     for prefix, module in model.named_modules():
         for name, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
@@ -996,7 +998,7 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
             elif type(value) in (list, tuple, dict) and name not in _MODULE_FIELDS:
                 slots = {}
                 for key, item in list(value.items() if type(value) is dict else enumerate(value)):
-                    if isinstance(item, torch.Tensor) and isinstance(key, (int, str)):
+                    if isinstance(item, torch.Tensor) and isinstance(key, (int, str)) and id(item) not in named:
                         slot = f"topofx_held_{name}_{key}"
                         table = module._parameters if isinstance(item, nn.Parameter) else module._buffers
                         if slot not in vars(module) and slot not in table:
