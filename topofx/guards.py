@@ -29,11 +29,15 @@ look-ups per traced module; the graph itself is not touched):
   again (:class:`topofx.capture.ValueGuard`: the few small ops that compute it, no inputs); when one
   comes out differently the verdict is ``"recapture"`` (a projection, a stage switch);
 * a hook on a module the graph does not call gets one warning naming the module;
-* a changed module tree (any module's ``_modules``, compared by identity) asks for a recapture.
+* a changed module tree (any module's ``_modules``, compared by identity) asks for a recapture; the
+  comparison runs only after some submodule was assigned (torch's global module registration hook
+  counts assignments), so it costs nothing per call otherwise. Not seen: ``del``, ``pop`` or
+  ``insert`` on a container between steps (torch calls no hook for them).
 """
 from __future__ import annotations
 
 import functools
+import operator
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -44,6 +48,15 @@ from torch import nn
 
 from . import capture as _capture
 
+_SUBMODULES = operator.attrgetter("_modules")
+_TREE_VERSION = [0]  # submodule assignments anywhere (``ops[k] = None``, ``cell.op = new``, ``add_module``)
+
+
+def _count_assignment(module: nn.Module, name: str, value: Any) -> None:
+    _TREE_VERSION[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_assignment)
 _SCALARS = (bool, int, float, str, type(None))  # None: a mask or a flag that is set later (DrNAS pruning)
 
 
@@ -153,6 +166,7 @@ class Guards:
         self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())]
         self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
         self.structure = [dict(m._modules) for m in self.modules]  # swapped asks for a new capture
+        self.tree_version = _TREE_VERSION[0]
         self.tensors = self._captured_tensors(gm)
         own = {id(m) for m in root.modules()}
         targets = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
@@ -194,8 +208,12 @@ class Guards:
         return self.shapes_ok[sig]
 
     def structure_holds(self) -> bool:
-        """Whether every module still has the submodules it had at capture (one list compare, in C)."""
-        return [m._modules for m in self.modules] == self.structure
+        """Whether every module still has the submodules it had at capture: free unless some module was
+        assigned since (torch's global module registration hook counts assignments, ``None`` included)."""
+        if _TREE_VERSION[0] == self.tree_version:
+            return True
+        self.tree_version = _TREE_VERSION[0]
+        return list(map(_SUBMODULES, self.modules)) == self.structure
 
     def follow_tensors(self) -> bool:
         """Re-bind re-assigned tensors; ``False`` when one changed shape (the graph must be captured again)."""
