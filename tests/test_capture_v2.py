@@ -317,3 +317,61 @@ def test_alphas_in_a_list_stay_live(mode):
     fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(simplified(x), fresh(x))
+
+
+# --- forward that stores Python state on its first call (SNAS's resource counts) --------------------
+class CountedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.op = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.flops = 0
+
+    def forward(self, x):
+        if self.flops == 0:  # counted once, from the input's size
+            self.flops = C * C * 9 * x.size()[2] ** 2
+        return self.op(x)
+
+
+class CountingMixedOp(nn.Module):
+    def __init__(self, resource_row):
+        super().__init__()
+        self._ops = nn.ModuleList([CountedConv(), CountedConv()])
+        self._resource = resource_row  # a view of the network's table
+        self.counted = False
+
+    def forward(self, x, weights):
+        if self.counted:
+            return sum(w * op(x) for w, op in zip(weights, self._ops))
+        result = 0
+        for index, (w, op) in enumerate(zip(weights, self._ops)):
+            result += w * op(x)
+            self._resource[index] = op.flops
+        self.counted = True
+        return result
+
+
+class CountingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.op_flops = torch.zeros(1, 2)
+        self.log_alpha = torch.zeros(1, 2).normal_(1, 0.01).requires_grad_()
+        self.mixed = CountingMixedOp(self.op_flops[0])
+
+    def forward(self, x):
+        w = F.softmax(self.log_alpha, dim=-1)
+        return self.mixed(x, w[0]), (self.op_flops * w).sum()  # output and resource penalty
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_call_python_state_is_made_eagerly_then_captured(mode):
+    """The trace used to leave traced values in ``flops`` and ``counted = True`` on the real modules: the
+    graph replayed the first call, the eager model did not (fallback, relative error ~1e12)."""
+    model, x = CountingNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.original.mixed._ops[0].flops == C * C * 9 * 64 and simplified.original.mixed.counted
+    model(x)  # the original after its own first call
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.log_alpha],
+                                     candidate_arch_params=[simplified.original.log_alpha])
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x)[1], model(x)[1])  # the penalty reads the counts

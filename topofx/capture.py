@@ -1106,8 +1106,8 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     while True:
         opaque, methods = _per_call_units(model, learned)
         try:
-            with _forked_rng(model):  # draws made while tracing (to speculate) leave the caller's RNG alone
-                gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))
+            with _forked_rng(model), _traced_values_kept_out(model):  # draws made while tracing leave the
+                gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))  # RNG alone
                 volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
             if not volatile:
                 _insert_speculation_checks(gm, tracer.speculated)
@@ -1179,6 +1179,44 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
 
 SPECULATION = "topofx_speculation"  # GraphModule.meta key: the Decision of each speculation check, by index
 RESAMPLES = 4  # fresh draws a speculated decision must survive at capture
+
+
+class StoresTracedValues(CaptureError):
+    """Forward stored traced values in module attributes (``self.flops = self.size * x.size(2) ** 2`` on a
+    first call): the trace ran the user's Python on the real modules, and the model was restored."""
+
+    def __init__(self, where: list[str]):
+        self.where = where
+        super().__init__(
+            f"forward stores values computed while tracing in {', '.join(where[:4])}"
+            f"{' and %d more' % (len(where) - 4) if len(where) > 4 else ''}, even after one eager warm-up call; "
+            "a graph cannot replay Python state. Compute such values once, outside forward, or keep them as "
+            "tensors (buffers)")
+
+
+def _holds_proxy(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if type(value) in (list, tuple) and depth < 2:
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    if type(value) is dict and depth < 2:
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    return False
+
+
+@contextlib.contextmanager
+def _traced_values_kept_out(model: nn.Module) -> Iterator[None]:
+    """Raise :class:`StoresTracedValues` when the trace left traced values in module attributes, after
+    putting back every attribute the trace changed (Python state the forward writes, ``got_flops = True``
+    included: eagerly it is written with real values)."""
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    yield
+    where = [f"{type(m).__name__}.{k}" for m, _ in before for k, v in vars(m).items() if _holds_proxy(v)]
+    if where:
+        for module, attributes in before:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+        raise StoresTracedValues(sorted(set(where)))
 
 
 class SpeculationFailed(RuntimeError):
@@ -1317,8 +1355,17 @@ def capture(
     samples): they may carry autograd history.  ``stacklevel`` locates the warning at the user's call.
     """
     try:
+        warmed = False
         while True:
-            gm = trace(model, example_inputs)
+            try:
+                gm = trace(model, example_inputs)
+            except StoresTracedValues:  # a first call stores Python state: make it eagerly, then trace
+                if warmed:
+                    raise
+                warmed = True
+                with preserved_state(model), torch.no_grad():
+                    run_seeded(model, example_inputs)
+                continue
             try:
                 if verify:
                     verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
