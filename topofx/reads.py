@@ -147,8 +147,9 @@ class ReadRecorder:
             return
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         local = frame.f_locals
-        args = {n: local[n] for n in names if n in local}
-        free = {n: local[n] for n in code.co_freevars if n in local}
+        # roots only (no tensors, traced values, functions): a helper called with new tensors each time is one frame
+        args = {n: local[n] for n in names if n in local and not _skipped_root(local[n])}
+        free = {n: local[n] for n in code.co_freevars if n in local and not _skipped_root(local[n])}
         key = (code, tuple(id(v) for v in args.values()), tuple(id(v) for v in free.values()))
         if key not in self._seen:
             self._seen.add(key)
@@ -180,9 +181,9 @@ class ReadRecorder:
             first = holder.get(name, MISSING)
             if first is not MISSING and not _skipped_root(first):
                 yield holder, (("item", name), *steps)
-        elif op == "LOAD_DEREF" and name in free and steps and not _skipped_root(free[name]):
+        elif op == "LOAD_DEREF" and name in free and steps:
             yield free[name], steps  # the object keeps its identity (a bare number rebound by `nonlocal`: not seen)
-        elif name in args and not _skipped_root(args[name]):
+        elif name in args:
             yield args[name], steps
 
 
