@@ -26,12 +26,16 @@ joins whose shapes and dtypes the nodes' meta values prove are rewritten; others
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from topofx.rewrite import Effects, PassContext, Rewrite, aliases, is_inplace, node_order, target_name
+from topofx.passes.zero_elimination import _ZERO_FACTORIES
+from topofx.rewrite import is_mutated
 from topofx.topology import architecture_factor, data_dependent, is_mul, value_of
 
 _SHAPE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as", "reshape_as"}
@@ -87,7 +91,7 @@ def _weighted(node: Any, data: set[fx.Node]) -> bool:
                and _tensor(o).shape == _tensor(node).shape for w, o in ((a, b), (b, a)))
 
 
-def _stacked(node: Any) -> tuple[list[Any], int] | None:
+def _stack(node: Any) -> tuple[list[Any], int] | None:
     """``(outs, axis)`` when ``node`` is ``torch.stack(outs, axis)`` of two or more tensors."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not torch.stack \
             or set(_kwargs(node)) - {"tensors", "dim"}:
@@ -102,6 +106,56 @@ def _stacked(node: Any) -> tuple[list[Any], int] | None:
     return list(outs), dim % value.dim()
 
 
+def _zero_block(node: Any, gm: fx.GraphModule) -> torch.Tensor | None:
+    """``zeros_like(S[:m])``, ``torch.zeros(...)``, ``x.new_zeros(...)`` (all zeros by construction),
+    or the constant that tracing freezes ``torch.zeros`` of a fixed shape into (FX's
+    ``_tensor_constant<i>``, no user's attribute, all zeros); read by nothing but the ``torch.cat``, and
+    written by nothing.  Its value (the meta value; the constant itself), else None."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or is_mutated(node, gm):
+        return None
+    if node.op in ("call_function", "call_method"):
+        return _tensor(node) if target_name(node) in _ZERO_FACTORIES else None
+    if node.op != "get_attr":
+        return None
+    value = getattr(gm, node.target, None) if re.fullmatch(r"_tensor_constant\d+", node.target) else None
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.requires_grad \
+            and not bool(value.any()):
+        return value
+    return None
+
+
+def _stacked(node: Any, gm: fx.GraphModule) -> tuple[list[Any], int] | None:
+    """``(outs, axis)`` when ``node`` is ``torch.stack(outs, axis)`` of two or more tensors, or
+    ``torch.cat`` along ``axis`` of such stacks and zero blocks (NNI 3.0's "none" candidate:
+    ``torch.cat((S, torch.zeros_like(S[:1])), 0)``); a zero block's positions are None in ``outs``.
+    The pieces' shapes and dtypes are proven from the meta values: each zero block is the stack's
+    shape but for the stacked axis, and the cat promotes nothing."""
+    stacked = _stack(node)
+    if stacked is not None or not isinstance(node, fx.Node) or node.op != "call_function" \
+            or node.target not in _CAT or set(_kwargs(node)) - {"tensors", "dim", "axis"}:
+        return stacked
+    pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+    value = _tensor(node)
+    if value is None or not isinstance(pieces, (list, tuple)) or isinstance(dim, bool) or not isinstance(dim, int):
+        return None
+    axis, outs, stacks = dim % max(value.dim(), 1), [], 0
+    for piece in pieces:
+        zero = _zero_block(piece, gm)
+        t = _tensor(piece) if zero is None else zero
+        if t is None or t.dtype != value.dtype or t.dim() != value.dim() \
+                or t.shape[:axis] + t.shape[axis + 1:] != value.shape[:axis] + value.shape[axis + 1:]:
+            return None
+        found = _stack(piece)
+        if found is not None and found[1] == axis:
+            outs, stacks = outs + found[0], stacks + 1
+        elif zero is not None:
+            outs += [None] * t.shape[axis]
+        else:
+            return None
+    return (outs, axis) if stacks and len(outs) == value.shape[axis] else None
+
+
 def _along(v: torch.Tensor, s: torch.Tensor, axis: int) -> bool:
     """Whether ``v`` broadcast against ``s`` varies along ``axis`` only, with ``s``'s size there."""
     offset = s.dim() - v.dim()
@@ -109,7 +163,7 @@ def _along(v: torch.Tensor, s: torch.Tensor, axis: int) -> bool:
         size == (s.shape[axis] if offset + j == axis else 1) for j, size in enumerate(v.shape))
 
 
-def _reduce_sum(node: fx.Node, data: set[fx.Node]) -> Join | None:
+def _reduce_sum(node: fx.Node, data: set[fx.Node], gm: fx.GraphModule) -> Join | None:
     """``(S * v).sum(d)`` / ``torch.sum(S * v, d)``; ``S.sum(d)`` over stacked weighted terms."""
     if not (node.op == "call_function" and node.target is torch.sum or node.op == "call_method" and node.target == "sum"):
         return None
@@ -120,7 +174,7 @@ def _reduce_sum(node: fx.Node, data: set[fx.Node]) -> Join | None:
     prod = node.args[0]
     if not isinstance(dim, int) or not isinstance(prod, fx.Node):
         return None
-    stacked = _stacked(prod)
+    stacked = _stacked(prod, gm)
     if stacked is not None:  # torch.stack([w_k * out_k ...]).sum(0)
         outs, axis = stacked
         weighted = sum(_weighted(o, data) for o in outs)
@@ -128,7 +182,7 @@ def _reduce_sum(node: fx.Node, data: set[fx.Node]) -> Join | None:
     if not is_mul(prod) or _tensor(prod) is None:
         return None
     for s, v in (prod.args, prod.args[::-1]):
-        stacked = _stacked(s)
+        stacked = _stacked(s, gm)
         if stacked is None or _tensor(v) is None or _tensor(prod).shape != _tensor(s).shape:
             continue
         outs, axis = stacked
@@ -212,20 +266,20 @@ def _matmul(node: Any) -> tuple[Any, Any, int] | None:
     return (b, a, ta.dim() - 1) if tb.dim() == 1 and ta.dim() >= 2 else None
 
 
-def _contraction(node: fx.Node, data: set[fx.Node]) -> Join | None:
+def _contraction(node: fx.Node, data: set[fx.Node], gm: fx.GraphModule) -> Join | None:
     """einsum, tensordot or matmul of a weight vector with stacked candidates, over the stacked axis."""
     found = _einsum(node) or _tensordot(node) or _matmul(node)
     if found is None:
         return None
     w, s, axis = found
-    stacked = _stacked(s)
+    stacked = _stacked(s, gm)
     if stacked is None or stacked[1] != axis:
         return None
     row = _row(w, len(stacked[0]), data)
     return (node, s, row) if row is not None else None
 
 
-def _flat_matmul(node: fx.Node, data: set[fx.Node]) -> Join | None:
+def _flat_matmul(node: fx.Node, data: set[fx.Node], gm: fx.GraphModule) -> Join | None:
     """``(w @ S.flatten(1)).view(shape)``: ``S`` stacked at 0, flattened to ``(K, M)``, viewed back."""
     if not _shape_only(node):
         return None
@@ -233,11 +287,12 @@ def _flat_matmul(node: fx.Node, data: set[fx.Node]) -> Join | None:
     if found is None:
         return None
     w, flat, axis = found
-    stacked = _stacked(flat.args[0]) if _shape_only(flat) else None
+    stacked = _stacked(flat.args[0], gm) if _shape_only(flat) else None
     if stacked is None or axis != 0 or stacked[1] != 0 or _tensor(flat).dim() != 2:
         return None
     outs = stacked[0]
-    if _tensor(flat).shape[0] != len(outs) or _tensor(node) is None or _tensor(node).shape != _tensor(outs[0]).shape:
+    first = next(o for o in outs if o is not None)
+    if _tensor(flat).shape[0] != len(outs) or _tensor(node) is None or _tensor(node).shape != _tensor(first).shape:
         return None
     row = _row(w, len(outs), data)
     return (node, flat.args[0], row) if row is not None else None
@@ -258,16 +313,17 @@ def _element(graph: fx.Graph, row: fx.Node, k: int) -> fx.Node:
 def _stack_join(gm: fx.GraphModule, join: fx.Node, stack: fx.Node, row: fx.Node | None) -> fx.Node | None:
     """Replace ``join`` by ``row[0] * outs[0] + row[1] * outs[1] + ...`` over the stacked ``outs``
     (``outs`` alone without a row); None, graph untouched, where the chain's value would differ in
-    shape or dtype."""
-    outs = _stacked(stack)[0]
-    value, first = _tensor(join), _tensor(outs[0])
+    shape or dtype.  A zero block's positions have no term: ``row[k] * 0`` adds exactly nothing to the
+    sum, and its weight's gradient, ``<dL/dy, 0>``, is zero either way."""
+    outs = [(k, o) for k, o in enumerate(_stacked(stack, gm)[0]) if o is not None]
+    value, first = _tensor(join), _tensor(outs[0][1])
     # a one-element weight times a tensor takes the tensor's dtype (a float row never promotes it)
-    if value is None or value.shape != first.shape or {_tensor(o).dtype for o in outs} != {value.dtype}:
+    if value is None or value.shape != first.shape or {_tensor(o).dtype for _, o in outs} != {value.dtype}:
         return None
     graph = gm.graph
     with graph.inserting_before(join):
-        terms = outs if row is None else [
-            graph.call_function(operator.mul, (_element(graph, row, k), out)) for k, out in enumerate(outs)]
+        terms = [o for _, o in outs] if row is None else [
+            graph.call_function(operator.mul, (_element(graph, row, k), out)) for k, out in outs]
         acc = terms[0]
         for term in terms[1:]:
             acc = graph.call_function(operator.add, (acc, term))
@@ -279,9 +335,13 @@ def _stack_join(gm: fx.GraphModule, join: fx.Node, stack: fx.Node, row: fx.Node 
 def _settled(gm: fx.GraphModule, join: fx.Node, stack: fx.Node, accesses: list[list[fx.Node]], order: Any) -> bool:
     """No in-place write, between the stack and the join, to a storage that the stack, the join or
     what is computed from the stack reads: the chain reads the stacked outs at the join instead
-    (drop-path's writes into candidate outputs before they are stacked are fine)."""
-    reading = {stack, join, *stack.users}
-    return not any(order(stack) < order(n) < order(join) and is_inplace(n, gm)
+    (drop-path's writes into candidate outputs before they are stacked are fine).  For a ``torch.cat``
+    of stacks and zero blocks, from the first stack on, and what reads any of the stacks counts."""
+    pieces = stack.args[0] if stack.target in _CAT and stack.args else ()
+    stacks = [stack] + [p for p in pieces if _stack(p) is not None]
+    reading = {join, *stacks, *(u for s in stacks for u in s.users)}
+    start = min(order(s) for s in stacks)
+    return not any(start < order(n) < order(join) and is_inplace(n, gm)
                    for access in accesses if reading & set(access) for n in access)
 
 
@@ -350,12 +410,15 @@ def canonical_joins(ctx: PassContext) -> list[Rewrite]:
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
-        found = _reduce_sum(node, data) or _contraction(node, data) or _flat_matmul(node, data)
+        found = _reduce_sum(node, data, gm) or _contraction(node, data, gm) or _flat_matmul(node, data, gm)
         if found is not None and _settled(gm, node, found[1], accesses, order):
+            outs = _stacked(found[1], gm)[0]
             acc = _stack_join(gm, *found)
             if acc is not None:
+                zeros = sum(o is None for o in outs)
                 records.append(Rewrite("canonical_joins", "canonical", [node.name], acc.name, True,
-                                       f"{target_name(node)} over {len(_stacked(found[1])[0])} stacked terms -> + chain"))
+                                       f"{target_name(node)} over {len(outs)} stacked terms -> + chain"
+                                       + (f" ({zeros} zero-block terms dropped)" if zeros else "")))
         elif _is_add(node, inplace=False) and _alpha(node) != 1 and _weighted(node.args[1], data):
             with graph.inserting_before(node):
                 acc = graph.call_function(operator.add, (node.args[0], _scaled(graph, node.args[1], _alpha(node), data)))

@@ -2,7 +2,8 @@
 
 Public search code writes ``y = sum_k w_k * op_k(x)`` as a reduction over stacked candidates (NNI's
 DARTS layer: ``torch.sum(torch.stack(outs) * w.view(-1, 1, 1, 1, 1), 0)``, with a zero weight slice
-when "none" is a candidate), as ``einsum``/``tensordot``/``matmul`` over the stack, or as an in-place
+when "none" is a candidate; NNI 3.0's cell instead softmaxes over K+1 entries and ``torch.cat``s a zero
+block onto the stack for "none"), as ``einsum``/``tensordot``/``matmul`` over the stack, or as an in-place
 ``add_`` accumulation.  Each syntax below is one small DARTS-like supernet (C=4, 8x8, one cell of three
 mixed edges: node 1 = e(x), node 2 = e(x) + e(node 1)), and for each:
 
@@ -46,6 +47,15 @@ def join(syntax: str, w: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor
     """``sum_k w[k] * outs[k]``, written in ``syntax``."""
     if syntax in ("nni", "nni_none", "nni_drop_path"):
         return torch.sum(torch.stack(outs) * w.view(-1, 1, 1, 1, 1), 0)
+    if syntax in ("nni3", "nni3_none"):  # NNI 3.0's cell: the zero candidate as a zero block of the stack
+        results = torch.stack(outs)
+        shape = [-1] + [1] * (len(results.size()) - 1)
+        if w.size(0) == results.size(0) + 1:
+            results = torch.cat((results, torch.zeros_like(results[:1])), 0)
+        return torch.sum(results * w.view(*shape), 0)
+    if syntax == "nni3_zeros_first":  # a fixed-shape zero block (traced as a constant) ahead of the stack
+        results = torch.cat((torch.zeros(1, 2, C, 8, 8), torch.stack(outs)), 0)
+        return torch.sum(results * w.view(-1, 1, 1, 1, 1), 0)
     if syntax == "stack_last":
         return (torch.stack(outs, dim=-1) * w).sum(-1)
     if syntax == "stack_terms":
@@ -103,7 +113,8 @@ class Supernet(nn.Module):
         none = syntax == "nni_none"
         self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.edges = nn.ModuleList([MixedOp(none) for _ in range(EDGES)])
-        self.alphas = nn.Parameter(1e-3 * torch.randn(EDGES, 4))
+        # NNI 3.0 softmaxes over K+1 entries, "none" included, and pads the stack with a zero block
+        self.alphas = nn.Parameter(1e-3 * torch.randn(EDGES, 5 if syntax in ("nni3_none", "nni3_zeros_first") else 4))
         self.head = nn.Linear(C, 10)
 
     def arch_parameters(self):
@@ -117,7 +128,7 @@ class Supernet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(n2, 1).flatten(1))
 
 
-SYNTAXES = ["nni", "nni_none", "stack_last", "stack_terms", "einsum", "einsum_ellipsis", "tensordot",
+SYNTAXES = ["nni", "nni_none", "nni3", "nni3_none", "nni3_zeros_first", "stack_last", "stack_terms", "einsum", "einsum_ellipsis", "tensordot",
             "matmul_flat", "matmul_last", "add_", "add_alpha"]
 PICKS = [lambda r, n: 3, lambda r, n: (r + 2) % n]  # conv3x3 everywhere; conv1x1 / conv3x3 / identity
 
@@ -178,7 +189,8 @@ def test_derive_reads_the_edges(syntax):
 class NotAJoin(nn.Module):
     """Weighted reductions that are no mixed edges, or not provably: weights computed from the input
     (attention), an accumulation read before its last ``add_``, an einsum that transposes, a stack
-    changed in place before its reduction."""
+    changed in place before its reduction, a stack padded with a block of ones or with a zero block
+    written in place."""
 
     def __init__(self):
         super().__init__()
@@ -198,7 +210,14 @@ class NotAJoin(nn.Module):
         stacked = torch.stack(outs)
         stacked.mul_(2.0)
         d = torch.sum(stacked * w.view(-1, 1, 1, 1, 1), 0)
-        return a + b + early + c + d
+        w3 = F.softmax(torch.cat([self.alpha, self.alpha[:1]]), dim=0)
+        ones = torch.cat((torch.stack(outs), torch.ones_like(outs[0])[None]), 0)
+        e = torch.sum(ones * w3.view(-1, 1, 1, 1, 1), 0)
+        padded = torch.stack(outs)
+        block = torch.zeros_like(padded[:1])
+        block.add_(1.0)
+        f = torch.sum(torch.cat((padded, block), 0) * w3.view(-1, 1, 1, 1, 1), 0)
+        return a + b + early + c + d + e + f
 
 
 def test_leaves_other_reductions_alone():
