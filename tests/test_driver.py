@@ -384,7 +384,7 @@ def test_self_check_accepts_plain_tensor_alphas():
     attribute -- one object -- and the float64 copies must keep it one, or the check sees no gradient."""
     from topofx import fuzz
 
-    source, spec = fuzz.generate(150)
+    source, spec = fuzz.generate(150, v2=False)  # the model as found (before the capture-v2 constructs)
     assert spec["storage"] == "tensor"
     model, inputs, _ = fuzz.build(source, spec)
     with warnings.catch_warnings():
@@ -422,7 +422,7 @@ def test_topo_self_check_vertex_survives_graph_copies():
     captured graph and in the rewritten copy, or no weight is fixed and the check compares mixed weights."""
     from topofx import fuzz
 
-    source, spec = fuzz.generate(176)
+    source, spec = fuzz.generate(176, v2=False)  # the model as found (before the capture-v2 constructs)
     assert spec["weights"] == "gumbel_soft" and spec["where"] == "network"
     model, inputs, _ = fuzz.build(source, spec)
     with warnings.catch_warnings(record=True) as caught:

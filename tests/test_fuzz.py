@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections import defaultdict
 
 import pytest
@@ -64,6 +65,36 @@ def test_sample_covers_every_style_value():
     assert seen["ops"] == set(fuzz.OP_POOL) | set(fuzz.CHAIN_OPS), set(fuzz.OP_POOL + fuzz.CHAIN_OPS) - seen["ops"]
     assert seen["cell"] == {"darts", "nb201", "chain"}
     assert seen["reduction"] == {True, False}
+
+
+def test_capture_v2_values_are_drawn():
+    """Every capture-v2 value within a few hundred models (the changes between steps are rarer than
+    the rest: each costs a capture anew), and the CI sample has some of each dimension."""
+    seen: dict[str, set] = defaultdict(set)
+    for i in range(400):
+        spec = fuzz._draw_spec(fuzz._model_seed(SAMPLE_SEED, i))
+        for dim in fuzz.V2_DIMENSIONS:
+            seen[dim].add(spec[dim])
+    assert seen == {dim: set(values) for dim, values in fuzz.V2_DIMENSIONS.items()}
+    sample = [fuzz._draw_spec(s) for s in SAMPLE_SEEDS]
+    for dim in fuzz.V2_DIMENSIONS:
+        assert any(spec[dim] != "none" for spec in sample), dim
+
+
+def test_capture_v2_constructs_leave_the_other_dimensions_as_they_were():
+    """The capture-v2 dimensions come from a stream of their own: every other value a seed draws is
+    the one it drew before they existed, and ``v2=False`` gives that model back (``--v1``)."""
+    for seed in SAMPLE_SEEDS[:10]:
+        spec, old = fuzz._draw_spec(seed), fuzz._draw_spec(seed, v2=False)
+        assert {k: v for k, v in spec.items() if k not in fuzz.V2_DIMENSIONS} == \
+            {k: v for k, v in old.items() if k not in fuzz.V2_DIMENSIONS}
+        assert all(old[dim] == "none" for dim in fuzz.V2_DIMENSIONS)
+    assert any(fuzz._draw_spec(s) != fuzz._draw_spec(s, v2=False) for s in SAMPLE_SEEDS[:10])
+    # a spec written before the dimensions existed (an old reproducer's) renders as they are off
+    spec = fuzz._draw_spec(SAMPLE_SEEDS[3], v2=False)
+    legacy = {k: v for k, v in spec.items() if k not in fuzz.V2_DIMENSIONS}
+    strip = lambda text: re.sub(r"SPEC = \{.*?\}\n", "", text, flags=re.S)  # noqa: E731
+    assert strip(fuzz.render(legacy)) == strip(fuzz.render(spec))
 
 
 def test_generation_is_deterministic_and_readable():
@@ -251,6 +282,34 @@ def test_wrong_gradients_stay_silent_after_the_float64_recheck():
     seed = next(s for s in SAMPLE_SEEDS[:30] if fuzz.check_spec(fuzz._draw_spec(s), "exact").outcome == "ok")
     outcome = fuzz.check_spec(fuzz._draw_spec(seed), "exact", simplify=_perturbs_gradients)
     assert (outcome.outcome, outcome.key) == ("silent", "exact: weight_grad")
+
+
+def _forgets_changes(model, example_inputs, mode="topo", **kwargs):
+    """A wrong simplify: its guards forget the Python numbers read outside the modules' attributes, the
+    module tree and re-assigned tensors (a scheduled scale, a candidate set to None, a list's new alpha
+    stay frozen in the graph)."""
+    simplified = topofx.simplify(model, example_inputs, mode=mode, **kwargs)
+    guards = simplified.__dict__.get("guards")
+    if guards is not None:
+        guards.reads = []
+        guards.structure_holds = lambda: True
+        guards.follow_tensors = lambda: True
+    return simplified
+
+
+@pytest.mark.parametrize("hook, mode", [("step_schedule", "exact"), ("drop_candidate", "topo"),
+                                        ("new_epoch_alphas", "exact")])
+def test_changes_between_steps_are_checked(hook, mode):
+    """The check makes the change the generated training loop makes (``step_schedule()``,
+    ``drop_candidate(model)``, ``new_epoch_alphas(model)``) and compares again: a graph that did not
+    follow it is silent."""
+    seed = next(s for s in (fuzz._model_seed(SAMPLE_SEED, i) for i in range(2000))
+                if fuzz._hooks(spec := fuzz._draw_spec(s)) == [hook] and spec["function"] == "none"
+                and spec["cell"] == "darts" and not spec["join"].startswith("cond"))  # (decided per call: eager)
+    spec = fuzz._draw_spec(seed)
+    assert f"def {hook}(" in fuzz.render(spec)
+    frozen = fuzz.check_spec(spec, mode, simplify=_forgets_changes)
+    assert (frozen.outcome, frozen.key) == ("silent", f"{mode}: after {hook}: output"), frozen.message
 
 
 def test_cli_prints_table_and_exit_status(monkeypatch, tmp_path, capsys):

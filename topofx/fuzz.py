@@ -25,6 +25,21 @@ Contracts checked (per model, per mode):
   A join written other than as ``zipsum``'s ``+`` chain (conditional joins aside) finds as many mixed
   edges and makes as many floating merges as the same model written with ``zipsum`` (``missed``).
 
+* between steps (models drawn with a capture-v2 dimension that asks for it, :data:`_BETWEEN_STEPS`):
+  the check changes what a training loop changes -- the generated ``step_schedule()`` decays a Python
+  float read from outside the modules' attributes (a module-level scheduler object, a global dict, a
+  closure over a config object, a class attribute), ``drop_candidate(model)`` sets a candidate to
+  ``None``, ``new_epoch_alphas(model)`` replaces a tensor in a list of architecture tensors -- and
+  compares again at the model's own weights: ``exact`` one train step against the changed original,
+  ``topo`` the output against a fresh topo simplify of the changed model (key
+  ``<mode>: after <change>: <category>``); a value the graph froze would otherwise go unnoticed.
+
+The capture-v2 dimensions (:data:`V2_DIMENSIONS`: custom ``torch.autograd.Function``s with their own
+backward, the scheduled floats above, ``isinstance``/``torch.is_tensor``/``assert``/``Variable`` in
+forward, alphas in Python lists, candidates set to ``None``) are drawn from a random stream of their
+own, so every seed keeps the values it drew before on all the other dimensions; ``--v1`` leaves them
+out and gives back the models the seeds gave before.
+
 Outcomes: ``ok`` (captured, ran its graph, equivalent), ``refused`` (fell back to the eager forward:
 no graph, or the graph was not used for the call; the warning text is recorded), ``silent`` (the
 graph ran and differs -- warnings, if any, are recorded but do not excuse a mismatch), ``missed`` (topo:
@@ -34,7 +49,7 @@ the join's mixed edges were not all found or merged as the ``+`` chain's are), `
 
 Command line::
 
-    topofx fuzz --n 1000 --seed 0 [--mode exact,topo] [--out fuzz-failures] [--jobs 2] [--timeout 60]
+    topofx fuzz --n 1000 --seed 0 [--mode exact,topo] [--out fuzz-failures] [--jobs 2] [--timeout 60] [--v1]
     python -m topofx.fuzz ...
 """
 from __future__ import annotations
@@ -125,12 +140,71 @@ CHAIN_OPS = ("mb_e1_k3", "mb_e1_k5", "mb_e3_k3", "mb_e3_k5", "mb_e6_k3", "mb_e6_
 
 _ALPHA_NAMES = {"snas": ("log_alphas_normal", "log_alphas_reduce")}
 
+#: Constructs of capture v2 (issue 22), drawn from a random stream of their own (:func:`_draw_v2`): the
+#: dimensions above keep, for every seed, the values they had before these were added.
+V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    # a user's torch.autograd.Function with a backward of its own: a straight-through hard one-hot on
+    # the weights, a ProxylessNAS-style binary gate joining the candidates (every weight gets
+    # <grad, out_k>), a straight-through clamp on the conv candidates' outputs
+    "function": ("none", "ste_weights", "binary_gate", "ste_candidate"),
+    # a Python float outside the modules' own attributes scales each mixed edge's output; the check
+    # changes it between steps (the generated ``step_schedule``)
+    "scalar": ("none", "module_object", "global_dict", "closure", "class_attr", "type_attr"),
+    # type checks and legacy wrappers on traced values in the mixed edge's forward
+    "typecheck": ("none", "isinstance", "is_tensor", "assert_or", "variable"),
+    # architecture tensors in a plain Python list: one row per edge, appended in __init__ and stacked
+    # in forward (storage parameter/tensor), or the groups themselves (storage paramlist); "replaced":
+    # the check also replaces an element between steps (the generated ``new_epoch_alphas``)
+    "alpha_list": ("none", "list", "replaced"),
+    # the training loop sets a candidate to None between steps and forward skips it (the generated
+    # ``drop_candidate``)
+    "drop_candidate": ("none", "last"),
+}
+#: Relative weights of the values.  A change between steps costs a capture anew (topo: two), about a
+#: model's whole check: those values are rarer, so that a run (and the CI sample) takes about as long
+#: as before; the others cost nothing measurable.
+_V2_WEIGHTS = {"function": (10, 2, 2, 2), "scalar": (50, 1, 1, 1, 1, 1), "typecheck": (10, 1, 1, 1, 1),
+               "alpha_list": (16, 3, 1), "drop_candidate": (30, 1)}
+V2_DEFAULTS = {dim: values[0] for dim, values in V2_DIMENSIONS.items()}
+DEFAULTS.update(V2_DEFAULTS)  # the minimizer's shrink targets
+#: Changes the check makes between steps: (dimension, the values that ask for it, the generated hook).
+_BETWEEN_STEPS = (("scalar", V2_DIMENSIONS["scalar"][1:], "step_schedule"),
+                  ("drop_candidate", ("last",), "drop_candidate"),
+                  ("alpha_list", ("replaced",), "new_epoch_alphas"))
+
+
+def _hooks(spec: dict[str, Any]) -> list[str]:
+    """The changes between steps that ``spec`` asks for, in the order the check makes them."""
+    return [hook for dim, values, hook in _BETWEEN_STEPS if spec.get(dim, "none") in values]
+
 
 # ---------------------------------------------------------------------------------------------
 # drawing a spec
 # ---------------------------------------------------------------------------------------------
-def _draw_spec(seed: int) -> dict[str, Any]:
-    """A random style and size: plain data, so that it can be shrunk and rendered again."""
+def _draw_spec(seed: int, v2: bool = True) -> dict[str, Any]:
+    """A random style and size: plain data, so that it can be shrunk and rendered again.
+
+    ``v2=False``: without the capture-v2 constructs (every :data:`V2_DIMENSIONS` value ``"none"``),
+    the model the seed gave before they were added."""
+    spec = _draw_v1(seed)
+    spec.update(_draw_v2(seed, spec) if v2 else V2_DEFAULTS)
+    return spec
+
+
+def _draw_v2(seed: int, spec: dict[str, Any]) -> dict[str, str]:
+    """The capture-v2 dimensions of model ``seed``, from a stream of their own (the other dimensions'
+    draws are untouched); a few combinations whose eager model cannot run are not drawn."""
+    rng = random.Random(f"capture-v2:{seed}")
+    out = {dim: rng.choices(values, _V2_WEIGHTS[dim])[0] for dim, values in V2_DIMENSIONS.items()}
+    hard = spec["weights"] == "gumbel_hard" or out["function"] == "ste_weights"
+    if out["function"] == "binary_gate" or (hard and spec["join"] in ("cond_ne", "cond_gt")):
+        # the binary gate takes every candidate; a hard-weighted conditional join whose only selected
+        # candidate was dropped would sum nothing (0, not a tensor) and the eager model fails
+        out["drop_candidate"] = "none"
+    return out
+
+
+def _draw_v1(seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     spec: dict[str, Any] = {"seed": seed}
     for dim, values in DIMENSIONS.items():
@@ -169,9 +243,10 @@ def _draw_spec(seed: int) -> dict[str, Any]:
     return spec
 
 
-def generate(seed: int) -> tuple[str, dict[str, Any]]:
-    """``(source, spec)`` of the random supernet number ``seed``: its module text and what was drawn."""
-    spec = _draw_spec(seed)
+def generate(seed: int, v2: bool = True) -> tuple[str, dict[str, Any]]:
+    """``(source, spec)`` of the random supernet number ``seed``: its module text and what was drawn
+    (``v2=False``: without the capture-v2 constructs, the model the seed gave before them)."""
+    spec = _draw_spec(seed, v2)
     return render(spec), spec
 
 
@@ -445,6 +520,11 @@ def channel_shuffle(x, groups):
 
 def _weights_expr(spec: dict[str, Any], alpha: str) -> str:
     """The expression turning architecture parameters ``alpha`` into weights (``self.tau`` where used)."""
+    expr = _soft_weights_expr(spec, alpha)
+    return f"HardGate.apply({expr})" if _v2(spec, "function") == "ste_weights" else expr
+
+
+def _soft_weights_expr(spec: dict[str, Any], alpha: str) -> str:
     return {
         "softmax": f"F.softmax({alpha}, dim=-1)",
         "softmax_temp": f"F.softmax({alpha} / self.tau, dim=-1)",
@@ -468,6 +548,10 @@ def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]
     form = spec.get("join_form", JOIN_FORMS.get(join, ("",))[0])
     as_dict = spec["container"] == "moduledict"
     it = f"{ops}.values()" if as_dict else ops
+    if _v2(spec, "function") == "binary_gate":
+        return [f"{out} = BinaryGate.apply({w}, *[op({x}) for op in {it}])"]
+    if _v2(spec, "drop_candidate") != "none":
+        return _join_skipping_none(spec, ops, x, w, out)
     stack = f"torch.stack([op({x}) for op in {it}]{', dim=-1' if form == 'stack_last' else ''})"
     if join == "zipsum":
         return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}))"]
@@ -516,6 +600,49 @@ def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]
     raise ValueError(f"unknown join {join!r}")
 
 
+def _join_skipping_none(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]:
+    """:func:`_join` of an edge whose candidates the training loop may set to ``None``: skipped."""
+    join = spec["join"]
+    as_dict = spec["container"] == "moduledict"
+    it = f"{ops}.values()" if as_dict else ops
+    if join == "zipsum":
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}) if op is not None)"]
+    if join == "index":
+        pad = " " * len(f"{out} = sum(")
+        if as_dict:
+            return [f"candidates = {ops}", f"{out} = sum({w}[i] * candidates[name]({x})",
+                    f"{pad}for i, name in enumerate(candidates) if candidates[name] is not None)"]
+        return [f"candidates = {ops}", f"{out} = sum({w}[i] * candidates[i]({x})",
+                f"{pad}for i in range(len(candidates)) if candidates[i] is not None)"]
+    if join == "unbind":
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}.unbind(-1), {it}) if op is not None)"]
+    if join == "loop":
+        return [f"{out} = 0", f"for w, op in zip({w}, {it}):", "    if op is None:  # freed by the training loop",
+                "        continue", f"    {out} += w * op({x})"]
+    if join == "reduce":
+        return [f"terms = [w * op({x}) for w, op in zip({w}, {it}) if op is not None]",
+                f"{out} = functools.reduce(operator.add, terms)"]
+    if join == "add_":
+        seq = f"list({it})" if as_dict else ops
+        return [f"candidates = {seq}", "kept = [k for k in range(len(candidates)) if candidates[k] is not None]",
+                f"{out} = {w}[kept[0]] * candidates[kept[0]]({x})",
+                "for k in kept[1:]:", f"    {out}.add_({w}[k] * candidates[k]({x}))"]
+    if join in ("stack_view", "einsum", "tensordot", "matmul"):
+        lines = [f"kept = [k for k, op in enumerate({it}) if op is not None]",
+                 f"outs = torch.stack([op({x}) for op in {it} if op is not None])",
+                 f"w_kept = {w}[kept]"]
+        return lines + [{
+            "stack_view": f"{out} = outs.mul(w_kept.view(-1, 1, 1, 1, 1)).sum(0)",
+            "einsum": f"{out} = torch.einsum('k,kbchw->bchw', w_kept, outs)",
+            "tensordot": f"{out} = torch.tensordot(w_kept, outs, dims=1)",
+            "matmul": f"{out} = torch.matmul(w_kept, outs.flatten(1)).view(outs.shape[1:])",
+        }[join]]
+    if join in ("cond_ne", "cond_gt"):
+        test = "w != 0" if join == "cond_ne" else "w > 0"
+        return [f"{out} = sum(w * op({x}) for w, op in zip({w}, {it}) if op is not None and {test})"]
+    raise ValueError(f"unknown join {join!r}")
+
+
 def _candidate_container(spec: dict[str, Any], attr: str, names: str, make: str) -> list[str]:
     """``self.<attr> = ModuleList/ModuleDict`` of ``make(primitive)`` for ``primitive in names``."""
     if spec["container"] == "moduledict":
@@ -533,6 +660,9 @@ def _make_op_function(spec: dict[str, Any]) -> list[str]:
     if spec["cell"] == "darts":
         lines += ["    if 'pool' in primitive:",
                   f"        op = nn.Sequential(op, nn.BatchNorm2d(C, {_bn_args(spec)}))"]
+    if _v2(spec, "function") == "ste_candidate":
+        lines += ["    if 'conv' in primitive:",
+                  "        op = nn.Sequential(op, BoundedOutput(1.0))"]
     if spec["drop"] == "dropout":
         lines += ["    if isinstance(op, Identity):",
                   "        op = nn.Sequential(op, nn.Dropout(0.2))"]
@@ -560,14 +690,29 @@ def _arch_groups(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
     return groups
 
 
+def _per_edge(spec: dict[str, Any]) -> bool:
+    """Whether each alpha group is a plain list of one tensor per edge (stacked where it is used)."""
+    return _v2(spec, "alpha_list") != "none" and spec["storage"] != "paramlist"
+
+
 def _group_ref(spec: dict[str, Any], index: int, attr: str) -> str:
-    return f"self.arch_params[{index}]" if spec["storage"] == "paramlist" else f"self.{attr}"
+    if spec["storage"] == "paramlist":
+        return f"self.arch_params[{index}]"
+    if _per_edge(spec) and _arch_groups(spec)[index][2] == "alpha":
+        return f"torch.stack(self.{attr})"
+    return f"self.{attr}"
 
 
 def _init_alphas(spec: dict[str, Any], indent: str) -> list[str]:
     groups = _arch_groups(spec)
     init = "torch.rand({shape})" if spec["weights"] == "relu_norm" else "1e-3 * torch.randn({shape})"
     lines = []
+    if spec["storage"] == "paramlist" and _v2(spec, "alpha_list") != "none":
+        lines.append(f"{indent}self.arch_params = []  # a plain list (the optimizer takes arch_parameters())")
+        for attr, shape, role in groups:
+            value = (init if role == "alpha" else "1e-3 * torch.randn({shape})").format(shape=shape)
+            lines += [f"{indent}# {attr}", f"{indent}self.arch_params.append(Variable({value}, requires_grad=True))"]
+        return lines
     if spec["storage"] == "paramlist":
         lines.append(f"{indent}self.arch_params = nn.ParameterList([")
         for attr, shape, role in groups:
@@ -576,6 +721,12 @@ def _init_alphas(spec: dict[str, Any], indent: str) -> list[str]:
         return lines
     for attr, shape, role in groups:
         value = (init if role == "alpha" else "1e-3 * torch.randn({shape})").format(shape=shape)
+        if _per_edge(spec) and role == "alpha":  # one tensor per edge, appended to a plain list
+            rows, cols = shape[1:-1].split(", ")
+            row = init.format(shape=cols)
+            row = f"nn.Parameter({row})" if spec["storage"] == "parameter" else f"Variable({row}, requires_grad=True)"
+            lines += [f"{indent}self.{attr} = []", f"{indent}for _ in range({rows}):", f"{indent}    self.{attr}.append({row})"]
+            continue
         if spec["storage"] == "parameter":
             lines.append(f"{indent}self.{attr} = nn.Parameter({value})")
         else:
@@ -585,7 +736,8 @@ def _init_alphas(spec: dict[str, Any], indent: str) -> list[str]:
 
 def _arch_accessors(spec: dict[str, Any]) -> list[str]:
     groups = _arch_groups(spec)
-    refs = ", ".join(_group_ref(spec, i, a) for i, (a, _, _) in enumerate(groups))
+    refs = ", ".join(f"*self.{a}" if _per_edge(spec) and role == "alpha" else _group_ref(spec, i, a)
+                     for i, (a, _, role) in enumerate(groups))
     if spec["cell"] == "nb201":
         return ["", "    def get_alphas(self):", f"        return [{refs}]"]
     return ["", "    def arch_parameters(self):", f"        return [{refs}]"]
@@ -594,7 +746,7 @@ def _arch_accessors(spec: dict[str, Any]) -> list[str]:
 # --- DARTS-space cells (DARTS, PC-DARTS, P-DARTS, DARTS-PT, SNAS) ------------------------------
 def _darts_mixed_op(spec: dict[str, Any]) -> list[str]:
     pc = spec["flavor"] == "pcdarts"
-    lines = ["", "", "class MixedOp(nn.Module):", ""]
+    lines = ["", "", "class MixedOp(nn.Module):", ""] + _edge_class_lines(spec)
     if spec["flavor"] == "pdarts":
         lines += ["    def __init__(self, C, stride, switch):", "        super().__init__()"]
         names = "[p for p, on in zip(PRIMITIVES, switch) if on]"
@@ -604,6 +756,7 @@ def _darts_mixed_op(spec: dict[str, Any]) -> list[str]:
     if pc:
         lines += ["        self.mp = nn.MaxPool2d(2, 2)", "        self.k = 2"]
     lines += _candidate_container(spec, "_ops", names, f"make_op(primitive, {'C // self.k' if pc else 'C'}, stride)")
+    lines += _edge_init_lines(spec)
     if spec["where"] == "mixed":
         lines += _tau_line(spec)
     arg = "alpha" if spec["where"] == "mixed" else "weights"
@@ -611,13 +764,18 @@ def _darts_mixed_op(spec: dict[str, Any]) -> list[str]:
     body: list[str] = []
     if spec["where"] == "mixed":
         body.append(f"weights = {_weights_expr(spec, 'alpha')}")
+    body += _edge_checks(spec, "x", "weights")
     if pc:
         body += ["dim_2 = x.shape[1]", "xtemp = x[:, :dim_2 // self.k, :, :]", "xtemp2 = x[:, dim_2 // self.k:, :, :]"]
         body += _join(spec, "self._ops", "xtemp", "weights", "temp1")
         body += ["if temp1.shape[2] == x.shape[2]:", "    ans = torch.cat([temp1, xtemp2], dim=1)", "else:",
-                 "    ans = torch.cat([temp1, self.mp(xtemp2)], dim=1)", "return channel_shuffle(ans, self.k)"]
+                 "    ans = torch.cat([temp1, self.mp(xtemp2)], dim=1)"]
+        last = _edge_output(spec, "out")
+        body += ["return channel_shuffle(ans, self.k)"] if not last else \
+            ["out = channel_shuffle(ans, self.k)", *last, "return out"]
     else:
         body += _join(spec, "self._ops", "x", "weights", "out")
+        body += _edge_output(spec, "out")
         body.append("return out")
     lines += ["        " + b for b in body]
     return lines
@@ -786,7 +944,7 @@ def _nb201(spec: dict[str, Any]) -> list[str]:
              "        basicblock = self.conv_b(basicblock)",
              "        return self.downsample(inputs) + basicblock",
              "", "",
-             "class SearchCell(nn.Module):", "",
+             "class SearchCell(nn.Module):", "", *_edge_class_lines(spec),
              "    def __init__(self, C, max_nodes, op_names):",
              "        super().__init__()",
              "        self.edges = nn.ModuleDict()",
@@ -801,6 +959,7 @@ def _nb201(spec: dict[str, Any]) -> list[str]:
               "        self.edge_keys = sorted(list(self.edges.keys()))",
               "        self.edge2index = {key: i for i, key in enumerate(self.edge_keys)}",
               "        self.num_edges = len(self.edges)"]
+    lines += _edge_init_lines(spec)
     if where in ("cell", "mixed"):
         lines += _tau_line(spec)
     arg = "alphas" if where == "cell" else ("weightss" if where == "network" else "alphas")
@@ -814,7 +973,9 @@ def _nb201(spec: dict[str, Any]) -> list[str]:
         body.append(f"        weights = {_weights_expr(spec, 'alphas[self.edge2index[node_str]]')}")
     else:
         body.append("        weights = weightss[self.edge2index[node_str]]")
+    body += ["        " + c for c in _edge_checks(spec, "nodes[j]", "weights")]
     body += ["        " + j for j in _join(spec, "self.edges[node_str]", "nodes[j]", "weights", "edge")]
+    body += ["        " + e for e in _edge_output(spec, "edge")]
     body += ["        inter_nodes.append(edge)", "    nodes.append(sum(inter_nodes))", "return nodes[-1]"]
     lines += ["        " + b for b in body]
 
@@ -873,14 +1034,17 @@ def _chain(spec: dict[str, Any]) -> list[str]:
     where = spec["where"]
     proxyless = spec["flavor"] == "proxyless"
     name = "MixedEdge" if proxyless else "MixedBlock"
-    lines = ["", "", f"class {name}(nn.Module):", "",
+    lines = ["", "", f"class {name}(nn.Module):", "", *_edge_class_lines(spec),
              "    def __init__(self, C_in, C_out, stride, op_names):",
              "        super().__init__()",
              "        self.has_shortcut = C_in == C_out and stride == 1"]
     make = "OPS[primitive](C_in, C_out, stride)"
-    if spec["drop"] == "drop_path":
-        make = f"nn.Sequential({make}, DropPath(0.2))"
+    wrappers = (["BoundedOutput(1.0)"] if _v2(spec, "function") == "ste_candidate" else []) + \
+        (["DropPath(0.2)"] if spec["drop"] == "drop_path" else [])
+    if wrappers:
+        make = f"nn.Sequential({', '.join([make, *wrappers])})"
     lines += _candidate_container(spec, "candidate_ops", "op_names", make)
+    lines += _edge_init_lines(spec)
     if where == "mixed":
         lines += _tau_line(spec)
     arg = "alpha" if where == "mixed" else "weights"
@@ -888,7 +1052,9 @@ def _chain(spec: dict[str, Any]) -> list[str]:
     body = []
     if where == "mixed":
         body.append(f"weights = {_weights_expr(spec, 'alpha')}")
+    body += _edge_checks(spec, "x", "weights")
     body += _join(spec, "self.candidate_ops", "x", "weights", "out")
+    body += _edge_output(spec, "out")
     body.append("return out")
     lines += ["        " + b for b in body]
     lines += ["", "", "class SuperNet(nn.Module):", "",
@@ -922,7 +1088,7 @@ def _chain(spec: dict[str, Any]) -> list[str]:
     if where == "network":
         lines.append(f"        weights = {_weights_expr(spec, ref)}")
     lines.append("        for i, block in enumerate(self.blocks):")
-    w = "weights[i]" if where == "network" else f"{ref}[i]"
+    w = "weights[i]" if where == "network" else ("self.alphas[i]" if _per_edge(spec) else f"{ref}[i]")
     if proxyless:
         lines += ["            if block.has_shortcut:", f"                x = x + block(x, {w})",
                   "            else:", f"                x = block(x, {w})"]
@@ -933,6 +1099,196 @@ def _chain(spec: dict[str, Any]) -> list[str]:
     if spec["drop"] == "dropout":
         lines.append("        x = self.dropout(x)")
     lines += ["        return self.classifier(x)"]
+    return lines
+
+
+# --- capture-v2 constructs (issue 22) --------------------------------------------------------
+def _v2(spec: dict[str, Any], dim: str) -> str:
+    return spec.get(dim, V2_DEFAULTS[dim])  # specs written before the dimension existed: its default
+
+
+def _edge_class(spec: dict[str, Any]) -> str:
+    """The class whose forward joins an edge's candidates."""
+    if spec["cell"] == "chain":
+        return "MixedEdge" if spec["flavor"] == "proxyless" else "MixedBlock"
+    return {"darts": "MixedOp", "nb201": "SearchCell"}[spec["cell"]]
+
+
+_SCALAR_READS = {"module_object": "scheduler.decay_rate", "global_dict": "SEARCH_CONFIG['edge_scale']",
+                 "class_attr": "self.edge_scale", "type_attr": "type(self).edge_scale"}
+
+
+def _edge_class_lines(spec: dict[str, Any]) -> list[str]:
+    """Class-body lines of the edge class: a class attribute the training loop sets on the class."""
+    if _v2(spec, "scalar") in ("class_attr", "type_attr"):
+        return ["    edge_scale = 1.0  # the search script decays it on the class between steps", ""]
+    return []
+
+
+def _edge_init_lines(spec: dict[str, Any]) -> list[str]:
+    if _v2(spec, "scalar") == "closure":
+        return ["        self.rescale = make_scaler(CONFIG)"]
+    return []
+
+
+def _edge_checks(spec: dict[str, Any], x: str, w: str) -> list[str]:
+    """Statements at the top of an edge's join that check what it was given (library-style)."""
+    check = _v2(spec, "typecheck")
+    if check == "isinstance":
+        return [f"if not isinstance({w}, torch.Tensor):  # a derived architecture passes a list of floats",
+                f"    {w} = torch.tensor({w}, dtype={x}.dtype)"]
+    if check == "is_tensor":
+        return [f"if not torch.is_tensor({x}):",
+                f"    raise TypeError('{_edge_class(spec)} takes a tensor, got {{}}'.format(type({x})))"]
+    if check == "assert_or":
+        return [f"assert isinstance({x}, dict) or isinstance({x}, torch.Tensor), type({x})"]
+    if check == "variable":
+        return [f"keep = Variable({x}.data.new_ones({x}.size(0), 1, 1, 1), requires_grad=False)"]
+    return []
+
+
+def _edge_output(spec: dict[str, Any], out: str) -> list[str]:
+    """Statements applied to an edge's joined output ``out`` (the legacy mask, the scheduled scale)."""
+    lines = [f"{out} = {out} * keep"] if _v2(spec, "typecheck") == "variable" else []
+    scalar = _v2(spec, "scalar")
+    if scalar == "closure":
+        lines.append(f"{out} = self.rescale({out})")
+    elif scalar != "none":
+        lines.append(f"{out} = {out} * {_SCALAR_READS[scalar]}")
+    return lines
+
+
+def _v2_definitions(spec: dict[str, Any]) -> list[str]:
+    """Module-level definitions the capture-v2 constructs use: autograd Functions, schedule objects."""
+    out: list[str] = []
+    function = _v2(spec, "function")
+    if function == "ste_weights":
+        out.append('''
+class HardGate(torch.autograd.Function):
+    """Binarized architecture weights: forward keeps the largest weight of each row as a one-hot
+    row, backward passes the gradient straight through to the soft weights."""
+
+    @staticmethod
+    def forward(ctx, weights):
+        top = weights.max(dim=-1, keepdim=True)[0]
+        return (weights == top).to(weights.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output
+''')
+    if function == "binary_gate":
+        out.append('''
+class BinaryGate(torch.autograd.Function):
+    """Binary gates over the candidates' outputs: forward is the output of the path with the largest
+    weight; backward gives that path the gradient and every weight k the estimate <grad, out_k>."""
+
+    @staticmethod
+    def forward(ctx, weights, *outs):
+        gates = (weights == weights.max()).to(outs[0].dtype)
+        ctx.save_for_backward(gates, *outs)
+        return sum(g * o for g, o in zip(gates, outs))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gates, *outs = ctx.saved_tensors
+        grad_weights = torch.stack([(grad_output * o).sum() for o in outs])
+        return (grad_weights, *[g * grad_output for g in gates])
+''')
+    if function == "ste_candidate":
+        out.append('''
+class ClampSTE(torch.autograd.Function):
+    """A bounded activation trained straight through: forward clamps to [-bound, bound], backward
+    passes the gradient unchanged, also where the clamp saturates."""
+
+    @staticmethod
+    def forward(ctx, x, bound):
+        return x.clamp(-bound, bound)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None
+
+
+class BoundedOutput(nn.Module):
+
+    def __init__(self, bound):
+        super().__init__()
+        self.bound = bound
+
+    def forward(self, x):
+        return ClampSTE.apply(x, self.bound)
+''')
+    scalar = _v2(spec, "scalar")
+    if scalar == "module_object":
+        out.append('''
+class DecaySchedule:
+    """Decays the mixed edges' output scale once per epoch (an object of the search script)."""
+
+    def __init__(self, initial):
+        self.initial = initial
+        self.decay_rate = initial
+
+    def reset(self):
+        self.decay_rate = self.initial
+
+    def step(self):
+        self.decay_rate *= 0.5
+
+
+scheduler = DecaySchedule(1.0)
+''')
+    if scalar == "global_dict":
+        out.append("SEARCH_CONFIG = {'edge_scale': 1.0, 'epochs': 50}")
+    if scalar == "closure":
+        out.append('''
+class SearchConfig:
+
+    def __init__(self, **entries):
+        self.__dict__.update(entries)
+
+
+CONFIG = SearchConfig(edge_scale=1.0, epochs=50)
+
+
+def make_scaler(config):
+    """The mixed edges' output scaling, reading the run's config at every call."""
+    def rescale(t):
+        return t * config.edge_scale
+    return rescale
+''')
+    return out
+
+
+def _v2_hooks(spec: dict[str, Any]) -> list[str]:
+    """Module-level functions the check calls between steps (``_BETWEEN_STEPS``), as a training loop
+    would change the model, and ``reset_schedule`` (called by ``build``)."""
+    lines: list[str] = []
+    scalar = _v2(spec, "scalar")
+    if scalar != "none":
+        reset, step = {
+            "module_object": ("scheduler.reset()", "scheduler.step()"),
+            "global_dict": ("SEARCH_CONFIG['edge_scale'] = 1.0", "SEARCH_CONFIG['edge_scale'] *= 0.5"),
+            "closure": ("CONFIG.edge_scale = 1.0", "CONFIG.edge_scale *= 0.5"),
+        }.get(scalar, (f"{_edge_class(spec)}.edge_scale = 1.0", f"{_edge_class(spec)}.edge_scale *= 0.5"))
+        lines += ["", "", "def reset_schedule():", '    """The schedule at the start of the search."""', f"    {reset}",
+                  "", "", "def step_schedule():", '    """Between steps: the mixed edges\' output scale decays."""',
+                  f"    {step}"]
+    if _v2(spec, "drop_candidate") != "none":
+        first = {"darts": "model.cells[0]._ops[0]._ops",
+                 "nb201": "next(c for c in model.cells if isinstance(c, SearchCell)).edges['1<-0']",
+                 "chain": "model.blocks[0].candidate_ops"}[spec["cell"]]
+        key = "list(ops.keys())[-1]" if spec["container"] == "moduledict" else "len(ops) - 1"
+        lines += ["", "", "def drop_candidate(model):",
+                  '    """Between steps: the loop frees the last candidate of the first mixed edge (forward skips it)."""',
+                  f"    ops = {first}", f"    ops[{key}] = None"]
+    if "new_epoch_alphas" in _hooks(spec):
+        attr = "arch_params" if spec["storage"] == "paramlist" else _arch_groups(spec)[0][0]
+        new = "2 * old.detach().roll(1, -1)"  # (a re-initialization whose change shows: the largest moves)
+        wrap = "nn.Parameter(new)" if _per_edge(spec) and spec["storage"] == "parameter" else "Variable(new, requires_grad=True)"
+        lines += ["", "", "def new_epoch_alphas(model):",
+                  '    """Between epochs: a re-initialized tensor replaces the first in the list of architecture tensors."""',
+                  f"    old = model.{attr}[0]", f"    new = {new}", f"    model.{attr}[0] = {wrap}"]
     return lines
 
 
@@ -957,19 +1313,37 @@ def _build_functions(spec: dict[str, Any]) -> list[str]:
         ctor = f"TinyNetwork({spec['C']}, {spec['cells']}, {spec['nodes']}, 10, PRIMITIVES, {spec['reductions']})"
     else:
         ctor = f"SuperNet({spec['stem']}, {spec['layers']}, PRIMITIVES, 10)"
-    lines = ["", "", "def build():", '    """The supernet and its example inputs."""',
-             f"    torch.manual_seed({spec['seed']})",
-             f"    model = {ctor}",
-             "    x = torch.randn(2, 3, 8, 8)"]
+    lines = ["", "", "def build():", '    """The supernet and its example inputs."""']
+    if _v2(spec, "scalar") != "none":
+        lines.append("    reset_schedule()")
+    lines += [f"    torch.manual_seed({spec['seed']})",
+              f"    model = {ctor}",
+              "    x = torch.randn(2, 3, 8, 8)"]
     if spec["dtype"] == "float64":
         lines += ["    model = model.double()", "    x = x.double()"]
-        if spec["storage"] == "tensor":  # plain tensors are not module state: .double() leaves them alone
-            for attr, _, _ in groups:
+        # plain tensors (and parameters in a plain list) are not module state: .double() leaves them alone
+        if spec["storage"] == "paramlist" and _v2(spec, "alpha_list") != "none":
+            lines.append("    model.arch_params = [Variable(a.detach().double(), requires_grad=True) for a in model.arch_params]")
+        for attr, _, role in groups if spec["storage"] != "paramlist" else ():
+            if _per_edge(spec) and role == "alpha":
+                wrap = ("nn.Parameter(a.detach().double())" if spec["storage"] == "parameter"
+                        else "Variable(a.detach().double(), requires_grad=True)")
+                lines.append(f"    model.{attr} = [{wrap} for a in model.{attr}]")
+            elif spec["storage"] == "tensor":
                 lines.append(f"    model.{attr} = Variable(model.{attr}.detach().double(), requires_grad=True)")
     lines.append("    return model, (x,)")
     vertex = _vertex_values(spec)
     if vertex is None:
         lines += ["", "", "# the weights (Dirichlet samples) cannot be set exactly one-hot", "set_vertex = None"]
+    elif _per_edge(spec):
+        refs = [f"*model.{a}" for _, a in alphas]
+        lines += ["", "", "def set_vertex(model, choose):",
+                  '    """Set the architecture parameters so that every edge\'s weights are exactly one-hot;',
+                  '    choose(row, n) picks the candidate of each edge (one tensor per edge, numbered across lists)."""',
+                  "    with torch.no_grad():",
+                  f"        for row, alpha in enumerate(({', '.join(refs)},)):",
+                  f"            alpha.fill_({vertex[1]})",
+                  f"            alpha[choose(row, alpha.shape[0])] = {vertex[0]}"]
     else:
         refs = [("model.arch_params[%d]" % i) if spec["storage"] == "paramlist" else f"model.{a}" for i, a in alphas]
         lines += ["", "", "def set_vertex(model, choose):",
@@ -982,13 +1356,14 @@ def _build_functions(spec: dict[str, Any]) -> list[str]:
                   f"                alpha[r] = {vertex[1]}",
                   f"                alpha[r, choose(row, alpha.shape[1])] = {vertex[0]}",
                   "                row += 1"]
-    return lines
+    return lines + _v2_hooks(spec)
 
 
 def render(spec: dict[str, Any]) -> str:
     """The module text of the supernet that ``spec`` describes (``build()``, ``set_vertex``)."""
     summary = ", ".join(f"{k}={spec[k]}" for k in ("flavor", *[d for d in DIMENSIONS if d != "flavor"], "join_form")
                         if k in spec)
+    summary += "".join(f", {d}={_v2(spec, d)}" for d in V2_DIMENSIONS if _v2(spec, d) != "none")
     head = [f'"""Generated by topofx.fuzz (seed {spec["seed"]}): a {spec["flavor"]}-style supernet.',
             "", *textwrap.wrap(summary, 100), *textwrap.wrap(f"ops={spec['ops']}", 100), '"""']
     imports = []
@@ -997,12 +1372,13 @@ def render(spec: dict[str, Any]) -> str:
     if spec["cell"] == "chain":
         imports.append("from collections import OrderedDict")
     imports += ["", "import torch", "import torch.nn as nn", "import torch.nn.functional as F"]
-    if spec["storage"] == "tensor":
+    if spec["storage"] == "tensor" or _v2(spec, "typecheck") == "variable" or (
+            _v2(spec, "alpha_list") != "none" and spec["storage"] == "paramlist"):
         imports.append("from torch.autograd import Variable")
     lines = head + sorted(i for i in imports if i.startswith(("import f", "import o", "from c"))) + \
         [i for i in imports if not i.startswith(("import f", "import o", "from c"))]
     lines += ["", "SPEC = " + pprint.pformat(spec, width=100, sort_dicts=True).replace("\n", "\n       "), ""]
-    for block in _op_classes(spec) + _helpers(spec):
+    for block in _op_classes(spec) + _helpers(spec) + _v2_definitions(spec):
         lines += ["", block.strip("\n"), ""]
     lines += [""] + _ops_table(spec)
     if spec["cell"] != "chain":
@@ -1039,6 +1415,15 @@ def build(source: str, spec: dict[str, Any]) -> tuple[nn.Module, tuple, Callable
     ``set_vertex(choose)`` sets the model's architecture parameters so that every edge's weights are
     exactly one-hot, ``choose(row, n)`` picking each row's candidate; it is ``None`` for weight kinds
     that cannot be one-hot (Dirichlet samples)."""
+    module = _load(source, spec)
+    model, inputs = module.build()
+    setter = module.set_vertex
+    return model, tuple(inputs), (None if setter is None else functools.partial(setter, model))
+
+
+def _load(source: str, spec: dict[str, Any]) -> Any:
+    """The module of ``source``, imported from a file once per process (``step_schedule`` and the other
+    hooks of :data:`_BETWEEN_STEPS` live there)."""
     digest = abs(hash(source)) & 0xFFFFFFFFFFFF
     path = _build_dir() / f"fuzz_{spec['seed']}_{digest:012x}.py"
     if not path.exists():
@@ -1051,9 +1436,7 @@ def build(source: str, spec: dict[str, Any]) -> tuple[nn.Module, tuple, Callable
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[name] = module
         loader_spec.loader.exec_module(module)
-    model, inputs = module.build()
-    setter = module.set_vertex
-    return model, tuple(inputs), (None if setter is None else functools.partial(setter, model))
+    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1188,7 +1571,8 @@ def check_spec(spec: dict[str, Any], mode: str, *, simplify: Callable[..., Any] 
     return out
 
 
-def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None, out: Outcome) -> None:
+def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None, out: Outcome,
+           hooks: Sequence[str] | None = None) -> None:
     import topofx
     from topofx.capture import max_rel_error, preserved_state
     from topofx.selfcheck import mismatch
@@ -1229,11 +1613,7 @@ def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None,
         calls = _GraphCalls(simplified)
         try:
             if mode == "exact":
-                report = train_step_equivalence(model, simplified, inputs)
-                failing = _first_failure(report, ("output", "weight_grad", "arch_grad", "buffer"))
-                if failing in ("weight_grad", "arch_grad") and mismatch(
-                        model, simplified, inputs, arch=find_arch_parameters(model)) is None:
-                    failing = None  # float32 rounding: equal on float64 copies
+                failing, report = _exact_failure(model, simplified, inputs)
                 if failing:
                     out.outcome, out.key, out.message = "silent", f"exact: {failing}", str(report)
             else:
@@ -1249,6 +1629,9 @@ def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None,
         if out.outcome in ("ok", "silent") and calls.count == 0:
             out.outcome = "refused"
             out.key = "runs eagerly: " + (_normalize(out.warnings[0]) if out.warnings else "no warning")
+        if out.outcome == "ok":
+            _between_steps(spec, mode, model, simplified, inputs, simplify, out, hooks)
+            out.warnings = _warning_texts(caught)
     if mode == "topo" and out.outcome == "ok":
         try:
             _check_join(spec, simplified.report, simplify, out)
@@ -1280,6 +1663,116 @@ def _check_join(spec: dict[str, Any], report: Any, simplify: Callable[..., Any],
         out.outcome, out.key = "missed", f"topo: {spec['join']}{form} join not rewritten as a + chain"
         out.message = (f"{got[0]} mixed edges found, {got[1]} floating merges; "
                        f"the same model written as a + chain: {expected[0]}, {expected[1]}")
+
+
+def _same_history(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that runs per call what ``model``'s simplified module has come to run per
+    call (a speculated decision on draws that came out otherwise, e.g. at the vertex check): a fresh
+    topo simplify of it is then what the simplified module should equal at mixed weights (a unit run
+    per call is exact there, its topo rewrite only vertex-exact)."""
+    import copy
+
+    from topofx import capture
+
+    clone = copy.deepcopy(model)
+    if model in capture.PER_CALL:
+        capture.PER_CALL[clone] = set(capture.PER_CALL[model])
+    return clone
+
+
+def _exact_failure(model: nn.Module, simplified: nn.Module, inputs: tuple) -> tuple[str | None, Any]:
+    """The first failing category of the exact contract (one train step equal), or None; and the report."""
+    from topofx.selfcheck import mismatch
+    from topofx.testing import find_arch_parameters, train_step_equivalence
+
+    report = train_step_equivalence(model, simplified, inputs)
+    failing = _first_failure(report, ("output", "weight_grad", "arch_grad", "buffer"))
+    if failing in ("weight_grad", "arch_grad") and mismatch(
+            model, simplified, inputs, arch=find_arch_parameters(model)) is None:
+        failing = None  # float32 rounding: equal on float64 copies
+    return failing, report
+
+
+def _between_steps(spec: dict[str, Any], mode: str, model: nn.Module, simplified: nn.Module, inputs: tuple,
+                   simplify: Callable[..., Any], out: Outcome, hooks: Sequence[str] | None = None) -> None:
+    """What a training loop changes between steps (:data:`_BETWEEN_STEPS`: the generated
+    ``step_schedule()``, ``drop_candidate(model)``, ``new_epoch_alphas(model)``), all of the drawn ones at
+    once, then the contract at the model's own weights: exact, one train step equal to the changed
+    original's; topo (vertex-exact only), the output equal to a fresh topo simplify of the changed
+    model's.  A value the graph froze shows as ``silent`` with key ``<mode>: after <change>: ...``,
+    the first change that fails alone (the check is run again on fewer changes, only after a failure:
+    one comparison per model keeps a run's time down)."""
+    drawn = _hooks(spec)
+    hooks = drawn if hooks is None else list(hooks)
+    if not hooks:
+        return
+    _after_changes(spec, mode, model, simplified, inputs, simplify, out, hooks)
+    if out.outcome == "ok" or len(hooks) == 1 or not out.key.startswith(f"{mode}: after "):
+        return
+    for k in range(1, len(hooks)):  # which change does it: the first prefix of them that fails
+        fewer = Outcome(spec["seed"], mode, "ok", spec=spec)
+        _check(spec, mode, simplify, fewer, hooks=hooks[:k])
+        if fewer.outcome == out.outcome and fewer.key.startswith(f"{mode}: after "):
+            out.key, out.message = fewer.key, fewer.message
+            return
+
+
+def _after_changes(spec: dict[str, Any], mode: str, model: nn.Module, simplified: nn.Module, inputs: tuple,
+                   simplify: Callable[..., Any], out: Outcome, hooks: Sequence[str]) -> None:
+    from topofx.capture import max_rel_error, preserved_state, run_seeded
+
+    module = _load(render(spec), spec)
+    change = "+".join(hooks)
+    try:
+        with torch.no_grad(), preserved_state(model):
+            before = run_seeded(model, inputs, 0)
+        torch.manual_seed(1)
+        for hook in hooks:
+            getattr(module, hook)(*(() if hook == "step_schedule" else (model,)))
+        with torch.no_grad(), preserved_state(model):
+            after = run_seeded(model, inputs, 0)
+    except _Timeout:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the generated hook or the changed model fails: a fuzzer bug
+        out.outcome, out.key, out.message = "invalid", _exception_key(change, exc), traceback.format_exc()
+        return
+    if max_rel_error(after, before) <= VERTEX_RTOL:
+        out.notes.append(f"{change}: the original's output did not change (the check after it is weak)")
+    stage = f"run after {change}"
+    try:
+        if mode == "exact":
+            failing, report = _exact_failure(model, simplified, inputs)
+            if failing:
+                out.outcome, out.key, out.message = "silent", f"exact: after {change}: {failing}", str(report)
+                return
+        else:
+            stage = f"fresh simplify after {change}"
+            fresh = simplify(_same_history(model), inputs, mode="topo")
+            stage = f"run after {change}"
+            with torch.no_grad(), preserved_state(model):
+                expected = run_seeded(fresh, inputs, 0)
+                got = run_seeded(simplified, inputs, 0)
+            err = max_rel_error(got, expected)
+            if not err <= VERTEX_RTOL:
+                out.outcome, out.key = "silent", f"topo: after {change}: output"
+                out.message = (f"after {change}, the output differs from a fresh topo simplify's: max relative "
+                               f"error {err:.3e} > {VERTEX_RTOL:g}")
+                return
+        calls = _GraphCalls(simplified)  # (a recapture replaced the graph module: count on the new one)
+        try:
+            with torch.no_grad(), preserved_state(model):
+                run_seeded(simplified, inputs, 0)
+        finally:
+            calls.close()
+    except _Timeout:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        out.outcome, out.key, out.message = "crash", _exception_key(stage, exc), traceback.format_exc()
+        return
+    if calls.count == 0:
+        reason = getattr(getattr(simplified, "report", None), "fallback", None)
+        out.outcome, out.key = "refused", f"runs eagerly after {change}: " + _normalize(str(reason or "no graph"))
+        out.message = str(reason)
 
 
 def _check_topo(model, simplified, inputs, set_vertex, spec, out, seeded_outputs, max_rel_error,
@@ -1343,9 +1836,10 @@ def _warning_texts(caught: Sequence[warnings.WarningMessage]) -> list[str]:
 
 
 def check(seed: int, modes: Sequence[str] = MODES, *, simplify: Callable[..., Any] | None = None,
-          timeout: float | None = 60.0) -> list[Outcome]:
-    """Generate model ``seed`` and check it in each of ``modes`` (a fresh model per mode)."""
-    spec = _draw_spec(seed)
+          timeout: float | None = 60.0, v2: bool = True) -> list[Outcome]:
+    """Generate model ``seed`` and check it in each of ``modes`` (a fresh model per mode); ``v2=False``:
+    without the capture-v2 constructs (:func:`_draw_spec`)."""
+    spec = _draw_spec(seed, v2)
     return [check_spec(spec, mode, simplify=simplify, timeout=timeout) for mode in modes]
 
 
@@ -1394,7 +1888,7 @@ def _shrinks(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if spec.get("join_form", JOIN_FORMS.get(spec["join"], ("",))[0]) != JOIN_FORMS.get(spec["join"], ("",))[0]:
         yield with_(join_form=JOIN_FORMS[spec["join"]][0])
     for dim, value in DEFAULTS.items():
-        if spec[dim] != value:
+        if spec.get(dim, value) != value:
             yield {k: v for k, v in with_(**{dim: value}).items() if not (dim == "join" and k == "join_form")}
     if spec["C"] != 4:
         yield with_(C=4, **({"stem": 4} if cell == "chain" else {}))
@@ -1425,7 +1919,7 @@ def minimize(spec: dict[str, Any], mode: str, outcome: str, key: str, *,
 # ---------------------------------------------------------------------------------------------
 # running many models
 # ---------------------------------------------------------------------------------------------
-ROW_DIMENSIONS = ("flavor", "cell", *[d for d in DIMENSIONS if d != "flavor"], "join_form", "ops")
+ROW_DIMENSIONS = ("flavor", "cell", *[d for d in DIMENSIONS if d != "flavor"], "join_form", "ops", *V2_DIMENSIONS)
 
 
 @dataclass
@@ -1492,7 +1986,7 @@ def _value_order(dim: str, value: str) -> int:
     if dim == "join_form":
         forms = list(dict.fromkeys(f for fs in JOIN_FORMS.values() for f in fs))
         return forms.index(value) if value in forms else len(forms)
-    values = DIMENSIONS.get(dim) or (MODES if dim == "mode" else ("darts", "nb201", "chain"))
+    values = DIMENSIONS.get(dim) or V2_DIMENSIONS.get(dim) or (MODES if dim == "mode" else ("darts", "nb201", "chain"))
     return values.index(value) if value in values else len(values)
 
 
@@ -1500,9 +1994,9 @@ def _model_seed(seed: int, i: int) -> int:
     return seed * 100_000 + i
 
 
-def _check_task(args: tuple[int, tuple[str, ...], float | None]) -> list[Outcome]:
-    seed, modes, timeout = args
-    return check(seed, modes, timeout=timeout)
+def _check_task(args: tuple[int, tuple[str, ...], float | None, bool]) -> list[Outcome]:
+    seed, modes, timeout, v2 = args
+    return check(seed, modes, timeout=timeout, v2=v2)
 
 
 def _init_worker() -> None:
@@ -1512,14 +2006,14 @@ def _init_worker() -> None:
 
 def run(n: int, seed: int = 0, modes: Sequence[str] = MODES, *, jobs: int = 1, timeout: float | None = 60.0,
         out: str | Path | None = "fuzz-failures", progress: bool = True,
-        simplify: Callable[..., Any] | None = None, minimize_budget_s: float = 90.0) -> Summary:
+        simplify: Callable[..., Any] | None = None, minimize_budget_s: float = 90.0, v2: bool = True) -> Summary:
     """Check ``n`` generated models in ``modes``; minimize and write one reproducer per failure class
     to ``out`` (``None``: no reproducers).  ``jobs > 1`` checks models in worker processes
-    (``simplify`` must then be the default)."""
+    (``simplify`` must then be the default).  ``v2=False``: without the capture-v2 constructs."""
     from tqdm import tqdm
 
     seeds = [_model_seed(seed, i) for i in range(n)]
-    tasks = [(s, tuple(modes), timeout) for s in seeds]
+    tasks = [(s, tuple(modes), timeout, v2) for s in seeds]
     outcomes: list[Outcome] = []
     bar = tqdm(total=n, desc="fuzz", unit="model", disable=not progress, file=sys.stderr)
     if jobs > 1:
@@ -1533,7 +2027,7 @@ def run(n: int, seed: int = 0, modes: Sequence[str] = MODES, *, jobs: int = 1, t
                 bar.set_postfix(_postfix(outcomes))
     else:
         for s in seeds:
-            outcomes += check(s, modes, simplify=simplify, timeout=timeout)
+            outcomes += check(s, modes, simplify=simplify, timeout=timeout, v2=v2)
             bar.update(1)
             bar.set_postfix(_postfix(outcomes))
     bar.close()
@@ -1596,15 +2090,20 @@ def reproducer_source(spec: dict[str, Any], mode: str) -> str:
         f'    simplified = topofx.simplify(model, inputs, mode="{mode}")',
         "    print(simplified.report)",
     ]
+    hooks = _hooks(spec)
     if mode == "exact":
         main_block += ["    print(train_step_equivalence(model, simplified, inputs))"]
+        for hook in hooks:  # what a training loop changes between steps; the graph must follow
+            main_block += ["    torch.manual_seed(1)", f"    {hook}({'' if hook == 'step_schedule' else 'model'})",
+                           f"    print('after {hook}:', train_step_equivalence(model, simplified, inputs))"]
     else:
         main_block += [
             "    from topofx.capture import max_rel_error",
-            "    from topofx.testing import seeded_outputs",
+            "    from topofx.testing import find_arch_parameters, seeded_outputs",
             "",
             "    torch.manual_seed(0)",
             "    simplified(*inputs)  # runs at the model's own (mixed) weights",
+            "    mixed = [a.detach().clone() for a in find_arch_parameters(model)]",
             "    if set_vertex is not None:",
             f"        set_vertex(model, lambda row, n: random.Random({spec['seed']} * 7919 + row).randrange(n))",
             "        model.train()",
@@ -1614,7 +2113,19 @@ def reproducer_source(spec: dict[str, Any], mode: str) -> str:
             "        report = train_step_equivalence(model, simplified, inputs)",
             "        print('vertex weight gradients:', [str(c) for c in report.failures if c.category == 'weight_grad'] or 'equal')",
         ]
+        if hooks:
+            main_block += ["    with torch.no_grad():  # back to the mixed weights",
+                           "        for a, value in zip(find_arch_parameters(model), mixed):",
+                           "            a.copy_(value)"]
+        for hook in hooks:  # a topo graph is vertex-exact only: compare with a fresh topo simplify after the change
+            main_block += [
+                "    torch.manual_seed(1)", f"    {hook}({'' if hook == 'step_schedule' else 'model'})",
+                "    fresh = topofx.simplify(_same_history(model), inputs, mode=\"topo\")",
+                "    got, expected = seeded_outputs(fresh, simplified, *inputs)",
+                f"    print('after {hook}: max relative error against a fresh topo simplify', max_rel_error(got, expected))"]
         main_block.insert(3, "    import random")
+        if hooks:
+            main_block.insert(3, "    from topofx.fuzz import _same_history  # a deep copy that runs per call what model has come to")
     return render(spec) + "\n".join(main_block) + "\n"
 
 
@@ -1635,6 +2146,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.fuzz")
     parser.add_argument("--minimize-budget", type=float, default=90.0,
                         help="seconds spent minimizing each failure class (default 90)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--v1", action="store_true",
+                        help="without the capture-v2 constructs (custom autograd Functions, scheduled scalars, type "
+                        "checks, alphas in lists, candidates set to None): the models the seeds gave before them")
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
@@ -1648,7 +2162,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.fuzz")
         return 2
     torch.set_num_threads(1)
     summary = run(args.n, args.seed, modes, jobs=args.jobs, timeout=args.timeout, out=args.out,
-                  progress=not args.no_progress, minimize_budget_s=args.minimize_budget)
+                  progress=not args.no_progress, minimize_budget_s=args.minimize_budget, v2=not args.v1)
     print(summary.table())
     classes = summary.class_lines()
     if classes:
