@@ -47,6 +47,12 @@ Command line::
                                 [--image-size 32] [--steps 5] [--warmup 1]
                                 [--channels-last] [--threads N] [--no-progress]
     python -m topofx.bench --list
+    python -m topofx.bench [NAME] --overhead [--calls 300]
+
+**Per-call overhead** (:func:`overhead`, ``--overhead``)
+    What a call of the simplified module costs beyond its graph run (binding the call, the guards,
+    ...): each call is timed whole and its graph run inside it too, and the median of the
+    differences is reported in microseconds (tiny input, train mode, ``no_grad``).
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ __all__ = [
     "format_table",
     "run",
     "ChannelsLastInput",
+    "OverheadRow",
+    "overhead",
+    "format_overhead",
     "main",
 ]
 
@@ -678,6 +687,118 @@ def run(
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- per-call overhead
+
+#: Input sizes tried, smallest first, by :func:`overhead`: the first the original runs at and
+#: ``simplify`` graphs (a tiny feature map can fail the self-check's tolerance) is measured.
+OVERHEAD_SIZES: tuple[int, ...] = (8, 16, 32)
+
+
+@dataclass
+class OverheadRow:
+    """One model's per-call overhead (see :func:`overhead`)."""
+
+    name: str
+    image_size: int | None
+    overhead_us: float  # median over calls of (call time - time in the graph run); nan: no graph
+    graph_ms: float  # median time in the graph run
+    calls: int
+    graph_calls: int  # calls that ran the graph (others ran eagerly or captured again)
+    note: str = ""
+
+
+def _smallest_simplified(zoo: types.ModuleType, name: str, batch_size: int, mode: str,
+                         sizes: Sequence[int], overrides: Mapping[str, Any]) -> tuple[Any, Any, int | None, str]:
+    """``(simplified, inputs, size, note)`` at the smallest of ``sizes`` the original accepts and
+    ``simplify`` graphs; at the largest one the original accepts when none is graphed (with the
+    fallback reason as ``note``)."""
+    import warnings
+
+    simplify, last = _simplify_fn(), (None, None, None, "the original runs at none of the sizes tried")
+    for size in sizes:
+        model, inputs = zoo.build(name, batch_size=batch_size, image_size=size, **dict(overrides))
+        try:
+            with torch.no_grad():
+                _call(model, inputs)
+        except Exception:  # noqa: BLE001 - too small for this model: try the next size
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            simplified = simplify(model, inputs, mode=mode)
+        if getattr(simplified, "graph_module", None) is not None:
+            return simplified, inputs, size, ""
+        last = (simplified, inputs, size, f"no graph: {simplified.report.fallback}")
+    return last
+
+
+def overhead(
+    name: str,
+    *,
+    calls: int = 300,
+    warmup: int = 20,
+    batch_size: int = 2,
+    sizes: Sequence[int] = OVERHEAD_SIZES,
+    mode: str = "topo",
+    overrides: Mapping[str, Any] | None = None,
+) -> OverheadRow:
+    """What a call of ``simplify(model)`` costs over running its graph: binding the call, the guards
+    (``topofx.guards``), the speculation RNG fork, an adapter's sampling -- everything but the graph run
+    (``SimplifiedModule._run_graph``: the graph module's call, or the sparse executor's).
+
+    Each call is timed whole, and the graph run inside it is timed too; the figure is the median over
+    ``calls`` calls (after ``warmup``) of their difference, so the graph's own noise cancels call by call.
+    Train mode, under ``no_grad``, garbage collector paused; ``batch_size`` and the smallest of
+    ``sizes`` that the model takes and ``simplify`` graphs."""
+    import warnings
+
+    zoo = _zoo()
+    simplified, inputs, size, note = _smallest_simplified(zoo, name, batch_size, mode, sizes, dict(overrides or {}))
+    if simplified is None or getattr(simplified, "graph_module", None) is None:
+        return OverheadRow(name, size, float("nan"), float("nan"), 0, 0, note)
+    inside: list[float] = []
+    run_graph = simplified._run_graph
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return run_graph(*args, **kwargs)
+        finally:
+            inside.append(time.perf_counter() - start)
+
+    simplified.__dict__["_run_graph"] = timed  # an instance attribute: forward's calls of the method find it
+    overheads, graph_times, graph_calls = [], [], 0
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _gc_paused():
+            warnings.simplefilter("ignore")
+            simplified.train()
+            for i in range(warmup + calls):
+                inside.clear()
+                start = time.perf_counter()
+                _call(simplified, inputs)
+                total = time.perf_counter() - start
+                if i < warmup:
+                    continue
+                graph_calls += bool(inside)
+                overheads.append(total - sum(inside))
+                graph_times.append(sum(inside))
+    finally:
+        simplified.__dict__.pop("_run_graph", None)
+    if graph_calls < calls:
+        note = f"{calls - graph_calls} of {calls} calls did not run the graph (eager or captured again)"
+    return OverheadRow(name, size, statistics.median(overheads) * 1e6, statistics.median(graph_times) * 1e3,
+                       calls, graph_calls, note)
+
+
+def format_overhead(rows: Sequence[OverheadRow], title: str = "") -> str:
+    """The rows of :func:`overhead` as a table."""
+    lines = [title] if title else []
+    lines.append(f"{'model':<20}  {'input':>5}  {'overhead us':>11}  {'graph ms':>8}  note")
+    lines.append(f"{'-' * 20}  {'-' * 5}  {'-' * 11}  {'-' * 8}  ----")
+    for r in rows:
+        lines.append(f"{r.name:<20}  {r.image_size or '-':>5}  {r.overhead_us:>11.0f}  {r.graph_ms:>8.2f}  {r.note}".rstrip())
+    return "\n".join(lines)
+
+
 def _parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
     bad = [m for m in modes if m not in ("exact", "topo")]
@@ -722,6 +843,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
                         help="also measure every variant in channels-last layout (simplify's "
                         "layout='channels_last'; the original and the floor fed channels-last input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overhead", action="store_true",
+                        help="instead: the simplified module's per-call overhead over running its graph (median "
+                        "microseconds of binding the call, the guards and the rest; topo mode, train mode, no_grad, "
+                        "batch 2, the smallest input size the model takes); every zoo model when NAME is left out")
+    parser.add_argument("--calls", type=_positive, default=300, help="--overhead: calls timed per model (default 300)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) return, not exit
@@ -736,10 +862,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
     if args.list:
         print("\n".join(names))
         return 0
-    if args.name is None:
+    if args.name is None and not args.overhead:
         print("topofx.bench: error: give a model name (or --list)", file=sys.stderr)
         return 2
-    if args.name not in names:
+    if args.name is not None and args.name not in names:
         print(
             f"topofx.bench: error: unknown model {args.name!r}; known: {', '.join(names)}",
             file=sys.stderr,
@@ -747,6 +873,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.overhead:
+        print(f"per-call overhead of simplify(model) over its graph run: topo mode, train mode, no_grad, batch 2, "
+              f"median of {args.calls} calls, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        rows = []
+        for name in [args.name] if args.name else names:
+            row = overhead(name, calls=args.calls)
+            rows.append(row)
+            if not args.no_progress:
+                print(f"  {name}: {row.overhead_us:.0f} us", file=sys.stderr, flush=True)
+        print(format_overhead(rows))
+        return 0
     text = run(
         args.name,
         modes=args.modes,

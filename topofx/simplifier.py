@@ -86,10 +86,15 @@ class SimplifiedModule(nn.Module):
             return self._run_speculating(args, kwargs)
         relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
         try:
-            sparse = self.__dict__.get("sparse")
-            return sparse(self.graph_module, *args, **kwargs) if sparse else self.runner(*args, **kwargs)
+            return self._run_graph(*args, **kwargs)
         finally:
             relaxed.release(self.graph_module)
+
+    def _run_graph(self, *args: Any, **kwargs: Any) -> Any:
+        """One run of the graph, all checks done: its runner, or the sparse executor of a sampled graph
+        (``topofx bench --overhead`` times everything else a call does)."""
+        sparse = self.__dict__.get("sparse")
+        return sparse(self.graph_module, *args, **kwargs) if sparse else self.runner(*args, **kwargs)
 
     def _run_speculating(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Run the graph; when a decision forward takes on a random draw comes out otherwise than at
@@ -98,11 +103,11 @@ class SimplifiedModule(nn.Module):
         with the deciding module or method run per call if the decision changed soon after capture."""
         speculated = self.graph_module.meta.get(_capture.SPECULATION)
         if not speculated:
-            return self.runner(*args, **kwargs)
+            return self._run_graph(*args, **kwargs)
         devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
         with torch.random.fork_rng(devices=devices):  # keeps the state from before the call ...
             try:
-                result, state = self.runner(*args, **kwargs), _rng_states(devices)
+                result, state = self._run_graph(*args, **kwargs), _rng_states(devices)
             except _capture.SpeculationFailed as failed:
                 result, state = failed, None
         if state is not None:  # ... which is what a failed speculation leaves; a success moves on
