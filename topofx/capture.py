@@ -824,9 +824,13 @@ class ValueGuard:
         self.held = {n.target: _resolve(gm, n.target) for n in self.graph.nodes if n.op == "get_attr"}
 
     def changed(self, root: nn.Module) -> list[Decision]:
-        """The decisions whose value differs now."""
-        with torch.no_grad():
-            values = self._evaluate(root)
+        """The decisions whose value differs now (all of them when they cannot be evaluated any more: an
+        attribute re-shaped in place, ``alphas.data = torch.zeros(other shape)``)."""
+        try:
+            with torch.no_grad():
+                values = self._evaluate(root)
+        except Exception:  # noqa: BLE001 - captured anew, the model decides again (or raises its own error)
+            return [decision for *_, decision in self.checks]
         return [decision for value, (convert, expected, decision) in zip(values, self.checks)
                 if not _same(convert(value), expected)]
 
