@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import topofx
+from topofx import capture
 from topofx.guards import _Check, _snapshot
 
 
@@ -252,3 +253,12 @@ def test_copy_checks_its_own_model():
     assert not simplified.guards.holds()
     torch.testing.assert_close(twin(x), twin.original(x))
     torch.testing.assert_close(simplified(x), model(x))
+
+
+def test_tensor_only_calls_bind_once_per_argument_count():
+    model, simplified, x = _simplified()
+    key = capture.call_key(model, (x,))
+    assert capture.call_key(model, (x,)) is key  # cached
+    assert capture._call_key(model, (x,)) == key  # what binding gives
+    with pytest.raises(TypeError):
+        capture.call_key(model, (x, x))
