@@ -454,3 +454,49 @@ def test_run_real_zoo_when_available():
     text = bench.run("nb201-darts", modes=("exact",), batch_size=2, image_size=8, steps=1,
                      warmup=0, child_floor=False, progress=False, overrides={"N": 1, "C": 4})
     assert "exact/original activation memory:" in text or "note: mode 'exact' skipped" in text
+
+
+# ----------------------------------------------------------------- --overhead
+
+
+def test_overhead_command_prints_a_number_for_a_zoo_model(monkeypatch, capsys):
+    """``topofx bench gdas-style --overhead`` on the real zoo model and ``simplify`` (a small build of it,
+    a few calls: the command's plumbing and the measurement, not the figure)."""
+    real = bench.overhead
+    monkeypatch.setattr(bench, "overhead",
+                        lambda name, calls: real(name, calls=calls, warmup=1, overrides={"C": 4, "N": 1}))
+    assert bench.main(["gdas-style", "--overhead", "--calls", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("gdas-style"))
+    size, overhead, arch_step, graph_ms = row.split()[1:5]
+    assert int(size) == bench.OVERHEAD_SIZES[0] and float(graph_ms) > 0
+    float(overhead), float(arch_step)  # numbers (whatever they are: no test asserts a time)
+    assert "overhead us" in out and "arch step us" in out
+
+
+def test_overhead_of_every_zoo_model_without_a_name(monkeypatch, capsys):
+    seen = []
+
+    def fake(name, calls):
+        seen.append((name, calls))
+        return bench.OverheadRow(name, 8, 12.0, 34.0, 5.0, calls)
+
+    monkeypatch.setattr(bench, "overhead", fake)
+    assert bench.main(["--overhead", "--calls", "7", "--no-progress"]) == 0
+    names = bench._zoo().names()
+    assert seen == [(n, 7) for n in names]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in [[n] for n in names]]
+    assert [r[0] for r in rows] == names and all(r[2:4] == ["12", "34"] for r in rows)
+
+
+def test_overhead_of_a_model_that_does_not_graph(monkeypatch):
+    """No graph (a fallback): no figure, the reason instead."""
+    monkeypatch.setattr(bench, "_zoo", lambda: fake_zoo(with_child=False))
+
+    class Fallback(nn.Module):
+        graph_module = None
+        report = types.SimpleNamespace(fallback="a decision on data")
+
+    monkeypatch.setattr(bench, "_simplify_fn", lambda: (lambda model, inputs, mode: Fallback()))
+    row = bench.overhead("tiny", calls=2, sizes=(8,))
+    assert row.image_size == 8 and row.overhead_us != row.overhead_us and "a decision on data" in row.note

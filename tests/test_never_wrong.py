@@ -445,3 +445,31 @@ def test_value_guard_sees_writes_through_data():
     for _ in range(3):
         assert torch.allclose(simplified(x), model(x))
     assert not simplified.__dict__.get("recaptured")
+
+
+class _SkipsZeroWeights(nn.Module):
+    """DARTS-PT's join on plain alphas: ``if w != 0`` on each softmax weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(3))
+        self.ops = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1), nn.Identity()])
+
+    def forward(self, x):
+        return sum(w * op(x) for w, op in zip(self.alpha.softmax(-1), self.ops) if w != 0)
+
+
+def test_value_decision_on_a_tensor_reshaped_in_place_recaptures():
+    """``alpha.data = <another shape>`` keeps the object (nothing to re-bind) but moves the elements the
+    value decisions read: a decision that cannot be evaluated any more is a change, captured anew (the
+    guard raised the IndexError of ``alpha[2]`` out of the call before)."""
+    torch.manual_seed(0)
+    model, x = _SkipsZeroWeights(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    graph = simplified.graph_module
+    simplified(x)
+    with torch.no_grad():
+        model.alpha.data = torch.zeros(2)  # zip() now pairs two weights with the three ops
+    assert torch.allclose(simplified(x), model(x))
+    assert simplified.graph_module is not graph
+

@@ -47,12 +47,13 @@ Command line::
                                 [--image-size 32] [--steps 5] [--warmup 1]
                                 [--channels-last] [--threads N] [--no-progress]
     python -m topofx.bench --list
-    python -m topofx.bench [NAME] --overhead [--calls 300]
+    python -m topofx.bench [NAME] --overhead [--calls 200]
 
 **Per-call overhead** (:func:`overhead`, ``--overhead``)
     What a call of the simplified module costs beyond its graph run (binding the call, the guards,
     ...): each call is timed whole and its graph run inside it too, and the median of the
-    differences is reported in microseconds (tiny input, train mode, ``no_grad``).
+    differences is reported in microseconds (tiny input, train mode, ``no_grad``) -- for calls with
+    nothing changed in between, and for calls after an in-place change of the architecture weights.
 """
 
 from __future__ import annotations
@@ -696,14 +697,14 @@ OVERHEAD_SIZES: tuple[int, ...] = (8, 16, 32)
 
 @dataclass
 class OverheadRow:
-    """One model's per-call overhead (see :func:`overhead`)."""
+    """One model's per-call overhead (see :func:`overhead`); ``nan`` where there is no graph."""
 
     name: str
     image_size: int | None
-    overhead_us: float  # median over calls of (call time - time in the graph run); nan: no graph
+    overhead_us: float  # median over calls of (call time - time in the graph run), nothing changed between calls
+    arch_step_us: float  # the same, the architecture weights changed in place before every call (a search)
     graph_ms: float  # median time in the graph run
     calls: int
-    graph_calls: int  # calls that ran the graph (others ran eagerly or captured again)
     note: str = ""
 
 
@@ -734,7 +735,7 @@ def _smallest_simplified(zoo: types.ModuleType, name: str, batch_size: int, mode
 def overhead(
     name: str,
     *,
-    calls: int = 300,
+    calls: int = 200,
     warmup: int = 20,
     batch_size: int = 2,
     sizes: Sequence[int] = OVERHEAD_SIZES,
@@ -747,14 +748,16 @@ def overhead(
 
     Each call is timed whole, and the graph run inside it is timed too; the figure is the median over
     ``calls`` calls (after ``warmup``) of their difference, so the graph's own noise cancels call by call.
-    Train mode, under ``no_grad``, garbage collector paused; ``batch_size`` and the smallest of
-    ``sizes`` that the model takes and ``simplify`` graphs."""
+    Measured twice: calls in a row with nothing changed in between, and calls each preceded (untimed)
+    by an in-place change of every architecture weight (``+-1e-4``, as a search step does), which the
+    guards must evaluate anew.  Train mode, under ``no_grad``, garbage collector paused; ``batch_size``
+    and the smallest of ``sizes`` that the model takes and ``simplify`` graphs."""
     import warnings
 
     zoo = _zoo()
     simplified, inputs, size, note = _smallest_simplified(zoo, name, batch_size, mode, sizes, dict(overrides or {}))
     if simplified is None or getattr(simplified, "graph_module", None) is None:
-        return OverheadRow(name, size, float("nan"), float("nan"), 0, 0, note)
+        return OverheadRow(name, size, float("nan"), float("nan"), float("nan"), 0, note)
     inside: list[float] = []
     run_graph = simplified._run_graph
 
@@ -765,37 +768,51 @@ def overhead(
         finally:
             inside.append(time.perf_counter() - start)
 
+    alphas = _arch_parameters(simplified.original)
+    notes, figures = [note] if note else [], []
     simplified.__dict__["_run_graph"] = timed  # an instance attribute: forward's calls of the method find it
-    overheads, graph_times, graph_calls = [], [], 0
     try:
         with warnings.catch_warnings(), torch.no_grad(), _gc_paused():
             warnings.simplefilter("ignore")
             simplified.train()
-            for i in range(warmup + calls):
-                inside.clear()
-                start = time.perf_counter()
-                _call(simplified, inputs)
-                total = time.perf_counter() - start
-                if i < warmup:
-                    continue
-                graph_calls += bool(inside)
-                overheads.append(total - sum(inside))
-                graph_times.append(sum(inside))
+            for step in (False, True):
+                overheads, graph_times, skipped, recaptures = [], [], 0, 0
+                for i in range(warmup + calls):
+                    if step:
+                        for alpha in alphas:
+                            alpha.add_(1e-4 if i % 2 else -1e-4)
+                    graph = simplified.graph_module
+                    inside.clear()
+                    start = time.perf_counter()
+                    _call(simplified, inputs)
+                    total = time.perf_counter() - start
+                    if i < warmup:
+                        continue
+                    recaptures += simplified.graph_module is not graph
+                    skipped += not inside
+                    overheads.append(total - sum(inside))
+                    graph_times.append(sum(inside))
+                figures.append((statistics.median(overheads) * 1e6, statistics.median(graph_times) * 1e3))
+                what = "arch-step calls" if step else "calls"
+                if skipped:
+                    notes.append(f"{skipped} of {calls} {what} ran eagerly")
+                if recaptures:
+                    notes.append(f"{recaptures} of {calls} {what} captured the model again")
+                if step and not alphas:
+                    notes.append("no architecture weights found to change")
     finally:
         simplified.__dict__.pop("_run_graph", None)
-    if graph_calls < calls:
-        note = f"{calls - graph_calls} of {calls} calls did not run the graph (eager or captured again)"
-    return OverheadRow(name, size, statistics.median(overheads) * 1e6, statistics.median(graph_times) * 1e3,
-                       calls, graph_calls, note)
+    return OverheadRow(name, size, figures[0][0], figures[1][0], figures[0][1], calls, "; ".join(notes))
 
 
 def format_overhead(rows: Sequence[OverheadRow], title: str = "") -> str:
     """The rows of :func:`overhead` as a table."""
     lines = [title] if title else []
-    lines.append(f"{'model':<20}  {'input':>5}  {'overhead us':>11}  {'graph ms':>8}  note")
-    lines.append(f"{'-' * 20}  {'-' * 5}  {'-' * 11}  {'-' * 8}  ----")
+    lines.append(f"{'model':<20}  {'input':>5}  {'overhead us':>11}  {'arch step us':>12}  {'graph ms':>8}  note")
+    lines.append(f"{'-' * 20}  {'-' * 5}  {'-' * 11}  {'-' * 12}  {'-' * 8}  ----")
     for r in rows:
-        lines.append(f"{r.name:<20}  {r.image_size or '-':>5}  {r.overhead_us:>11.0f}  {r.graph_ms:>8.2f}  {r.note}".rstrip())
+        lines.append(f"{r.name:<20}  {r.image_size or '-':>5}  {r.overhead_us:>11.0f}  {r.arch_step_us:>12.0f}  "
+                     f"{r.graph_ms:>8.2f}  {r.note}".rstrip())
     return "\n".join(lines)
 
 
@@ -847,7 +864,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
                         help="instead: the simplified module's per-call overhead over running its graph (median "
                         "microseconds of binding the call, the guards and the rest; topo mode, train mode, no_grad, "
                         "batch 2, the smallest input size the model takes); every zoo model when NAME is left out")
-    parser.add_argument("--calls", type=_positive, default=300, help="--overhead: calls timed per model (default 300)")
+    parser.add_argument("--calls", type=_positive, default=200,
+                        help="--overhead: calls timed per model and figure (default 200)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) return, not exit
@@ -874,14 +892,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.overhead:
-        print(f"per-call overhead of simplify(model) over its graph run: topo mode, train mode, no_grad, batch 2, "
-              f"median of {args.calls} calls, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        print(f"per-call overhead of simplify(model) over its graph run (median us of call time minus graph time; "
+              f"arch step: every architecture weight changed in place before each call): topo mode, train mode, "
+              f"no_grad, batch 2, {args.calls} calls each, torch {torch.__version__}, {torch.get_num_threads()} threads",
+              flush=True)
         rows = []
         for name in [args.name] if args.name else names:
             row = overhead(name, calls=args.calls)
             rows.append(row)
             if not args.no_progress:
-                print(f"  {name}: {row.overhead_us:.0f} us", file=sys.stderr, flush=True)
+                print(f"  {name}: {row.overhead_us:.0f} us, arch step {row.arch_step_us:.0f} us", file=sys.stderr,
+                      flush=True)
         print(format_overhead(rows))
         return 0
     text = run(

@@ -14,8 +14,8 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 * the module tree is the one traced: a candidate the training loop sets to ``None`` (or swaps for
   another module) between steps changes what forward does.
 
-:class:`Guards` records these facts at capture and checks them before each call (a few dictionary
-look-ups per traced module; the graph itself is not touched):
+:class:`Guards` records these facts at capture and checks them before each call (the graph itself is
+not touched):
 
 * a new input shape is traced again on meta tensors; if it takes other decisions, that call runs
   the original's eager forward, with a warning naming the decision's source line;
@@ -33,10 +33,21 @@ look-ups per traced module; the graph itself is not touched):
   comparison runs only after some submodule was assigned (torch's global module registration hook
   counts assignments), so it costs nothing per call otherwise. Not seen: ``del``, ``pop`` or
   ``insert`` on a container between steps (torch calls no hook for them).
+
+Guards are built once, at capture, and checked cheaply (the way ``torch._dynamo`` guards are): the
+identity, number and container checks are compiled into one generated function (:class:`_Check`)
+that reproduces, per attribute, the comparison of a fresh snapshot with the capture's; the value
+decisions run as one batched computation (:meth:`topofx.capture.ValueGuard.holds`); the modules the
+graph does not call are scanned for hooks only after a hook was registered somewhere (torch's global
+hook-handle counter moved).  Only when the compiled check fails does a call take the step-by-step
+path above (re-bind, re-trace, name what changed), after which the check is compiled again where
+numbers were snapshotted again.  The numbers read outside the traced modules (:mod:`topofx.reads`) and
+the module-tree check are part of the same function.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import time
 import warnings
@@ -45,6 +56,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import capture as _capture
 
@@ -149,6 +161,113 @@ def _rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
         object.__setattr__(owner, field, value)
 
 
+def _hooks_registered() -> int:
+    """How many hooks torch has registered so far, anywhere (every ``register_*hook`` makes a handle
+    with the next id); -1 where torch does not count them: then every call scans."""
+    return getattr(RemovableHandle, "next_id", -1)
+
+
+_MISSING = object()  # an attribute that is gone
+
+
+def _is_scalar(snapshot: Any) -> bool:
+    return type(snapshot) is tuple and snapshot[0] in _SCALARS
+
+
+def _is_flat(snapshot: Any) -> bool:
+    """A list or tuple of numbers, names, ``None`` (a snapshot by :func:`_snapshot`)."""
+    return type(snapshot) is tuple and snapshot[0] in (list, tuple) and all(map(_is_scalar, snapshot[1]))
+
+
+def _by_module(scalars: list[tuple[nn.Module, str, Any]]) -> list[tuple[nn.Module, list[tuple[str, Any]]]]:
+    groups: dict[int, tuple[nn.Module, list[tuple[str, Any]]]] = {}
+    for module, key, snapshot in scalars:
+        groups.setdefault(id(module), (module, []))[1].append((key, snapshot))
+    return list(groups.values())
+
+
+class _Check:
+    """Checks compiled into one generated function, ``torch._dynamo``-style: :meth:`expect` adds, for a
+    read (a Python expression) and a snapshot taken by :func:`_snapshot`, a condition that holds exactly
+    when ``_snapshot(read) == snapshot`` -- a number by type and value, a container by type, length
+    and items, a tensor by identity (or by value, where the snapshot holds its copy); :meth:`build`
+    joins them with ``and`` into one function of no arguments."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, Any] = {"_snapshot": _snapshot, "Tensor": torch.Tensor, "_MISSING": _MISSING,
+                                      "_chain": itertools.chain.from_iterable, "_equal": torch.equal}
+        self.conditions: list[str] = []
+        self._ids: dict[int, str] = {}
+        self._shared: dict[int, tuple[str, Any]] = {}  # id of a container read -> (its name, its snapshot)
+
+    def bind(self, obj: Any) -> str:
+        """A name for ``obj`` in the generated function (one per object)."""
+        name = self._ids.get(id(obj))
+        if name is None or self.names[name] is not obj:
+            name = self._ids[id(obj)] = f"_c{len(self.names)}"
+            self.names[name] = obj
+        return name
+
+    def add(self, condition: str) -> None:
+        self.conditions.append(f"({condition})")
+
+    def expect(self, read: str, snapshot: Any, live: set[int], now: Any = _MISSING) -> None:
+        """Hold when ``_snapshot(<read>, live, copy=False) == snapshot``.  ``now``: what ``read`` gives at
+        compile time; a container that several reads give (every cell's ``primitives`` list) is compared
+        item by item once, and by identity with the first read's value after that."""
+        if type(now) not in (list, tuple, dict):
+            self.add(self._same(read, snapshot, live, 0))
+            return
+        shared = self._shared.get(id(now))
+        if shared is not None and shared[1] == snapshot:
+            self.add(f"{read} is {shared[0]} or ({self._same(read, snapshot, live, 0)})")
+            return
+        name = self._shared.setdefault(id(now), (f"_s{len(self._shared)}", snapshot))[0]
+        self.names.setdefault("_kept", []).append(now)  # (its id stays its own while compiling)
+        self.add(self._same(f"({name} := {read})", snapshot, live, 0))
+
+    def _same(self, read: str, snapshot: Any, live: set[int], depth: int) -> str:
+        v = f"_v{depth}"
+        head = f"({v} := {read})"
+        if isinstance(snapshot, _TensorValue):  # _TensorValue.__eq__, inline
+            held = snapshot.value
+            return (f"isinstance({head}, Tensor) and id({v}) == {snapshot.id} and {v}.shape == {self.bind(held.shape)} "
+                    f"and {v}.dtype == {self.bind(held.dtype)} and _equal({v}, {self.bind(held)})")
+        kind, value = snapshot
+        if kind in _SCALARS:  # (type, value): the value itself, or an equal one of the same type
+            return f"{head} is {self.bind(value)} or (type({v}) is {self.bind(kind)} and {v} == {self.bind(value)})"
+        if kind == "tensor":  # a tensor the graph reads live: by identity (its id is in ``live``)
+            return f"isinstance({head}, Tensor) and id({v}) == {value}"
+        if kind in (list, tuple):
+            # in C: the items' types, then (numbers, names and None only: no tensor's ==) their values
+            if all(_is_scalar(item) for item in value):
+                return (f"type({head}) is {kind.__name__} and list(map(type, {v})) == {self.bind([t for t, _ in value])} "
+                        f"and {v} == {self.bind(kind(x for _, x in value))}")
+            if all(_is_flat(item) for item in value):  # lists of lists of numbers or names (DARTS-PT's primitives)
+                return (f"type({head}) is {kind.__name__} and list(map(type, {v})) == {self.bind([t for t, _ in value])} "
+                        f"and list(map(type, _chain({v}))) == {self.bind([t for _, row in value for t, _ in row])} "
+                        f"and {v} == {self.bind(kind(t(x for _, x in row) for t, row in value))}")
+            items = [self._same(f"{v}[{i}]", item, live, depth + 1) for i, item in enumerate(value)]
+            return " and ".join([f"type({head}) is {kind.__name__}", f"len({v}) == {len(value)}", *map("({})".format, items)])
+        if kind is dict:
+            keys = tuple(k for k, _ in value)
+            if all(_is_scalar(item) for _, item in value):
+                return (f"type({head}) is dict and tuple({v}) == {self.bind(keys)} and "
+                        f"list(map(type, {v}.values())) == {self.bind([t for _, (t, _) in value])} and "
+                        f"list({v}.values()) == {self.bind([x for _, (_, x) in value])}")
+            items = [self._same(f"{v}[{self.bind(k)}]", item, live, depth + 1) for k, item in value]
+            return " and ".join([f"type({head}) is dict", f"len({v}) == {len(value)}",
+                                 f"tuple({v}) == {self.bind(keys)}", *map("({})".format, items)])
+        # ("object", id): what _snapshot makes of anything else -- asked of _snapshot itself
+        return f"_snapshot({head}, {self.bind(live)}, False, {depth}) == {self.bind(snapshot)}"
+
+    def build(self) -> Callable[[], bool]:
+        source = "def check():\n    return " + (" and ".join(self.conditions) or "True") + "\n"
+        namespace = dict(self.names)
+        exec(compile(source, "<topofx guards>", "exec"), namespace)  # noqa: S102 - our own generated code
+        return namespace["check"]
+
+
 class Guards:
     """The assumptions of one captured graph module (see the module docstring)."""
 
@@ -176,7 +295,39 @@ class Guards:
         self.uncalled = [(n, m) for n, m in root.named_modules() if id(m) not in called]
         self.hooks_warned: set[int] = set()
         self.retrace_warned: set[str] = set()
+        self.hooks_seen = _hooks_registered()
         self.warn_hooks()
+
+    def holds(self) -> bool:
+        """True when nothing :meth:`verdict` checks changed; compiled by :meth:`compile` on first use (a copy
+        of the model, ``copy.deepcopy``, compiles its own)."""
+        self.compile()
+        return self.holds()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("holds", None)  # generated code reads the objects it was compiled for
+        return state
+
+    def compile(self) -> None:
+        """Compile what :meth:`verdict` checks on every call (re-bound tensors, Python numbers, value
+        decisions) into :attr:`holds`, one function that is true when nothing changed since capture --
+        or since the last call that found a change and dealt with it."""
+        check = _Check()
+        check.add(f"{check.bind(self.structure_holds)}()")  # free unless a submodule was assigned
+        for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there
+            check.add(f"{check.bind(current)}() is getattr({check.bind(gm_owner)}, {field!r})")
+        for module, items in _by_module(self.scalars):  # a module's __dict__ read once
+            attributes = f"(_d := {check.bind(module)}.__dict__)"
+            for key, snapshot in items:
+                check.expect(f"{attributes}.get({key!r}, _MISSING)", snapshot, self.live, module.__dict__.get(key))
+                attributes = "_d"
+        for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.reads)
+            check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
+        if self.value_guard is not None:
+            check.add(f"{check.bind(self.value_guard.holds)}(root)")
+        check.names["root"] = self.root
+        self.holds = check.build()
 
     def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
         """(where the root holds it now, graph-module owner, field) of every ``get_attr`` tensor that is
@@ -212,8 +363,10 @@ class Guards:
         assigned since (torch's global module registration hook counts assignments, ``None`` included)."""
         if _TREE_VERSION[0] == self.tree_version:
             return True
+        if list(map(_SUBMODULES, self.modules)) != self.structure:
+            return False
         self.tree_version = _TREE_VERSION[0]
-        return list(map(_SUBMODULES, self.modules)) == self.structure
+        return True
 
     def follow_tensors(self) -> bool:
         """Re-bind re-assigned tensors; ``False`` when one changed shape (the graph must be captured again)."""
@@ -270,7 +423,18 @@ class Guards:
 
     def verdict(self, inputs: Sequence[Any]) -> str:
         """``"graph"``, ``"eager"`` (this input shape takes another path) or ``"recapture"``."""
-        self.warn_hooks()
-        if not (self.structure_holds() and self.follow_tensors() and self.scalars_hold() and self.values_hold()):
-            return "recapture"
+        registered = _hooks_registered()
+        if registered != self.hooks_seen or registered < 0:  # a hook was registered somewhere since the last scan
+            self.hooks_seen = registered
+            self.warn_hooks()
+        try:
+            unchanged = self.holds()
+        except Exception:  # noqa: BLE001 - a check that cannot run is a change: the step-by-step path says which
+            unchanged = False
+        if not unchanged:
+            scalars = self.scalars
+            if not (self.structure_holds() and self.follow_tensors() and self.scalars_hold() and self.values_hold()):
+                return "recapture"
+            if self.scalars is not scalars:  # snapshotted again (the graph does not depend on the change)
+                self.compile()
         return "graph" if self.shapes_allow(inputs) else "eager"

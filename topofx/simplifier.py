@@ -108,14 +108,15 @@ class SimplifiedModule(nn.Module):
         if not speculated:
             return self._run_graph(*args, **kwargs)
         devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
-        with torch.random.fork_rng(devices=devices):  # keeps the state from before the call ...
-            try:
-                result, state = self._run_graph(*args, **kwargs), _rng_states(devices)
-            except _capture.SpeculationFailed as failed:
-                result, state = failed, None
-        if state is not None:  # ... which is what a failed speculation leaves; a success moves on
-            _set_rng_states(devices, state)
-            return result
+        before = _rng_states(devices)  # what a failed speculation (or any error) leaves; a success moves on
+        try:
+            return self._run_graph(*args, **kwargs)
+        except _capture.SpeculationFailed as failed:
+            _set_rng_states(devices, before)
+            result = failed
+        except BaseException:
+            _set_rng_states(devices, before)
+            raise
         decision, root = speculated[result.index], self.guards.root
         key = _capture.unit_key(root, decision.unit) if decision.unit is not None else None
         if key is not None and self.__dict__.get("calls", 0) < RECAPTURE_WARN_CALLS:

@@ -1,0 +1,264 @@
+"""The compiled form of the drop-in guards (``topofx/guards.py``): one generated check per captured
+graph, a batched value guard, a hook scan only after a hook was registered, a cached call key.  Each
+kind of change the step-by-step guards catch is still caught; the generated condition is exactly the
+comparison of a fresh snapshot with the capture's.  (No timings here: ``topofx bench --overhead``.)"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import topofx
+from topofx import capture
+from topofx.guards import _Check, _snapshot
+
+
+# ---------------------------------------------------------------------------------------------
+# the generated condition is the snapshot comparison
+# ---------------------------------------------------------------------------------------------
+class _Opaque:
+    pass
+
+
+LIVE = torch.zeros(2)
+HELD = torch.tensor([True, False])
+OBJ = _Opaque()
+NAN = math.nan
+VALUES = [
+    True, False, 1, 0, 1.0, 0.0, -0.0, NAN, math.nan, 2**70, "sep_conv_3x3", "", None, OBJ, _Opaque(),
+    [], (), {}, [1, 2], [1, True], [1.0, 2], (1, 2), [[1, 2], [3]], [(1, 2), [3]], [[1, 2], (3,)],
+    [["a", "b"], ["c"]], [["a", "b"], ["c", "d"]], {"normal": 1, "reduce": 2}, {"reduce": 2, "normal": 1},
+    {"normal": [1, 2], "reduce": [3]}, {"normal": True}, {"normal": 1}, {1: "a"}, {True: "a"},
+    [[[1]]], [[[[[1]]]]], [[[[[2]]]]], LIVE, torch.zeros(2), HELD, [HELD], {"normal": HELD}, {"normal": LIVE},
+    [LIVE, 1], [OBJ], [None, None], [NAN], [1, [2, [3, "x"]]], [1, [2, [3, "y"]]],
+]
+
+
+def _compiled(read, snapshot, live):
+    check = _Check()
+    check.names["value"] = read
+    check.expect("value[0]", snapshot, live)
+    return check.build()
+
+
+@pytest.mark.parametrize("before", range(len(VALUES)))
+def test_generated_condition_is_the_snapshot_comparison(before):
+    """For every pair of values: the compiled check holds exactly when ``_snapshot`` says equal -- types
+    (``True`` and ``1`` differ), container kinds and order, tensors by identity or by value, NaN."""
+    live = {id(LIVE)}
+    snapshot = _snapshot(VALUES[before], live)
+    cell = [None]
+    check = _compiled(cell, snapshot, live)
+    for after in VALUES:
+        cell[0] = after
+        assert check() == (_snapshot(after, live, copy=False) == snapshot), (VALUES[before], after)
+
+
+def test_a_container_changed_in_place_is_seen():
+    live: set[int] = set()
+    names = [["sep_conv_3x3", "skip_connect"], ["none"]]
+    flags = {"normal": torch.tensor([True, True])}
+    cell = [names, flags]
+    check = _Check()
+    check.names["value"] = cell
+    check.expect("value[0]", _snapshot(names, live), live)
+    check.expect("value[1]", _snapshot(flags, live), live)
+    holds = check.build()
+    assert holds()
+    names[1][0] = "max_pool_3x3"
+    assert not holds()
+    names[1][0] = "none"
+    assert holds()
+    flags["normal"][1] = False  # a tensor read as a constant: by value
+    assert not holds()
+
+
+def test_a_container_read_by_several_attributes_is_compared_exactly_for_each():
+    """Every cell's ``primitives`` is one list: compared item by item once, then by identity -- and item
+    by item again for an attribute that holds another object."""
+    live: set[int] = set()
+    shared = [["none", "skip_connect"], ["sep_conv_3x3"]]
+    cells = [{"primitives": shared} for _ in range(3)]
+    check = _Check()
+    check.names["cells"] = cells
+    for i, cell in enumerate(cells):
+        check.expect(f"cells[{i}].get('primitives', _MISSING)", _snapshot(shared, live), live, cell["primitives"])
+    holds = check.build()
+    assert holds() and "is _s0" in "".join(check.conditions)
+    cells[2]["primitives"] = copy.deepcopy(shared)  # another object, equal: holds
+    assert holds()
+    cells[2]["primitives"][1][0] = "dil_conv_3x3"  # that object changed
+    assert not holds()
+    cells[2]["primitives"] = shared
+    shared[0][1] = "max_pool_3x3"  # the shared list changed: the first comparison fails
+    assert not holds()
+    shared[0][1] = "skip_connect"
+    cells[0]["primitives"] = [["none", "skip_connect"], ["sep_conv_3x3"]]  # the first read: another, equal object
+    assert holds()
+    cells[0]["primitives"] = [["none", True], ["sep_conv_3x3"]]
+    assert not holds()
+
+
+# ---------------------------------------------------------------------------------------------
+# every kind of change, through a simplified module
+# ---------------------------------------------------------------------------------------------
+class _Cell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ops = nn.ModuleList([nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1), nn.Identity()])
+        self.scale = 1.0  # a Python number read by traced code
+
+    def forward(self, x, weights):
+        return self.scale * sum(w * op(x) for w, op in zip(weights, self.ops) if w != 0)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cells = nn.ModuleList([_Cell(), _Cell()])
+        self.alpha = nn.Parameter(torch.zeros(2, 3))
+
+    def forward(self, x):
+        weights = self.alpha.softmax(-1)
+        for cell, w in zip(self.cells, weights):
+            x = cell(x, w)
+        return x
+
+
+def _simplified():
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(2, 3, 8, 8)
+    return model, topofx.simplify(model, x, mode="exact", strict=True), x
+
+
+def test_unchanged_model_passes_the_compiled_check_and_keeps_its_graph():
+    model, simplified, x = _simplified()
+    graph = simplified.graph_module
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.guards.holds() and simplified.graph_module is graph
+    assert not simplified.__dict__.get("recaptured")
+
+
+def test_number_change_recaptures():
+    model, simplified, x = _simplified()
+    graph = simplified.graph_module
+    simplified(x)
+    model.cells[1].scale = 0.5
+    assert not simplified.guards.holds()
+    torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.graph_module is not graph
+    assert simplified.guards.holds()  # the new graph's check, on the new number
+
+
+def test_number_of_another_type_recaptures():
+    model, simplified, x = _simplified()
+    simplified(x)
+    model.cells[0].scale = 1  # == 1.0, but another type: the trace may differ
+    assert not simplified.guards.holds()
+
+
+def test_value_decision_recaptures_and_is_batched():
+    model, simplified, x = _simplified()
+    guard = simplified.guards.value_guard
+    assert len(guard.checks) == 6 and guard.holds(model)
+    batched = guard._batched[id(model)][1]
+    assert batched is not None and len(batched.groups) == 1 and not batched.singles  # one tensor, one torch.equal
+    graph = simplified.graph_module
+    with torch.no_grad():
+        model.alpha.data[1, 2] = -math.inf  # through .data (no version bump); softmax weight 0: `if w != 0` drops it
+    assert not guard.holds(model) and guard.changed(model)
+    torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.graph_module is not graph
+
+
+def test_value_decisions_agree_with_node_by_node_evaluation():
+    model, simplified, _ = _simplified()
+    guard = simplified.guards.value_guard
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        with torch.no_grad():
+            model.alpha.copy_(torch.randn(2, 3, generator=gen))
+            model.alpha[torch.rand(2, 3, generator=gen) < 0.3] = -math.inf
+        assert guard.holds(model) == (not guard.changed(model))
+
+
+class _DecideThenWrite(nn.Module):
+    """A decision on an element taken before an in-place write into its tensor: batching the ops after
+    the write would read the written value."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(3))
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)])
+
+    def forward(self, x):
+        w = self.alpha.softmax(-1) * 1.0  # (softmax's backward needs its own output unwritten)
+        first = self.convs[0](x) if w[0] != 0 else x
+        w[0] = 0.0
+        return first + (self.convs[1](x) if w[0] != 0 else x) * w[1]
+
+
+def test_decision_before_an_in_place_write_is_not_batched_across_it():
+    torch.manual_seed(0)
+    model, x = _DecideThenWrite(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = simplified.guards.value_guard
+    assert [expected for _, expected, _ in guard.checks] == [True, False]
+    assert guard.holds(model) and simplified.guards.holds()
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+    assert not simplified.__dict__.get("recaptured")
+
+
+def test_reassigned_tensor_is_rebound_without_recapture():
+    model, simplified, x = _simplified()
+    simplified(x)
+    graph = simplified.graph_module
+    del model._parameters["alpha"]
+    model.alpha = nn.Parameter(torch.randn(2, 3))
+    assert not simplified.guards.holds()
+    torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.graph_module is graph and simplified.guards.holds()  # re-bound: the check reads it live
+
+
+def test_new_hook_after_calls_warns_once():
+    model, simplified, x = _simplified()
+    for _ in range(3):
+        simplified(x)
+    fired = []
+    model.cells[0].register_forward_hook(lambda *a: fired.append(1))  # a traced module: not called by the graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        simplified(x)
+        simplified(x)
+    messages = [str(w.message) for w in caught if "will not fire" in str(w.message)]
+    assert len(messages) == 1 and "cells.0" in messages[0] and not fired
+
+
+def test_copy_checks_its_own_model():
+    """``copy.deepcopy`` (DARTS-V2's unrolled model): the copy's compiled check reads the copy's attributes."""
+    model, simplified, x = _simplified()
+    simplified(x)
+    twin = copy.deepcopy(simplified)
+    twin(x)
+    twin.original.cells[0].scale = 0.5
+    assert simplified.guards.holds() and not twin.guards.holds()
+    model.cells[1].scale = 2.0
+    assert not simplified.guards.holds()
+    torch.testing.assert_close(twin(x), twin.original(x))
+    torch.testing.assert_close(simplified(x), model(x))
+
+
+def test_tensor_only_calls_bind_once_per_argument_count():
+    model, simplified, x = _simplified()
+    key = capture.call_key(model, (x,))
+    assert capture.call_key(model, (x,)) is key  # cached
+    assert capture._call_key(model, (x,)) == key  # what binding gives
+    with pytest.raises(TypeError):
+        capture.call_key(model, (x, x))
