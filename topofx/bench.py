@@ -743,8 +743,9 @@ def overhead(
     overrides: Mapping[str, Any] | None = None,
 ) -> OverheadRow:
     """What a call of ``simplify(model)`` costs over running its graph: binding the call, the guards
-    (``topofx.guards``), the speculation RNG fork, an adapter's sampling -- everything but the graph run
-    (``SimplifiedModule._run_graph``: the graph module's call, or the sparse executor's).
+    (``topofx.guards``), the speculation RNG fork -- everything but the graph run
+    (``SimplifiedModule._run_graph``: the graph module's call; with an adapter, its sampling step, the
+    original's own draws, around the sparse executor's run).
 
     Each call is timed whole, and the graph run inside it is timed too; the figure is the median over
     ``calls`` calls (after ``warmup``) of their difference, so the graph's own noise cancels call by call.

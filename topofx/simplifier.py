@@ -87,17 +87,21 @@ class SimplifiedModule(nn.Module):
         relaxed = self.__dict__.get("relaxed")
         if relaxed is None:
             return self._run_speculating(args, kwargs)
-        relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
-        try:
-            return self._run_graph(*args, **kwargs)
-        finally:
-            relaxed.release(self.graph_module)
+        return self._run_graph(*args, **kwargs)
 
     def _run_graph(self, *args: Any, **kwargs: Any) -> Any:
-        """One run of the graph, all checks done: its runner, or the sparse executor of a sampled graph
+        """One run of the graph, all checks done: its runner; with an adapter, the adapter's sampling step
+        (the original's own draws: GDAS) around the sparse executor's run of a sampled graph
         (``topofx bench --overhead`` times everything else a call does)."""
-        sparse = self.__dict__.get("sparse")
-        return sparse(self.graph_module, *args, **kwargs) if sparse else self.runner(*args, **kwargs)
+        relaxed = self.__dict__.get("relaxed")
+        if relaxed is None:
+            return self.runner(*args, **kwargs)
+        relaxed.resample(self.graph_module)  # an adapter's opaque sampling step (GDAS), then the graph
+        try:
+            sparse = self.__dict__.get("sparse")
+            return sparse(self.graph_module, *args, **kwargs) if sparse else self.runner(*args, **kwargs)
+        finally:
+            relaxed.release(self.graph_module)
 
     def _run_speculating(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Run the graph; when a decision forward takes on a random draw comes out otherwise than at
