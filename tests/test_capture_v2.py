@@ -12,6 +12,8 @@ Each model is this file's own, written in the idiom of the code where the constr
 from __future__ import annotations
 
 import copy
+import gc
+import warnings
 
 import numpy as np
 import pytest
@@ -174,6 +176,46 @@ def test_numbers_read_outside_the_modules_are_followed(mode, change):
         assert simplified.__dict__.get("recaptured"), "the change was not seen"
     finally:
         _restore_globals()
+
+
+def test_a_copy_reads_the_same_outside_numbers():
+    # DARTS-V2's unrolled step deep-copies the model: the copy follows the same module-level scheduler
+    _restore_globals()
+    try:
+        model, x = AuxSkipNet(), _x()
+        simplified = topofx.simplify(copy.deepcopy(model), (x,), mode="exact", strict=True)
+        twin = copy.deepcopy(simplified)
+        scheduler.step()
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)
+        assert twin.__dict__.get("recaptured"), "the copy did not see the scheduler's step"
+    finally:
+        _restore_globals()
+
+
+GC_PHASES = {"seen": 0.0}
+
+
+def _count_collections(phase, info):  # a gc callback, as hypothesis and profilers install
+    GC_PHASES["seen"] += 1.0
+
+
+def test_a_gc_callback_is_not_read_by_forward():
+    gc.callbacks.append(_count_collections)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # collect at nearly every allocation: the callback runs inside the trace
+    try:
+        model, x = AuxSkipNet(), _x()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a guarded gc counter would warn on every change
+            simplified = topofx.simplify(copy.deepcopy(model), (x,), mode="exact", strict=True)
+            gc.collect()
+            simplified(x)
+        assert "recaptured" not in simplified.__dict__
+        assert not any("GC_PHASES" in r.where for r, _ in simplified.guards.reads)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(_count_collections)
 
 
 # --- 1. type checks and legacy wrappers on traced values -------------------------------------------

@@ -283,15 +283,20 @@ class PythonCounter(nn.Module):
         return x * self.calls
 
 
+class _ArchHolder:
+    """A plain object: neither a module nor a container capture reads tensors out of."""
+
+
 class CopiedArchWeights(nn.Module):
-    """Alphas kept in a Python list (invisible to the tracer) and copied into a fresh leaf."""
+    """Alphas kept on a plain Python object (invisible to the tracer) and copied into a fresh leaf."""
 
     def __init__(self):
         super().__init__()
-        self.alphas = [torch.ones(1, requires_grad=True)]
+        self.arch = _ArchHolder()
+        self.arch.alpha = torch.ones(1, requires_grad=True)
 
     def forward(self, x):
-        w = self.alphas[0].detach().clone().requires_grad_()
+        w = self.arch.alpha.detach().clone().requires_grad_()
         return x * w
 
 

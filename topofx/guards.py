@@ -332,13 +332,14 @@ class Guards:
     def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
         """(where the root holds it now, graph-module owner, field) of every ``get_attr`` tensor that is
         (at capture) the root's own object: an attribute, or an element of a list or dict attribute."""
-        out = []
-        for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr"):
+        out, read = [], dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        for target in read:
             (gm_owner, field), (owner, _) = _owner(gm, target), _owner(self.root, target)
             if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
                 out.append((functools.partial(getattr, owner, field, None), gm_owner, field))
         for target, module, attr, key in gm.meta.get(_capture.HELD, ()):
-            out.append((functools.partial(_element, module, attr, key), *_owner(gm, target)))
+            if target in read:  # a pass may have dropped the read (a flag only a decision used)
+                out.append((functools.partial(_element, module, attr, key), *_owner(gm, target)))
         return out
 
     def shapes_allow(self, inputs: Sequence[Any]) -> bool:

@@ -20,9 +20,11 @@ methods of library code, a closure over a bare number rebound with ``nonlocal``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import dis
 import functools
+import gc
 import inspect
 import sys
 import types
@@ -48,6 +50,13 @@ class Read:
 
     def value(self) -> Any:
         return resolve(self.root, self.steps)
+
+    def __deepcopy__(self, memo: dict) -> "Read":
+        """A copy of the model (``copy.deepcopy``: DARTS-V2's unrolled model) reads its own modules and
+        the same outside world: a module root is copied with the model, any other root (a globals
+        dict, a scheduler object) is the very object the copy's forward reads."""
+        root = copy.deepcopy(self.root, memo) if isinstance(self.root, nn.Module) else memo.get(id(self.root), self.root)
+        return Read(root, self.steps, self.where)
 
 
 def _attr(obj: Any, name: str) -> Any:
@@ -157,11 +166,17 @@ class ReadRecorder:
 
     def __enter__(self) -> "ReadRecorder":
         self._outer = sys.gettrace()  # a debugger's or coverage's tracer pauses while the trace runs
+        # no automatic collection while recording: a gc callback (hypothesis, a profiler) would run
+        # inside some frame of the trace, and its reads are not forward's
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
         sys.settrace(self._on_call)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         sys.settrace(self._outer)
+        if self._gc_was_enabled:
+            gc.enable()
 
     def reads(self, skip: Callable[[Any, tuple], bool]) -> list[Read]:
         """The recorded paths that resolve to Python values worth guarding; ``skip(root, steps)``
