@@ -361,6 +361,71 @@ def test_alphas_in_a_list_stay_live(mode):
         torch.testing.assert_close(simplified(x), fresh(x))
 
 
+class EdgeRecord:
+    """An edge's data in a graph-based search space: attribute reads go to a private dict."""
+
+    def __init__(self, **fields):
+        self._fields = dict(fields)
+
+    def __getattr__(self, key):
+        if key.startswith("__") or key == "_fields":
+            raise AttributeError(key)
+        return self._fields[key]
+
+    def set(self, key, value):
+        self._fields[key] = value
+
+
+class CellGraph(nn.Module):
+    """A cell as a DAG of nodes 1 -> 2 -> 3 (plus 1 -> 3), an adjacency dict of edge records holding each
+    edge's candidates and its alpha; forward walks the nodes in order and sums their in-edges."""
+
+    def __init__(self):
+        super().__init__()
+        self._adj = {1: {2: None, 3: None}, 2: {3: None}, 3: {}}
+        for u, succ in self._adj.items():
+            for v in succ:
+                ops = _candidates()
+                self.add_module(f"edge_{u}_{v}", ops)
+                succ[v] = EdgeRecord(op=ops, alpha=nn.Parameter(1e-3 * torch.randn(3)))
+        self.head = nn.Linear(C, 3)
+
+    def edges(self):
+        return [(u, v, data) for u, succ in self._adj.items() for v, data in succ.items()]
+
+    def arch_parameters(self):
+        return [data.alpha for _, _, data in self.edges()]
+
+    def forward(self, x):
+        assert isinstance(x, dict) or isinstance(x, torch.Tensor)
+        states = {1: x}
+        for node in (2, 3):
+            inputs = []
+            for u, v, data in self.edges():
+                if v == node:
+                    w = torch.softmax(data.alpha, dim=-1)
+                    inputs.append(sum(wk * op(states[u]) for wk, op in zip(w, data.op)))
+            states[node] = sum(inputs)
+        return self.head(states[3].mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alphas_in_a_graphs_edge_records_stay_live(mode):
+    model, x = CellGraph(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.edges == 3
+    ours = simplified.original.arch_parameters()
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters(), candidate_arch_params=ours)
+    simplified(x).sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in ours)
+    record = simplified.original._adj[1][3]
+    record.set("alpha", nn.Parameter(torch.tensor([5.0, -5.0, 0.0])))  # a new tensor in the record
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+
+
 # --- forward that stores Python state on its first call (SNAS's resource counts) --------------------
 class CountedConv(nn.Module):
     def __init__(self):

@@ -283,20 +283,14 @@ class PythonCounter(nn.Module):
         return x * self.calls
 
 
-class _ArchHolder:
-    """A plain object: neither a module nor a container capture reads tensors out of."""
+ARCH = {"alpha": torch.ones(1, requires_grad=True)}  # module-level: no module holds it
 
 
 class CopiedArchWeights(nn.Module):
-    """Alphas kept on a plain Python object (invisible to the tracer) and copied into a fresh leaf."""
-
-    def __init__(self):
-        super().__init__()
-        self.arch = _ArchHolder()
-        self.arch.alpha = torch.ones(1, requires_grad=True)
+    """Alphas kept in a module-level dict (invisible to the tracer) and copied into a fresh leaf."""
 
     def forward(self, x):
-        w = self.arch.alpha.detach().clone().requires_grad_()
+        w = ARCH["alpha"].detach().clone().requires_grad_()
         return x * w
 
 

@@ -39,9 +39,11 @@ import inspect
 import math
 import operator
 import os
+import re
 import sys
 import sysconfig
 import traceback
+import types
 import warnings
 import weakref
 from collections import defaultdict
@@ -59,7 +61,7 @@ FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forw
 TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
 SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: (user frame, value) of decisions on shapes
 DECIDED_PER_CALL = "topofx_decided_per_call"  # GraphModule.meta key: paths of modules called as one node
-HELD = "topofx_held"  # GraphModule.meta key: (get_attr target, module, attribute, key) of tensors read out of containers
+HELD = "topofx_held"  # GraphModule.meta key: (get_attr target, module, path) of tensors read out of containers
 READS = "topofx_reads"  # GraphModule.meta key: the Reads of Python values outside the traced modules' attributes
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
@@ -1193,12 +1195,72 @@ def _same(a: Any, b: Any) -> bool:
 _MODULE_FIELDS = frozenset(vars(nn.Module()))  # _parameters, _buffers, _modules, hooks
 
 
-def _held_view(container: Any, slots: dict[Any, str], read: Callable[[str], Any]) -> Any:
-    """A copy of ``container`` (same type) whose tensors at ``slots`` are ``read(qualified name)``:
-    what forward sees while tracing, so ``self.alphas[i]`` is a live ``get_attr``, not a constant."""
-    if type(container) is dict:
-        return {k: read(slots[k]) if k in slots else v for k, v in container.items()}
-    return type(container)(read(slots[i]) if i in slots else v for i, v in enumerate(container))
+Path = tuple  # of steps ("attr", name) / ("item", key), as topofx.reads spells access paths
+_HELD_DEPTH = 6  # containers and plain objects walked below a module attribute (NASLib: graph -> edge -> data)
+
+
+def _walkable(obj: Any) -> bool:
+    """A plain object whose attributes may hold tensors forward reads (an edge's data record): not a
+    module, tensor, class, function or module, nor an instance of a library's class (torch's, stdlib's)."""
+    if isinstance(obj, (nn.Module, torch.Tensor, type, types.ModuleType)) or callable(obj):
+        return False
+    return hasattr(obj, "__dict__") and not _reads_nothing(getattr(sys.modules.get(type(obj).__module__), "__file__", None) or "<>")
+
+
+def _held_tensors(module: nn.Module, named: set[int]) -> Iterator[tuple[Path, torch.Tensor]]:
+    """(path, tensor) of every tensor ``module`` holds below a non-module attribute, through lists,
+    tuples, dicts (int or str keys) and plain objects' ``__dict__``s -- ``self.alphas[i]``, NASLib's
+    ``self._adj[u][v]._private["alpha"]`` -- that no module holds by name (``named``: read by that name)."""
+    seen: set[int] = set()
+
+    def walk(obj: Any, path: Path, depth: int) -> Iterator[tuple[Path, torch.Tensor]]:
+        if id(obj) in seen or depth > _HELD_DEPTH:
+            return
+        seen.add(id(obj))
+        if type(obj) is dict:
+            items = ((("item", k), v) for k, v in obj.items() if isinstance(k, (int, str)))
+        elif type(obj) in (list, tuple):
+            items = ((("item", i), v) for i, v in enumerate(obj))
+        elif _walkable(obj):
+            items = ((("attr", k), v) for k, v in vars(obj).items())
+        else:
+            return
+        for step, value in list(items):
+            if isinstance(value, torch.Tensor):
+                if id(value) not in named:
+                    yield (*path, step), value
+            elif not (type(obj) is tuple and type(value) is tuple):  # a tuple is replaced in its parent
+                yield from walk(value, (*path, step), depth + 1)
+
+    for name, value in list(vars(module).items()):
+        if name not in _MODULE_FIELDS and not isinstance(value, (torch.Tensor, nn.Module)):
+            yield from walk(value, (("attr", name),), 1)
+
+
+def _slot(module: nn.Module, path: Path) -> str:
+    """A fresh attribute name for a held tensor: ``topofx_held_`` + its path (``alphas_0``)."""
+    base = "topofx_held_" + re.sub(r"\W", "_", "_".join(str(key) for _, key in path))
+    slot, n = base, 1
+    while slot in vars(module) or slot in module._parameters or slot in module._buffers or slot in module._modules:
+        slot, n = f"{base}_{n}", n + 1
+    return slot
+
+
+def _container(module: nn.Module, path: Path) -> Any:
+    obj: Any = module
+    for kind, key in path:
+        obj = vars(obj)[key] if kind == "attr" else obj[key]
+    return obj
+
+
+def _put(container: Any, step: tuple[str, Any], value: Any) -> None:
+    """``container``'s element at ``step`` becomes ``value`` (a module's or plain object's attribute
+    without ``__setattr__``: no registration, no user code)."""
+    kind, key = step
+    if kind == "attr":
+        object.__setattr__(container, key, value) if isinstance(container, nn.Module) else vars(container).__setitem__(key, value)
+    else:
+        container[key] = value
 
 
 @contextlib.contextmanager
@@ -1206,12 +1268,12 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
     """Register plain tensor attributes as buffers (same objects) while tracing, so the graph reads them
     by name (live ``get_attr``) instead of freezing them as constants: plain-tensor alphas, masks that
     pruning or projection re-assign (``self._mask = new``, followed by ``topofx.guards``).  Tensors
-    held in a list, tuple or dict attribute (``self.alphas[i]``, appended per edge) are registered as
-    ``topofx_held_<attr>_<key>`` (parameters as parameters), recorded in ``gm.meta[HELD]``, so that
-    the guards follow an element the training loop replaces."""
+    held below an attribute, in lists, tuples, dicts or plain objects (``self.alphas[i]`` appended per
+    edge; an edge record in a graph-based model), are registered as ``topofx_held_<path>`` (parameters
+    as parameters) and recorded in ``gm.meta[HELD]``, so that the guards follow an element the training
+    loop replaces; while the trace runs, each sits at its place as its ``get_attr`` value."""
     moved: list[tuple[nn.Module, str, torch.Tensor]] = []
-    held: list[tuple[nn.Module, str, str, Any]] = []
-    views: list[tuple[nn.Module, str, Any, dict[Any, str]]] = []
+    held: list[tuple[nn.Module, str, Path]] = []
     named = {id(t) for m in model.modules()  # held elsewhere by name: read by that name (`self._arch_parameters`)
              for t in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()) if isinstance(t, torch.Tensor)}
     for prefix, module in model.named_modules():
@@ -1220,32 +1282,36 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
                 del module.__dict__[name]
                 module.register_buffer(name, value, persistent=False)
                 moved.append((module, f"{prefix}.{name}" if prefix else name, value))
-            elif type(value) in (list, tuple, dict) and name not in _MODULE_FIELDS:
-                slots = {}
-                for key, item in list(value.items() if type(value) is dict else enumerate(value)):
-                    if isinstance(item, torch.Tensor) and isinstance(key, (int, str)) and id(item) not in named:
-                        slot = f"topofx_held_{name}_{key}"
-                        table = module._parameters if isinstance(item, nn.Parameter) else module._buffers
-                        if slot not in vars(module) and slot not in table:
-                            table[slot] = item
-                            slots[key] = f"{prefix}.{slot}" if prefix else slot
-                            held.append((module, slots[key], name, key))
-                if slots:
-                    views.append((module, name, value, slots))
+        for path, tensor in list(_held_tensors(module, named)):
+            slot = _slot(module, path)
+            (module._parameters if isinstance(tensor, nn.Parameter) else module._buffers)[slot] = tensor
+            held.append((module, f"{prefix}.{slot}" if prefix else slot, path))
+    replaced: list[tuple[Any, tuple[str, Any], Any]] = []  # (container, step, original), innermost last
 
-    def install() -> None:  # once the tracer has its graph: forward reads get_attr nodes out of the views
-        for module, name, value, slots in views:
-            object.__setattr__(module, name, _held_view(value, slots, read))
+    def install() -> None:  # once the tracer has its graph: forward reads get_attr nodes at the tensors' places
+        for module, qualified, path in held:
+            *above, step = path
+            parent = _container(module, tuple(above))
+            if type(parent) is tuple:  # immutable: a copy takes its place in the grandparent
+                *top, tuple_step = above
+                grandparent = _container(module, tuple(top))
+                copy_ = list(parent)
+                copy_[step[1]] = read(qualified)
+                replaced.append((grandparent, tuple_step, parent))
+                _put(grandparent, tuple_step, tuple(copy_))
+            else:
+                replaced.append((parent, step, _container(parent, (step,))))
+                _put(parent, step, read(qualified))
     try:
-        yield [qualified for _, qualified, _ in moved], held, install
+        yield [qualified for _, qualified, _ in moved], [(q, m, p) for m, q, p in held], install
     finally:
-        for module, name, value, _ in views:
-            object.__setattr__(module, name, value)
+        for container, step, original in reversed(replaced):
+            _put(container, step, original)
         for module, qualified, value in moved:
             name = qualified.rsplit(".", 1)[-1]
             module._buffers.pop(name, None)
             object.__setattr__(module, name, value)
-        for module, qualified, _, _ in held:
+        for module, qualified, _ in held:
             slot = qualified.rsplit(".", 1)[-1]
             module._parameters.pop(slot, None)
             module._buffers.pop(slot, None)
@@ -1411,7 +1477,7 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         for name in loose:
             _unbuffer(gm, name)
         read_by_graph = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        gm.meta[HELD] = [(target, module, attr, key) for module, target, attr, key in held if target in read_by_graph]
+        gm.meta[HELD] = [(target, module, path) for target, module, path in held if target in read_by_graph]
         for target, *_ in gm.meta[HELD]:
             _unbuffer(gm, target)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
@@ -1714,10 +1780,10 @@ def verify_capture(
             if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
                 frame = node.meta.get("topofx_user_frame")
                 raise CaptureError(
-                    f"a tensor with autograd history, computed outside forward() or from a tensor the tracer "
-                    f"cannot see (one kept in a Python list or dict), was frozen into the graph "
+                    f"a tensor with autograd history, computed outside forward() or from a tensor no module "
+                    f"holds (a global, a closure), was frozen into the graph "
                     f"({node.target}{', used at ' + str(frame) if frame else ''}). Compute it inside forward() "
-                    "from the model's parameters, buffers or tensor attributes"
+                    "from the model's parameters, buffers or the tensors its modules hold"
                 )
     attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
     with preserved_state(model, tensors=attrs):

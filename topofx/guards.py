@@ -139,12 +139,16 @@ def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
     return obj, field
 
 
-def _element(module: nn.Module, attr: str, key: Any) -> Any:
-    """``module.attr[key]`` now (``None`` when it is gone)."""
+def _element(module: nn.Module, path: tuple) -> Any:
+    """What ``module`` holds at ``path`` now (``None`` when it is gone): attributes through
+    ``__dict__``, items by key, as capture found them."""
+    obj: Any = module
     try:
-        return vars(module)[attr][key]
+        for kind, key in path:
+            obj = vars(obj)[key] if kind == "attr" else obj[key]
     except (KeyError, IndexError, TypeError):
         return None
+    return obj
 
 
 def _rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
@@ -280,7 +284,7 @@ class Guards:
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
-        self.live = _live_tensors(root) | {id(_element(m, a, k)) for _, m, a, k in gm.meta.get(_capture.HELD, ())}
+        self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(_capture.HELD, ())}
         self.scalars = _scalars(self.traced, self.live)
         self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())]
         self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
@@ -337,9 +341,9 @@ class Guards:
             (gm_owner, field), (owner, _) = _owner(gm, target), _owner(self.root, target)
             if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
                 out.append((functools.partial(getattr, owner, field, None), gm_owner, field))
-        for target, module, attr, key in gm.meta.get(_capture.HELD, ()):
+        for target, module, path in gm.meta.get(_capture.HELD, ()):
             if target in read:  # a pass may have dropped the read (a flag only a decision used)
-                out.append((functools.partial(_element, module, attr, key), *_owner(gm, target)))
+                out.append((functools.partial(_element, module, path), *_owner(gm, target)))
         return out
 
     def shapes_allow(self, inputs: Sequence[Any]) -> bool:
