@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import topofx
-from topofx import capture
 from topofx.guards import _Check, _snapshot
 
 
@@ -255,10 +254,13 @@ def test_copy_checks_its_own_model():
     torch.testing.assert_close(simplified(x), model(x))
 
 
-def test_tensor_only_calls_bind_once_per_argument_count():
+def test_tensor_only_calls_bind_once():
+    """A call of tensors alone binds to ``forward``'s signature at its first call; later ones with as many
+    tensors are served without binding; others bind as before."""
     model, simplified, x = _simplified()
-    key = capture.call_key(model, (x,))
-    assert capture.call_key(model, (x,)) is key  # cached
-    assert capture._call_key(model, (x,)) == key  # what binding gives
-    with pytest.raises(TypeError):
-        capture.call_key(model, (x, x))
+    assert "tensor_call" not in simplified.__dict__
+    simplified(x)
+    assert simplified.__dict__["tensor_call"] == (type(model).forward, 1)
+    assert simplified.serving((x,), {}) is simplified
+    assert simplified.serving((x, x), {}) is model  # forward() rejects it: the original raises the user's own error
+    assert simplified.serving((), {"x": x}) is simplified  # keywords: bound, the same choice

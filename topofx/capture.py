@@ -1152,28 +1152,10 @@ def bind_call(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | No
     return bound
 
 
-_TENSOR_CALL_KEYS: "weakref.WeakKeyDictionary[Callable, dict[int, tuple]]" = weakref.WeakKeyDictionary()
-"""Per forward function, by number of arguments: the :func:`call_key` of a call with tensors alone and
-no keywords -- every such call binds the same way (to the signature, cached per function)."""
-
-
 def call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple | None:
     """What selects a captured graph for a call of ``model``: the type and value of every non-tensor
     argument (defaults included) and which arguments are tensors; ``None`` when a value cannot be
     compared by hash (a list, a dict).  Raises ``TypeError`` when the call does not fit ``forward``."""
-    function = getattr(model.forward, "__func__", None)
-    if not kwargs and function is not None and all(isinstance(a, torch.Tensor) for a in args):
-        known = _TENSOR_CALL_KEYS.get(function)
-        if known is not None and len(args) in known:
-            return known[len(args)]
-        key = _call_key(model, args, kwargs)
-        if key is not None:
-            _TENSOR_CALL_KEYS.setdefault(function, {})[len(args)] = key
-        return key
-    return _call_key(model, args, kwargs)
-
-
-def _call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple | None:
     if _has_var_args(model):
         items = [*enumerate(args), *sorted((kwargs or {}).items())]
     else:
