@@ -468,10 +468,10 @@ def test_overhead_command_prints_a_number_for_a_zoo_model(monkeypatch, capsys):
     assert bench.main(["gdas-style", "--overhead", "--calls", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("gdas-style"))
-    size, overhead, arch_step, graph_ms = row.split()[1:5]
+    size, overhead, arch_step, warm, graph_ms = row.split()[1:6]
     assert int(size) == bench.OVERHEAD_SIZES[0] and float(graph_ms) > 0
-    float(overhead), float(arch_step)  # numbers (whatever they are: no test asserts a time)
-    assert "overhead us" in out and "arch step us" in out
+    float(overhead), float(arch_step), float(warm)  # numbers (whatever they are: no test asserts a time)
+    assert "overhead us" in out and "arch step us" in out and "warm us" in out
 
 
 def test_overhead_of_every_zoo_model_without_a_name(monkeypatch, capsys):
@@ -479,14 +479,14 @@ def test_overhead_of_every_zoo_model_without_a_name(monkeypatch, capsys):
 
     def fake(name, calls):
         seen.append((name, calls))
-        return bench.OverheadRow(name, 8, 12.0, 34.0, 5.0, calls)
+        return bench.OverheadRow(name, 8, 12.0, 34.0, 5.0, calls, "", 56.0)
 
     monkeypatch.setattr(bench, "overhead", fake)
     assert bench.main(["--overhead", "--calls", "7", "--no-progress"]) == 0
     names = bench._zoo().names()
     assert seen == [(n, 7) for n in names]
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in [[n] for n in names]]
-    assert [r[0] for r in rows] == names and all(r[2:4] == ["12", "34"] for r in rows)
+    assert [r[0] for r in rows] == names and all(r[2:5] == ["12", "34", "56"] for r in rows)
 
 
 def test_overhead_of_a_model_that_does_not_graph(monkeypatch):

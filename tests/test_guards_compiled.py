@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import topofx
-from topofx import capture
 from topofx.guards import _Check, _snapshot
 
 
@@ -188,6 +187,35 @@ def test_value_decisions_agree_with_node_by_node_evaluation():
         assert guard.holds(model) == (not guard.changed(model))
 
 
+class _TableDecision(nn.Module):
+    """A value decision on a tensor read out of a dict: an FX constant of the graph module, the same object."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.table = {"normal": torch.tensor([1.0, 0.0])}
+        self.convs = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)])
+
+    def forward(self, x):
+        weights = self.alpha.softmax(-1) * self.table["normal"]
+        return sum(w * conv(x) for w, conv in zip(weights, self.convs) if w != 0)
+
+
+def test_value_decision_on_a_constant_held_by_the_graph_module():
+    torch.manual_seed(0)
+    model, x = _TableDecision(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = simplified.guards.value_guard
+    assert guard.holds(model) and guard.holds(model)  # the second: the tensors read are unchanged
+    assert any(not hasattr(model, target) for target in guard._batched[id(model)][1].leaves)  # the constant
+    graph = simplified.graph_module
+    model.table["normal"][1] = 1.0  # in place: the graph module's constant is this tensor
+    assert not guard.holds(model)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.graph_module is not graph
+
+
 class _DecideThenWrite(nn.Module):
     """A decision on an element taken before an in-place write into its tensor: batching the ops after
     the write would read the written value."""
@@ -255,10 +283,13 @@ def test_copy_checks_its_own_model():
     torch.testing.assert_close(simplified(x), model(x))
 
 
-def test_tensor_only_calls_bind_once_per_argument_count():
+def test_tensor_only_calls_bind_once():
+    """A call of tensors alone binds to ``forward``'s signature at its first call; later ones with as many
+    tensors are served without binding; others bind as before."""
     model, simplified, x = _simplified()
-    key = capture.call_key(model, (x,))
-    assert capture.call_key(model, (x,)) is key  # cached
-    assert capture._call_key(model, (x,)) == key  # what binding gives
-    with pytest.raises(TypeError):
-        capture.call_key(model, (x, x))
+    assert "tensor_call" not in simplified.__dict__
+    simplified(x)
+    assert simplified.__dict__["tensor_call"] == (type(model).forward, 1)
+    assert simplified.serving((x,), {}) is simplified
+    assert simplified.serving((x, x), {}) is model  # forward() rejects it: the original raises the user's own error
+    assert simplified.serving((), {"x": x}) is simplified  # keywords: bound, the same choice

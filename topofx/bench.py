@@ -53,7 +53,8 @@ Command line::
     What a call of the simplified module costs beyond its graph run (binding the call, the guards,
     ...): each call is timed whole and its graph run inside it too, and the median of the
     differences is reported in microseconds (tiny input, train mode, ``no_grad``) -- for calls with
-    nothing changed in between, and for calls after an in-place change of the architecture weights.
+    nothing changed in between, and for calls after an in-place change of the architecture weights;
+    and the same calls back to back with the graph run left out (caches warm).
 """
 
 from __future__ import annotations
@@ -706,6 +707,7 @@ class OverheadRow:
     graph_ms: float  # median time in the graph run
     calls: int
     note: str = ""
+    warm_us: float = float("nan")  # median call time with the graph run left out (its output returned): caches warm
 
 
 def _smallest_simplified(zoo: types.ModuleType, name: str, batch_size: int, mode: str,
@@ -751,8 +753,10 @@ def overhead(
     ``calls`` calls (after ``warmup``) of their difference, so the graph's own noise cancels call by call.
     Measured twice: calls in a row with nothing changed in between, and calls each preceded (untimed)
     by an in-place change of every architecture weight (``+-1e-4``, as a search step does), which the
-    guards must evaluate anew.  Train mode, under ``no_grad``, garbage collector paused; ``batch_size``
-    and the smallest of ``sizes`` that the model takes and ``simplify`` graphs."""
+    guards must evaluate anew.  A graph run leaves little of what the checks read in the CPU's caches:
+    a third figure, ``warm_us``, times calls whose graph run is left out (its last output returned),
+    back to back -- the checks' own work.  Train mode, under ``no_grad``, garbage collector paused;
+    ``batch_size`` and the smallest of ``sizes`` that the model takes and ``simplify`` graphs."""
     import warnings
 
     zoo = _zoo()
@@ -801,19 +805,28 @@ def overhead(
                     notes.append(f"{recaptures} of {calls} {what} captured the model again")
                 if step and not alphas:
                     notes.append("no architecture weights found to change")
+            output = _call(simplified, inputs)
+            simplified.__dict__["_run_graph"] = lambda *args, **kwargs: output
+            warm = []
+            for i in range(warmup + calls):
+                start = time.perf_counter()
+                _call(simplified, inputs)
+                warm.append(time.perf_counter() - start)
     finally:
         simplified.__dict__.pop("_run_graph", None)
-    return OverheadRow(name, size, figures[0][0], figures[1][0], figures[0][1], calls, "; ".join(notes))
+    return OverheadRow(name, size, figures[0][0], figures[1][0], figures[0][1], calls, "; ".join(notes),
+                       statistics.median(warm[warmup:]) * 1e6)
 
 
 def format_overhead(rows: Sequence[OverheadRow], title: str = "") -> str:
     """The rows of :func:`overhead` as a table."""
     lines = [title] if title else []
-    lines.append(f"{'model':<20}  {'input':>5}  {'overhead us':>11}  {'arch step us':>12}  {'graph ms':>8}  note")
-    lines.append(f"{'-' * 20}  {'-' * 5}  {'-' * 11}  {'-' * 12}  {'-' * 8}  ----")
+    lines.append(f"{'model':<20}  {'input':>5}  {'overhead us':>11}  {'arch step us':>12}  {'warm us':>7}  "
+                 f"{'graph ms':>8}  note")
+    lines.append(f"{'-' * 20}  {'-' * 5}  {'-' * 11}  {'-' * 12}  {'-' * 7}  {'-' * 8}  ----")
     for r in rows:
         lines.append(f"{r.name:<20}  {r.image_size or '-':>5}  {r.overhead_us:>11.0f}  {r.arch_step_us:>12.0f}  "
-                     f"{r.graph_ms:>8.2f}  {r.note}".rstrip())
+                     f"{r.warm_us:>7.0f}  {r.graph_ms:>8.2f}  {r.note}".rstrip())
     return "\n".join(lines)
 
 
@@ -894,9 +907,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.bench"
         torch.set_num_threads(args.threads)
     if args.overhead:
         print(f"per-call overhead of simplify(model) over its graph run (median us of call time minus graph time; "
-              f"arch step: every architecture weight changed in place before each call): topo mode, train mode, "
-              f"no_grad, batch 2, {args.calls} calls each, torch {torch.__version__}, {torch.get_num_threads()} threads",
-              flush=True)
+              f"arch step: every architecture weight changed in place before each call; warm: calls back to back "
+              f"with the graph run left out): topo mode, train mode, no_grad, batch 2, {args.calls} calls each, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
         rows = []
         for name in [args.name] if args.name else names:
             row = overhead(name, calls=args.calls)

@@ -1040,6 +1040,7 @@ class _BatchedDecisions:
         graph.output(tuple(values))
         self.clone = any(mutates(n) for n in graph.nodes)  # writes in place (DARTS-PT's projected rows): into copies
         self.forward = fx.GraphModule(nn.Module(), graph).forward
+        self.read = _reader(self.leaves, [guard.held[target] for target in self.leaves])
         # (output, shape of the whole tensor, flat indices, the capture's bools) per group of decisions
         self.groups: list[tuple[int, torch.Size, torch.Tensor, torch.Tensor]] = []
         # (output, convert, expected) per distinct single decision
@@ -1063,7 +1064,10 @@ class _BatchedDecisions:
             return None
 
     def _leaves(self, guard: "ValueGuard", root: nn.Module) -> list[Any]:
-        return [guard.leaf(root, target) for target in self.leaves]
+        try:
+            return self.read(root)
+        except AttributeError:  # one is not the model's any more: read one by one (the graph module's constant)
+            return [guard.leaf(root, target) for target in self.leaves]
 
     def _run(self, leaves: list[Any]) -> tuple:
         if self.clone:
@@ -1073,9 +1077,9 @@ class _BatchedDecisions:
     def holds(self, guard: "ValueGuard", root: nn.Module) -> bool:
         leaves = self._leaves(guard, root)
         memo = self.memo
+        if memo is not None and all(map(_same_tensor, leaves, memo)):
+            return True
         with torch.no_grad():
-            if memo is not None and all(map(_same_tensor, leaves, memo)):
-                return True
             outputs = self._run(leaves)
             for g, (k, shape, indices, expected) in enumerate(self.groups):
                 whole = outputs[k]
@@ -1091,6 +1095,26 @@ class _BatchedDecisions:
             if all(isinstance(x, torch.Tensor) for x in leaves):
                 self.memo = [x.detach().clone() for x in leaves]
         return True
+
+
+def _reader(targets: list[str], held: list[Any]) -> Callable[[nn.Module], list[Any]]:
+    """A generated function that reads ``targets`` (dotted attribute paths) off a model, each module on
+    the way read once (``cells.3.op_size`` and ``cells.4.op_size`` read ``cells`` once), and ``held``'s
+    object where the last module lacks the attribute (:meth:`ValueGuard.leaf`; AttributeError where a
+    module on the way is gone)."""
+    lines, names = [], {(): "root"}
+    for target in targets:
+        *path, _ = target.split(".")
+        for depth in range(1, len(path) + 1):
+            if tuple(path[:depth]) not in names:
+                names[tuple(path[:depth])] = name = f"_m{len(names)}"
+                lines.append(f"    {name} = getattr({names[tuple(path[:depth - 1])]}, {path[depth - 1]!r})")
+    reads = ", ".join(f"getattr({names[tuple(t.split('.')[:-1])]}, {t.split('.')[-1]!r}, _held[{i}])"
+                      for i, t in enumerate(targets))
+    namespace: dict[str, Any] = {"_held": held}
+    exec(compile("def read(root):\n" + "".join(line + "\n" for line in lines) + f"    return [{reads}]\n",  # noqa: S102
+                 "<topofx value guard>", "exec"), namespace)
+    return namespace["read"]
 
 
 def _same_tensor(now: torch.Tensor, then: torch.Tensor) -> bool:
@@ -1348,28 +1372,10 @@ def bind_call(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | No
     return bound
 
 
-_TENSOR_CALL_KEYS: "weakref.WeakKeyDictionary[Callable, dict[int, tuple]]" = weakref.WeakKeyDictionary()
-"""Per forward function, by number of arguments: the :func:`call_key` of a call with tensors alone and
-no keywords -- every such call binds the same way (to the signature, cached per function)."""
-
-
 def call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple | None:
     """What selects a captured graph for a call of ``model``: the type and value of every non-tensor
     argument (defaults included) and which arguments are tensors; ``None`` when a value cannot be
     compared by hash (a list, a dict).  Raises ``TypeError`` when the call does not fit ``forward``."""
-    function = getattr(model.forward, "__func__", None)
-    if not kwargs and function is not None and all(isinstance(a, torch.Tensor) for a in args):
-        known = _TENSOR_CALL_KEYS.get(function)
-        if known is not None and len(args) in known:
-            return known[len(args)]
-        key = _call_key(model, args, kwargs)
-        if key is not None:
-            _TENSOR_CALL_KEYS.setdefault(function, {})[len(args)] = key
-        return key
-    return _call_key(model, args, kwargs)
-
-
-def _call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> tuple | None:
     if _has_var_args(model):
         items = [*enumerate(args), *sorted((kwargs or {}).items())]
     else:

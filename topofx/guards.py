@@ -199,7 +199,7 @@ class _Check:
 
     def __init__(self) -> None:
         self.names: dict[str, Any] = {"_snapshot": _snapshot, "Tensor": torch.Tensor, "_MISSING": _MISSING,
-                                      "_chain": itertools.chain.from_iterable, "_equal": torch.equal}
+                                      "_chain": itertools.chain.from_iterable, "_equal": torch.equal, "_is": operator.is_}
         self.conditions: list[str] = []
         self._ids: dict[int, str] = {}
         self._shared: dict[int, tuple[str, Any]] = {}  # id of a container read -> (its name, its snapshot)
@@ -243,22 +243,30 @@ class _Check:
         if kind == "tensor":  # a tensor the graph reads live: by identity (its id is in ``live``)
             return f"isinstance({head}, Tensor) and id({v}) == {value}"
         if kind in (list, tuple):
-            # in C: the items' types, then (numbers, names and None only: no tensor's ==) their values
+            # in C: the very items of the snapshot (no item read), else the items' types, then (numbers,
+            # names and None only: no tensor's ==) their values
             if all(_is_scalar(item) for item in value):
-                return (f"type({head}) is {kind.__name__} and list(map(type, {v})) == {self.bind([t for t, _ in value])} "
-                        f"and {v} == {self.bind(kind(x for _, x in value))}")
+                items = self.bind([x for _, x in value])
+                return (f"type({head}) is {kind.__name__} and len({v}) == {len(value)} and (all(map(_is, {v}, {items})) "
+                        f"or (list(map(type, {v})) == {self.bind([t for t, _ in value])} and list({v}) == {items}))")
             if all(_is_flat(item) for item in value):  # lists of lists of numbers or names (DARTS-PT's primitives)
-                return (f"type({head}) is {kind.__name__} and list(map(type, {v})) == {self.bind([t for t, _ in value])} "
-                        f"and list(map(type, _chain({v}))) == {self.bind([t for _, row in value for t, _ in row])} "
-                        f"and {v} == {self.bind(kind(t(x for _, x in row) for t, row in value))}")
+                rows = self.bind([t for t, _ in value])
+                leaves = self.bind([x for _, row in value for _, x in row])
+                return (f"type({head}) is {kind.__name__} and list(map(type, {v})) == {rows} and "
+                        f"list(map(len, {v})) == {self.bind([len(row) for _, row in value])} and "
+                        f"(all(map(_is, _chain({v}), {leaves})) or "
+                        f"(list(map(type, _chain({v}))) == {self.bind([t for _, row in value for t, _ in row])} "
+                        f"and list(_chain({v})) == {leaves}))")
             items = [self._same(f"{v}[{i}]", item, live, depth + 1) for i, item in enumerate(value)]
             return " and ".join([f"type({head}) is {kind.__name__}", f"len({v}) == {len(value)}", *map("({})".format, items)])
         if kind is dict:
             keys = tuple(k for k, _ in value)
             if all(_is_scalar(item) for _, item in value):
+                items = self.bind([x for _, (_, x) in value])
                 return (f"type({head}) is dict and tuple({v}) == {self.bind(keys)} and "
-                        f"list(map(type, {v}.values())) == {self.bind([t for _, (t, _) in value])} and "
-                        f"list({v}.values()) == {self.bind([x for _, (_, x) in value])}")
+                        f"(all(map(_is, {v}.values(), {items})) or "
+                        f"(list(map(type, {v}.values())) == {self.bind([t for _, (t, _) in value])} and "
+                        f"list({v}.values()) == {items}))")
             items = [self._same(f"{v}[{self.bind(k)}]", item, live, depth + 1) for k, item in value]
             return " and ".join([f"type({head}) is dict", f"len({v}) == {len(value)}",
                                  f"tuple({v}) == {self.bind(keys)}", *map("({})".format, items)])

@@ -177,6 +177,10 @@ class SimplifiedModule(nn.Module):
         defaults included) are the ones it was captured with, otherwise a graph captured for theirs
         (once per choice, kept) -- or the original's eager forward, with a warning, for a value that
         cannot be a cache key, or past ``MAX_GRAPHS`` choices."""
+        function = getattr(self.original.forward, "__func__", None)
+        tensors_only = not kwargs and function is not None and all(isinstance(a, torch.Tensor) for a in args)
+        if tensors_only and self.__dict__.get("tensor_call") == (function, len(args)):
+            return self  # tensors alone bind to forward's signature (cached per function) the same way every time
         try:
             key = _capture.call_key(self.original, args, kwargs)
         except TypeError:  # a call forward() rejects: the original raises the user's own error
@@ -185,6 +189,8 @@ class SimplifiedModule(nn.Module):
             return self._eager_for("an argument value that cannot be told apart by hash (a list or a dict)",
                                    "Pass a tuple, number, string or tensor to have each choice captured.")
         if key == self.__dict__.get("call_key", key):
+            if tensors_only:
+                self.__dict__["tensor_call"] = (function, len(args))
             return self
         others = self.__dict__.setdefault("other_graphs", {})
         if key not in others:
