@@ -16,17 +16,15 @@ from typing import Any, Hashable
 import torch
 import torch.fx as fx
 
-from topofx.config import module_config
-from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, reads_mutated
+from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, reads_mutated, stateless_module_key
 
 
 def _key(node: fx.Node, gm: fx.GraphModule) -> Hashable | None:
     if node.op not in ("call_module", "call_function", "call_method") or not is_pure(node, gm):
         return None
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        target: Any = module_config(mod)
-        if target is None or any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+        target: Any = stateless_module_key(node, gm)
+        if target is None:
             return None
     else:
         target = node.target

@@ -151,6 +151,19 @@ def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
     return True
 
 
+def stateless_module_key(node: fx.Node, gm: fx.GraphModule) -> Any:
+    """The :func:`~topofx.config.module_config` of a pure module call without parameters or buffers
+    (a stock ``nn.Softmax``, ``nn.ReLU``, pooling), or None: two calls with equal keys on equal
+    arguments compute one value.  Prefix sharing merges such calls and value numbering
+    (:class:`topofx.topology.ValueNumbering`) numbers them alike, by this one test."""
+    if node.op != "call_module" or not is_pure(node, gm):
+        return None
+    mod = gm.get_submodule(node.target)
+    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
+        return None
+    return module_config(mod)
+
+
 def is_stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A pure one-argument module call without parameters (a pooling); ``is_pure`` already rules
     out unknown user modules."""

@@ -77,7 +77,8 @@ def at_vertex(gm: fx.GraphModule, choice: dict[Any, float], number: ValueNumberi
     Speculation checks (``capture.SpeculationFailed``) are left out: the vertex is not a draw.
     ``live`` tensor attributes (an adapter's samples) are detached in the copy: the vertex fixes the
     weights they carry, and each run of the check must not backpropagate into one shared sample."""
-    graph = copy.deepcopy(gm.graph)
+    vertex = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # owns the copy: numbering looks modules up in it
+    graph = vertex.graph
     for node in list(graph.nodes):  # the vertex is no draw: decisions speculated on draws are not checked
         if node.op == "call_function" and node.target is speculation_check:
             graph.erase_node(node)
@@ -91,7 +92,7 @@ def at_vertex(gm: fx.GraphModule, choice: dict[Any, float], number: ValueNumberi
         with graph.inserting_after(zero):
             fixed = graph.call_function(operator.add, (zero, choice[key]))
         node.replace_all_uses_with(fixed, delete_user_cb=lambda user: user is not zero)
-    vertex = fx.GraphModule(gm, graph)
+    vertex.recompile()
     for name in live:
         setattr(vertex, name, getattr(gm, name).detach())
     vertex.train(gm.training)

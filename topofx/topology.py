@@ -298,12 +298,30 @@ def mutates(node: fx.Node) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is True
 
 
+def _stateless_config(node: fx.Node) -> Any:
+    """The configuration by which prefix sharing merges a stateless module call (the softmax module
+    of one cell and of another, on one shared architecture row), or None; None where the node's
+    graph has no owning module to look the module up in."""
+    from .rewrite import stateless_module_key  # (rewrite imports this module)
+
+    gm = node.graph.owning_module
+    if gm is None:
+        return None
+    try:
+        return stateless_module_key(node, gm)
+    except AttributeError:  # a target the owning module does not hold
+        return None
+
+
 class ValueNumbering:
     """Value numbering: equal numbers for nodes that compute the same value from the same attributes
     and inputs (``w[0]`` written twice is one row, and stays one after prefix sharing merges it).
-    Module calls, random draws, in-place writes and values written in place are each their own value
-    (two Gumbel draws of one expression are two rows), named by their node: one instance numbers
-    several copies of a graph consistently (the graph as captured, its rewritten and copied versions).
+    Stateless module calls (no parameters or buffers, a known configuration: ``nn.Softmax(-1)``) number
+    by their configuration and arguments, as prefix sharing merges them: two cells' softmax modules on
+    one shared architecture row are one row.  Other module calls, random draws, in-place writes and
+    values written in place are each their own value (two Gumbel draws of one expression are two rows),
+    named by their node: one instance numbers several copies of a graph consistently (the graph as
+    captured, its rewritten and copied versions).
     """
 
     def __init__(self) -> None:
@@ -316,8 +334,12 @@ class ValueNumbering:
         if node not in self._nodes:
             if node.op in ("get_attr", "placeholder"):
                 key: tuple = (node.op, str(node.target))
-            elif node.op == "call_module" or draws(node) or mutates(node) or any(mutates(u) for u in node.users):
+            elif draws(node) or mutates(node) or any(mutates(u) for u in node.users):
                 key = ("unique", node.name)
+            elif node.op == "call_module":
+                config = _stateless_config(node)
+                key = ("unique", node.name) if config is None else (
+                    "call_module", config, repr(fx.node.map_aggregate((node.args, tuple(sorted(node.kwargs.items()))), self)))
             else:
                 target = node.target if isinstance(node.target, str) else \
                     f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', node.target)}"
