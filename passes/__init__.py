@@ -2,6 +2,8 @@
 
 ``canonical_joins`` runs once before the others, on the graph as captured (``simplify``'s
 ``canonicalize``): it rewrites joins written other than as ``+`` chains into them (exact).
+Both pipelines start with ``functional_modules`` (exact): functional ``conv2d`` / ``batch_norm``
+calls on the model's own whole tensors become the stock modules the other passes match.
 ``EXACT_PASSES`` keep outputs, gradients and BN statistics equal to the original's;
 ``TOPO_PASSES`` add the TopoNAS floating/merge rewrite (vertex-exact).
 After the rewrites reach their fixpoint, ``simplify`` lowers the result: ``TOPO_LOWERING`` in topo
@@ -11,6 +13,7 @@ A pass that serves some devices only says which in ``pass.devices`` (and why, in
 ``simplify`` runs it only when the model runs on one of them (``for_device``); the rewrites serve all.
 """
 from .canonical_joins import canonical_joins
+from .functional_modules import functional_modules
 from .zero_elimination import zero_elimination
 from .prefix_sharing import prefix_sharing
 from .horizontal_fusion import horizontal_fusion
@@ -23,9 +26,9 @@ from .weighted_sum import weighted_sum
 from .depthwise_layout import depthwise_layout
 from .depthwise_recompute import depthwise_recompute
 
-EXACT_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
+EXACT_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
-TOPO_PASSES = (zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion)
+TOPO_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion)
 TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout, depthwise_recompute)
 
 
@@ -35,4 +38,4 @@ def for_device(passes: tuple, device_type: str) -> tuple:
     return tuple(p for p in passes if device_type in getattr(p, "devices", (device_type,)))
 
 
-__all__ = ["for_device", "canonical_joins", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["for_device", "canonical_joins", "functional_modules", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

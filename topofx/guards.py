@@ -352,6 +352,11 @@ class Guards:
         for target, module, path in gm.meta.get(_capture.HELD, ()):
             if target in read:  # a pass may have dropped the read (a flag only a decision used)
                 out.append((functools.partial(_element, module, path), *_owner(gm, target)))
+        for lowered in gm.modules():  # a functional call lowered to a module holds the root's tensors itself
+            for field, target in getattr(lowered, "_topofx_tensors", {}).items():  # (passes/functional_modules.py)
+                owner, name = _owner(self.root, target)
+                if owner is not None and getattr(lowered, field, None) is getattr(owner, name, None) is not None:
+                    out.append((functools.partial(getattr, owner, name, None), lowered, field))
         return out
 
     def shapes_allow(self, inputs: Sequence[Any]) -> bool:

@@ -87,7 +87,8 @@ class FusedBatchNorm2d(nn.Module):
         if any(b.training != first.training for b in bns):
             return False
         if first.momentum is None and first.track_running_stats:
-            return len({int(b.num_batches_tracked) for b in bns}) == 1
+            counts = {None if b.num_batches_tracked is None else int(b.num_batches_tracked) for b in bns}
+            return len(counts) == 1
         return True
 
     @staticmethod
@@ -122,9 +123,11 @@ class FusedBatchNorm2d(nn.Module):
         update = first.training and tracked
         factor = 0.0
         if update:
-            for bn in bns:
-                bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(first.num_batches_tracked) if first.momentum is None else first.momentum
+            for bn in bns:  # (a lowered functional BN has no counter: its momentum is a number)
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.add_(1)
+            factor = first.momentum if first.momentum is not None else (
+                1.0 / float(first.num_batches_tracked) if first.num_batches_tracked is not None else 0.0)
         elif first.training:
             factor = first.momentum if first.momentum is not None else 0.0
         mean = torch.cat([b.running_mean for b in bns]) if tracked else None

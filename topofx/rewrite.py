@@ -441,11 +441,19 @@ def _sig(value: Any) -> Any:
     return "?" if value is UNKNOWN else type(value).__name__
 
 
+_FUNCTIONAL_CONV = {torch.conv1d, torch.conv2d, torch.conv3d, nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d}
+_FUNCTIONAL_BN = {nn.functional.batch_norm, torch.batch_norm}
+
+
 def node_counts(gm: fx.GraphModule) -> dict[str, int]:
-    """Nodes, convolutions and batch norms in the graph (fused modules count their parts once)."""
+    """Nodes, convolutions and batch norms in the graph (fused modules count their parts once;
+    functional ``conv2d`` / ``batch_norm`` calls count as the modules they compute)."""
     counts = {"nodes": 0, "conv": 0, "bn": 0}
     for node in gm.graph.nodes:
         counts["nodes"] += 1
+        if node.op == "call_function":
+            counts["conv"] += node.target in _FUNCTIONAL_CONV
+            counts["bn"] += node.target in _FUNCTIONAL_BN
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             counts["conv"] += isinstance(mod, nn.modules.conv._ConvNd) or getattr(mod, "is_conv", False)

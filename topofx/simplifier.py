@@ -26,6 +26,7 @@ from . import capture as _capture
 from .adapters import RelaxedForward, adapter_for
 from .guards import Guards, retraces_same
 from .modules import MergedConvBN, to_channels_last
+from .passes.functional_modules import SERVED_TRAINING
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .selfcheck import SelfCheck
@@ -443,6 +444,8 @@ def simplify(
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
     captured_code = _capture.fingerprint(gm)
+    branches_on_training = _branches_on_training(root, example_inputs, captured_code)
+    gm.meta[SERVED_TRAINING] = root.training if branches_on_training else None  # passes/functional_modules.py
     before = node_counts(gm)
     canonical = canonicalize(gm, root, example_inputs, live)
     topology = analyze(gm.graph, root)
@@ -458,7 +461,8 @@ def simplify(
     sparse = SparseForward(gm, live) if sampled else None
     problem = problem or (sparse.check(gm, check_inputs) if sparse and check else None)
     if problem:
-        _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict)
+        _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict,
+                gm.meta[SERVED_TRAINING])
         if adapter:
             root.release(gm)
         report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
@@ -473,7 +477,6 @@ def simplify(
     simplified = SimplifiedModule(model, gm, report, example_inputs)
     if adapter:
         root.release(gm)  # samples drawn while verifying and rewriting
-    branches_on_training = _branches_on_training(root, example_inputs, captured_code)
     simplified.__dict__.update(relaxed=root if adapter else None, sparse=sparse, lowered_for=lowered_for,
                                options=dict(mode=mode, strict=strict, check=check, layout=layout),
                                call_key=_capture.call_key(model, example_inputs),
@@ -559,10 +562,11 @@ def _warn_rejected(name: str, runs: list) -> None:
 
 
 def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, check_inputs: tuple, mode: str, passes: tuple,
-            lowering: tuple, live: Sequence[str], problem: str, strict: bool) -> None:
+            lowering: tuple, live: Sequence[str], problem: str, strict: bool, served: bool | None = None) -> None:
     """The self-check failed: find the pass that introduced the difference (simplify again from a
     fresh capture, checking after every pass) and warn, or raise under ``strict``."""
     gm = _capture.capture(root, example_inputs, strict=True, live_attrs=live).graph_module
+    gm.meta[SERVED_TRAINING] = served
     canonicalize(gm, root, example_inputs, live)
     check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode, live)
     runs = _rewrite(gm, root, passes, lowering, example_inputs,
