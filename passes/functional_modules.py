@@ -155,21 +155,22 @@ def _conv(ctx: PassContext, node: fx.Node) -> tuple[nn.Module, dict[str, str]] |
     return conv, fields
 
 
-def _read_only_here(ctx: PassContext, node: fx.Node, tensors: list[torch.Tensor]) -> bool:
+def _read_only_here(ctx: PassContext, node: fx.Node, tensors: list[torch.Tensor], readers: dict) -> bool:
     """Whether no other node of the graph reads these tensors' values (every ``get_attr`` of them is
     used by ``node`` alone, or only for its shape): their in-place statistics update then has no
-    reader to be ordered against, and no other call updates them."""
-    ids = {id(t) for t in tensors}
-    for other in ctx.gm.graph.nodes:
-        if other.op != "get_attr":
-            continue
-        _, _, held = _lookup(ctx.gm, other.target)
-        if id(held) in ids and any(u is not node and not reads_metadata(u) for u in other.users):
-            return False
-    return sum(a.op == "get_attr" and id(_lookup(ctx.gm, a.target)[2]) in ids for a in node.all_input_nodes) == len(ids)
+    reader to be ordered against, and no other call updates them.  ``readers``: id of each held
+    tensor -> its ``get_attr`` nodes (filled on first use)."""
+    if not readers:
+        for other in ctx.gm.graph.nodes:
+            if other.op == "get_attr":
+                readers.setdefault(id(_lookup(ctx.gm, other.target)[2]), []).append(other)
+    reads = [a for t in tensors for a in readers.get(id(t), ())]
+    if any(u is not node and not reads_metadata(u) for a in reads for u in a.users):
+        return False
+    return sum(a in reads for a in node.all_input_nodes) == len(tensors)
 
 
-def _batch_norm(ctx: PassContext, node: fx.Node) -> tuple[nn.Module, dict[str, str]] | None:
+def _batch_norm(ctx: PassContext, node: fx.Node, readers: dict) -> tuple[nn.Module, dict[str, str]] | None:
     names, defaults = _BN_ARGS[node.target]
     args = _bind(node, names, defaults)
     if args is None:
@@ -191,7 +192,7 @@ def _batch_norm(ctx: PassContext, node: fx.Node) -> tuple[nn.Module, dict[str, s
     mean, var = (_whole(ctx, args[k], "b") for k in ("running_mean", "running_var")) if track else (None, None)
     if affine and (weight is None or bias is None or weight is bias):
         return None
-    if track and (mean is None or var is None or mean is var or not _read_only_here(ctx, node, [mean, var])):
+    if track and (mean is None or var is None or mean is var or not _read_only_here(ctx, node, [mean, var], readers)):
         return None
     if any(t is not None and tuple(t.shape) != (C,) for t in (weight, bias, mean, var)):
         return None
@@ -217,14 +218,14 @@ def _batch_norm(ctx: PassContext, node: fx.Node) -> tuple[nn.Module, dict[str, s
 
 def functional_modules(ctx: PassContext) -> list[Rewrite]:
     gm = ctx.gm
-    records = []
+    records, readers = [], {}
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in _CONV:
             found, prefix = _conv(ctx, node), "conv"
         elif node.target in _BN_ARGS:
-            found, prefix = _batch_norm(ctx, node), "bn"
+            found, prefix = _batch_norm(ctx, node, readers), "bn"
         else:
             continue
         if found is None:

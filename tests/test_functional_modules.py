@@ -161,3 +161,30 @@ def test_lowered_tensors_follow_reassignment_and_double():
     cand, ref = model.cells[0].ops[0][0]["conv_3x3"], reference.cells[0].ops[0][0]["conv_3x3"]
     assert cand.running_mean.dtype == torch.float64
     assert torch.allclose(cand.running_mean, ref.running_mean)
+
+
+class SharedStats(nn.Module):
+    """One set of running statistics updated by two functional BN calls (the order of the updates
+    matters): neither is lowered; the result stays exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.register_buffer("running_mean", torch.zeros(4))
+        self.register_buffer("running_var", torch.ones(4))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight, None, 1, 1)
+        a = F.batch_norm(y, self.running_mean, self.running_var, None, None, self.training, 0.1, 1e-5)
+        b = F.batch_norm(y * 2 + 1, self.running_mean, self.running_var, None, None, self.training, 0.1, 1e-5)
+        return a + b
+
+
+def test_shared_running_stats_left_alone():
+    torch.manual_seed(0)
+    model, x = SharedStats(), torch.randn(2, 3, 5, 5)
+    reference = copy.deepcopy(model)
+    simple = topofx.simplify(model, (x,), mode="exact", strict=True)
+    lowered = [r.detail for r in pass_run(simple, "functional_modules").rewrites]
+    assert lowered == ["Conv2d on weight"], lowered
+    assert_train_step_equivalent(reference, simple, (x,))
