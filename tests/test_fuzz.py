@@ -8,6 +8,7 @@ spreads them; ``TOPOFX_FUZZ_N=1000 pytest tests/test_fuzz.py -k sample`` runs th
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -24,7 +25,7 @@ from topofx import fuzz
 from topofx.cli import main as cli_main
 from topofx.testing import find_arch_parameters
 
-SAMPLE_N = int(os.environ.get("TOPOFX_FUZZ_N", "40"))
+SAMPLE_N = int(os.environ.get("TOPOFX_FUZZ_N", "20"))  # CI: a fixed sample; TOPOFX_FUZZ_N=40 or more for the full set
 SAMPLE_SEED = 0
 CHUNK = 10
 SAMPLE_SEEDS = [fuzz._model_seed(SAMPLE_SEED, i) for i in range(SAMPLE_N)]
@@ -32,8 +33,9 @@ CHUNKS = [SAMPLE_SEEDS[i:i + CHUNK] for i in range(0, SAMPLE_N, CHUNK)]
 
 
 def _first_seed(predicate) -> int:
-    """The first sample seed whose spec satisfies ``predicate``."""
-    return next(s for s in SAMPLE_SEEDS if predicate(fuzz._draw_spec(s)))
+    """The first seed of the sampling sequence (past the CI sample, if need be) whose spec satisfies ``predicate``."""
+    return next(s for s in map(functools.partial(fuzz._model_seed, SAMPLE_SEED), itertools.count())
+                if predicate(fuzz._draw_spec(s)))
 
 
 # ---------------------------------------------------------------------------------------------
