@@ -28,14 +28,35 @@ from topofx.testing import find_arch_parameters
 SAMPLE_N = int(os.environ.get("TOPOFX_FUZZ_N", "20"))  # CI: a fixed sample; TOPOFX_FUZZ_N=40 or more for the full set
 SAMPLE_SEED = 0
 CHUNK = 10
-SAMPLE_SEEDS = [fuzz._model_seed(SAMPLE_SEED, i) for i in range(SAMPLE_N)]
-CHUNKS = [SAMPLE_SEEDS[i:i + CHUNK] for i in range(0, SAMPLE_N, CHUNK)]
+SEQUENCE = functools.partial(fuzz._model_seed, SAMPLE_SEED)  # the fuzzer's own sequence of model seeds
+
+
+def _style_values(spec: dict) -> set[tuple[str, object]]:
+    """(dimension, value) of every style choice a spec makes."""
+    return ({(dim, spec[dim]) for dim in fuzz.DIMENSIONS} | {("ops", op) for op in spec["ops"]}
+            | {("cell", spec["cell"]), ("reduction", bool(spec.get("reductions")))})
+
+
+def _covering_sample(n: int, search: int = 2000) -> list[int]:
+    """The first ``n`` seeds, then, further along the sequence, each seed that draws a style value none
+    before it drew: a fixed sample that exercises every value (checked below)."""
+    seeds = [SEQUENCE(i) for i in range(n)]
+    seen = set().union(*(_style_values(fuzz._draw_spec(s)) for s in seeds))
+    for i in range(n, n + search):
+        new = _style_values(fuzz._draw_spec(SEQUENCE(i))) - seen
+        if new:
+            seeds.append(SEQUENCE(i))
+            seen |= new
+    return seeds
+
+
+SAMPLE_SEEDS = _covering_sample(SAMPLE_N)
+CHUNKS = [SAMPLE_SEEDS[i:i + CHUNK] for i in range(0, len(SAMPLE_SEEDS), CHUNK)]
 
 
 def _first_seed(predicate) -> int:
     """The first seed of the sampling sequence (past the CI sample, if need be) whose spec satisfies ``predicate``."""
-    return next(s for s in map(functools.partial(fuzz._model_seed, SAMPLE_SEED), itertools.count())
-                if predicate(fuzz._draw_spec(s)))
+    return next(s for s in map(SEQUENCE, itertools.count()) if predicate(fuzz._draw_spec(s)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +77,8 @@ def test_sample_holds_contracts(chunk):
 def test_sample_covers_every_style_value():
     seen: dict[str, set] = defaultdict(set)
     for seed in SAMPLE_SEEDS:
-        spec = fuzz._draw_spec(seed)
-        for dim in fuzz.DIMENSIONS:
-            seen[dim].add(spec[dim])
-        seen["ops"].update(spec["ops"])
-        seen["cell"].add(spec["cell"])
-        seen["reduction"].add(bool(spec.get("reductions")))
+        for dim, value in _style_values(fuzz._draw_spec(seed)):
+            seen[dim].add(value)
     for dim, values in fuzz.DIMENSIONS.items():
         assert seen[dim] == set(values), f"{dim}: never drawn {set(values) - seen[dim]}"
     assert seen["ops"] == set(fuzz.OP_POOL) | set(fuzz.CHAIN_OPS), set(fuzz.OP_POOL + fuzz.CHAIN_OPS) - seen["ops"]
