@@ -466,6 +466,30 @@ def test_capture_frozen_tensor_with_history():
         topofx.simplify(WeightsComputedInInit(), x8(), strict=True)
 
 
+class _EdgeData:
+    """A plain record on an edge; the optimizer writes the sampled weights into it before each call."""
+
+
+class SampledBeforeTheCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(2))
+        self.edge = _EdgeData()
+        self.resample()
+
+    def resample(self):  # NASLib DrNAS/GDAS-style: optimizer.step samples onto the edges
+        self.edge.sampled = torch.softmax(self.alpha + torch.rand(2), -1)
+
+    def forward(self, x):
+        return x * self.edge.sampled[0] + x.relu() * self.edge.sampled[1]
+
+
+def test_capture_weights_sampled_before_the_call_are_named():
+    with pytest.raises(CaptureError, match=r"forward reads a tensor with autograd history that was computed before the call "
+                                           r"and stored at SampledBeforeTheCall\.edge\.sampled \(weights sampled outside"):
+        topofx.simplify(SampledBeforeTheCall(), x8(), strict=True)
+
+
 def test_capture_disagrees_with_eager():
     with pytest.raises(CaptureError, match=r"captured graph disagrees with eager forward \(max relative error"):
         topofx.simplify(PythonCounter(), x8(), strict=True)

@@ -1778,11 +1778,21 @@ def verify_capture(
     live_attrs: Sequence[str] = (),
 ) -> None:
     """Check a captured graph before trusting it; raise :class:`CaptureError` on any failure."""
+    held = {target: (module, path) for target, module, path in gm.meta.get(HELD, ())}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in live_attrs:
             obj: Any = gm
             for part in node.target.split("."):
                 obj = getattr(obj, part)
+            if isinstance(obj, torch.Tensor) and obj.grad_fn is not None and node.target in held:
+                module, path = held[node.target]
+                where = type(module).__name__ + "".join(f".{k}" if kind == "attr" else f"[{k!r}]" for kind, k in path)
+                raise CaptureError(
+                    f"forward reads a tensor with autograd history that was computed before the call and stored at "
+                    f"{where} (weights sampled outside forward, by the optimizer's step, say); a graph is not checked "
+                    "against such a tensor yet. Draw it inside forward from the tensors the model holds (its "
+                    "architecture parameters), or keep the original model for this search"
+                )
             if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
                 frame = node.meta.get("topofx_user_frame")
                 raise CaptureError(
