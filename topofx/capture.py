@@ -1270,7 +1270,8 @@ def _slot(module: nn.Module, path: Path) -> str:
     return slot
 
 
-def _container(module: nn.Module, path: Path) -> Any:
+def held_at(module: nn.Module, path: Path) -> Any:
+    """What ``module`` holds at ``path``: attributes through ``__dict__``, items by key (no user code runs)."""
     obj: Any = module
     for kind, key in path:
         obj = vars(obj)[key] if kind == "attr" else obj[key]
@@ -1315,16 +1316,16 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
     def install() -> None:  # once the tracer has its graph: forward reads get_attr nodes at the tensors' places
         for module, qualified, path in held:
             *above, step = path
-            parent = _container(module, tuple(above))
+            parent = held_at(module, tuple(above))
             if type(parent) is tuple:  # immutable: a copy takes its place in the grandparent
                 *top, tuple_step = above
-                grandparent = _container(module, tuple(top))
+                grandparent = held_at(module, tuple(top))
                 copy_ = list(parent)
                 copy_[step[1]] = read(qualified)
                 replaced.append((grandparent, tuple_step, parent))
                 _put(grandparent, tuple_step, tuple(copy_))
             else:
-                replaced.append((parent, step, _container(parent, (step,))))
+                replaced.append((parent, step, held_at(parent, (step,))))
                 _put(parent, step, read(qualified))
     try:
         yield [qualified for _, qualified, _ in moved], [(q, m, p) for m, q, p in held], install

@@ -5,7 +5,8 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 * decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
   shapes they were taken on;
 * plain Python numbers that traced code reads (a Gumbel temperature ``self.temp``) are constants
-  in the graph, and so are tensors it reads out of a list or dict (DARTS-PT's ``candidate_flags``);
+  in the graph, and so are tensors it reads out of a list, dict or plain object (DARTS-PT's
+  ``candidate_flags``, an edge record's alpha);
   so are numbers read from anywhere else -- a module-level scheduler's ``decay_rate``, a global, a
   closure, a class attribute (the access paths :mod:`topofx.reads` found in the traced code);
 * ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
@@ -142,13 +143,10 @@ def _owner(root: nn.Module, target: str) -> tuple[Any, str]:
 def _element(module: nn.Module, path: tuple) -> Any:
     """What ``module`` holds at ``path`` now (``None`` when it is gone): attributes through
     ``__dict__``, items by key, as capture found them."""
-    obj: Any = module
     try:
-        for kind, key in path:
-            obj = vars(obj)[key] if kind == "attr" else obj[key]
+        return _capture.held_at(module, path)
     except (KeyError, IndexError, TypeError):
         return None
-    return obj
 
 
 def _rebind(owner: nn.Module, field: str, value: torch.Tensor) -> None:
