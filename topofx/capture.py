@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .reads import Read, ReadRecorder
+from .reads import Read, ReadRecorder, plain_object
 
 VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the node
 STATIC = "topofx_static"  # node.meta key: value depends on shapes/constants only
@@ -1223,12 +1223,6 @@ Path = tuple  # of steps ("attr", name) / ("item", key), as topofx.reads spells 
 _HELD_DEPTH = 6  # containers and plain objects walked below a module attribute (NASLib: graph -> edge -> data)
 
 
-def _walkable(obj: Any) -> bool:
-    """A plain object whose attributes may hold tensors forward reads (an edge's data record): not a
-    module, tensor, class, function or module, nor an instance of a library's class (torch's, stdlib's)."""
-    if isinstance(obj, (nn.Module, torch.Tensor, type, types.ModuleType)) or callable(obj):
-        return False
-    return hasattr(obj, "__dict__") and not _reads_nothing(getattr(sys.modules.get(type(obj).__module__), "__file__", None) or "<>")
 
 
 def _held_tensors(module: nn.Module, named: set[int]) -> Iterator[tuple[Path, torch.Tensor]]:
@@ -1245,7 +1239,7 @@ def _held_tensors(module: nn.Module, named: set[int]) -> Iterator[tuple[Path, to
             items = ((("item", k), v) for k, v in obj.items() if isinstance(k, (int, str)))
         elif type(obj) in (list, tuple):
             items = ((("item", i), v) for i, v in enumerate(obj))
-        elif _walkable(obj):
+        elif plain_object(obj, _reads_nothing):  # an edge's data record
             items = ((("attr", k), v) for k, v in vars(obj).items())
         else:
             return

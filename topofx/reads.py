@@ -12,14 +12,18 @@ closure cells held on entry.  Each code object's bytecode is then read once for 
 a global, a closure variable or an argument followed by attribute loads and constant subscripts
 (``scheduler.decay_rate``, ``CONFIG["tau"]``, ``self.cfg.tau``, ``type(self).scale``).  Every path that resolves, without
 running user code (no properties, no ``__getattr__``), to a Python scalar or a tuple/list/dict of
-them becomes a :class:`Read`, which the guards snapshot at capture and compare before each call.
+them becomes a :class:`Read`, which the guards snapshot at capture and compare before each call.  A
+path that ends at a plain object (``self.cfg``, a global scheduler) or a container of them stands for
+every number below it under a name the recorded code uses (an attribute name or string constant in
+its bytecode): forward may alias the object (``cfg = self.cfg; x / cfg.tau``).
 
-Not seen (documented in ``docs/capture.md``): paths through locals assigned inside the function
-(``cfg = self.cfg; cfg.tau``), ``getattr(obj, name)`` with a computed name, values returned by
-methods of library code, a closure over a bare number rebound with ``nonlocal``.
+Not seen (documented in ``docs/capture.md``): objects reached only through locals that no path
+leads to (values returned by functions or library methods), ``getattr(obj, name)`` with a name built
+at run time, a closure over a bare number rebound with ``nonlocal``.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import dis
@@ -178,15 +182,27 @@ class ReadRecorder:
         if self._gc_was_enabled:
             gc.enable()
 
+    def names(self) -> set[str]:
+        """Every attribute name and string constant in the recorded user code: what ``x.name``,
+        ``getattr(x, "name")`` or ``x["name"]`` can read, whatever ``x`` is (a local alias too)."""
+        return {n for code in {f[0] for f in self._frames}
+                for n in (*code.co_names, *(c for c in code.co_consts if type(c) is str))}
+
     def reads(self, skip: Callable[[Any, tuple], bool]) -> list[Read]:
         """The recorded paths that resolve to Python values worth guarding; ``skip(root, steps)``
-        drops paths guarded elsewhere (a traced module's own attributes)."""
+        drops paths guarded elsewhere (a traced module's own attributes).  A path that ends at a plain
+        object (``self.cfg``, a global ``SCHEDULER``) stands for the numbers below it that recorded code
+        names (:meth:`names`): forward may alias it (``cfg = self.cfg; x / cfg.tau``), which no path shows."""
         out: dict[tuple, Read] = {}
+        names = self.names()
         for code, globals_, args, free in self._frames:
             for op, name, steps in _paths(code):
                 for root, full in self._roots(op, name, steps, globals_, args, free):
-                    if not skip(root, full) and (id(root), full) not in out and _guardable(resolve(root, full)):
-                        out[(id(root), full)] = Read(root, full, _describe(name, steps))
+                    for path in _guarded_paths(resolve(root, full), full, names, self._library):
+                        holder = resolve(root, path[:-1]) if path else root
+                        key = (id(holder), path[-1] if path else None)
+                        if key not in out and not skip(root, path):
+                            out[key] = Read(root, path, _describe(name, steps + path[len(full):]))
         return list(out.values())
 
     @staticmethod
@@ -200,6 +216,35 @@ class ReadRecorder:
             yield free[name], steps  # the object keeps its identity (a bare number rebound by `nonlocal`: not seen)
         elif name in args:
             yield args[name], steps
+
+
+def plain_object(obj: Any, is_library: Callable[[str], bool]) -> bool:
+    """An object of the user's own class (a config, a scheduler, an edge record) or a namespace,
+    whose attributes are data forward may read: not a module, tensor, class, function or module
+    object, nor an instance of a library's class (torch's, the standard library's)."""
+    if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
+        return True
+    if isinstance(obj, (nn.Module, torch.Tensor, type, types.ModuleType)) or callable(obj) or not hasattr(obj, "__dict__"):
+        return False
+    return not is_library(getattr(sys.modules.get(type(obj).__module__), "__file__", None) or "<>")
+
+
+def _guarded_paths(value: Any, steps: tuple, names: set[str], is_library: Callable[[str], bool],
+                   depth: int = 0) -> Iterator[tuple]:
+    """``steps`` when ``value`` is worth guarding; below a plain object (or a list or dict of them),
+    the paths to the guardable values under attribute names and keys in ``names``."""
+    if _guardable(value):
+        yield steps
+    elif depth < 3 and plain_object(value, is_library):
+        for key in sorted(names):  # its own attributes and its class's (``tau = 1.0`` in the class body)
+            item = _attr(value, key)
+            if item is not MISSING and not key.startswith("__"):
+                yield from _guarded_paths(item, (*steps, ("attr", key)), names, is_library, depth + 1)
+    elif depth < 3 and type(value) in (list, tuple, dict):
+        items = value.items() if type(value) is dict else enumerate(value)
+        for key, item in list(items):
+            if isinstance(key, int) or key in names:
+                yield from _guarded_paths(item, (*steps, ("item", key)), names, is_library, depth + 1)
 
 
 def _guardable(value: Any, depth: int = 0) -> bool:
