@@ -149,7 +149,8 @@ V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "function": ("none", "ste_weights", "binary_gate", "ste_candidate"),
     # a Python float outside the modules' own attributes scales each mixed edge's output; the check
     # changes it between steps (the generated ``step_schedule``)
-    "scalar": ("none", "module_object", "global_dict", "closure", "class_attr", "type_attr"),
+    # (``aliased_object``: the scheduler read through a local, ``schedule = scheduler``)
+    "scalar": ("none", "module_object", "global_dict", "closure", "class_attr", "type_attr", "aliased_object"),
     # type checks and legacy wrappers on traced values in the mixed edge's forward
     "typecheck": ("none", "isinstance", "is_tensor", "assert_or", "variable"),
     # architecture tensors in a plain Python list: one row per edge, appended in __init__ and stacked
@@ -163,7 +164,7 @@ V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
 #: Relative weights of the values.  A change between steps costs a capture anew (topo: two), about a
 #: model's whole check: those values are rarer, so that a run (and the CI sample) takes about as long
 #: as before; the others cost nothing measurable.
-_V2_WEIGHTS = {"function": (10, 2, 2, 2), "scalar": (50, 1, 1, 1, 1, 1), "typecheck": (10, 1, 1, 1, 1),
+_V2_WEIGHTS = {"function": (10, 2, 2, 2), "scalar": (50, 1, 1, 1, 1, 1, 1), "typecheck": (10, 1, 1, 1, 1),
                "alpha_list": (16, 3, 1), "drop_candidate": (30, 1)}
 V2_DEFAULTS = {dim: values[0] for dim, values in V2_DIMENSIONS.items()}
 DEFAULTS.update(V2_DEFAULTS)  # the minimizer's shrink targets
@@ -1153,6 +1154,8 @@ def _edge_output(spec: dict[str, Any], out: str) -> list[str]:
     scalar = _v2(spec, "scalar")
     if scalar == "closure":
         lines.append(f"{out} = self.rescale({out})")
+    elif scalar == "aliased_object":
+        lines += ["schedule = scheduler  # the run's schedule, through a local", f"{out} = {out} * schedule.decay_rate"]
     elif scalar != "none":
         lines.append(f"{out} = {out} * {_SCALAR_READS[scalar]}")
     return lines
@@ -1220,7 +1223,7 @@ class BoundedOutput(nn.Module):
         return ClampSTE.apply(x, self.bound)
 ''')
     scalar = _v2(spec, "scalar")
-    if scalar == "module_object":
+    if scalar in ("module_object", "aliased_object"):
         out.append('''
 class DecaySchedule:
     """Decays the mixed edges' output scale once per epoch (an object of the search script)."""
@@ -1268,6 +1271,7 @@ def _v2_hooks(spec: dict[str, Any]) -> list[str]:
     if scalar != "none":
         reset, step = {
             "module_object": ("scheduler.reset()", "scheduler.step()"),
+            "aliased_object": ("scheduler.reset()", "scheduler.step()"),
             "global_dict": ("SEARCH_CONFIG['edge_scale'] = 1.0", "SEARCH_CONFIG['edge_scale'] *= 0.5"),
             "closure": ("CONFIG.edge_scale = 1.0", "CONFIG.edge_scale *= 0.5"),
         }.get(scalar, (f"{_edge_class(spec)}.edge_scale = 1.0", f"{_edge_class(spec)}.edge_scale *= 0.5"))
