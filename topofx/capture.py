@@ -567,6 +567,12 @@ class ValueTracer(fx.Tracer):
         """One :class:`AppliedFunction` node for ``function.apply(*args, **kwargs)``; the arguments FX
         cannot write into a graph are held by the node's module."""
         held = {k: a for k, a in (*enumerate(args), *kwargs.items()) if not self._in_graph(a)}
+        for a in held.values():  # held as captured, a traced value in it would be a stale proxy at every call
+            if any(isinstance(leaf, fx.Proxy) for leaf in _flat(a)):
+                raise CaptureError(_where(
+                    f"a custom autograd Function's apply is given a value computed in forward inside a "
+                    f"{type(a).__name__} that also holds what a graph cannot (a function, an object)",
+                    "Pass the tensors to apply as arguments of their own"))
         target = f"topofx_function_{sum(isinstance(m, AppliedFunction) for m in self.root.children())}"
         self.root.add_module(target, AppliedFunction(function, held))
         return self.create_proxy("call_module", target, tuple(a for i, a in enumerate(args) if i not in held),
