@@ -82,12 +82,18 @@ class BinaryGateNet(nn.Module):
         return self.head(self.edge(self.stem(x)).mean((2, 3)))
 
 
+def _applied(gm: torch.fx.GraphModule) -> list[capture.AppliedFunction]:
+    """The modules of the graph's nodes that apply a custom Function."""
+    modules = (gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    return [m for m in modules if isinstance(m, capture.AppliedFunction)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_custom_autograd_function_keeps_its_backward(mode):
     model, x = BinaryGateNet(), _x()
     simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
-    applied = [n for n in simplified.graph_module.graph.nodes if isinstance(n.target, capture.AppliedFunction)]
-    assert len(applied) == 1 and applied[0].target.function is ArchGradient
+    applied = _applied(simplified.graph_module)
+    assert len(applied) == 1 and applied[0].function is ArchGradient
     report = assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.edge.gates],
                                           candidate_arch_params=[simplified.original.edge.gates])
     assert any(c.category == "arch_grad" for c in report.comparisons)
@@ -99,6 +105,89 @@ def test_capture_of_a_function_keeps_the_gate_gradients():
     gm = capture.trace(model, (x,))
     gm(x).sum().backward()
     assert model.edge.gates.grad is not None and model.edge.gates.grad.abs().sum() > 0
+
+
+class PathGateGradient(torch.autograd.Function):
+    """Forward: the sampled path's output, passed through.  Backward: the binary-gate gradient of every
+    path, the paths not taken computed by a bound method of the edge given to ``apply``; from it the
+    gradient of ``alpha`` through its softmax (ProxylessNAS-style: not the autograd of the forward)."""
+
+    @staticmethod
+    def forward(ctx, path_output, active, alpha, x, out):
+        ctx.path_output, ctx.active = path_output, active
+        ctx.save_for_backward(alpha, x, out)
+        return out.detach().requires_grad_()
+
+    @staticmethod
+    def backward(ctx, grad):
+        alpha, x, out = ctx.saved_tensors
+        with torch.no_grad():  # the other paths run in train mode: their BNs update running statistics
+            gate = torch.stack([(grad * (out if k == ctx.active else ctx.path_output(k, x))).sum()
+                                for k in range(len(alpha))])
+            probs = alpha.softmax(0)
+            alpha_grad = probs * (gate - (gate * probs).sum())
+        return None, None, alpha_grad, None, grad
+
+
+class SampledPathEdge(nn.Module):
+    """Runs the path sampled outside forward (``active``); ``apply`` is given ``self.path_output``."""
+
+    def __init__(self):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.alpha = nn.Parameter(torch.tensor([0.3, -0.2, 0.1]))
+        self.active = 1
+
+    def path_output(self, k, x):
+        return self.candidate_ops[k](x)
+
+    def forward(self, x):
+        return PathGateGradient.apply(self.path_output, self.active, self.alpha, x, self.path_output(self.active, x))
+
+
+class SampledPathNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edge = SampledPathEdge()
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.edge(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_function_given_a_bound_method_keeps_its_backward(mode):
+    """Before: ``apply(self.path_output, ...)`` fell back (FX cannot write a bound method into a graph).
+    Now the node's module holds the method: outputs, weight and alpha gradients and the running
+    statistics that the backward's other paths update equal the eager original's, after a resample too."""
+    model, x = SampledPathNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    (applied,) = _applied(simplified.graph_module)
+    assert applied.held[0] == simplified.original.edge.path_output  # the very method, by reference
+    for active in (1, 0):  # the edge resamples between calls: the simplified module follows
+        model.edge.active = simplified.original.edge.active = active
+        report = assert_train_step_equivalent(model, simplified, (_x(active + 1),), arch_params=[model.edge.alpha],
+                                              candidate_arch_params=[simplified.original.edge.alpha])
+        assert {"arch_grad", "buffer"} <= {c.category for c in report.comparisons}
+    model.edge.alpha.grad = None
+    model(x).sum().backward()
+    assert model.edge.alpha.grad.abs().min() > 0  # every path's gate has a gradient: the backward ran
+
+
+def test_a_copy_calls_the_bound_method_of_its_own_modules():
+    """``copy.deepcopy`` of the simplified module: the held method follows the copy of its edge, so the
+    copy's backward runs the copy's other paths (its BNs update, the original's stay as they were)."""
+    model, x = SampledPathNet(), _x()
+    simplified = topofx.simplify(model, (x,), mode="exact", strict=True)
+    twin = copy.deepcopy(simplified)
+    (held,) = _applied(twin.graph_module)[0].held.values()
+    assert held.__self__ is twin.original.edge and held.__self__ is not model.edge
+    mean = model.edge.candidate_ops[0][2].running_mean.clone()
+    twin(x).sum().backward()
+    assert torch.equal(model.edge.candidate_ops[0][2].running_mean, mean) and model.edge.alpha.grad is None
+    assert not torch.equal(twin.original.edge.candidate_ops[0][2].running_mean, mean)
+    assert twin.original.edge.alpha.grad.abs().min() > 0
 
 
 # --- 4. numbers read from outside the traced modules ------------------------------------------------
@@ -338,7 +427,7 @@ def test_verification_compares_backward():
     model, x = BinaryGateNet(), _x()
     with mock.patch.object(capture, "_is_library_file", lambda filename: True):  # trace through, as before
         gm = capture.trace(model, (x,))
-    assert not any(isinstance(n.target, capture.AppliedFunction) for n in gm.graph.nodes)
+    assert not _applied(gm)
     with pytest.raises(capture.CaptureError, match="training step disagrees"):
         capture.verify_capture(model, gm, (x,))
 

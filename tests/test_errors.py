@@ -104,6 +104,21 @@ class StarStarTensor(nn.Module):
         return _kw(**x)
 
 
+class _Passthrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pair, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+class TracedValueBesideAMethod(nn.Module):
+    def forward(self, x):
+        return _Passthrough.apply((self.forward, x * 2), x)
+
+
 class IntOfTensor(nn.Module):
     def forward(self, x):
         return x * int(x.sum())
@@ -452,6 +467,13 @@ def test_capture_iteration_unknown():
 def test_capture_star_star_unpacking():
     with pytest.raises(CaptureError, match=r"`\*\*` unpacking of a traced value at .*`return _kw\(\*\*x\)`"):
         topofx.simplify(StarStarTensor(), x8(), strict=True)
+
+
+def test_capture_function_given_a_traced_value_beside_a_method():
+    with pytest.raises(CaptureError, match=r"a custom autograd Function's apply is given a value computed in forward inside a "
+                                           r"tuple that also holds .* at .*`return _Passthrough\.apply\(\(self\.forward, x \* 2\), x\)`\. "
+                                           r"Pass the tensors to apply as arguments of their own"):
+        topofx.simplify(TracedValueBesideAMethod(), x8(), strict=True)
 
 
 def test_capture_other_construct():

@@ -227,6 +227,8 @@ def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
     stock = type(module).__module__.startswith("torch.nn.modules") and not (
         module._forward_hooks or module._forward_pre_hooks
     )
+    if isinstance(module, AppliedFunction):  # no state of its own: what it holds stays real (not copied)
+        return module(*args, **kwargs)
     if not stock:  # a user's forward may draw with no device (torch.rand(())): real draws, on a forked RNG
         with _first_path_on_meta(), torch.random.fork_rng(devices=[]):
             return meta_copy(module)(*args, **kwargs)
@@ -448,19 +450,36 @@ def _new_distribution(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
-class AppliedFunction:
-    """A custom ``torch.autograd.Function`` applied as written: the target of one node, so that its own
+class AppliedFunction(nn.Module):
+    """A custom ``torch.autograd.Function`` applied as written: one ``call_module`` node, so that its own
     ``backward`` runs.  Tracing through its ``forward`` would keep the forward and silently replace the
-    backward by the forward's autograd (a binary gate's gradient for every path would be lost)."""
+    backward by the forward's autograd (a binary gate's gradient for every path would be lost).
 
-    topofx_opaque = True  # its effects are unknown to the passes (topology.draws)
+    Arguments a graph cannot hold (a bound method that the backward calls for the other paths, any
+    callable or object) are held here by reference, by position or keyword: every call passes the very
+    same objects.  The modules they run (a held module, a bound method's ``__self__``) are registered
+    as ``owners``: the state the backward touches there (the other paths' BN statistics) is the graph
+    module's own, so a check's snapshot restores it and a float64 or device copy converts it, and a
+    ``copy.deepcopy`` (one memo) makes a bound method follow the copy of its module.  Not a stock
+    module: the passes treat the call as having unknown effects (:func:`topofx.rewrite.is_random`)."""
 
-    def __init__(self, function: type):
+    def __init__(self, function: type, held: dict[int | str, Any]):
+        super().__init__()
         self.function = function
-        self.__name__ = f"{function.__name__}_apply"
+        self.__dict__["held"] = held
+        bound = (getattr(a, "__self__", None) if inspect.ismethod(a) else a for a in held.values())
+        self.owners = nn.ModuleList(dict.fromkeys(m for m in bound if isinstance(m, nn.Module)))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rest = iter(args)
+        count = len(args) + sum(isinstance(k, int) for k in self.held)
+        args = tuple(self.held[i] if i in self.held else next(rest) for i in range(count))
+        kwargs.update((k, v) for k, v in self.held.items() if isinstance(k, str))
         return self.function.apply(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        held = ", ".join(f"{k}={type(v).__name__}" for k, v in self.held.items())
+        return f"{self.function.__name__}.apply" + (f", holding {held}" if held else "")
 
 
 def _flat(a: Any) -> list[Any]:
@@ -544,6 +563,35 @@ class ValueTracer(fx.Tracer):
         self.root.add_module(target, MethodCall(owner, name))
         return self.create_proxy("call_module", target, (args, kwargs), {})
 
+    def _applied_function(self, function: type, args: tuple, kwargs: dict) -> Any:
+        """One :class:`AppliedFunction` node for ``function.apply(*args, **kwargs)``; the arguments FX
+        cannot write into a graph are held by the node's module."""
+        held = {k: a for k, a in (*enumerate(args), *kwargs.items()) if not self._in_graph(a)}
+        for a in held.values():  # held as captured, a traced value in it would be a stale proxy at every call
+            if any(isinstance(leaf, fx.Proxy) for leaf in _flat(a)):
+                raise CaptureError(_where(
+                    f"a custom autograd Function's apply is given a value computed in forward inside a "
+                    f"{type(a).__name__} that also holds what a graph cannot (a function, an object)",
+                    "Pass the tensors to apply as arguments of their own"))
+        target = f"topofx_function_{sum(isinstance(m, AppliedFunction) for m in self.root.children())}"
+        self.root.add_module(target, AppliedFunction(function, held))
+        return self.create_proxy("call_module", target, tuple(a for i, a in enumerate(args) if i not in held),
+                                 {k: v for k, v in kwargs.items() if k not in held})
+
+    def _in_graph(self, a: Any) -> bool:
+        """Whether FX can write ``a`` as a node's argument: values, tensors, the model's own modules,
+        and tuples, lists, dicts and slices of them (not a bound method, a function, another object)."""
+        def writable(leaf: Any) -> bool:
+            if isinstance(leaf, nn.Module):
+                try:
+                    self.path_of_module(leaf)
+                except NameError:
+                    return False
+                return True
+            return leaf is None or leaf is Ellipsis or isinstance(leaf, (fx.Proxy, *fx.node.base_types))
+
+        return all(writable(leaf) for leaf in _flat(a))
+
     @contextlib.contextmanager
     def _recording_factories(self) -> Iterator[None]:
         """While tracing, legacy constructors (``torch.FloatTensor(n, c, h, w)``) and random or
@@ -568,7 +616,7 @@ class ValueTracer(fx.Tracer):
             if self._evaluating or _is_library_file(defined_in) or not any(
                     isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
                 return apply(cls, *args, **kwargs)
-            return self.create_proxy("call_function", AppliedFunction(cls), args, kwargs)
+            return self._applied_function(cls, args, kwargs)
 
         patched.append((torch.autograd.Function, "apply", torch.autograd.Function.__dict__["apply"]))
         torch.autograd.Function.apply = classmethod(recorded_apply)  # type: ignore[assignment]
@@ -647,7 +695,7 @@ class ValueTracer(fx.Tracer):
             return True
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
-            return isinstance(module, (nn.modules.dropout._DropoutNd, MethodCall)) or (
+            return isinstance(module, (nn.modules.dropout._DropoutNd, MethodCall, AppliedFunction)) or (
                 isinstance(module, DistributionCall) and module.name in ("sample", "rsample"))
         from .topology import draws  # topology imports this module
         return draws(node)

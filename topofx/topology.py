@@ -281,8 +281,6 @@ def draws(node: fx.Node) -> bool:
     """A function or method call that draws random numbers (modules: :func:`topofx.rewrite.is_random`)."""
     if node.op not in ("call_function", "call_method"):
         return False
-    if getattr(node.target, "topofx_opaque", False):  # a user's autograd Function: its effects are unknown
-        return True
     name = call_name(node).strip("_")
     legacy = name.endswith("Tensor")  # torch.FloatTensor(n, c, h, w): uninitialized, like torch.empty
     return legacy or name in RANDOM_NAMES or name.removesuffix("_like") in RANDOM_NAMES
