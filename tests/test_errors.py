@@ -278,6 +278,31 @@ class NumpyPenaltyInForward(NumpyPenaltyInMethod):
         return self.conv(x) * float(2.0 * probs[0] + probs[1])
 
 
+class SampledPathLayer(nn.Module):
+    """Runs one candidate, the one ``resample()`` drew before the step (a sampled-path supernet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.candidates = nn.ModuleList([nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1)])
+        self.sampled = 0
+
+    def resample(self):
+        self.sampled = 1 - self.sampled
+
+    def forward(self, x):
+        return self.candidates[self.sampled](x)
+
+
+class SampledPathNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 1)
+        self.layer = SampledPathLayer()
+
+    def forward(self, x):
+        return self.layer(self.stem(x)).relu()
+
+
 class WeightsComputedInInit(nn.Module):
     def __init__(self):
         super().__init__()
@@ -763,7 +788,7 @@ def test_call_arch_decision_in_method_runs_per_call():
     _nudge(model)  # the first change is captured anew; the next one, right after, warns
     with torch.no_grad():
         assert torch.equal(simplified(x), model(x))
-    message = (r"NumpyPenaltyInMethod decides in Python on architecture values that changed again after 1 call\(s\) "
+    message = (r"NumpyPenaltyInMethod decides in Python on values that changed again after 1 call\(s\) "
                r"\(.*test_errors\.py:\d+: `probs = F\.softmax\(self\.alpha, -1\)\.detach\(\)\.numpy\(\)`\); "
                r"from now on NumpyPenaltyInMethod\.penalty runs per call \(one node, as written\) instead of being "
                r"captured anew at every change")
@@ -778,13 +803,33 @@ def test_call_arch_decision_in_method_runs_per_call():
     assert simplified.graph_module is graph  # no capture at this change: the method runs per call
 
 
+def test_call_attribute_set_every_step_runs_per_call():
+    model, x = SampledPathNet(), x8()
+    simplified = topofx.simplify(model, x, strict=True)
+    model.layer.resample()  # the first change is captured anew; the next one, right after, warns
+    with torch.no_grad():
+        assert torch.equal(simplified(x), model(x))
+    message = (r"SampledPathNet decides in Python on values that changed again after 1 call\(s\) "
+               r"\(SampledPathLayer\.sampled\); from now on layer runs per call \(one node, as written\)")
+    model.layer.resample()
+    with pytest.warns(UserWarning, match=message), torch.no_grad():
+        assert torch.equal(simplified(x), model(x))
+    assert simplified.report.decided_per_call == ("layer",)
+    graph = simplified.graph_module
+    for _ in range(3):
+        model.layer.resample()
+        with torch.no_grad():
+            assert torch.equal(simplified(x), model(x))
+    assert simplified.graph_module is graph  # no capture at these changes: the layer runs per call
+
+
 def test_call_arch_decision_in_forward_recaptures():
     model, x = NumpyPenaltyInForward(), x8()
     simplified = topofx.simplify(model, x, strict=True)
     _nudge(model)
     with torch.no_grad():
         assert torch.equal(simplified(x), model(x))
-    message = (r"NumpyPenaltyInForward\.forward decides in Python on architecture values that changed again after "
+    message = (r"NumpyPenaltyInForward\.forward decides in Python on values that changed again after "
                r"1 call\(s\) \(.*test_errors\.py:\d+: `probs = F\.softmax\(self\.alpha, -1\)\.detach\(\)\.numpy\(\)`\); "
                r"every change captures the model anew \(last time \d+\.\d s\)\. Compute the decision with tensor "
                r"operations, or in a method or submodule")

@@ -287,6 +287,7 @@ class Guards:
         self.shape_decisions = gm.meta.get(_capture.SHAPE_DECISIONS, [])
         self.value_guard = gm.meta.get(_capture.VALUE_GUARD)
         self.changed: list = []  # frames of the value decisions found changed by the last check
+        self.moved: list[tuple[nn.Module, str]] = []  # module attributes whose change altered the graph, last check
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
@@ -398,14 +399,16 @@ class Guards:
 
     def scalars_hold(self) -> bool:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
-        moved = [f"{type(m).__name__}.{k}" for m, k, v in self.scalars
-                 if _snapshot(m.__dict__.get(k, self), self.live, copy=False) != v]
+        attributes = [(m, k) for m, k, v in self.scalars if _snapshot(m.__dict__.get(k, self), self.live, copy=False) != v]
+        moved = [f"{type(m).__name__}.{k}" for m, k in attributes]
         moved += [r.where for r, v in self.reads if _snapshot(r.value(), self.live, copy=False) != v]
+        self.moved = []
         if not moved:
             return True
         changed = sorted(set(moved))
         start = time.perf_counter()
         if not retraces_same(self.root, self.example_inputs, self.code):
+            self.moved = attributes
             return False
         self.scalars = _scalars(self.traced, self.live)
         self.reads = [(r, _snapshot(r.value(), self.live)) for r, _ in self.reads]

@@ -259,31 +259,33 @@ class SimplifiedModule(nn.Module):
             self.compile(**self.__dict__["compile_options"])
 
     def _before_recapture(self) -> None:
-        """A decision on architecture values that changes again within a few calls would cost a capture
-        every few steps: the module forward or method that takes it runs per call from now on, as one
-        node with the original's Python (``capture.PER_CALL``); a decision in the model's own forward
-        keeps being captured anew, with one warning."""
-        changed = self.guards.changed
+        """A Python decision on architecture values, or a module attribute the graph baked in (a sampled
+        path's index that ``resample()`` sets), that changes again within a few calls would cost a capture
+        every few steps: the module forward or method that reads it runs per call from now on, as one node
+        with the original's Python (``capture.PER_CALL``); one in the model's own forward keeps being
+        captured anew, with one warning."""
+        root, guards = self.guards.root, self.guards
         since = self.__dict__.get("calls", 0)
-        if not changed or not self.__dict__.get("recaptured") or since >= RECAPTURE_WARN_CALLS:
+        if not (guards.changed or guards.moved) or not self.__dict__.get("recaptured") or since >= RECAPTURE_WARN_CALLS:
             return
-        root = self.guards.root
-        at = "; ".join(dict.fromkeys(str(d.frame) for d in changed))
-        units = {key for d in changed if d.unit is not None and (key := _capture.unit_key(root, d.unit))}
+        what = "; ".join(dict.fromkeys([*(str(d.frame) for d in guards.changed),
+                                        *(f"{type(m).__name__}.{k}" for m, k in guards.moved)]))
+        units = {key for d in guards.changed if d.unit is not None and (key := _capture.unit_key(root, d.unit))}
+        units |= {key for m, _ in guards.moved if m is not root and (key := _capture.unit_key(root, m))}
         if units:
             _capture.PER_CALL.setdefault(root, set()).update(units)
             names = ", ".join(_capture.unit_name(root, key) for key in sorted(units))
             warnings.warn(
-                f"topofx: {type(self.original).__name__} decides in Python on architecture values that changed again "
-                f"after {since} call(s) ({at}); from now on {names} {'runs' if len(units) == 1 else 'run'} per call "
+                f"topofx: {type(self.original).__name__} decides in Python on values that changed again after "
+                f"{since} call(s) ({what}); from now on {names} {'runs' if len(units) == 1 else 'run'} per call "
                 "(one node, as written) instead of being captured anew at every change",
                 stacklevel=4,
             )
         elif not self.__dict__.get("recapture_warned"):
             self.__dict__["recapture_warned"] = True
             warnings.warn(
-                f"topofx: {type(self.original).__name__}.forward decides in Python on architecture values that "
-                f"changed again after {since} call(s) ({at}); every change captures the model anew "
+                f"topofx: {type(self.original).__name__}.forward decides in Python on values that changed again "
+                f"after {since} call(s) ({what}); every change captures the model anew "
                 f"(last time {self.__dict__.get('recapture_s', 0.0):.1f} s). Compute the decision with tensor operations, "
                 "or in a method or submodule (which then runs per call), if it changes every step "
                 "(results stay correct either way).",
