@@ -155,6 +155,33 @@ def test_number_change_recaptures():
     assert simplified.guards.holds()  # the new graph's check, on the new number
 
 
+def test_numbers_are_compared_after_an_assignment_only_and_each_one_is_seen():
+    model, simplified, x = _simplified()
+    simplified(x)
+    assert not simplified.guards.assignments.assigned  # watched: nothing assigned since the last comparison
+    model.train()  # assigns `training` on every module: compared once, nothing the graph read changed
+    assert simplified.guards.assignments.assigned
+    assert simplified.guards.holds() and not simplified.guards.assignments.assigned  # watched again
+    for scale in (0.5, 0.25):  # each assignment after the watch is armed again is seen
+        model.cells[0].scale = scale
+        assert not simplified.guards.holds()
+        torch.testing.assert_close(simplified(x), model(x))
+        assert simplified.guards.holds()
+
+
+def test_a_module_assigned_to_before_every_call_is_compared_without_watching():
+    model, simplified, x = _simplified()
+    simplified(x)
+    assignments = simplified.guards.assignments
+    for _ in range(assignments.GIVE_UP + 2):
+        simplified(x)
+        model.cells[0].tag = "step"  # a per-step assignment the graph does not read
+    assert assignments.assigned and simplified.guards.holds() and assignments.assigned  # compared, not watched
+    model.cells[0].scale = 0.5
+    assert not simplified.guards.holds()
+    torch.testing.assert_close(simplified(x), model(x))
+
+
 def test_number_of_another_type_recaptures():
     model, simplified, x = _simplified()
     simplified(x)

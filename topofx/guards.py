@@ -37,7 +37,8 @@ not touched):
 
 Guards are built once, at capture, and checked cheaply (the way ``torch._dynamo`` guards are): the
 identity, number and container checks are compiled into one generated function (:class:`_Check`)
-that reproduces, per attribute, the comparison of a fresh snapshot with the capture's; the value
+that reproduces, per attribute, the comparison of a fresh snapshot with the capture's (a module's
+immutable attributes only after an assignment to it: :class:`_Assignments`); the value
 decisions run as one batched computation (:meth:`topofx.capture.ValueGuard.holds`); the modules the
 graph does not call are scanned for hooks only after a hook was registered somewhere (torch's global
 hook-handle counter moved).  Only when the compiled check fails does a call take the step-by-step
@@ -278,6 +279,46 @@ class _Check:
         return namespace["check"]
 
 
+def _immutable(snapshot: Any) -> bool:
+    """A snapshot of a number, name, ``None`` or a tuple of them: its attribute changes only by assignment."""
+    return _is_scalar(snapshot) or (type(snapshot) is tuple and snapshot[0] is tuple and all(map(_immutable, snapshot[1])))
+
+
+class _Assignments:
+    """Immutable module attributes, compared only after an assignment to one of ``modules``
+    (``torch._dynamo.mutation_guard``: it wraps the modules' classes' ``__setattr__``, as dynamo does for
+    the modules it compiles).  Not seen, as by dynamo: writes that bypass ``__setattr__``
+    (``module.__dict__[k] = v``, ``object.__setattr__``)."""
+
+    #: Calls in a row that found an assignment right after watching: then every call compares, unwatched
+    #: (a training loop that assigns to a watched module every step would pay the watching every step).
+    GIVE_UP = 3
+
+    def __init__(self, modules: list[nn.Module], compare: Callable[[], bool]):
+        self.modules, self.compare, self.assigned = modules, compare, True
+        self.quiet, self.streak = 1, 0  # calls since watching; calls in a row assigned to at once
+
+    def hold(self) -> bool:
+        """True when no watched module was assigned to since the last comparison that held."""
+        if not self.assigned:
+            self.quiet += 1
+            return True
+        if not self.compare():
+            return False
+        self.streak = self.streak + 1 if self.quiet == 0 else 0
+        if self.streak < self.GIVE_UP:
+            from torch._dynamo import mutation_guard  # imported on first use: dynamo takes a second to import
+
+            self.assigned, self.quiet = False, 0
+            for module in self.modules:  # a tracker calls each watcher once, on the next assignment
+                mutation_guard.watch(module, self)
+        return True
+
+    def invalidate(self, ref: Any) -> None:
+        """Called by the mutation tracker on an assignment to a watched module."""
+        self.assigned = True
+
+
 class Guards:
     """The assumptions of one captured graph module (see the module docstring)."""
 
@@ -318,26 +359,39 @@ class Guards:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("holds", None)  # generated code reads the objects it was compiled for
+        state.pop("assignments", None)
         return state
 
     def compile(self) -> None:
         """Compile what :meth:`verdict` checks on every call (re-bound tensors, Python numbers, value
         decisions) into :attr:`holds`, one function that is true when nothing changed since capture --
-        or since the last call that found a change and dealt with it."""
-        check = _Check()
+        or since the last call that found a change and dealt with it.
+
+        A module attribute whose snapshot is immutable (a number, a name, a tuple of them) changes only
+        by assignment, which ``torch._dynamo``'s mutation tracking sees (:class:`_Assignments`): those
+        are compared only after some watched module was assigned to.  Lists and dicts (mutable in
+        place), tensors held by value, and numbers outside the modules are compared on every call."""
+        check, assigned = _Check(), _Check()
         check.add(f"{check.bind(self.structure_holds)}()")  # free unless a submodule was assigned
         for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there
             check.add(f"{check.bind(current)}() is getattr({check.bind(gm_owner)}, {field!r})")
-        for module, items in _by_module(self.scalars):  # a module's __dict__ read once
-            attributes = f"(_d := {check.bind(module)}.__dict__)"
-            for key, snapshot in items:
-                check.expect(f"{attributes}.get({key!r}, _MISSING)", snapshot, self.live, module.__dict__.get(key))
-                attributes = "_d"
+        watched = []
+        for module, items in _by_module(self.scalars):  # a module's __dict__ read once per check
+            for target, part in ((assigned, [i for i in items if _immutable(i[1])]),
+                                 (check, [i for i in items if not _immutable(i[1])])):
+                attributes = f"(_d := {target.bind(module)}.__dict__)"
+                for key, snapshot in part:
+                    target.expect(f"{attributes}.get({key!r}, _MISSING)", snapshot, self.live, module.__dict__.get(key))
+                    attributes = "_d"
+            if any(_immutable(snapshot) for _, snapshot in items):
+                watched.append(module)
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
         if self.value_guard is not None:
             check.add(f"{check.bind(self.value_guard.holds)}(root)")
         check.names["root"] = self.root
+        self.assignments = _Assignments(watched, assigned.build())
+        check.add(f"{check.bind(self.assignments)}.hold()")
         self.holds = check.build()
 
     def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
