@@ -182,6 +182,31 @@ def test_a_module_assigned_to_before_every_call_is_compared_without_watching():
     torch.testing.assert_close(simplified(x), model(x))
 
 
+class _MethodCell(_Cell):
+    def run(self, x, weights):  # called as a method by the parent: not a module call the tracer sees
+        return self.scale * sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class _MethodNet(_Net):
+    def __init__(self):
+        super().__init__()
+        self.cells = nn.ModuleList([_MethodCell()])
+
+    def forward(self, x):
+        return self.cells[0].run(x, self.alpha[0].softmax(-1))
+
+
+def test_a_number_read_by_a_method_of_a_submodule_is_watched_like_a_traced_modules():
+    torch.manual_seed(0)
+    model, x = _MethodNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    simplified(x)
+    assert model.cells[0] in simplified.guards.assignments.modules and not simplified.guards.reads
+    model.cells[0].scale = 0.5
+    assert not simplified.guards.holds()
+    torch.testing.assert_close(simplified(x), model(x))
+
+
 def test_number_of_another_type_recaptures():
     model, simplified, x = _simplified()
     simplified(x)

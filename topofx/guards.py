@@ -331,10 +331,13 @@ class Guards:
         self.moved: list[tuple[nn.Module, str]] = []  # module attributes whose change altered the graph, last check
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
-        self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
+        reads = gm.meta.get(_capture.READS, ())
+        own = [r for r in reads if isinstance(r.root, nn.Module) and len(r.steps) == 1 and r.steps[0][0] == "attr"
+               and r.steps[0][1] in vars(r.root)]  # a module's own attribute (a method's `self.x`): as traced modules'
+        self.traced = list(dict.fromkeys([*gm.meta.get(_capture.TRACED_MODULES, [root]), *(r.root for r in own)]))
         self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(_capture.HELD, ())}
         self.scalars = _scalars(self.traced, self.live)
-        self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())]
+        self.reads = [(r, _snapshot(r.value(), self.live)) for r in reads if r not in own]
         self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
         self.structure = [dict(m._modules) for m in self.modules]  # swapped asks for a new capture
         self.tree_version = _TREE_VERSION[0]
