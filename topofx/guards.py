@@ -291,8 +291,11 @@ class Guards:
         self.example_inputs = tuple(example_inputs)
         self.traced = list(gm.meta.get(_capture.TRACED_MODULES, [root]))
         self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(_capture.HELD, ())}
-        self.scalars = _scalars(self.traced, self.live)
-        self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())]
+        self.floats = list(gm.meta.get(_capture.FLOAT_INPUTS, ()))  # read as graph inputs: refreshed, not snapshotted
+        self.float_holder = gm
+        self.scalars = self._numbers()
+        self.reads = [(r, _snapshot(r.value(), self.live)) for r in gm.meta.get(_capture.READS, ())
+                      if (id(r.root), r.steps) not in self._float_keys()]
         self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
         self.structure = [dict(m._modules) for m in self.modules]  # swapped asks for a new capture
         self.tree_version = _TREE_VERSION[0]
@@ -307,6 +310,18 @@ class Guards:
         self.retrace_warned: set[str] = set()
         self.hooks_seen = _hooks_registered()
         self.warn_hooks()
+
+    def _float_keys(self) -> set[tuple]:
+        return {f.key for f in self.floats}
+
+    def _numbers(self) -> list[tuple[nn.Module, str, Any]]:
+        """:func:`_scalars` of the traced modules, less the floats the graph reads as inputs."""
+        keys = self._float_keys()
+        return [item for item in _scalars(self.traced, self.live) if (id(item[0]), (("attr", item[1]),)) not in keys]
+
+    def floats_hold(self) -> bool:
+        """Give the graph the live value of each float input; ``False`` when one is no float any more."""
+        return all([f.refresh(self.float_holder) for f in self.floats])
 
     def holds(self) -> bool:
         """True when nothing :meth:`verdict` checks changed; compiled by :meth:`compile` on first use (a copy
@@ -332,6 +347,9 @@ class Guards:
             for key, snapshot in items:
                 check.expect(f"{attributes}.get({key!r}, _MISSING)", snapshot, self.live, module.__dict__.get(key))
                 attributes = "_d"
+        for float_input in self.floats:  # a float input that moved: its tensor is replaced (no re-trace)
+            name = check.bind(float_input)
+            check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.float_holder)})")
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
         if self.value_guard is not None:
@@ -407,7 +425,7 @@ class Guards:
         start = time.perf_counter()
         if not retraces_same(self.root, self.example_inputs, self.code):
             return False
-        self.scalars = _scalars(self.traced, self.live)
+        self.scalars = self._numbers()
         self.reads = [(r, _snapshot(r.value(), self.live)) for r, _ in self.reads]
         if not self.retrace_warned.issuperset(changed):
             self.retrace_warned.update(changed)
@@ -449,7 +467,8 @@ class Guards:
             unchanged = False
         if not unchanged:
             scalars = self.scalars
-            if not (self.structure_holds() and self.follow_tensors() and self.scalars_hold() and self.values_hold()):
+            if not (self.structure_holds() and self.follow_tensors() and self.floats_hold() and self.scalars_hold()
+                    and self.values_hold()):
                 return "recapture"
             if self.scalars is not scalars:  # snapshotted again (the graph does not depend on the change)
                 self.compile()
