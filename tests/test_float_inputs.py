@@ -157,3 +157,16 @@ def test_float_python_decides_on_recaptures():
     _assert_follows(simplified, eager, x, _set_temp, (0.5,), recaptures=False)
     _assert_follows(simplified, eager, x, set_sharpen, (2.0, 0.3), recaptures=True)
     _assert_follows(simplified, eager, x, _set_temp, (0.7,), recaptures=False)
+
+
+def test_a_copy_reads_its_own_temperature():
+    """``copy.deepcopy`` of the simplified module (DARTS-V2's unrolled model): the copy's graph reads the
+    copy's temperature, the original's graph the original's."""
+    torch.manual_seed(0)
+    model = Supernet()
+    x = torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    twin = copy.deepcopy(simplified)
+    _assert_follows(twin, copy.deepcopy(twin.original), x, _set_temp, (0.3,), recaptures=False)
+    _assert_follows(simplified, copy.deepcopy(model), x, _set_temp, (1.0,), recaptures=False)
+    assert twin.original.temp == 0.3 and model.temp == 1.0

@@ -109,7 +109,7 @@ class _Cell(nn.Module):
     def __init__(self):
         super().__init__()
         self.ops = nn.ModuleList([nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1), nn.Identity()])
-        self.scale = 1.0  # a Python number read by traced code
+        self.scale = 1  # a Python number read by traced code (a float would be a graph input: test_float_inputs.py)
 
     def forward(self, x, weights):
         return self.scale * sum(w * op(x) for w, op in zip(weights, self.ops) if w != 0)
@@ -158,7 +158,7 @@ def test_number_change_recaptures():
 def test_number_of_another_type_recaptures():
     model, simplified, x = _simplified()
     simplified(x)
-    model.cells[0].scale = 1  # == 1.0, but another type: the trace may differ
+    model.cells[0].scale = 1.0  # == 1, but another type: the trace may differ
     assert not simplified.guards.holds()
 
 

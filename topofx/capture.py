@@ -20,7 +20,10 @@ needs a Python value (``if``, ``int()``, ``range``, ``.tolist()``, numpy) it is 
   call, as one node, with the original's Python (:class:`MethodCall`, ``PER_CALL``);
 * from the inputs' values: :class:`CaptureError` naming the user's line.
 
-Non-tensor forward arguments are specialized (one graph per choice); legacy constructors and random
+Python floats that forward uses only in tensor arithmetic (a Gumbel temperature, a decaying
+coefficient) are graph inputs: 0-dim tensors the graph module holds, refreshed before each call
+(:mod:`topofx.float_inputs`, :func:`_trace_with_float_inputs`); other Python numbers are constants,
+guarded.  Non-tensor forward arguments are specialized (one graph per choice); legacy constructors and random
 factories become graph nodes; distributions become :class:`DistributionCall` nodes; plain tensor
 attributes are registered as non-persistent buffers for the duration of the trace, so they become
 live ``get_attr`` nodes.  Leaf modules (``torch.nn`` modules) become ``call_module`` nodes that
@@ -792,7 +795,7 @@ class ValueTracer(fx.Tracer):
         floats = _float_inputs_in((args, kwargs)) if self.floats else frozenset()
         eager = UNKNOWN
         if any(map(_is_number, _flat((args, kwargs)))):  # (a tensor computed from floats is what eager has)
-            use = self._float_use(kind, target, args, kwargs, floats)
+            use = self._float_use(kind, target, args, kwargs)
             if not isinstance(use, tuple):
                 return use  # eager computes a Python value from the floats alone (`self.temp > 0.5`)
             kind, target, args, kwargs, eager = use
@@ -899,11 +902,11 @@ class ValueTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return self.concrete(obj, bool, "a bool (an `if`/`while`/`and`/`or` on a tensor)")
 
-    def _float_use(self, kind: str, target: Any, args: Any, kwargs: Any, floats: frozenset) -> Any:
+    def _float_use(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         """An operation on values computed from float inputs' stand-ins: ``(kind, target, args, kwargs,
         eager's value)`` to record, when it computes with the stand-ins what eager computes with the
         floats (:func:`_acceptable`; ``float / tensor`` as eager dispatches it, to the tensor's reflected
-        method).  Otherwise the floats become constants (:attr:`FloatInput.decides`) and the operation
+        method).  Otherwise the floats of its number operands become constants (:attr:`FloatInput.decides`) and the operation
         is what this trace would record with them: recorded on their numbers, or computed in Python."""
         first = args[0] if kind == "call_function" and len(args) == 2 else None
         if target in _REFLECTED and _is_number(first) and isinstance(_eager(args[1]), torch.Tensor):
@@ -916,8 +919,9 @@ class ValueTracer(fx.Tracer):
             self._evaluating = False
         if _acceptable(eager, graphed):
             return kind, target, args, kwargs, eager
-        for float_input in floats:
-            float_input.decides = True
+        for number in filter(_is_number, _flat((args, kwargs))):  # (tensors computed from floats were checked)
+            for float_input in number.node.meta[FLOATS]:
+                float_input.decides = True
         args, kwargs = fx.node.map_aggregate(args, _as_number), fx.node.map_aggregate(kwargs, _as_number)
         if kind == "call_module" or any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
             return kind, target, args, kwargs, UNKNOWN

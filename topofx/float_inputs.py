@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -80,16 +80,16 @@ class FloatInput:
         """Put ``value`` where forward reads the float (the stand-in while tracing, the float after)."""
         *above, (kind, key) = self.read.steps
         container = resolve(self.read.root, tuple(above))
-        if kind == "attr":
-            object.__setattr__(container, key, value) if isinstance(container, nn.Module) else vars(container).__setitem__(key, value)
+        if kind == "attr":  # through __dict__: no __setattr__ of the user's runs
+            vars(container)[key] = value
         else:
             container[key] = value
 
 
-def _installable(read: Read, library: Any) -> bool:
+def _installable(read: Read, library: Callable[[str], bool]) -> bool:
     """Whether the float at ``read`` sits where a stand-in can take its place for a trace: an
-    instance attribute of a module or of a plain object of user code, or an item of a dict or list
-    (not a class attribute, a tuple's item, a property)."""
+    instance attribute of a module or of an object not of torch's or topofx's classes (``library``
+    tells their files), or an item of a dict or list (not a class attribute, a tuple's item, a property)."""
     steps = read.steps
     if not steps or any(kind == "type" for kind, _ in steps):
         return False
@@ -105,7 +105,7 @@ def _installable(read: Read, library: Any) -> bool:
     return isinstance(container, nn.Module) or not library(defined_in)
 
 
-def candidates(modules: list[nn.Module], reads: list[Read], internal: frozenset[str], library: Any,
+def candidates(modules: list[nn.Module], reads: list[Read], internal: frozenset[str], library: Callable[[str], bool],
                constant: set[tuple]) -> list[FloatInput]:
     """The floats a trace may read as inputs: every ``float`` attribute of the modules whose forward was
     traced (``internal``: nn.Module's own fields), and every float forward read from elsewhere
@@ -130,8 +130,3 @@ def candidates(modules: list[nn.Module], reads: list[Read], internal: frozenset[
 def perturbed(value: float) -> float:
     """Another value to run the graph at (same sign, not 1 or 0 where the float was)."""
     return value * 1.5 + 0.25 if value >= 0 else value * 1.5 - 0.25
-
-
-def exclude(items: Iterator[Any], keys: set[tuple], key_of: Any) -> list[Any]:
-    """``items`` whose location (``key_of(item)``) is not a float input's."""
-    return [item for item in items if key_of(item) not in keys]

@@ -4,9 +4,11 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 
 * decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
   shapes they were taken on;
-* plain Python numbers that traced code reads (a Gumbel temperature ``self.temp``) are constants
-  in the graph, and so are tensors it reads out of a list, dict or plain object (DARTS-PT's
-  ``candidate_flags``, an edge record's alpha);
+* plain Python numbers that traced code reads (a flag, a count) are constants in the graph, and so
+  are tensors it reads out of a list, dict or plain object (DARTS-PT's ``candidate_flags``, an edge
+  record's alpha) -- except floats used only in tensor arithmetic (a Gumbel temperature
+  ``self.temp``), which are graph inputs (:mod:`topofx.float_inputs`): the check gives the graph
+  their live value;
   so are numbers read from anywhere else -- a module-level scheduler's ``decay_rate``, a global, a
   closure, a class attribute (the access paths :mod:`topofx.reads` found in the traced code);
 * ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
