@@ -262,7 +262,9 @@ def test_numbers_read_outside_the_modules_are_followed(mode, change):
             fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
             with torch.no_grad():
                 torch.testing.assert_close(simplified(x), fresh(x))
-        assert simplified.__dict__.get("recaptured"), "the change was not seen"
+        # the scheduler's and the dict's floats are graph inputs (test_float_inputs.py); a float read
+        # through a class attribute stays a guarded constant: its change captures anew
+        assert bool(simplified.__dict__.get("recaptured")) == (change in ("closure object", "class attribute"))
     finally:
         _restore_globals()
 
@@ -306,7 +308,7 @@ def test_a_copy_reads_the_same_outside_numbers():
         scheduler.step()
         with torch.no_grad():
             torch.testing.assert_close(twin(x), model(x), rtol=1e-5, atol=1e-6)
-        assert twin.__dict__.get("recaptured"), "the copy did not see the scheduler's step"
+        assert not twin.__dict__.get("recaptured")  # the scheduler's coefficient is an input of the copy's graph too
     finally:
         _restore_globals()
 

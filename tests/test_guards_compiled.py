@@ -109,7 +109,7 @@ class _Cell(nn.Module):
     def __init__(self):
         super().__init__()
         self.ops = nn.ModuleList([nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1), nn.Identity()])
-        self.scale = 1.0  # a Python number read by traced code
+        self.scale = 1  # a Python number read by traced code (a float would be a graph input: test_float_inputs.py)
 
     def forward(self, x, weights):
         return self.scale * sum(w * op(x) for w, op in zip(weights, self.ops) if w != 0)
@@ -162,7 +162,7 @@ def test_numbers_are_compared_after_an_assignment_only_and_each_one_is_seen():
     model.train()  # assigns `training` on every module: compared once, nothing the graph read changed
     assert simplified.guards.assignments.assigned
     assert simplified.guards.holds() and not simplified.guards.assignments.assigned  # watched again
-    for scale in (0.5, 0.25):  # each assignment after the watch is armed again is seen
+    for scale in (2, 3):  # each assignment after the watch is armed again is seen
         model.cells[0].scale = scale
         assert not simplified.guards.holds()
         torch.testing.assert_close(simplified(x), model(x))
@@ -210,7 +210,7 @@ def test_a_number_read_by_a_method_of_a_submodule_is_watched_like_a_traced_modul
 def test_number_of_another_type_recaptures():
     model, simplified, x = _simplified()
     simplified(x)
-    model.cells[0].scale = 1  # == 1.0, but another type: the trace may differ
+    model.cells[0].scale = 1.0  # == 1, but another type: the trace may differ
     assert not simplified.guards.holds()
 
 

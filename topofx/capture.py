@@ -20,7 +20,10 @@ needs a Python value (``if``, ``int()``, ``range``, ``.tolist()``, numpy) it is 
   call, as one node, with the original's Python (:class:`MethodCall`, ``PER_CALL``);
 * from the inputs' values: :class:`CaptureError` naming the user's line.
 
-Non-tensor forward arguments are specialized (one graph per choice); legacy constructors and random
+Python floats that forward uses only in tensor arithmetic (a Gumbel temperature, a decaying
+coefficient) are graph inputs: 0-dim tensors the graph module holds, refreshed before each call
+(:mod:`topofx.float_inputs`, :func:`_trace_with_float_inputs`); other Python numbers are constants,
+guarded.  Non-tensor forward arguments are specialized (one graph per choice); legacy constructors and random
 factories become graph nodes; distributions become :class:`DistributionCall` nodes; plain tensor
 attributes are registered as non-persistent buffers for the duration of the trace, so they become
 live ``get_attr`` nodes.  Leaf modules (``torch.nn`` modules) become ``call_module`` nodes that
@@ -53,6 +56,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import float_inputs as _floats
 from .reads import Read, ReadRecorder, plain_object
 
 VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the node
@@ -66,6 +70,9 @@ READS = "topofx_reads"  # GraphModule.meta key: the Reads of Python values outsi
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
 DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward
+FLOATS = "topofx_floats"  # node.meta key (during tracing): the FloatInputs whose stand-ins the value depends on
+AS_FLOAT = "topofx_as_float"  # node.meta key (during tracing): that value as eager computes it from the floats
+FLOAT_INPUTS = "topofx_float_inputs"  # GraphModule.meta key: the FloatInputs the graph reads as 0-dim tensors
 REAL_NUMEL = 1 << 16  # attributes up to this size get real values while tracing (architecture weights are small)
 UNKNOWN = object()  # value that could not be computed
 
@@ -269,6 +276,45 @@ def run_on_meta(root: nn.Module, kind: str, target: Any, args: Any, kwargs: Any)
     return UNKNOWN
 
 
+def _float_inputs_in(a: Any) -> frozenset:
+    """The float inputs (their stand-ins) that the traced values among ``a`` are computed from."""
+    found: frozenset = frozenset()
+    for x in _flat(a):
+        if isinstance(x, fx.Proxy):
+            found |= x.node.meta.get(FLOATS, frozenset())
+    return found
+
+
+def _is_number(x: Any) -> bool:
+    """A traced value that eager holds as a Python float (a :class:`FloatValue`)."""
+    return isinstance(x, fx.Proxy) and AS_FLOAT in x.node.meta
+
+
+def _as_number(x: Any) -> Any:
+    """A traced value that eager holds as a Python float: that float (eager's value at capture)."""
+    return x.node.meta[AS_FLOAT] if _is_number(x) else x
+
+
+def _eager(x: Any) -> Any:
+    """What eager holds for ``x`` while tracing, on meta: the float, or what tracing holds (a tensor
+    computed from floats has eager's dtype and shape: its operations were checked)."""
+    return x.node.meta[AS_FLOAT] if _is_number(x) else _value(x)
+
+
+def _on_meta(kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+    """One operation on meta values (``UNKNOWN`` where it fails: eager would need real numbers)."""
+    if kind == "call_module" or _contains_unknown((args, kwargs)):
+        return UNKNOWN
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == "call_function":
+                return _on_meta_device(target, args, kwargs)
+            return getattr(args[0], target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - not computable on meta: not an input then
+        return UNKNOWN
+
+
 _IS_TENSOR_CODE = torch.is_tensor.__code__
 _LEGACY_TYPE = type(torch.FloatTensor)  # read at import: tracing replaces torch.FloatTensor by a recorder
 _FACTORIES = {getattr(torch, n) for n in ("rand", "randn", "randint", "randperm", "empty", "zeros", "ones", "full",
@@ -332,6 +378,43 @@ class TracedValue(fx.Proxy):
         if name.startswith("__array"):  # numpy probes __array_struct__/__array_interface__ before __array__
             raise AttributeError(name)
         return super().__getattr__(name)
+
+
+class FloatValue(TracedValue):
+    """A traced value that eager code holds as a Python float (a float input's stand-in, ``self.temp * 2``):
+    to the user's ``isinstance`` a ``float``; rounding and formatting ask for the number (which keeps
+    the float a constant, see :meth:`ValueTracer.concrete`)."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        frame = sys._getframe(1)
+        return TracedValue if frame is None or _is_library_file(frame.f_code.co_filename) else float
+
+    def __round__(self, ndigits: Any = None) -> Any:
+        return round(self.tracer.concrete(self, float, "a float"), ndigits)  # type: ignore[attr-defined]
+
+    def __format__(self, spec: str) -> str:
+        return format(self.tracer.concrete(self, float, "a float"), spec)  # type: ignore[attr-defined]
+
+    def __deepcopy__(self, memo: dict) -> Any:  # a meta copy of a module holding it (shapes only): the number
+        return self.node.meta[AS_FLOAT]
+
+
+_REFLECTED = {operator.truediv: "__rtruediv__", operator.sub: "__rsub__", operator.pow: "__rpow__",
+              operator.floordiv: "__rfloordiv__", operator.mod: "__rmod__"}  # eager's `float <op> tensor`
+
+
+def _acceptable(eager: Any, graphed: Any) -> bool:
+    """Whether a value computed from float inputs' stand-ins (``graphed``, on meta tensors) is what eager
+    computes from the floats (``eager``): a float as a 0-dim float64 tensor, a tensor of the same dtype
+    and shape (tuples and lists of them item by item)."""
+    if type(eager) is float:
+        return isinstance(graphed, torch.Tensor) and graphed.dim() == 0 and graphed.dtype == torch.float64
+    if isinstance(eager, torch.Tensor):
+        return isinstance(graphed, torch.Tensor) and (graphed.dtype, graphed.shape) == (eager.dtype, eager.shape)
+    if type(eager) in (tuple, list):
+        return type(graphed) is type(eager) and len(graphed) == len(eager) and all(map(_acceptable, eager, graphed))
+    return False
 
 
 def _where(what: str, fix: str = "") -> str:
@@ -509,8 +592,11 @@ class ValueTracer(fx.Tracer):
     """
 
     def __init__(self, example_inputs: Sequence[Any], opaque: frozenset[int] = frozenset(),
-                 opaque_methods: frozenset[tuple[nn.Module, str]] = frozenset()):
+                 opaque_methods: frozenset[tuple[nn.Module, str]] = frozenset(),
+                 floats: Sequence[_floats.FloatInput] = ()):
         super().__init__(param_shapes_constant=False)
+        self.floats = floats  # Python floats read through stand-ins, as graph inputs (topofx.float_inputs)
+        self.float_inputs: list[_floats.FloatInput] = []  # those the graph reads (set after the trace)
         self.proxy_buffer_attributes = True
         self._examples: Iterator[Any] = iter(example_inputs)
         self.opaque = opaque  # ids of modules called as one node: their forward decides per call (see trace)
@@ -754,10 +840,22 @@ class ValueTracer(fx.Tracer):
         return _unwatched(self._create_proxy, kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
 
     def _create_proxy(self, kind, target, args, kwargs, name, type_expr, proxy_factory_fn):  # type: ignore[no-untyped-def]
+        floats = _float_inputs_in((args, kwargs)) if self.floats else frozenset()
+        eager = UNKNOWN
+        if any(map(_is_number, _flat((args, kwargs)))):  # (a tensor computed from floats is what eager has)
+            use = self._float_use(kind, target, args, kwargs)
+            if not isinstance(use, tuple):
+                return use  # eager computes a Python value from the floats alone (`self.temp > 0.5`)
+            kind, target, args, kwargs, eager = use
+            floats = _float_inputs_in((args, kwargs))
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if VALUE in node.meta:  # create_proxy can be re-entered for the same node
             return proxy
+        if floats:
+            node.meta[FLOATS] = floats
+        if type(eager) is float:
+            node.meta[AS_FLOAT], proxy = eager, FloatValue(node, self)
         if kind == "placeholder":
             value, static = _to_meta(next(self._examples, UNKNOWN)), False
         else:
@@ -795,8 +893,14 @@ class ValueTracer(fx.Tracer):
 
     def concrete(self, obj: fx.Proxy, convert: Callable[[Any], Any], what: str) -> Any:
         """The Python value Python code asks of ``obj``: from shapes (a shape decision), from the real
-        value of architecture-only data (a value decision), or a :class:`CaptureError` naming the line."""
+        value of architecture-only data (a value decision), or a :class:`CaptureError` naming the line.
+        A value computed from float inputs' stand-ins makes those floats constants (the model is traced
+        again without their stand-ins); this trace goes on with eager's number."""
         node = obj.node
+        for float_input in node.meta.get(FLOATS, ()):
+            float_input.decides = True
+        if AS_FLOAT in node.meta:
+            return convert(node.meta[AS_FLOAT])
         value = node.meta.get(VALUE, UNKNOWN)
         if node.meta.get(STATIC) and value is not UNKNOWN:
             result = convert(value)
@@ -845,6 +949,31 @@ class ValueTracer(fx.Tracer):
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         return self.concrete(obj, bool, "a bool (an `if`/`while`/`and`/`or` on a tensor)")
+
+    def _float_use(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        """An operation on values computed from float inputs' stand-ins: ``(kind, target, args, kwargs,
+        eager's value)`` to record, when it computes with the stand-ins what eager computes with the
+        floats (:func:`_acceptable`; ``float / tensor`` as eager dispatches it, to the tensor's reflected
+        method).  Otherwise the floats of its number operands become constants (:attr:`FloatInput.decides`) and the operation
+        is what this trace would record with them: recorded on their numbers, or computed in Python."""
+        first = args[0] if kind == "call_function" and len(args) == 2 else None
+        if target in _REFLECTED and _is_number(first) and isinstance(_eager(args[1]), torch.Tensor):
+            kind, target, args = "call_method", _REFLECTED[target], (args[1], first)
+        self._evaluating = True
+        try:
+            eager = _on_meta(kind, target, fx.node.map_aggregate(args, _eager), fx.node.map_aggregate(kwargs, _eager))
+            graphed = _on_meta(kind, target, _value(args), _value(kwargs))
+        finally:
+            self._evaluating = False
+        if _acceptable(eager, graphed):
+            return kind, target, args, kwargs, eager
+        for number in filter(_is_number, _flat((args, kwargs))):  # (tensors computed from floats were checked)
+            for float_input in number.node.meta[FLOATS]:
+                float_input.decides = True
+        args, kwargs = fx.node.map_aggregate(args, _as_number), fx.node.map_aggregate(kwargs, _as_number)
+        if kind == "call_module" or any(isinstance(a, fx.Proxy) for a in _flat((args, kwargs))):
+            return kind, target, args, kwargs, UNKNOWN
+        return target(*args, **kwargs) if kind == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
 
     def _note_shape_decision(self, obj: fx.Proxy, value: Any) -> None:
         """A Python decision on a value computed from the inputs' shapes holds for those shapes only."""
@@ -1465,7 +1594,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         opaque, methods = _per_call_units(model, learned)
         try:
             with _forked_rng(model), _traced_values_kept_out(model):  # draws made while tracing leave the
-                gm, tracer = _trace_once(model, values, concrete, frozenset(opaque), frozenset(methods))  # RNG alone
+                gm, tracer = _trace_with_float_inputs(model, values, concrete, frozenset(opaque), frozenset(methods))
                 volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
             if not volatile:
                 _insert_speculation_checks(gm, tracer.speculated)
@@ -1494,22 +1623,69 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
     gm.meta[READS] = tracer.reads
     gm.meta[VALUE_GUARD] = ValueGuard(gm, tracer.value_decisions) if tracer.value_decisions else None
+    gm.meta[FLOAT_INPUTS] = tracer.float_inputs
     for node in gm.graph.nodes:
-        node.meta.pop(REAL, None)
+        for key in (REAL, FLOATS, AS_FLOAT):
+            node.meta.pop(key, None)
     return gm
 
 
+CONSTANT_FLOATS: "weakref.WeakKeyDictionary[nn.Module, set[tuple]]" = weakref.WeakKeyDictionary()
+"""Per model: the locations (``FloatInput.key``) of floats whose captured graph did not follow them
+(:func:`verify_float_inputs`); later traces keep them constants."""
+
+
+def _trace_with_float_inputs(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None,
+                             opaque: frozenset[int], methods: frozenset[tuple[nn.Module, str]]
+                             ) -> tuple[fx.GraphModule, "ValueTracer"]:
+    """Trace with Python floats as constants; where the trace read floats (``topofx.float_inputs``), trace
+    again with them as inputs, and again without those found used as numbers, until a trace uses every
+    stand-in it installed as a tensor operand -- or none is left: then the first trace stands.  Each
+    further trace leaves the modules' Python attributes as the first left them."""
+    gm, tracer = _trace_once(model, values, concrete, opaque, methods)
+    floats = _floats.candidates([model, *tracer.traced_modules], tracer.reads, _MODULE_FIELDS | {"training"},
+                                _is_library_file, CONSTANT_FLOATS.get(model, set()))
+    while floats:
+        try:
+            with _attributes_kept(model), _traced_values_kept_out(model):
+                return_value = _trace_once(model, values, concrete, opaque, methods, floats)
+        except Exception:  # noqa: BLE001 - a trace the stand-ins break: without the floats that decided
+            return_value = None
+        kept = [f for f in floats if not f.decides]
+        if return_value is not None and len(kept) == len(floats):
+            return return_value
+        if len(kept) == len(floats):  # failed, no float named: constants all
+            break
+        floats = [_floats.FloatInput(f.read) for f in kept]
+    return gm, tracer
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every module's attributes as they were (a forward that counts its calls counts one trace)."""
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in before:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+
+
 def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
-                methods: frozenset[tuple[nn.Module, str]]) -> tuple[fx.GraphModule, "ValueTracer"]:
-    tracer = ValueTracer(values, opaque, methods)
+                methods: frozenset[tuple[nn.Module, str]], floats: Sequence[_floats.FloatInput] = ()
+                ) -> tuple[fx.GraphModule, "ValueTracer"]:
+    tracer = ValueTracer(values, opaque, methods, floats)
     own = _attribute_names(model)
     proxies: dict[str, Any] = {}
 
     def read(qualified: str) -> Any:  # one get_attr node per held tensor, created where first read
         return proxies.get(qualified) or proxies.setdefault(qualified, tracer.create_proxy("get_attr", qualified, (), {}))
 
-    with _loose_tensors_as_buffers(model, read) as (loose, held, tracer.before_forward), \
+    with _loose_tensors_as_buffers(model, read) as (loose, held, install_held), \
+            _stand_ins(model, tracer, floats) as install_floats, \
             ReadRecorder(_reads_nothing, lambda: tracer._evaluating) as recorder:
+        tracer.before_forward = lambda: (install_held(), install_floats())  # type: ignore[method-assign]
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _specialize(graph, concrete or {})
@@ -1529,10 +1705,58 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         gm.meta[HELD] = [(target, module, path) for target, module, path in held if target in read_by_graph]
         for target, *_ in gm.meta[HELD]:
             _unbuffer(gm, target)
+        tracer.float_inputs = _read_floats(gm, floats)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
     tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
                               and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
     return gm, tracer
+
+
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module, tracer: "ValueTracer", floats: Sequence[_floats.FloatInput]) -> Iterator[Callable[[], None]]:
+    """While tracing, each float of ``floats`` is read, where forward reads it, as a :class:`FloatValue`
+    of a ``get_attr`` of its 0-dim tensor (``topofx_float_<k>``, a buffer of the model for the trace's
+    duration); the floats are put back on exit.  Yields the step that installs them once the graph exists."""
+    for k, float_input in enumerate(floats):
+        float_input.target = _free_name(model, f"topofx_float_{k}")
+        model.register_buffer(float_input.target, float_input.tensor(), persistent=False)
+
+    def install() -> None:
+        for float_input in floats:
+            proxy = tracer.create_proxy("get_attr", float_input.target, (), {})
+            proxy.node.meta[FLOATS], proxy.node.meta[AS_FLOAT] = frozenset([float_input]), float_input.last
+            float_input.install(FloatValue(proxy.node, tracer))
+    try:
+        yield install
+    finally:
+        for float_input in floats:
+            float_input.install(float_input.last)
+
+
+def _free_name(model: nn.Module, base: str) -> str:
+    names, name, n = _attribute_names(model), base, 1
+    while name in names:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def _read_floats(gm: fx.GraphModule, floats: Sequence[_floats.FloatInput]) -> list[_floats.FloatInput]:
+    """The floats the graph reads (their tensors become plain attributes of ``gm``, which ``.to()`` leaves
+    on the CPU); the stand-ins no operation used are erased."""
+    read = []
+    for node in list(gm.graph.nodes):
+        float_input = next((f for f in floats if node.op == "get_attr" and node.target == f.target), None)
+        if float_input is None:
+            continue
+        _unbuffer(gm, node.target)
+        if node.users:
+            read.append(float_input)
+        else:
+            gm.graph.erase_node(node)
+            delattr(gm, node.target)
+    if len(read) < len(floats):
+        gm.recompile()
+    return read
 
 
 SPECULATION = "topofx_speculation"  # GraphModule.meta key: the Decision of each speculation check, by index
@@ -1727,7 +1951,10 @@ def capture(
             try:
                 if verify:
                     verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
+                    verify_float_inputs(model, gm, example_inputs)
                 return Capture(gm)
+            except FloatsNotFollowed as failed:  # keep them constants, guarded
+                CONSTANT_FLOATS.setdefault(model, set()).update(f.key for f in failed.floats)
             except SpeculationFailed as failed:  # a decision on draws changed after all: run it per call
                 decision = gm.meta[SPECULATION][failed.index]
                 key = unit_key(model, decision.unit) if decision.unit is not None else None
@@ -1883,6 +2110,42 @@ def verify_capture(
             if live_attrs and callable(resample):
                 resample(gm)
             _backward(run_seeded(gm, example_inputs))
+
+
+class FloatsNotFollowed(CaptureError):
+    """The captured graph does not follow its float inputs: they are to stay constants."""
+
+    def __init__(self, floats: list, err: float):
+        super().__init__(f"the captured graph does not follow {', '.join(f.where for f in floats)} "
+                         f"(max relative error {err:.2e} at other values)")
+        self.floats = floats
+
+
+def verify_float_inputs(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float = 1e-5) -> None:
+    """Run the graph against the eager model with every float input set to another value
+    (:func:`topofx.float_inputs.perturbed`); raise :class:`FloatsNotFollowed` unless they agree (a
+    stand-in took forward down another Python path than the float would, unseen by the trace)."""
+    floats = gm.meta.get(FLOAT_INPUTS)
+    if not floats:
+        return
+    attrs = graph_attr_tensors(gm)
+    captured = [f.last for f in floats]
+    try:
+        for float_input in floats:
+            float_input.install(_floats.perturbed(float_input.last))
+            float_input.refresh(gm)
+        with preserved_state(model, tensors=attrs):
+            eager = run_seeded(model, example_inputs)
+        with preserved_state(model, tensors=attrs):
+            err = max_rel_error(run_seeded(gm, example_inputs), eager)
+    except Exception:  # noqa: BLE001 - the model rejects other values: it depends on them otherwise
+        err = math.inf
+    finally:
+        for float_input, value in zip(floats, captured):
+            float_input.install(value)
+            float_input.refresh(gm)
+    if not err <= rtol:
+        raise FloatsNotFollowed(floats, err)
 
 
 def _backward(out: Any) -> None:

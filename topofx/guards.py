@@ -4,9 +4,11 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 
 * decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
   shapes they were taken on;
-* plain Python numbers that traced code reads (a Gumbel temperature ``self.temp``) are constants
-  in the graph, and so are tensors it reads out of a list, dict or plain object (DARTS-PT's
-  ``candidate_flags``, an edge record's alpha);
+* plain Python numbers that traced code reads (a flag, a count) are constants in the graph, and so
+  are tensors it reads out of a list, dict or plain object (DARTS-PT's ``candidate_flags``, an edge
+  record's alpha) -- except floats used only in tensor arithmetic (a Gumbel temperature
+  ``self.temp``), which are graph inputs (:mod:`topofx.float_inputs`): the check gives the graph
+  their live value;
   so are numbers read from anywhere else -- a module-level scheduler's ``decay_rate``, a global, a
   closure, a class attribute (the access paths :mod:`topofx.reads` found in the traced code);
 * ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
@@ -336,8 +338,11 @@ class Guards:
                and r.steps[0][1] in vars(r.root)]  # a module's own attribute (a method's `self.x`): as traced modules'
         self.traced = list(dict.fromkeys([*gm.meta.get(_capture.TRACED_MODULES, [root]), *(r.root for r in own)]))
         self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(_capture.HELD, ())}
-        self.scalars = _scalars(self.traced, self.live)
-        self.reads = [(r, _snapshot(r.value(), self.live)) for r in reads if r not in own]
+        self.floats = list(gm.meta.get(_capture.FLOAT_INPUTS, ()))  # read as graph inputs: refreshed, not snapshotted
+        self.float_holder = gm
+        self.scalars = self._numbers()
+        self.reads = [(r, _snapshot(r.value(), self.live)) for r in reads
+                      if r not in own and (id(r.root), r.steps) not in self._float_keys()]
         self.modules = list(root.modules())  # the module tree as captured: a candidate set to None or
         self.structure = [dict(m._modules) for m in self.modules]  # swapped asks for a new capture
         self.tree_version = _TREE_VERSION[0]
@@ -352,6 +357,18 @@ class Guards:
         self.retrace_warned: set[str] = set()
         self.hooks_seen = _hooks_registered()
         self.warn_hooks()
+
+    def _float_keys(self) -> set[tuple]:
+        return {f.key for f in self.floats}
+
+    def _numbers(self) -> list[tuple[nn.Module, str, Any]]:
+        """:func:`_scalars` of the traced modules, less the floats the graph reads as inputs."""
+        keys = self._float_keys()
+        return [item for item in _scalars(self.traced, self.live) if (id(item[0]), (("attr", item[1]),)) not in keys]
+
+    def floats_hold(self) -> bool:
+        """Give the graph the live value of each float input; ``False`` when one is no float any more."""
+        return all([f.refresh(self.float_holder) for f in self.floats])
 
     def holds(self) -> bool:
         """True when nothing :meth:`verdict` checks changed; compiled by :meth:`compile` on first use (a copy
@@ -388,6 +405,9 @@ class Guards:
                     attributes = "_d"
             if any(_immutable(snapshot) for _, snapshot in items):
                 watched.append(module)
+        for float_input in self.floats:  # a float input that moved: its tensor is replaced (no re-trace)
+            name = check.bind(float_input)
+            check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.float_holder)})")
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
         if self.value_guard is not None:
@@ -467,7 +487,7 @@ class Guards:
         if not retraces_same(self.root, self.example_inputs, self.code):
             self.moved = attributes
             return False
-        self.scalars = _scalars(self.traced, self.live)
+        self.scalars = self._numbers()
         self.reads = [(r, _snapshot(r.value(), self.live)) for r, _ in self.reads]
         if not self.retrace_warned.issuperset(changed):
             self.retrace_warned.update(changed)
@@ -509,7 +529,8 @@ class Guards:
             unchanged = False
         if not unchanged:
             scalars = self.scalars
-            if not (self.structure_holds() and self.follow_tensors() and self.scalars_hold() and self.values_hold()):
+            if not (self.structure_holds() and self.follow_tensors() and self.floats_hold() and self.scalars_hold()
+                    and self.values_hold()):
                 return "recapture"
             if self.scalars is not scalars:  # snapshotted again (the graph does not depend on the change)
                 self.compile()

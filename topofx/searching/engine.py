@@ -195,7 +195,8 @@ class Searcher:
             self.splits = {"train": w_split, "arch": a_split}
         self.model, self.example_inputs = build_supernet(cfg)
         checkpoint = read_checkpoint(self.out / CHECKPOINT) if self.resume else None
-        # the first epoch's temperature before capturing: a simplified module captures anew when it changes
+        # the first epoch's temperature before capturing (a float the graph reads as an input where it only
+        # feeds tensor arithmetic; otherwise a simplified module captures anew when it changes)
         self.algo.epoch_hook(self.model, int(checkpoint["epoch"]) if checkpoint else 0, cfg.epochs)
         self.net = self.model if cfg.simplify == "none" else self._simplify()
         self.alphas = arch_parameters(self.model)
