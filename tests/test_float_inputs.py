@@ -119,23 +119,24 @@ def _set_temp(model, value):
     model.temp = value
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_temperature_is_an_input(dtype):
+def _simplified(model_class, dtype=torch.float32):
+    """(simplified, an eager copy of the model, an input): exact mode, strict."""
     torch.manual_seed(0)
-    model = Supernet().to(dtype)
+    model = model_class().to(dtype)
     x = torch.randn(2, 3, 8, 8, dtype=dtype)
     eager = copy.deepcopy(model)
-    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    return topofx.simplify(model, x, mode="exact", strict=True), eager, x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_temperature_is_an_input(dtype):
+    simplified, eager, x = _simplified(Supernet, dtype)
     assert simplified.graph_module is not None
     _assert_follows(simplified, eager, x, _set_temp, (0.5, 0.2, 3.0), recaptures=False)
 
 
 def test_scheduler_coefficient_is_an_input():
-    torch.manual_seed(0)
-    model = AuxiliarySkip()
-    x = torch.randn(2, 3, 8, 8)
-    eager = copy.deepcopy(model)
-    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    simplified, eager, x = _simplified(AuxiliarySkip)
 
     def set_rate(_, value):
         SCHEDULER.decay_rate = value
@@ -147,11 +148,7 @@ def test_scheduler_coefficient_is_an_input():
 
 
 def test_float_python_decides_on_recaptures():
-    torch.manual_seed(0)
-    model = Sharpened()
-    x = torch.randn(2, 3, 8, 8)
-    eager = copy.deepcopy(model)
-    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    simplified, eager, x = _simplified(Sharpened)
 
     def set_sharpen(model, value):
         model.sharpen = value
