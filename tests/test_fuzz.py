@@ -304,13 +304,13 @@ def test_wrong_gradients_stay_silent_after_the_float64_recheck():
 
 
 def _forgets_changes(model, example_inputs, mode="topo", **kwargs):
-    """A wrong simplify: its guards forget the Python numbers read outside the modules' attributes, the
-    module tree and re-assigned tensors (a scheduled scale, a candidate set to None, a list's new alpha
-    stay frozen in the graph)."""
+    """A wrong simplify: its guards forget the Python numbers read outside the modules' attributes (as
+    constants or as graph inputs), the module tree and re-assigned tensors (a scheduled scale, a
+    candidate set to None, a list's new alpha stay frozen in the graph)."""
     simplified = topofx.simplify(model, example_inputs, mode=mode, **kwargs)
     guards = simplified.__dict__.get("guards")
     if guards is not None:
-        guards.reads = []
+        guards.reads, guards.floats = [], []
         guards.structure_holds = lambda: True
         guards.follow_tensors = lambda: True
     return simplified
