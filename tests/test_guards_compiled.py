@@ -169,6 +169,17 @@ def test_numbers_are_compared_after_an_assignment_only_and_each_one_is_seen():
         assert simplified.guards.holds()
 
 
+def test_watching_again_keeps_one_watcher_per_module():
+    from torch._dynamo.mutation_guard import MutationTracker
+
+    model, simplified, x = _simplified()
+    for step in range(20):  # one module assigned to every other call: the rest are watched again each time
+        model.cells[0].tag = step
+        simplified(x)
+        simplified(x)
+    assert [len(MutationTracker.db[m].watchers) for m in simplified.guards.assignments.modules] == [1, 1]
+
+
 def test_a_module_assigned_to_before_every_call_is_compared_without_watching():
     model, simplified, x = _simplified()
     simplified(x)

@@ -298,6 +298,7 @@ class _Assignments:
 
     def __init__(self, modules: list[nn.Module], compare: Callable[[], bool]):
         self.modules, self.compare, self.assigned = modules, compare, True
+        self.watchers = [_Watcher(self) for _ in modules]  # one per module: watched again only once it fired
         self.quiet, self.streak = 1, 0  # calls since watching; calls in a row assigned to at once
 
     def hold(self) -> bool:
@@ -312,13 +313,24 @@ class _Assignments:
             from torch._dynamo import mutation_guard  # imported on first use: dynamo takes a second to import
 
             self.assigned, self.quiet = False, 0
-            for module in self.modules:  # a tracker calls each watcher once, on the next assignment
-                mutation_guard.watch(module, self)
+            for module, watcher in zip(self.modules, self.watchers):  # a tracker calls a watcher once
+                if not watcher.armed:
+                    watcher.armed = True
+                    mutation_guard.watch(module, watcher)
         return True
 
+
+class _Watcher:
+    """What the mutation tracker calls on the next assignment to one watched module."""
+
+    __slots__ = ("owner", "armed", "__weakref__")
+
+    def __init__(self, owner: _Assignments):
+        self.owner, self.armed = owner, False
+
     def invalidate(self, ref: Any) -> None:
-        """Called by the mutation tracker on an assignment to a watched module."""
-        self.assigned = True
+        self.armed = False
+        self.owner.assigned = True
 
 
 class Guards:
