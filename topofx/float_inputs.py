@@ -23,13 +23,12 @@ them constant.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .reads import MISSING, Read, resolve
+from .reads import MISSING, Read, plain_object, resolve
 
 
 class FloatInput:
@@ -101,8 +100,7 @@ def _installable(read: Read, library: Callable[[str], bool]) -> bool:
         return type(container) in (dict, list)
     if not hasattr(container, "__dict__") or key not in vars(container) or isinstance(container, type):
         return False
-    defined_in = getattr(sys.modules.get(type(container).__module__), "__file__", None) or "<>"
-    return isinstance(container, nn.Module) or not library(defined_in)
+    return isinstance(container, nn.Module) or plain_object(container, library)
 
 
 def candidates(modules: list[nn.Module], reads: list[Read], internal: frozenset[str], library: Callable[[str], bool],
