@@ -1434,11 +1434,7 @@ def _held_tensors(module: nn.Module, named: set[int]) -> Iterator[tuple[Path, to
 
 def _slot(module: nn.Module, path: Path) -> str:
     """A fresh attribute name for a held tensor: ``topofx_held_`` + its path (``alphas_0``)."""
-    base = "topofx_held_" + re.sub(r"\W", "_", "_".join(str(key) for _, key in path))
-    slot, n = base, 1
-    while slot in vars(module) or slot in module._parameters or slot in module._buffers or slot in module._modules:
-        slot, n = f"{base}_{n}", n + 1
-    return slot
+    return _free_name(module, "topofx_held_" + re.sub(r"\W", "_", "_".join(str(key) for _, key in path)))
 
 
 def held_at(module: nn.Module, path: Path) -> Any:
@@ -1734,6 +1730,7 @@ def _stand_ins(model: nn.Module, tracer: "ValueTracer", floats: Sequence[_floats
 
 
 def _free_name(model: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first name ``model`` holds nothing under."""
     names, name, n = _attribute_names(model), base, 1
     while name in names:
         name, n = f"{base}_{n}", n + 1
