@@ -224,6 +224,15 @@ def test_a_join_left_as_written_is_missed(monkeypatch):
     assert "einsum (stack_first)" in outcome.key and "0 mixed edges found" in outcome.message
 
 
+def test_a_join_is_judged_on_the_model_as_built_not_after_a_candidate_is_dropped():
+    """``drop_candidate`` leaves one candidate on the first edge (no mixed edge left to merge): the join
+    contract compares the capture of the model as built with its ``+`` chain twin, also as built."""
+    spec = {**ONE_CELL, "join": "stack_view", "join_form": "torch_sum", "drop_candidate": "last"}
+    assert "def drop_candidate(" in fuzz.render(spec)
+    outcome = fuzz.check_spec(spec, "topo")
+    assert outcome.outcome == "ok", (outcome.outcome, outcome.key, outcome.message)
+
+
 # ---------------------------------------------------------------------------------------------
 # minimizer, run, command line (with deliberately broken simplify stand-ins)
 # ---------------------------------------------------------------------------------------------

@@ -1615,6 +1615,7 @@ def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None,
             out.warnings = _warning_texts(caught)
             return
         calls = _GraphCalls(simplified)
+        captured = simplified.report  # the join check reads the model as built, not as the hooks leave it
         try:
             if mode == "exact":
                 failing, report = _exact_failure(model, simplified, inputs)
@@ -1638,7 +1639,7 @@ def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None,
             out.warnings = _warning_texts(caught)
     if mode == "topo" and out.outcome == "ok":
         try:
-            _check_join(spec, simplified.report, simplify, out)
+            _check_join(spec, captured, simplify, out)
         except _Timeout:
             raise
         except Exception as exc:  # noqa: BLE001 - simplifying the + chain twin raised
@@ -1653,7 +1654,8 @@ def _edges_and_merges(report: Any) -> tuple[int, int]:
 def _check_join(spec: dict[str, Any], report: Any, simplify: Callable[..., Any], out: Outcome) -> None:
     """Topo contract of a join written other than as ``zipsum``'s ``+`` chain: its mixed edges are found
     and merged as the chain's are (the same model written with ``zipsum``).  Conditional joins decide per
-    candidate and are left out."""
+    candidate and are left out.  ``report`` is the first capture's: the twin is built fresh, so neither has
+    the changes a generated training loop makes between steps (``drop_candidate`` leaves one candidate)."""
     if spec["join"] in ("zipsum", "cond_ne", "cond_gt"):
         return
     twin = {**{k: v for k, v in spec.items() if k != "join_form"}, "join": "zipsum"}
