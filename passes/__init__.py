@@ -13,18 +13,18 @@ A pass that serves some devices only says which in ``pass.devices`` (and why, in
 ``simplify`` runs it only when the model runs on one of them (``for_device``); the rewrites serve all.
 """
 from .canonical_joins import canonical_joins
-from .functional_modules import functional_modules
-from .zero_elimination import zero_elimination
-from .prefix_sharing import prefix_sharing
-from .horizontal_fusion import horizontal_fusion
-from .weight_folding import weight_folding
-from .floating_merge import floating_merge
-from .recompute import recompute
-from .pool_as_conv import pool_as_conv
 from .channels_last import channels_last
-from .weighted_sum import weighted_sum
 from .depthwise_layout import depthwise_layout
 from .depthwise_recompute import depthwise_recompute
+from .floating_merge import floating_merge
+from .functional_modules import functional_modules
+from .horizontal_fusion import horizontal_fusion
+from .pool_as_conv import pool_as_conv
+from .prefix_sharing import prefix_sharing
+from .recompute import recompute
+from .weight_folding import weight_folding
+from .weighted_sum import weighted_sum
+from .zero_elimination import zero_elimination
 
 EXACT_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.

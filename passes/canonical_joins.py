@@ -33,10 +33,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from topofx.rewrite import Effects, PassContext, Rewrite, aliases, is_inplace, node_order, target_name
+from topofx.ir import Effects, aliases, is_inplace, is_mutated, target_name, value_of
 from topofx.passes.zero_elimination import _ZERO_FACTORIES
-from topofx.rewrite import is_mutated
-from topofx.topology import architecture_factor, data_dependent, is_mul, value_of
+from topofx.rewrite import PassContext, Rewrite, node_order
+from topofx.topology import architecture_factor, data_dependent, is_mul
 
 _SHAPE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as", "reshape_as"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from topofx.capture import VALUE, preserved_state
+from topofx.ir import VALUE, preserved_state
 from topofx.modules import is_cpu_image, to_channels_last, to_contiguous
 from topofx.rewrite import PassContext, Rewrite
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from topofx.ir import is_mutated, reads_mutated
 from topofx.modules import RecomputedDepthwise
-from topofx.rewrite import PassContext, Rewrite, is_mutated, reads_mutated
+from topofx.rewrite import PassContext, Rewrite
 
 
 def _hooked(module) -> bool:

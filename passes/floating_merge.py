@@ -1,7 +1,7 @@
 """Floating module sharing + kernel-normalized merge (TopoNAS; approximate, vertex-exact).
 
 Matches: on each mixed edge, the candidates that end ``Conv2d -> BatchNorm2d`` (ungrouped, zero-padded
-conv and BN of one :func:`~topofx.config.module_config` but kernel size, padding and dilation; each
+conv and BN of one :func:`~topofx.ir.module_config` but kernel size, padding and dilation; each
 node used only by the next) whose convolutions read the same tensor ``r`` (typically the ReLU shared
 by prefix sharing) with aligned outputs (same stride, same padding offset); two or more per edge.
 Edges whose such candidates read the same ``r`` with one geometry are taken together.  Candidates of
@@ -22,9 +22,9 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from topofx.config import module_config
+from topofx.ir import is_mutated, module_config, reads_mutated
 from topofx.modules import MergedConvBN, conv_offset
-from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated, rebuild_chain, split_channels
+from topofx.rewrite import PassContext, Rewrite, called_once, rebuild_chain, split_channels
 from topofx.topology import Candidate, MixedEdge
 
 

@@ -29,7 +29,7 @@ Produces: one ``call_module`` of a stock ``nn.Conv2d`` / ``nn.BatchNorm2d`` per 
 its momentum is a number), registered on the graph module, whose parameters and buffers *are* the
 tensors the call read: gradients land on the user's parameters and the statistics are updated in
 the user's buffers.  Each module records where the model holds them (``_topofx_tensors``) so the
-drop-in guards re-bind a tensor the model re-assigns (``topofx.guards``).  Exact: the module's
+drop-in guards re-bind a tensor the model re-assigns (``topofx.capture.guards``).  Exact: the module's
 forward makes the same ``F.conv2d`` / ``F.batch_norm`` call with the same tensors and constants.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from topofx.capture import UNKNOWN, VALUE
-from topofx.rewrite import PassContext, Rewrite, reads_metadata
+from topofx.ir import UNKNOWN, VALUE, reads_metadata
+from topofx.rewrite import PassContext, Rewrite
 
 SERVED_TRAINING = "topofx_served_training"  # GraphModule.meta: the only train/eval mode the graph serves, or None
 TENSORS = "_topofx_tensors"  # lowered module attribute: {field: get_attr target} (private: not configuration)

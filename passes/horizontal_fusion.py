@@ -1,7 +1,7 @@
 """Horizontal fusion of convolutions and the batch norms that follow them (exact).
 
 Matches: two or more ungrouped ``nn.Conv2d`` nodes reading the same tensor with the same
-configuration but their output width (:func:`topofx.config.module_config`: kernel, stride, padding,
+configuration but their output width (:func:`topofx.ir.module_config`: kernel, stride, padding,
 ``padding_mode``, dilation, bias presence, dtype, ...) -- e.g. the 3x3 convolutions of every edge
 leaving one node once their ReLU is shared.
 Produces: one :class:`~topofx.modules.FusedConv2d` whose kernel is the concatenation of the original
@@ -19,8 +19,9 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
+from topofx.ir import is_mutated, reads_mutated
 from topofx.modules import FusedBatchNorm2d, FusedConv2d, bn_config, conv_geometry
-from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, node_order, reads_mutated, split_channels
+from topofx.rewrite import PassContext, Rewrite, called_once, node_order, split_channels
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

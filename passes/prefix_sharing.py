@@ -3,7 +3,7 @@
 Matches: two or more deterministic, stateless operations with equal configuration applied to the
 same arguments -- e.g. every candidate's ``ReLU(x)`` on every edge leaving node ``x``, or the
 ``AvgPool2d`` of several edges.  Stateless modules (no parameters, no buffers, not random, not in
-place) compare by :func:`topofx.config.module_config` (stock ``torch.nn`` classes only), functions and
+place) compare by :func:`topofx.ir.module_config` (stock ``torch.nn`` classes only), functions and
 methods by target and arguments.
 Produces: one node computing the value, feeding all former users.  Exact: the same function of the
 same tensor, so outputs and gradients are unchanged.  Repeated to a fixpoint this shares whole
@@ -16,7 +16,8 @@ from typing import Any, Hashable
 import torch
 import torch.fx as fx
 
-from topofx.rewrite import PassContext, Rewrite, is_mutated, is_pure, reads_mutated, stateless_module_key
+from topofx.ir import is_mutated, is_pure, reads_mutated, stateless_module_key
+from topofx.rewrite import PassContext, Rewrite
 
 
 def _key(node: fx.Node, gm: fx.GraphModule) -> Hashable | None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import operator
 
+from topofx.ir import is_mutated, reads_mutated
 from topofx.modules import RecomputedScale
-from topofx.rewrite import PassContext, Rewrite, is_mutated, is_stateless_call, node_order, reads_mutated
+from topofx.rewrite import PassContext, Rewrite, is_stateless_call, node_order
 from topofx.topology import data_dependent, weighted_term
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from topofx.config import module_config
+from topofx.ir import is_mutated, module_config, reads_mutated
 from topofx.modules import FusedBatchNorm2d
-from topofx.rewrite import PassContext, Rewrite, called_once, is_mutated, reads_mutated
+from topofx.rewrite import PassContext, Rewrite, called_once
 from topofx.topology import data_dependent, is_mul, weighted_term
 
 

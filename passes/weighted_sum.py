@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from topofx.capture import VALUE
-from topofx.modules import ConvAvgPool2d, weighted_sum as weighted_sum_fn
-from topofx.rewrite import PassContext, Rewrite, is_mutated, is_stateless_call
+from topofx.ir import VALUE, is_mutated
+from topofx.modules import ConvAvgPool2d
+from topofx.modules import weighted_sum as weighted_sum_fn
+from topofx.rewrite import PassContext, Rewrite, is_stateless_call
 from topofx.topology import data_dependent, is_add, weighted_term
 
 

@@ -15,8 +15,9 @@ import operator
 
 import torch.fx as fx
 
-from topofx.rewrite import PassContext, Rewrite, is_mutated, rebuild_chain, target_name
-from topofx.topology import is_mul, shape_of, sum_chains
+from topofx.ir import is_mutated, shape_of, target_name
+from topofx.rewrite import PassContext, Rewrite, rebuild_chain
+from topofx.topology import is_mul, sum_chains
 
 _ZERO_FACTORIES = {"zeros_like", "zeros", "new_zeros"}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from topofx.capture import preserved_state
+from topofx.ir import preserved_state
 
 
 def one_step(model, net, inputs, seed):

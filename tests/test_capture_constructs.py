@@ -45,7 +45,8 @@ from torch import nn
 from torch.distributions import Dirichlet
 
 import topofx
-from topofx.capture import UNKNOWN, VALUE, DistributionCall, capture
+from topofx.capture import DistributionCall, capture
+from topofx.ir import UNKNOWN, VALUE
 from topofx.testing import assert_train_step_equivalent, train_step_equivalence
 from topofx.zoo.operations import Identity, ReLUConvBN, Zero
 

@@ -35,7 +35,7 @@ from torch import nn
 
 import topofx
 from topofx import zoo
-from topofx.capture import preserved_state
+from topofx.ir import preserved_state
 from topofx.testing import (
     assert_train_step_equivalent,
     find_arch_parameters,

@@ -18,9 +18,9 @@ from torch import nn
 
 import topofx
 from topofx.capture import capture
-from topofx.config import module_config
+from topofx.ir import Effects, module_config
 from topofx.modules import FusedConv2d
-from topofx.rewrite import Effects, Rewrite, run_to_fixpoint
+from topofx.rewrite import Rewrite, run_to_fixpoint
 from topofx.testing import train_step_equivalence
 from topofx.topology import ValueNumbering, analyze, weight_provenance
 

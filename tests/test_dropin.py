@@ -25,7 +25,7 @@ from torch import nn
 
 import topofx
 from topofx import zoo
-from topofx.capture import max_rel_error, preserved_state
+from topofx.ir import max_rel_error, preserved_state
 from topofx.simplifier import FLOATED
 from topofx.testing import find_arch_parameters, seeded_outputs, set_one_hot
 

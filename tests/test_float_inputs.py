@@ -1,5 +1,5 @@
 """Python floats the graph depends on only through tensor arithmetic are graph inputs
-(``topofx.float_inputs``): a new temperature or coefficient costs no new capture, and the simplified
+(``topofx.capture.float_inputs``): a new temperature or coefficient costs no new capture, and the simplified
 module computes what the original computes at the new value.  A float Python decides on stays a
 guarded constant: its change captures anew."""
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import topofx
-
 
 
 class Scheduler:

@@ -8,15 +8,14 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from sampled_step import one_step
 from torch import nn
 
 import topofx
 from topofx import zoo
 from topofx.adapters import adapter_for, hard_gumbel_sample, register_adapter
-from topofx.capture import max_rel_error, preserved_state
+from topofx.ir import max_rel_error, preserved_state
 from topofx.testing import seeded_outputs
-
-from sampled_step import one_step
 
 GRAD_RTOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""The compiled form of the drop-in guards (``topofx/guards.py``): one generated check per captured
+"""The compiled form of the drop-in guards (``topofx/capture/guards.py``): one generated check per captured
 graph, a batched value guard, a hook scan only after a hook was registered, a cached call key.  Each
 kind of change the step-by-step guards catch is still caught; the generated condition is exactly the
 comparison of a fresh snapshot with the capture's.  (No timings here: ``topofx bench --overhead``.)"""
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import topofx
-from topofx.guards import _Check, _snapshot
+from topofx.capture.guards import _Check, _snapshot
 
 
 # ---------------------------------------------------------------------------------------------

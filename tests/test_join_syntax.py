@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import topofx
-from topofx.capture import preserved_state
-from topofx.testing import assert_train_step_equivalent, find_arch_parameters, set_one_hot, train_step_equivalence
+from topofx.ir import preserved_state
+from topofx.testing import assert_train_step_equivalent, set_one_hot, train_step_equivalence
 
 C, EDGES = 4, 3
 

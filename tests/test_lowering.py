@@ -12,8 +12,10 @@ import torch.nn.functional as F
 import topofx
 from topofx import zoo
 from topofx.bench import ChannelsLastInput
-from topofx.capture import max_rel_error, preserved_state, trace
-from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, weighted_sum as weighted_sum_fn
+from topofx.capture import trace
+from topofx.ir import max_rel_error, preserved_state
+from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d
+from topofx.modules import weighted_sum as weighted_sum_fn
 from topofx.passes import TOPO_PASSES, weighted_sum
 from topofx.rewrite import run_to_fixpoint
 from topofx.testing import assert_train_step_equivalent, seeded_outputs

@@ -25,17 +25,16 @@ from __future__ import annotations
 import operator
 import warnings
 
+import never_wrong_models as M
 import pytest
 import torch
 from torch import nn
 
 import topofx
 from topofx import zoo
-from topofx.capture import max_rel_error, preserved_state
+from topofx.ir import max_rel_error, preserved_state
 from topofx.rewrite import Rewrite
 from topofx.testing import find_arch_parameters, seeded_outputs, set_one_hot, train_step_equivalence
-
-import never_wrong_models as M
 
 VERTEX_RTOL = 1e-5
 

@@ -12,7 +12,7 @@ import torch
 
 import topofx
 from topofx import zoo
-from topofx.capture import max_rel_error
+from topofx.ir import max_rel_error
 from topofx.search import unrolled_arch_gradients
 
 

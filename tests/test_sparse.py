@@ -4,16 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sampled_step import one_step
 from torch import nn
 
 import topofx
 from topofx import zoo
 from topofx.adapters import hard_gumbel_sample, register_adapter
-from topofx.capture import max_rel_error, preserved_state
+from topofx.ir import max_rel_error, preserved_state
 from topofx.modules import FusedConv2d
 from topofx.sparse import gate
-
-from sampled_step import one_step
 
 
 def _conv(C: int, k: int) -> nn.Module:

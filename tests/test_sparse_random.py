@@ -16,13 +16,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from sampled_step import one_step
 from torch import nn
 
 import topofx
 from topofx.adapters import hard_gumbel_sample, register_adapter
-from topofx.capture import max_rel_error
-
-from sampled_step import one_step
+from topofx.ir import max_rel_error
 
 SPARSE_N = int(os.environ.get("TOPOFX_SPARSE_N", "12"))
 SEEDS = 4

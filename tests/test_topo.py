@@ -7,13 +7,12 @@ import copy
 import pytest
 import torch
 from hypothesis import given, settings
+from random_supernets import supernets
 
 import topofx
 from topofx import zoo
-from topofx.capture import max_rel_error, preserved_state
+from topofx.ir import max_rel_error, preserved_state
 from topofx.testing import find_arch_parameters, seeded_outputs, set_one_hot
-
-from random_supernets import supernets
 
 VERTEX_RTOL = 1e-5
 

@@ -745,7 +745,7 @@ def overhead(
     overrides: Mapping[str, Any] | None = None,
 ) -> OverheadRow:
     """What a call of ``simplify(model)`` costs over running its graph: binding the call, the guards
-    (``topofx.guards``), the speculation RNG fork -- everything but the graph run
+    (``topofx.capture.guards``), the speculation RNG fork -- everything but the graph run
     (``SimplifiedModule._run_graph``: the graph module's call; with an adapter, its sampling step, the
     original's own draws, around the sparse executor's run).
 

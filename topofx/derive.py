@@ -39,8 +39,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import DRAWN, capture, speculation_check
-from .rewrite import is_inplace
+from .capture import capture, speculation_check
+from .ir import DRAWN, is_inplace
 from .simplifier import SimplifiedModule, canonicalize
 from .topology import MixedEdge, Topology, analyze, data_dependent, weighted_term
 

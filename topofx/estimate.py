@@ -25,7 +25,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .bench import counting_saved_bytes
-from .capture import preserved_state
+from .ir import preserved_state
 
 GIB = 2**30
 

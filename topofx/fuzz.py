@@ -1578,8 +1578,7 @@ def check_spec(spec: dict[str, Any], mode: str, *, simplify: Callable[..., Any] 
 def _check(spec: dict[str, Any], mode: str, simplify: Callable[..., Any] | None, out: Outcome,
            hooks: Sequence[str] | None = None) -> None:
     import topofx
-    from topofx.capture import max_rel_error, preserved_state
-    from topofx.selfcheck import mismatch
+    from topofx.ir import max_rel_error, preserved_state
     from topofx.testing import find_arch_parameters, seeded_outputs, train_step_equivalence
 
     simplify = simplify or topofx.simplify
@@ -1725,7 +1724,7 @@ def _between_steps(spec: dict[str, Any], mode: str, model: nn.Module, simplified
 
 def _after_changes(spec: dict[str, Any], mode: str, model: nn.Module, simplified: nn.Module, inputs: tuple,
                    simplify: Callable[..., Any], out: Outcome, hooks: Sequence[str]) -> None:
-    from topofx.capture import max_rel_error, preserved_state, run_seeded
+    from topofx.ir import max_rel_error, preserved_state, run_seeded
 
     module = _load(render(spec), spec)
     change = "+".join(hooks)

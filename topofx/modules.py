@@ -8,10 +8,10 @@ from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import module_config
+from .ir import module_config
 
 
 def conv_geometry(conv: nn.Conv2d) -> Hashable | None:

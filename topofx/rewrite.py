@@ -14,32 +14,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from collections import defaultdict
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import STATIC, UNKNOWN, VALUE, run_on_meta
-from .config import module_config
-from .topology import Topology, analyze, draws, mutates
-
-# Operations whose result may share storage with their first argument (a mutation of one is seen
-# through the other); over-approximated on purpose: a false alias only adds an ordering constraint.
-ALIASING_NAMES = {
-    "getitem", "view", "view_as", "reshape", "reshape_as", "narrow", "select", "split", "split_with_sizes",
-    "tensor_split", "chunk", "unbind", "transpose", "permute", "movedim", "moveaxis", "swapaxes", "swapdims",
-    "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "contiguous", "t", "as_strided",
-    "detach", "diagonal", "unfold", "real", "imag", "view_as_real", "view_as_complex", "to", "type",
-    "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "requires_grad_", "align_as",
-}
-
-# Calls that read only their first argument's shape, dtype and device, never its values.
-METADATA_NAMES = {
-    "size", "dim", "numel", "new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like",
-    "ones_like", "full_like", "rand_like", "randn_like", "randint_like",
-}
+from .ir import STATIC, UNKNOWN, VALUE, Effects, is_pure, run_on_meta
+from .topology import Topology, analyze
 
 
 @dataclasses.dataclass
@@ -95,25 +77,6 @@ class Pass(Protocol):
 # ---------------------------------------------------------------------------------------------
 # helpers shared by passes
 # ---------------------------------------------------------------------------------------------
-def target_name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
-
-
-def is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` mutates its first argument (``x.add_(y)``, ``ReLU(inplace=True)``, ``x[i] = y``)."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    return mutates(node)
-
-
-def is_mutated(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether any user mutates ``node``'s value in place (passes leave such values alone)."""
-    return any(is_inplace(u, gm) and u.args and u.args[0] is node for u in node.users)
-
-
-def reads_mutated(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` reads a value that some node mutates in place (its order then matters)."""
-    return any(is_mutated(arg, gm) for arg in node.all_input_nodes)
 
 
 def called_once(gm: fx.GraphModule) -> set[int]:
@@ -126,42 +89,6 @@ def called_once(gm: fx.GraphModule) -> set[int]:
             for m in mod.modules():
                 counts[id(m)] = counts.get(id(m), 0) + 1
     return {k for k, v in counts.items() if v == 1}
-
-
-def is_random(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Draws random numbers, or cannot be vouched for (a user leaf module, a module with hooks)."""
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        ours = type(mod).__module__.startswith("topofx.modules")
-        return isinstance(mod, (nn.modules.dropout._DropoutNd, nn.RReLU)) or not (ours or module_config(mod) is not None)
-    return draws(node)
-
-
-def is_pure(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Deterministic and free of side effects (safe to compute once, or not at all when unused)."""
-    if node.op in ("placeholder", "output"):
-        return False
-    if node.op == "get_attr":
-        return True
-    if is_random(node, gm) or is_inplace(node, gm) or node.is_impure():  # an FX `_assert` is impure
-        return False
-    if node.op == "call_module":
-        # a module whose forward updates state (BN running stats) is impure in train mode
-        return not any(True for _ in gm.get_submodule(node.target).buffers())
-    return True
-
-
-def stateless_module_key(node: fx.Node, gm: fx.GraphModule) -> Any:
-    """The :func:`~topofx.config.module_config` of a pure module call without parameters or buffers
-    (a stock ``nn.Softmax``, ``nn.ReLU``, pooling), or None: two calls with equal keys on equal
-    arguments compute one value.  Prefix sharing merges such calls and value numbering
-    (:class:`topofx.topology.ValueNumbering`) numbers them alike, by this one test."""
-    if node.op != "call_module" or not is_pure(node, gm):
-        return None
-    mod = gm.get_submodule(node.target)
-    if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
-        return None
-    return module_config(mod)
 
 
 def is_stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -225,149 +152,6 @@ def node_order(graph: fx.Graph):
     """``key`` function: a node's position in ``graph``."""
     index = {n: i for i, n in enumerate(graph.nodes)}
     return index.__getitem__
-
-
-def aliases(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node``'s value may share storage with its first argument."""
-    if node.op == "call_module":  # nn.Identity returns its input; unknown modules might
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, nn.Identity) or is_random(node, gm)
-    return is_view(node)
-
-
-def reads_metadata(node: fx.Node) -> bool:
-    """Whether a call reads only the shape, dtype or device of its first argument, not its values."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1:2] in (("shape",), ("dtype",), ("device",), ("ndim",))
-    return node.op in ("call_function", "call_method") and target_name(node) in METADATA_NAMES
-
-
-def is_view(node: fx.Node) -> bool:
-    """Whether a function or method call's value may share storage with its first argument
-    (``x.view(...)``, ``x[i]``, ``x.data``)."""
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1:2] in (("data",), ("T",), ("mT",), ("H",), ("real",), ("imag",))
-    return node.op in ("call_function", "call_method") and target_name(node).strip("_") in ALIASING_NAMES
-
-
-class _ModuleTable:
-    """A graph module's ``graph`` and ``get_submodule`` by one dictionary lookup (thousands of calls)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self.graph = gm.graph
-        self._table = gm._table if isinstance(gm, _ModuleTable) else dict(gm.named_modules(remove_duplicate=False))
-
-    def get_submodule(self, target: str) -> nn.Module:
-        return self._table[target]
-
-
-@dataclasses.dataclass
-class Effects:
-    """What a graph's program order means beyond its data flow.
-
-    * ``chain``: the impure calls (random draws, modules that cannot be vouched for, every call of
-      a module with state that is called more than once) in program order -- moving one past
-      another changes which random numbers each one gets, or which statistics a BN call sees;
-    * ``accesses``: for every storage that some node mutates in place, all nodes reading or
-      writing it (through any alias) in program order -- a read must stay on its side of a write.
-
-    Recorded before a pass (when the order is the original's) and checked after it.
-    """
-
-    chain: list[fx.Node]
-    accesses: list[list[fx.Node]]
-
-    @classmethod
-    def of(cls, gm: fx.GraphModule) -> "Effects":
-        gm = _ModuleTable(gm)  # type: ignore[assignment]  # get_submodule without walking paths
-        nodes = list(gm.graph.nodes)
-        calls: dict[int, int] = defaultdict(int)
-        for n in nodes:
-            if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).buffers()):
-                calls[id(gm.get_submodule(n.target))] += 1
-        chain = [n for n in nodes if n.op in ("call_module", "call_function", "call_method") and (
-            is_random(n, gm) or (n.op == "call_module" and calls.get(id(gm.get_submodule(n.target)), 0) > 1))]
-        root: dict[fx.Node, fx.Node] = {}  # alias classes (union-find over "may share storage")
-
-        def find(n: fx.Node) -> fx.Node:
-            while root.get(n, n) is not n:
-                n = root[n]
-            return n
-
-        mutated = set()
-        attrs: dict[str, fx.Node] = {}
-        for n in nodes:
-            if n.op == "get_attr":  # two reads of one attribute are one storage
-                root[find(n)] = find(attrs.setdefault(n.target, n))
-            first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-            if first is not None and (aliases(n, gm) or is_inplace(n, gm)):
-                root[find(n)] = find(first)
-            if first is not None and is_inplace(n, gm):
-                mutated.add(n)
-        classes: dict[fx.Node, list[fx.Node]] = {}
-        for n in mutated:
-            classes.setdefault(find(n), [])
-        for n in nodes:  # an access: a node that uses a member of a mutated class
-            for base in {find(a) for a in n.all_input_nodes} & classes.keys():
-                classes[base].append(n)
-        return cls(chain, [acc for acc in classes.values() if any(a in mutated for a in acc)])
-
-    def order_edges(self, alive: set[fx.Node], gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
-        """``(a, b)``: a must run before b (restricted to nodes still in the graph)."""
-        gm = _ModuleTable(gm)  # type: ignore[assignment]
-        chain = [n for n in self.chain if n in alive]
-        edges = list(zip(chain, chain[1:]))
-        for acc in self.accesses:
-            acc = [n for n in acc if n in alive]
-            for i, n in enumerate(acc):
-                if is_inplace(n, gm):
-                    edges += [(a, n) for a in acc[:i]] + [(n, b) for b in acc[i + 1:]]
-        return edges
-
-    def _settled_read(self, acc: list[fx.Node], new: list[fx.Node], position: dict[fx.Node, int], gm: Any) -> bool:
-        """Whether the new readers of a mutated storage read its final value, as every original reader
-        does: the storage was written first and only read after its last write (DARTS-PT's projected
-        rows: ``weights[e].data.copy_(proj)`` at the top of forward), and the new nodes come after that
-        write.  (Views taken to write through do not read, nor do reads of its shape alone: drop-path's
-        ``x.new_empty(x.size(0), 1, 1, 1)`` before it writes into ``x``.)"""
-        recorded = next((r for r in self.accesses if set(r) & set(acc)), None)
-        if recorded is None:
-            return False
-        recorded = [n for n in recorded if n in position]
-        writes = [i for i, n in enumerate(recorded) if is_inplace(n, gm)]
-        reads = [i for i, n in enumerate(recorded)
-                 if not is_inplace(n, gm) and not aliases(n, gm) and not reads_metadata(n)]
-        if not writes or any(i < writes[-1] for i in reads):
-            return False
-        last_write = max(position[n] for n in acc if is_inplace(n, gm))
-        return all(position[n] > last_write for n in new)
-
-    def violation(self, gm: fx.GraphModule) -> str | None:
-        """Why the graph no longer keeps the recorded order, or None."""
-        gm = _ModuleTable(gm)  # type: ignore[assignment]
-        nodes = list(gm.graph.nodes)
-        position = {n: i for i, n in enumerate(nodes)}
-        lost = [n.name for n in self.chain if n not in position]
-        if lost:
-            return f"it removed the random/opaque call(s) {', '.join(lost)}"
-        now = Effects.of(gm)  # type: ignore[arg-type]
-        recorded = set(self.chain)
-        if [n for n in now.chain if n in recorded] != self.chain:
-            return "it reordered random draws (or calls of one stateful module)"
-        if len(now.chain) != len(self.chain):
-            return "it added a random/opaque call"
-        old = set().union(*map(set, self.accesses)) if self.accesses else set()
-        for acc in now.accesses:
-            new = [n for n in acc if n not in old]
-            if new and not self._settled_read(acc, new, position, gm):
-                return f"new node(s) {', '.join(n.name for n in new)} read a value that is mutated in place"
-        for acc in self.accesses:
-            kept = [n for n in acc if n in position]
-            for i, n in enumerate(kept):
-                if is_inplace(n, gm):
-                    if any(position[a] > position[n] for a in kept[:i]) or any(position[b] < position[n] for b in kept[i + 1:]):
-                        return f"it moved a read of {n.args[0].name} across its in-place update {n.name}"
-        return None
 
 
 def stable_toposort(graph: fx.Graph, extra_edges: Sequence[tuple[fx.Node, fx.Node]] = ()) -> None:

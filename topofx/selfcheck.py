@@ -32,11 +32,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import graph_attr_tensors, max_rel_error, preserved_state, run_seeded
 from .capture import speculation_check
+from .ir import graph_attr_tensors, max_rel_error, preserved_state, run_seeded, value_of
 from .modules import MergedConvBN
 from .testing import train_step_equivalence
-from .topology import Topology, ValueNumbering, data_dependent, value_of, weight_provenance
+from .topology import Topology, ValueNumbering, data_dependent, weight_provenance
 
 RTOL = 1e-5
 VERTEX_RTOL = 1e-4  # topo mode's values: the merged kernel is the selected one up to its renormalization's rounding

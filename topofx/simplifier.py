@@ -24,7 +24,8 @@ from torch import nn
 
 from . import capture as _capture
 from .adapters import RelaxedForward, adapter_for
-from .guards import Guards, retraces_same
+from .capture.guards import Guards, retraces_same
+from .ir import DECIDED_PER_CALL, SPECULATION, VALUE_GUARD
 from .modules import MergedConvBN, to_channels_last
 from .passes.functional_modules import SERVED_TRAINING
 from .report import Report
@@ -51,7 +52,7 @@ class SimplifiedModule(nn.Module):
     buffer and submodule dictionaries (so ``parameters()``, ``named_parameters()``,
     ``state_dict()`` keys and ``.to()`` act on the very same objects), and forwards unknown
     attributes and methods (``genotype()``, ``arch_parameters()``, ...) to the original.
-    Before each call it checks what the captured graph assumed (:mod:`topofx.guards`); the floated
+    Before each call it checks what the captured graph assumed (:mod:`topofx.capture.guards`); the floated
     BNs' new statistics (topo mode) are in ``state_dict()`` and ``named_buffers()`` under
     ``topofx_floated.*`` (``docs/dropin.md``).
     """
@@ -109,7 +110,7 @@ class SimplifiedModule(nn.Module):
         capture (its check runs before any state changes: ``capture.hoist_speculation``), restore the
         RNG, run the original's eager forward for this call, and capture again before the next one --
         with the deciding module or method run per call if the decision changed soon after capture."""
-        speculated = self.graph_module.meta.get(_capture.SPECULATION)
+        speculated = self.graph_module.meta.get(SPECULATION)
         if not speculated:
             return self._run_graph(*args, **kwargs)
         devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
@@ -205,7 +206,7 @@ class SimplifiedModule(nn.Module):
     def _simplified_for(self, args: tuple, kwargs: dict[str, Any]) -> "SimplifiedModule":
         """Simplify the original again for another choice of non-tensor arguments (this call's tensors
         serve as example inputs); floated-BN statistics start from this graph's."""
-        bound = _capture.bind_call(self.original, args, kwargs) if not _capture._has_var_args(self.original) else None
+        bound = _capture.bind_call(self.original, args, kwargs) if not _capture.has_var_args(self.original) else None
         examples = tuple(bound.args if bound is not None else args)
         if bound is not None and bound.kwargs:
             return self._eager_for("a keyword-only argument", "Make it an ordinary (positional-or-keyword) parameter "
@@ -469,11 +470,11 @@ def simplify(
             root.release(gm)
         report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
         return SimplifiedModule(model, None, report, example_inputs)
-    guard = gm.meta.get(_capture.VALUE_GUARD)
+    guard = gm.meta.get(VALUE_GUARD)
     report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges) or _gated_edges(gm), len(topology.cells()),
                     adapter=adapter.description if adapter else None,
                     sparse=len(sparse.gates) if sparse else 0,
-                    decided_per_call=tuple(gm.meta.get(_capture.DECIDED_PER_CALL, ())),
+                    decided_per_call=tuple(gm.meta.get(DECIDED_PER_CALL, ())),
                     value_decisions=len(guard.checks) if guard else 0)
     _warn_rejected(name, runs)
     simplified = SimplifiedModule(model, gm, report, example_inputs)

@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from .ir import is_mutated, is_pure
 from .modules import FusedBatchNorm2d, FusedConv2d
-from .rewrite import is_mutated, is_pure
 from .topology import is_add
 
 DEAD_RULES = ("weight", "nothing")
@@ -227,7 +227,7 @@ class SparseForward:
         """Why the sparse run's values differ from the graph's dense run on ``inputs`` (at the sample
         the graph holds now), or None -- a check of this module's liveness and code, not of the passes.
         In eval mode: a dropout in a candidate draws only where it runs, so train-mode draws differ."""
-        from .capture import max_rel_error, preserved_state
+        from .ir import max_rel_error, preserved_state
 
         modes = [(m, m.training) for m in gm.modules()]
         try:

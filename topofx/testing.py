@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from .capture import preserved_state, run_seeded
+from .ir import preserved_state, run_seeded
 
 __all__ = [
     "StateSnapshot",

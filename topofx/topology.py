@@ -31,7 +31,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .capture import VALUE
+from .ir import draws, mutates, shape_of, stateless_module_key, value_of
 
 _SOURCE = "__topofx_source__"
 _ADD_TARGETS = {operator.add, torch.add}
@@ -53,15 +53,6 @@ def is_mul(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _MUL_TARGETS:
         return len(node.args) == 2
     return node.op == "call_method" and node.target in ("mul", "__mul__") and len(node.args) == 2
-
-
-def value_of(node: Any) -> Any:
-    return node.meta.get(VALUE) if isinstance(node, fx.Node) else node
-
-
-def shape_of(node: Any) -> torch.Size | None:
-    value = value_of(node)
-    return value.shape if isinstance(value, torch.Tensor) else None
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
@@ -262,45 +253,10 @@ def weight_provenance(weight: fx.Node) -> tuple[fx.Node | None, int | None]:
     return None, None
 
 
-# Operations that draw from a random number generator (or return uninitialized memory), by their
-# name without leading/trailing underscores: ``bernoulli_``, ``torch._standard_gamma``, ``F.dropout``...
-RANDOM_NAMES = {
-    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "normal", "bernoulli",
-    "multinomial", "poisson", "binomial", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "feature_alpha_dropout", "feature_dropout", "native_dropout", "fused_dropout", "gumbel_softmax", "rrelu",
-    "exponential", "uniform", "geometric", "log_normal", "cauchy", "random", "standard_gamma",
-    "sample_dirichlet", "sample", "rsample", "empty", "empty_like", "new_empty", "empty_strided",
-}
-
-
-def call_name(node: fx.Node) -> str:
-    return str(node.target) if node.op in ("call_module", "call_method") else getattr(node.target, "__name__", str(node.target))
-
-
-def draws(node: fx.Node) -> bool:
-    """A function or method call that draws random numbers (modules: :func:`topofx.rewrite.is_random`)."""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    name = call_name(node).strip("_")
-    legacy = name.endswith("Tensor")  # torch.FloatTensor(n, c, h, w): uninitialized, like torch.empty
-    return legacy or name in RANDOM_NAMES or name.removesuffix("_like") in RANDOM_NAMES
-
-
-def mutates(node: fx.Node) -> bool:
-    """A function or method call that writes into its first argument (``x.add_(y)``, ``x[i] = y``)."""
-    if node.op == "call_function" and node.target is operator.setitem:
-        return True
-    if node.op not in ("call_function", "call_method"):
-        return False
-    name = call_name(node)
-    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is True
-
-
 def _stateless_config(node: fx.Node) -> Any:
     """The configuration by which prefix sharing merges a stateless module call (the softmax module
     of one cell and of another, on one shared architecture row), or None; None where the node's
     graph has no owning module to look the module up in."""
-    from .rewrite import stateless_module_key  # (rewrite imports this module)
 
     gm = node.graph.owning_module
     if gm is None:

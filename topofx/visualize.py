@@ -34,7 +34,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import VALUE, CaptureError, trace
+from .capture import CaptureError, trace
+from .ir import VALUE
 from .topology import Topology, analyze, data_dependent, is_add, is_mul
 
 __all__ = ["visualize", "VisualizeResult", "ACTION_COLORS", "DOT_MISSING_HINT"]

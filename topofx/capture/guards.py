@@ -7,10 +7,10 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 * plain Python numbers that traced code reads (a flag, a count) are constants in the graph, and so
   are tensors it reads out of a list, dict or plain object (DARTS-PT's ``candidate_flags``, an edge
   record's alpha) -- except floats used only in tensor arithmetic (a Gumbel temperature
-  ``self.temp``), which are graph inputs (:mod:`topofx.float_inputs`): the check gives the graph
+  ``self.temp``), which are graph inputs (:mod:`topofx.capture.float_inputs`): the check gives the graph
   their live value;
   so are numbers read from anywhere else -- a module-level scheduler's ``decay_rate``, a global, a
-  closure, a class attribute (the access paths :mod:`topofx.reads` found in the traced code);
+  closure, a class attribute (the access paths :mod:`topofx.capture.reads` found in the traced code);
 * ``get_attr`` tensors are the objects the model held at capture; a codebase that re-assigns
   ``self.alphas_normal = ...`` holds a new object;
 * modules the graph no longer calls (traced through, or fused away by a pass) do not run hooks;
@@ -45,7 +45,7 @@ decisions run as one batched computation (:meth:`topofx.capture.ValueGuard.holds
 graph does not call are scanned for hooks only after a hook was registered somewhere (torch's global
 hook-handle counter moved).  Only when the compiled check fails does a call take the step-by-step
 path above (re-bind, re-trace, name what changed), after which the check is compiled again where
-numbers were snapshotted again.  The numbers read outside the traced modules (:mod:`topofx.reads`) and
+numbers were snapshotted again.  The numbers read outside the traced modules (:mod:`topofx.capture.reads`) and
 the module-tree check are part of the same function.
 """
 from __future__ import annotations
@@ -62,7 +62,10 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import capture as _capture
+from ..ir import FLOAT_INPUTS, HELD, READS, SHAPE_DECISIONS, TRACED_MODULES, VALUE_GUARD
+from .driver import fingerprint, trace
+from .frames import CaptureError
+from .held import held_at
 
 _SUBMODULES = operator.attrgetter("_modules")
 _TREE_VERSION = [0]  # submodule assignments anywhere (``ops[k] = None``, ``cell.op = new``, ``add_module``)
@@ -76,11 +79,11 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_assignme
 _SCALARS = (bool, int, float, str, type(None))  # None: a mask or a flag that is set later (DrNAS pruning)
 
 
-def retraces_same(root: nn.Module, inputs: Sequence[Any], fingerprint: tuple) -> bool:
-    """Whether tracing ``root`` on ``inputs`` now takes the decisions of ``fingerprint`` (``capture.fingerprint``)."""
+def retraces_same(root: nn.Module, inputs: Sequence[Any], decisions: tuple) -> bool:
+    """Whether tracing ``root`` on ``inputs`` now takes the ``decisions`` (a :func:`~topofx.capture.fingerprint`)."""
     try:
-        return _capture.fingerprint(_capture.trace(root, inputs)) == fingerprint
-    except _capture.CaptureError:
+        return fingerprint(trace(root, inputs)) == decisions
+    except CaptureError:
         return False
 
 
@@ -147,7 +150,7 @@ def _element(module: nn.Module, path: tuple) -> Any:
     """What ``module`` holds at ``path`` now (``None`` when it is gone): attributes through
     ``__dict__``, items by key, as capture found them."""
     try:
-        return _capture.held_at(module, path)
+        return held_at(module, path)
     except (KeyError, IndexError, TypeError):
         return None
 
@@ -339,18 +342,18 @@ class Guards:
     def __init__(self, root: nn.Module, gm: fx.GraphModule, captured_code: tuple, example_inputs: Sequence[Any]):
         self.root = root
         self.code = captured_code
-        self.shape_decisions = gm.meta.get(_capture.SHAPE_DECISIONS, [])
-        self.value_guard = gm.meta.get(_capture.VALUE_GUARD)
+        self.shape_decisions = gm.meta.get(SHAPE_DECISIONS, [])
+        self.value_guard = gm.meta.get(VALUE_GUARD)
         self.changed: list = []  # frames of the value decisions found changed by the last check
         self.moved: list[tuple[nn.Module, str]] = []  # module attributes whose change altered the graph, last check
         self.shapes_ok = {_signature(example_inputs): True}
         self.example_inputs = tuple(example_inputs)
-        reads = gm.meta.get(_capture.READS, ())
+        reads = gm.meta.get(READS, ())
         own = [r for r in reads if isinstance(r.root, nn.Module) and len(r.steps) == 1 and r.steps[0][0] == "attr"
                and r.steps[0][1] in vars(r.root)]  # a module's own attribute (a method's `self.x`): as traced modules'
-        self.traced = list(dict.fromkeys([*gm.meta.get(_capture.TRACED_MODULES, [root]), *(r.root for r in own)]))
-        self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(_capture.HELD, ())}
-        self.floats = list(gm.meta.get(_capture.FLOAT_INPUTS, ()))  # read as graph inputs: refreshed, not snapshotted
+        self.traced = list(dict.fromkeys([*gm.meta.get(TRACED_MODULES, [root]), *(r.root for r in own)]))
+        self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(HELD, ())}
+        self.floats = list(gm.meta.get(FLOAT_INPUTS, ()))  # read as graph inputs: refreshed, not snapshotted
         self.float_holder = gm
         self.scalars = self._numbers()
         self.reads = [(r, _snapshot(r.value(), self.live)) for r in reads
@@ -420,7 +423,7 @@ class Guards:
         for float_input in self.floats:  # a float input that moved: its tensor is replaced (no re-trace)
             name = check.bind(float_input)
             check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.float_holder)})")
-        for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.reads)
+        for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.capture.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
         if self.value_guard is not None:
             check.add(f"{check.bind(self.value_guard.holds)}(root)")
@@ -437,7 +440,7 @@ class Guards:
             (gm_owner, field), (owner, _) = _owner(gm, target), _owner(self.root, target)
             if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
                 out.append((functools.partial(getattr, owner, field, None), gm_owner, field))
-        for target, module, path in gm.meta.get(_capture.HELD, ()):
+        for target, module, path in gm.meta.get(HELD, ()):
             if target in read:  # a pass may have dropped the read (a flag only a decision used)
                 out.append((functools.partial(_element, module, path), *_owner(gm, target)))
         for lowered in gm.modules():  # a functional call lowered to a module holds the root's tensors itself

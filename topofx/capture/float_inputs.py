@@ -1,6 +1,6 @@
 """Python floats a captured graph reads as inputs: a new temperature costs no new capture.
 
-A trace turns every Python number forward reads into a constant, which ``topofx.guards`` then watches:
+A trace turns every Python number forward reads into a constant, which ``topofx.capture.guards`` then watches:
 a change re-traces, and where the graph changes, captures and simplifies the whole model anew.  For a
 float that only feeds tensor arithmetic -- SNAS's Gumbel temperature (``logits / self.temp``), an
 auxiliary skip's decaying coefficient (``x * scheduler.decay_rate``) -- that is a capture per change
@@ -32,7 +32,7 @@ from .reads import MISSING, Read, plain_object, resolve
 
 
 class FloatInput:
-    """One Python float that forward reads (``steps`` from ``root``, as :class:`topofx.reads.Read` spells
+    """One Python float that forward reads (``steps`` from ``root``, as :class:`topofx.capture.reads.Read` spells
     access paths) and that the graph reads as the 0-dim float64 tensor ``graph_module.<target>``."""
 
     def __init__(self, read: Read):

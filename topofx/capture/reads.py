@@ -1,7 +1,7 @@
 """Which Python values traced code read, wherever they live, so that none is baked in unguarded.
 
 A trace turns every Python number forward reads into a constant of the graph.  The attributes of
-the modules whose forward is traced are guarded by :mod:`topofx.guards` directly; a number read
+the modules whose forward is traced are guarded by :mod:`topofx.capture.guards` directly; a number read
 from anywhere else -- a module-level scheduler object (``scheduler.decay_rate``), a global, a
 closure, a class attribute, an attribute of a plain object held by a module (``self.cfg.tau``) --
 would otherwise stay frozen at its capture-time value after the training loop changes it.

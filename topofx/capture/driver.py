@@ -1,0 +1,364 @@
+""":func:`capture` and :func:`trace`: the outline of a capture (see :mod:`topofx.capture`).  One trace per
+round of float inputs, the decisions and speculations recorded on the graph module, then
+:func:`~topofx.capture.verify_capture` before the graph is trusted."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import traceback
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..ir import (
+    AS_FLOAT,
+    DECIDED_PER_CALL,
+    FLOAT_INPUTS,
+    FLOATS,
+    HELD,
+    READS,
+    REAL,
+    SHAPE_DECISIONS,
+    SPECULATION,
+    TRACED_MODULES,
+    VALUE_GUARD,
+    preserved_state,
+    run_seeded,
+)
+from . import float_inputs as _floats
+from .binding import _specialize, bind_call, has_var_args
+from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
+from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
+from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers
+from .reads import ReadRecorder
+from .speculation import (
+    RESAMPLES,
+    SpeculationFailed,
+    _forked_rng,
+    _insert_speculation_checks,
+    _volatile,
+    hoist_speculation,
+)
+from .tracer import ValueTracer
+from .values import FloatValue
+from .verify import FloatsNotFollowed, verify_capture, verify_float_inputs
+
+
+@dataclasses.dataclass
+class Capture:
+    """Result of :func:`capture`: a graph module, or the reason the network fell back to eager."""
+
+    graph_module: fx.GraphModule | None
+    fallback_reason: str | None = None
+
+
+CONSTANT_FLOATS: "weakref.WeakKeyDictionary[nn.Module, set[tuple]]" = weakref.WeakKeyDictionary()
+"""Per model: the locations (``FloatInput.key``) of floats whose captured graph did not follow them
+(:func:`verify_float_inputs`); later traces keep them constants."""
+
+
+def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Trace ``model`` with :class:`ValueTracer`; raise :class:`CaptureError` naming the user's code.
+
+    Tensor arguments become graph inputs; every other argument of ``forward`` (strings, numbers,
+    ``None``, defaults included) is specialized to its value in ``example_inputs`` and asserted in
+    the graph, so one graph serves exactly one choice of them (``SimplifiedModule`` keeps one
+    graph per choice).
+    """
+    if has_var_args(model):
+        values, concrete = list(example_inputs), None
+    else:
+        bound = bind_call(model, example_inputs)
+        values = list(bound.arguments.values())
+        concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    learned = PER_CALL.setdefault(model, set())
+    while True:
+        opaque, methods = _per_call_units(model, learned)
+        try:
+            with _forked_rng(model), _traced_values_kept_out(model):  # draws made while tracing leave the
+                gm, tracer = _trace_with_float_inputs(model, values, concrete, frozenset(opaque), frozenset(methods))
+                volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
+            if not volatile:
+                _insert_speculation_checks(gm, tracer.speculated)
+                if not hoist_speculation(gm):  # a check could not run before every state change
+                    volatile = [decision for *_, decision in tracer.speculated]
+                    why = "its check cannot run before the graph changes state (a draw or update comes first)"
+        except _DecidesPerCall as exc:
+            volatile, why = [Decision(exc.frame, exc.unit)], "it comes out differently from draw to draw"
+        if not volatile:
+            break
+        before = set(learned)
+        for decision in volatile:  # decides differently from draw to draw: runs per call, as written
+            key = unit_key(model, decision.unit) if decision.unit is not None else None
+            if key is None or key in before:
+                raise CaptureError(
+                    f"Python decides on a random draw made in forward at {decision.frame}, outside any method or "
+                    f"submodule that could run per call, and {why}. Decide with tensor operations (multiply by "
+                    "the sampled weight), move the decision into a method or submodule, or register an adapter "
+                    "(topofx.adapters.register_adapter)")
+            learned.add(key)
+    gm.meta[DECIDED_PER_CALL] = sorted(
+        {name for name, m in model.named_modules() if id(m) in opaque and name}
+        | {unit_name(model, key) for key in learned if len(key) == 2})
+    _hold_foreign_constants(gm)
+    gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
+    gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
+    gm.meta[READS] = tracer.reads
+    gm.meta[VALUE_GUARD] = ValueGuard(gm, tracer.value_decisions) if tracer.value_decisions else None
+    gm.meta[FLOAT_INPUTS] = tracer.float_inputs
+    for node in gm.graph.nodes:
+        for key in (REAL, FLOATS, AS_FLOAT):
+            node.meta.pop(key, None)
+    return gm
+
+
+def _trace_with_float_inputs(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None,
+                             opaque: frozenset[int], methods: frozenset[tuple[nn.Module, str]]
+                             ) -> tuple[fx.GraphModule, "ValueTracer"]:
+    """Trace with Python floats as constants; where the trace read floats (``topofx.capture.float_inputs``), trace
+    again with them as inputs, and again without those found used as numbers, until a trace uses every
+    stand-in it installed as a tensor operand -- or none is left: then the first trace stands.  Each
+    further trace leaves the modules' Python attributes as the first left them."""
+    gm, tracer = _trace_once(model, values, concrete, opaque, methods)
+    floats = _floats.candidates([model, *tracer.traced_modules], tracer.reads, _MODULE_FIELDS | {"training"},
+                                _is_library_file, CONSTANT_FLOATS.get(model, set()))
+    while floats:
+        try:
+            with _attributes_kept(model), _traced_values_kept_out(model):
+                return_value = _trace_once(model, values, concrete, opaque, methods, floats)
+        except Exception:  # noqa: BLE001 - a trace the stand-ins break: without the floats that decided
+            return_value = None
+        kept = [f for f in floats if not f.decides]
+        if return_value is not None and len(kept) == len(floats):
+            return return_value
+        if len(kept) == len(floats):  # failed, no float named: constants all
+            break
+        floats = [_floats.FloatInput(f.read) for f in kept]
+    return gm, tracer
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every module's attributes as they were (a forward that counts its calls counts one trace)."""
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes in before:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+
+
+def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
+                methods: frozenset[tuple[nn.Module, str]], floats: Sequence[_floats.FloatInput] = ()
+                ) -> tuple[fx.GraphModule, "ValueTracer"]:
+    tracer = ValueTracer(values, opaque, methods, floats)
+    own = _attribute_names(model)
+    proxies: dict[str, Any] = {}
+
+    def read(qualified: str) -> Any:  # one get_attr node per held tensor, created where first read
+        return proxies.get(qualified) or proxies.setdefault(qualified, tracer.create_proxy("get_attr", qualified, (), {}))
+
+    with _loose_tensors_as_buffers(model, read) as (loose, held, install_held), \
+            _stand_ins(model, tracer, floats) as install_floats, \
+            ReadRecorder(_reads_nothing, lambda: tracer._evaluating) as recorder:
+        tracer.before_forward = lambda: (install_held(), install_floats())  # type: ignore[method-assign]
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            _specialize(graph, concrete or {})
+            gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+        except (CaptureError, _DecidesPerCall):
+            raise
+        except Exception as exc:  # FX raises many kinds; name the user's line for all of them
+            frame = user_frame(traceback.extract_tb(exc.__traceback__))
+            at = f" at {frame}" if frame else ""
+            raise CaptureError(f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}") from exc
+        finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off
+            for name in _attribute_names(model) - own:
+                delattr(model, name)
+        for name in loose:
+            _unbuffer(gm, name)
+        read_by_graph = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        gm.meta[HELD] = [(target, module, path) for target, module, path in held if target in read_by_graph]
+        for target, *_ in gm.meta[HELD]:
+            _unbuffer(gm, target)
+        tracer.float_inputs = _read_floats(gm, floats)
+    traced = {id(m) for m in (model, *tracer.traced_modules)}
+    tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
+                              and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
+    return gm, tracer
+
+
+@contextlib.contextmanager
+def _stand_ins(model: nn.Module, tracer: "ValueTracer", floats: Sequence[_floats.FloatInput]) -> Iterator[Callable[[], None]]:
+    """While tracing, each float of ``floats`` is read, where forward reads it, as a :class:`FloatValue`
+    of a ``get_attr`` of its 0-dim tensor (``topofx_float_<k>``, a buffer of the model for the trace's
+    duration); the floats are put back on exit.  Yields the step that installs them once the graph exists."""
+    for k, float_input in enumerate(floats):
+        float_input.target = _free_name(model, f"topofx_float_{k}")
+        model.register_buffer(float_input.target, float_input.tensor(), persistent=False)
+
+    def install() -> None:
+        for float_input in floats:
+            proxy = tracer.create_proxy("get_attr", float_input.target, (), {})
+            proxy.node.meta[FLOATS], proxy.node.meta[AS_FLOAT] = frozenset([float_input]), float_input.last
+            float_input.install(FloatValue(proxy.node, tracer))
+    try:
+        yield install
+    finally:
+        for float_input in floats:
+            float_input.install(float_input.last)
+
+
+def _read_floats(gm: fx.GraphModule, floats: Sequence[_floats.FloatInput]) -> list[_floats.FloatInput]:
+    """The floats the graph reads (their tensors become plain attributes of ``gm``, which ``.to()`` leaves
+    on the CPU); the stand-ins no operation used are erased."""
+    read = []
+    for node in list(gm.graph.nodes):
+        float_input = next((f for f in floats if node.op == "get_attr" and node.target == f.target), None)
+        if float_input is None:
+            continue
+        _unbuffer(gm, node.target)
+        if node.users:
+            read.append(float_input)
+        else:
+            gm.graph.erase_node(node)
+            delattr(gm, node.target)
+    if len(read) < len(floats):
+        gm.recompile()
+    return read
+
+
+class StoresTracedValues(CaptureError):
+    """Forward stored traced values in module attributes (``self.flops = self.size * x.size(2) ** 2`` on a
+    first call): the trace ran the user's Python on the real modules, and the model was restored."""
+
+    def __init__(self, where: list[str]):
+        self.where = where
+        super().__init__(
+            f"forward stores values computed while tracing in {', '.join(where[:4])}"
+            f"{' and %d more' % (len(where) - 4) if len(where) > 4 else ''}, even after one eager warm-up call; "
+            "a graph cannot replay Python state. Compute such values once, outside forward, or keep them as "
+            "tensors (buffers)")
+
+
+def _holds_proxy(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if type(value) in (list, tuple) and depth < 2:
+        return any(_holds_proxy(v, depth + 1) for v in value)
+    if type(value) is dict and depth < 2:
+        return any(_holds_proxy(v, depth + 1) for v in value.values())
+    return False
+
+
+@contextlib.contextmanager
+def _traced_values_kept_out(model: nn.Module) -> Iterator[None]:
+    """Raise :class:`StoresTracedValues` when the trace left traced values in module attributes, after
+    putting back every attribute the trace changed (Python state the forward writes, ``got_flops = True``
+    included: eagerly it is written with real values)."""
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    yield
+    where = [f"{type(m).__name__}.{k}" for m, _ in before for k, v in vars(m).items() if _holds_proxy(v)]
+    if where:
+        for module, attributes in before:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+        raise StoresTracedValues(sorted(set(where)))
+
+
+def _hold_foreign_constants(gm: fx.GraphModule) -> None:
+    """Python values of foreign number types in the graph (a numpy scalar computed at capture from
+    ``.tolist()`` of the alphas) are read from attributes: the generated code cannot name their types."""
+    held: dict[int, fx.Node] = {}
+
+    def hold(x: Any) -> Any:
+        if isinstance(x, (int, float, complex, str)) and type(x).__module__ != "builtins" or type(x).__module__ == "numpy":
+            if id(x) not in held:
+                name = f"topofx_constant_{len(held)}"
+                setattr(gm, name, x)
+                with gm.graph.inserting_before(next(iter(gm.graph.nodes))), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # FX expects tensors or modules behind get_attr
+                    held[id(x)] = gm.graph.get_attr(name)
+            return held[id(x)]
+        return x
+
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            node.args, node.kwargs = fx.node.map_aggregate(node.args, hold), fx.node.map_aggregate(node.kwargs, hold)
+    if held:
+        gm.recompile()
+
+
+def fingerprint(gm: fx.GraphModule) -> tuple:
+    """What a trace decided: its code and the values of its Python decisions (a baked batch size
+    may leave the code unchanged, e.g. inside a constant)."""
+    guard = gm.meta.get(VALUE_GUARD)
+    return (gm.code, tuple(repr(v) for _, v in gm.meta.get(SHAPE_DECISIONS, ())),
+            tuple(repr(expected) for _, expected, _ in (guard.checks if guard else ())))
+
+
+def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:
+    """Turn a graph-module buffer back into a plain attribute (the same tensor object), so that
+    ``.to()``/``.double()`` on the simplified module leave it alone, as they do on the original."""
+    *path, name = qualified.split(".")
+    owner: Any = gm
+    for part in path:
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return
+    if isinstance(owner, nn.Module) and name in owner._buffers:
+        object.__setattr__(owner, name, owner._buffers.pop(name))
+
+
+def capture(
+    model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True,
+    live_attrs: Sequence[str] = (), stacklevel: int = 3,
+) -> Capture:
+    """Capture ``model``; on failure raise (``strict``) or warn and return an eager fallback.
+
+    ``live_attrs`` name tensor attributes that are set anew before every call (an adapter's
+    samples): they may carry autograd history.  ``stacklevel`` locates the warning at the user's call.
+    """
+    try:
+        warmed = False
+        while True:
+            try:
+                gm = trace(model, example_inputs)
+            except StoresTracedValues:  # a first call stores Python state: make it eagerly, then trace
+                if warmed:
+                    raise
+                warmed = True
+                with preserved_state(model), torch.no_grad():
+                    run_seeded(model, example_inputs)
+                continue
+            try:
+                if verify:
+                    verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
+                    verify_float_inputs(model, gm, example_inputs)
+                return Capture(gm)
+            except FloatsNotFollowed as failed:  # keep them constants, guarded
+                CONSTANT_FLOATS.setdefault(model, set()).update(f.key for f in failed.floats)
+            except SpeculationFailed as failed:  # a decision on draws changed after all: run it per call
+                decision = gm.meta[SPECULATION][failed.index]
+                key = unit_key(model, decision.unit) if decision.unit is not None else None
+                if key is None or key in PER_CALL.get(model, ()):
+                    raise CaptureError(
+                        f"a decision on a random draw at {decision.frame} held on {RESAMPLES} fresh draws at "
+                        "capture but not on the verification's draw, outside any method or submodule that could "
+                        "run per call. Decide with tensor operations, or move the decision into a method or "
+                        "submodule") from None
+                PER_CALL.setdefault(model, set()).add(key)
+    except CaptureError as exc:
+        if strict:
+            raise
+        warnings.warn(
+            f"topofx: {exc}. Falling back to the model's own eager forward (per-candidate ops unchanged); "
+            "no rewrite is applied to this network.",
+            stacklevel=stacklevel,
+        )
+        return Capture(None, str(exc))
