@@ -315,6 +315,21 @@ def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:
         object.__setattr__(owner, name, owner._buffers.pop(name))
 
 
+def _raised_eagerly(model: nn.Module, example_inputs: Sequence[Any]) -> CaptureError | None:
+    """After a failed capture: the error of the model's own forward on the example inputs, if it raises
+    one.  A trace goes on past an operation that fails on meta tensors (it may only lack a meta kernel),
+    so a bug of the model's (a shape mismatch) would otherwise be blamed on a later line."""
+    try:
+        with preserved_state(model), torch.no_grad():
+            run_seeded(model, example_inputs)
+    except Exception as error:  # noqa: BLE001 - any error of the user's forward is the one to report
+        frame = user_frame(traceback.extract_tb(error.__traceback__))
+        at = f" at {frame}" if frame else ""
+        return CaptureError(f"the model's own forward raises on the example inputs{at}: {type(error).__name__}: "
+                            f"{error}. Fix forward or the example inputs; capture needs a forward that runs")
+    return None
+
+
 def capture(
     model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True,
     live_attrs: Sequence[str] = (), stacklevel: int = 3,
@@ -354,8 +369,9 @@ def capture(
                         "submodule") from None
                 PER_CALL.setdefault(model, set()).add(key)
     except CaptureError as exc:
+        exc = _raised_eagerly(model, example_inputs) or exc
         if strict:
-            raise
+            raise exc
         warnings.warn(
             f"topofx: {exc}. Falling back to the model's own eager forward (per-candidate ops unchanged); "
             "no rewrite is applied to this network.",
