@@ -233,6 +233,20 @@ def test_a_join_is_judged_on_the_model_as_built_not_after_a_candidate_is_dropped
     assert outcome.outcome == "ok", (outcome.outcome, outcome.key, outcome.message)
 
 
+def test_topo_after_changes_compares_with_the_history_the_call_itself_makes():
+    """Restoring the mixed weights after the vertex check changes a decision on them again, which makes
+    the deciding units run per call from that very call: the fresh topo simplify it is compared with must
+    copy that history (it was copied before the call: a false 'silent', seed 410100069)."""
+    spec = {"C": 4, "alpha_list": "none", "bn": "no_affine", "cell": "darts", "cells": 1, "container": "modulelist",
+            "drop": "none", "drop_candidate": "none", "dtype": "float32", "flavor": "darts", "function": "none",
+            "join": "cond_ne", "ops": ["sep_conv_5x5", "dil_conv_3x3"], "reductions": [], "scalar": "global_dict",
+            "seed": 410100069, "steps": 1, "storage": "parameter", "typecheck": "none", "weights": "softmax",
+            "where": "network"}
+    outcome = fuzz.check_spec(spec, "topo")
+    assert outcome.outcome == "ok", (outcome.outcome, outcome.key, outcome.message)
+    assert any("run per call" in w for w in outcome.warnings)  # the history this test is about was made
+
+
 # ---------------------------------------------------------------------------------------------
 # minimizer, run, command line (with deliberately broken simplify stand-ins)
 # ---------------------------------------------------------------------------------------------
