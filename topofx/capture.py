@@ -57,6 +57,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import float_inputs as _floats
+from . import tensor_inputs as _tensors
 from .reads import Read, ReadRecorder, plain_object
 
 VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the node
@@ -69,7 +70,7 @@ HELD = "topofx_held"  # GraphModule.meta key: (get_attr target, module, path) of
 READS = "topofx_reads"  # GraphModule.meta key: the Reads of Python values outside the traced modules' attributes
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
-DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward
+DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward, or on a tensor input
 FLOATS = "topofx_floats"  # node.meta key (during tracing): the FloatInputs whose stand-ins the value depends on
 AS_FLOAT = "topofx_as_float"  # node.meta key (during tracing): that value as eager computes it from the floats
 FLOAT_INPUTS = "topofx_float_inputs"  # GraphModule.meta key: the FloatInputs the graph reads as 0-dim tensors
@@ -779,12 +780,22 @@ class ValueTracer(fx.Tracer):
         """Whether the node's value depends on a random draw made in forward."""
         if any(a.meta.get(DRAWN) for a in node.all_input_nodes):
             return True
+        if node.op == "get_attr":  # a tensor sampled before the call: new on every call, as a draw
+            return _tensors.is_input(self._attribute(node.target))
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
             return isinstance(module, (nn.modules.dropout._DropoutNd, MethodCall, AppliedFunction)) or (
                 isinstance(module, DistributionCall) and module.name in ("sample", "rsample"))
         from .topology import draws  # topology imports this module
         return draws(node)
+
+    def _attribute(self, target: str) -> Any:
+        """The root's attribute at ``target`` (read as evaluating: no node is recorded)."""
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            return functools.reduce(getattr, target.split("."), self.root)
+        finally:
+            self._evaluating = evaluating
 
     def _real(self, node: fx.Node, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         """The real value of a node computed from small attributes only (``None`` when there is none).
@@ -799,10 +810,8 @@ class ValueTracer(fx.Tracer):
 
     def _real_of(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         if kind == "get_attr":
-            obj: Any = self.root
-            for part in target.split("."):
-                obj = getattr(obj, part)
-            small = isinstance(obj, torch.Tensor) and obj.numel() <= REAL_NUMEL
+            obj = self._attribute(target)
+            small = isinstance(obj, torch.Tensor) and obj.numel() <= REAL_NUMEL and not _tensors.is_input(obj)
             return obj.detach().clone() if small else None
         if kind not in ("call_function", "call_method", "call_module"):
             return None
@@ -1701,6 +1710,8 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         gm.meta[HELD] = [(target, module, path) for target, module, path in held if target in read_by_graph]
         for target, *_ in gm.meta[HELD]:
             _unbuffer(gm, target)
+        attributes = [(q, model.get_submodule(q.rpartition(".")[0]), (("attr", q.rpartition(".")[2]),)) for q in loose]
+        gm.meta[_tensors.TENSOR_INPUTS] = _tensors.read_by(gm, [*gm.meta[HELD], *attributes])
         tracer.float_inputs = _read_floats(gm, floats)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
     tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
@@ -2044,22 +2055,19 @@ def verify_capture(
     model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float = 1e-5,
     live_attrs: Sequence[str] = (),
 ) -> None:
-    """Check a captured graph before trusting it; raise :class:`CaptureError` on any failure."""
-    held = {target: (module, path) for target, module, path in gm.meta.get(HELD, ())}
+    """Check a captured graph before trusting it; raise :class:`CaptureError` on any failure.  Its tensor
+    inputs (``topofx.tensor_inputs``) are leaf aliases of themselves meanwhile."""
+    with _tensors.as_leaves(gm):
+        _verify(model, gm, example_inputs, rtol, live_attrs)
+
+
+def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float,
+            live_attrs: Sequence[str]) -> None:
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in live_attrs:
             obj: Any = gm
             for part in node.target.split("."):
                 obj = getattr(obj, part)
-            if isinstance(obj, torch.Tensor) and obj.grad_fn is not None and node.target in held:
-                module, path = held[node.target]
-                where = type(module).__name__ + "".join(f".{k}" if kind == "attr" else f"[{k!r}]" for kind, k in path)
-                raise CaptureError(
-                    f"forward reads a tensor with autograd history that was computed before the call and stored at "
-                    f"{where} (weights sampled outside forward, by the optimizer's step, say); a graph is not checked "
-                    "against such a tensor yet. Draw it inside forward from the tensors the model holds (its "
-                    "architecture parameters), or keep the original model for this search"
-                )
             if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
                 frame = node.meta.get("topofx_user_frame")
                 raise CaptureError(
