@@ -75,23 +75,49 @@ class HardMix(SampledMix):
         return self.apply_weights(x, edge.sampled)
 
 
-class CellGraph(nn.Module):
+class Cell(nn.Module):
     """One cell of a graph-based space: edge records in an adjacency dict of dicts (``adj[u][v]``),
-    their mixed ops in a ModuleDict; the alphas live on the records."""
+    their mixed ops in a ModuleDict.  A copy of a cell shares its records' shared dicts (and so the
+    alphas and the samples stored there) with the cell it was copied from."""
+
+    def __init__(self, mix: type, like: "Cell | None" = None):
+        super().__init__()
+        self.adj = {u: {v: EdgeRecord(nn.Parameter(1e-1 * torch.randn(3))) for v in range(u + 1, NODES + 1)}
+                    for u in range(1, NODES)}
+        for u, row in self.adj.items():
+            for v, edge in row.items():
+                if like is not None:
+                    edge._private, edge._shared = {}, like.adj[u][v]._shared
+                else:
+                    edge._shared["alpha"] = edge._private.pop("alpha")
+        self.ops = nn.ModuleDict({f"{u}_{v}": mix() for u, row in self.adj.items() for v in row})
+
+    def forward(self, x):
+        nodes = {1: x}
+        for v in range(2, NODES + 1):
+            nodes[v] = sum(self.ops[f"{u}_{v}"](nodes[u], self.adj[u][v]) for u in range(1, v))
+        return nodes[NODES]
+
+
+class CellGraph(nn.Module):
+    """Two cells, the second a copy of the first (shared alphas and samples), between a stem and a head."""
 
     def __init__(self, mix: type = SampledMix):
         super().__init__()
         self.stem = nn.Conv2d(3, C, 3, padding=1)
-        self.adj = {u: {v: EdgeRecord(nn.Parameter(1e-1 * torch.randn(3))) for v in range(u + 1, NODES + 1)}
-                    for u in range(1, NODES)}
-        self.ops = nn.ModuleDict({f"{u}_{v}": mix() for u, row in self.adj.items() for v in row})
+        first = Cell(mix)
+        self.cells = nn.ModuleList([first, Cell(mix, like=first)])
         self.head = nn.Linear(C, 5)
 
     def forward(self, x):
-        nodes = {1: self.stem(x)}
-        for v in range(2, NODES + 1):
-            nodes[v] = sum(self.ops[f"{u}_{v}"](nodes[u], self.adj[u][v]) for u in range(1, v))
-        return self.head(nodes[NODES].mean((2, 3)))
+        x = self.stem(x)
+        for cell in self.cells:
+            x = cell(x)
+        return self.head(x.mean((2, 3)))
+
+    @property
+    def adj(self):  # the first cell's records: the second shares their shared dicts
+        return self.cells[0].adj
 
 
 def alphas(model: nn.Module) -> list[torch.Tensor]:
@@ -160,7 +186,7 @@ def no_removal(model: nn.Module) -> None:
 
 CASES = {  # name: (model factory, sampling step, clean-up, alphas, mixed edges found; GDAS's arg-max decision
     # on the sample runs its method per call, as one node: no edge left to see)
-    "dirichlet_in_edge_dicts": (CellGraph, sample_dirichlet, remove_samples, alphas, 3),
+    "dirichlet_in_edge_dicts": (CellGraph, sample_dirichlet, remove_samples, alphas, 6),
     "hard_gumbel_in_edge_dicts": (lambda: CellGraph(HardMix), sample_hard, remove_samples, alphas, 0),  # per call
     "softmax_as_module_attributes": (AttributeWeights, sample_attributes, no_removal, lambda m: [m.alpha], 2),
 }

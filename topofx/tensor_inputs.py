@@ -116,23 +116,29 @@ def as_leaves(gm: fx.GraphModule) -> Iterator[None]:
     counter: a check that writes into it and restores it leaves the original untouched;
     ``requires_grad`` as the tensor's), at its place in the model and in ``gm`` (and in the graph
     modules copied from ``gm`` meanwhile): checks may run any number of backward passes and compare
-    the gradients with respect to it.  The tensors are put back after."""
+    the gradients with respect to it.  One tensor at several places (a dict that edges share) gets one
+    copy.  The tensors are put back after."""
+    leaves: dict[int, torch.Tensor] = {}
     saved = []
     for tensor_input in gm.meta.get(TENSOR_INPUTS, ()):
-        now = tensor_input.current()
-        if not isinstance(now, torch.Tensor) or now.grad_fn is None:  # already a leaf (an outer block's)
+        held = _value(gm, tensor_input.target)
+        if not isinstance(held, torch.Tensor) or held.grad_fn is None:  # a leaf already (an outer block's)
             continue
-        leaf = now.detach().clone().requires_grad_(now.requires_grad)
-        setattr(leaf, _STAND_IN, True)
-        saved.append((tensor_input, now))
-        tensor_input.place(leaf)
-        _rebind(gm, tensor_input.target, leaf)
+        if id(held) not in leaves:
+            leaves[id(held)] = held.detach().clone().requires_grad_(held.requires_grad)
+            setattr(leaves[id(held)], _STAND_IN, True)
+        placed = tensor_input.current() is held
+        saved.append((tensor_input, held, placed))
+        if placed:
+            tensor_input.place(leaves[id(held)])
+        _rebind(gm, tensor_input.target, leaves[id(held)])
     try:
         yield
     finally:
-        for tensor_input, now in reversed(saved):
-            tensor_input.place(now)
-            _rebind(gm, tensor_input.target, now)
+        for tensor_input, held, placed in reversed(saved):
+            if placed:
+                tensor_input.place(held)
+            _rebind(gm, tensor_input.target, held)
 
 
 def _value(gm: fx.GraphModule, target: str) -> Any:
