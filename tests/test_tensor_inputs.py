@@ -273,6 +273,30 @@ def test_topo_steps_keep_one_graph_and_reach_alpha(case, monkeypatch):
     assert not traces
 
 
+class RegisteredAlphas(CellGraph):
+    """The alphas are also the model's parameters (a ParameterList), as an optimizer's arch list is."""
+
+    def __init__(self):
+        super().__init__()
+        self.alphas = nn.ParameterList(alphas(self))
+
+
+def test_the_sample_taken_before_simplify_still_backpropagates():
+    """simplify's checks leave the alphas' version counters alone: the sample the optimizer drew before
+    the call that simplifies (or captures anew) still reaches alpha."""
+    torch.manual_seed(0)
+    eager = RegisteredAlphas()
+    model = copy.deepcopy(eager)
+    for m in (eager, model):
+        torch.manual_seed(1)
+        sample_dirichlet(m)
+    simplified = topofx.simplify(model, (_x(),), mode="exact", strict=True)
+    eager(_x()).square().sum().backward()
+    simplified(_x()).square().sum().backward()
+    for have, want in zip(alphas(model), alphas(eager)):
+        torch.testing.assert_close(have.grad, want.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_sample_of_another_shape_captures_anew():
     """Two weights where the capture read three: eager mixes two candidates (``zip``); so must the graph."""
     torch.manual_seed(0)

@@ -2003,9 +2003,17 @@ def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -
     finally:
         with torch.no_grad():
             for t, value, grad in saved:
-                t.copy_(value)
+                restore_value(t, value)
                 t.grad = grad
         torch.set_rng_state(rng)
+
+
+def restore_value(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``t`` where they differ.  An unchanged tensor is left alone: an in-place copy
+    would move its version counter, and a tensor computed from it before the call (an optimizer's
+    sample, ``topofx.tensor_inputs``) could no longer backpropagate through it."""
+    if not torch.equal(t, value):
+        t.copy_(value)
 
 
 def _float_leaves(out: Any) -> list[torch.Tensor]:
@@ -2071,10 +2079,11 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
             if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
                 frame = node.meta.get("topofx_user_frame")
                 raise CaptureError(
-                    f"a tensor with autograd history, computed outside forward() or from a tensor no module "
-                    f"holds (a global, a closure), was frozen into the graph "
-                    f"({node.target}{', used at ' + str(frame) if frame else ''}). Compute it inside forward() "
-                    "from the model's parameters, buffers or the tensors its modules hold"
+                    f"a tensor with autograd history that no module holds (a global, a closure, or computed in "
+                    f"forward from one) was frozen into the graph ({node.target}"
+                    f"{', used at ' + str(frame) if frame else ''}). Store it on a module (then the graph reads the "
+                    "one stored for each call), or compute it inside forward() from the model's parameters, buffers "
+                    "or the tensors its modules hold"
                 )
     attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
     with preserved_state(model, tensors=attrs):
