@@ -2094,10 +2094,7 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
     if not err <= rtol:
         raise CaptureError(f"captured graph disagrees with eager forward (max relative error {err:.2e})")
     if attrs:
-        with preserved_state(model, tensors=attrs), torch.no_grad():
-            gen = torch.Generator().manual_seed(1234)
-            for t in attrs:
-                t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) * 0.5)
+        with preserved_state(model, tensors=attrs), torch.no_grad(), _perturbed(attrs):
             eager2 = run_seeded(model, example_inputs)
             with preserved_state(model):
                 graphed2 = run_seeded(gm, example_inputs)
@@ -2124,6 +2121,22 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
             if live_attrs and callable(resample):
                 resample(gm)
             _backward(run_seeded(gm, example_inputs))
+
+
+@contextlib.contextmanager
+def _perturbed(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Each tensor holds other values (random, fixed seed) while the block runs: new storage through
+    ``.data``, put back after, so no version counter moves (a tensor sampled from an alpha before the
+    call, ``topofx.tensor_inputs``, can still backpropagate into it)."""
+    gen = torch.Generator().manual_seed(1234)
+    originals = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data + torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) * 0.5
+        yield
+    finally:
+        for t, data in zip(tensors, originals):
+            t.data = data
 
 
 class FloatsNotFollowed(CaptureError):
