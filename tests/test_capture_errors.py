@@ -290,21 +290,22 @@ def test_darts_orig_plain_alphas_stay_live_after_dtype_cast():
     assert_train_step_equivalent(model, simple, x64, rtol=1e-6, atol=1e-12)
 
 
-def test_tensor_computed_outside_forward_is_refused():
-    """A weight computed with autograd history outside forward() would be frozen: refuse it."""
+def test_tensor_with_history_no_module_holds_is_refused():
+    """A weight computed with autograd history outside forward() and held by no module (a closure)
+    would be frozen: refuse it.  (One a module holds is a graph input: tests/test_tensor_inputs.py.)"""
+    alpha = nn.Parameter(torch.zeros(2))
+    weights = F.softmax(alpha, dim=-1)  # has grad_fn; FX makes it a constant of the graph
 
     class Precomputed(nn.Module):
         def __init__(self):
             super().__init__()
             self.ops = nn.ModuleList([nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)])
-            self.alpha = nn.Parameter(torch.zeros(2))
-            self.w = F.softmax(self.alpha, dim=-1)  # has grad_fn; stale after the first step
 
         def forward(self, x):
-            return sum(w * op(x) for w, op in zip(self.w, self.ops))
+            return sum(w * op(x) for w, op in zip(weights, self.ops))
 
     model, x = make(Precomputed)
-    with pytest.raises(CaptureError, match="outside forward"):
+    with pytest.raises(CaptureError, match="that no module holds"):
         topofx.simplify(model, x, mode="exact", strict=True)
 
 

@@ -40,7 +40,7 @@ VALUE = "topofx_value"  # node.meta key: meta-tensor (or python) value of the no
 STATIC = "topofx_static"  # node.meta key: value depends on shapes/constants only
 FROM_INPUT = "topofx_from_input"  # node.meta key: value is computed from a forward input
 REAL = "topofx_real"  # node.meta key (during tracing): the real value of a small tensor computed from attributes only
-DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward
+DRAWN = "topofx_drawn"  # node.meta key: value depends on a random draw made in forward, or on a tensor input
 FLOATS = "topofx_floats"  # node.meta key (during tracing): the FloatInputs whose stand-ins the value depends on
 AS_FLOAT = "topofx_as_float"  # node.meta key (during tracing): that value as eager computes it from the floats
 TRACED_MODULES = "topofx_traced_modules"  # GraphModule.meta key: modules whose forward was traced through
@@ -561,9 +561,17 @@ def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -
     finally:
         with torch.no_grad():
             for t, value, grad in saved:
-                t.copy_(value)
+                restore_value(t, value)
                 t.grad = grad
         torch.set_rng_state(rng)
+
+
+def restore_value(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``t`` where they differ.  An unchanged tensor is left alone: an in-place copy
+    would move its version counter, and a tensor computed from it before the call (an optimizer's
+    sample, ``topofx.capture.tensor_inputs``) could no longer backpropagate through it."""
+    if not torch.equal(t, value):
+        t.copy_(value)
 
 
 def float_leaves(out: Any) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from torch import nn
 from . import capture as _capture
 from .adapters import RelaxedForward, adapter_for
 from .capture.guards import Guards, retraces_same
+from .capture.tensor_inputs import as_leaves
 from .ir import DECIDED_PER_CALL, SPECULATION, VALUE_GUARD
 from .modules import MergedConvBN, to_channels_last
 from .passes.functional_modules import SERVED_TRAINING
@@ -447,25 +448,27 @@ def simplify(
         return SimplifiedModule(model, None, report, example_inputs)
     gm = captured.graph_module
     captured_code = _capture.fingerprint(gm)
-    branches_on_training = _branches_on_training(root, example_inputs, captured_code)
-    gm.meta[SERVED_TRAINING] = root.training if branches_on_training else None  # passes/functional_modules.py
-    before = node_counts(gm)
-    canonical = canonicalize(gm, root, example_inputs, live)
-    topology = analyze(gm.graph, root)
-    sampled = any(gateable(gm, g, live) for g in gates(gm))
-    lowered_for = device_type(model, example_inputs)
-    passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
-    self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
-    runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
-    check_inputs = _check_inputs(runs, example_inputs)
-    problem = None if _capture.hoist_speculation(gm) else (
-        "the rewritten graph cannot check its decisions on random draws before it changes any state")
-    problem = problem or (self_check(gm, check_inputs) if self_check else None)
-    sparse = SparseForward(gm, live) if sampled else None
-    problem = problem or (sparse.check(gm, check_inputs) if sparse and check else None)
+    with as_leaves(gm):  # the checks run many steps on the one tensor sampled before the call
+        branches_on_training = _branches_on_training(root, example_inputs, captured_code)
+        gm.meta[SERVED_TRAINING] = root.training if branches_on_training else None  # passes/functional_modules.py
+        before = node_counts(gm)
+        canonical = canonicalize(gm, root, example_inputs, live)
+        topology = analyze(gm.graph, root)
+        sampled = any(gateable(gm, g, live) for g in gates(gm))
+        lowered_for = device_type(model, example_inputs)
+        passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
+        self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
+        runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
+        check_inputs = _check_inputs(runs, example_inputs)
+        problem = None if _capture.hoist_speculation(gm) else (
+            "the rewritten graph cannot check its decisions on random draws before it changes any state")
+        problem = problem or (self_check(gm, check_inputs) if self_check else None)
+        sparse = SparseForward(gm, live) if sampled else None
+        problem = problem or (sparse.check(gm, check_inputs) if sparse and check else None)
+        if problem:
+            _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict,
+                    gm.meta[SERVED_TRAINING])
     if problem:
-        _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict,
-                gm.meta[SERVED_TRAINING])
         if adapter:
             root.release(gm)
         report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")

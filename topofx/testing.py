@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from .ir import preserved_state, run_seeded
+from .ir import preserved_state, restore_value, run_seeded
 
 __all__ = [
     "StateSnapshot",
@@ -155,10 +155,11 @@ def snapshot_state(model: nn.Module, extra_tensors: Optional[Iterable[torch.Tens
 
 
 def restore_state(model: nn.Module, snap: StateSnapshot) -> None:
-    """Put back everything :func:`snapshot_state` saved (values in place, grads, flags, RNG)."""
+    """Put back everything :func:`snapshot_state` saved (values in place, grads, flags, RNG).  A tensor
+    whose value did not change is not written (:func:`topofx.capture.restore_value`)."""
     with torch.no_grad():
         for t, value, grad in snap.tensors:
-            t.copy_(value)
+            restore_value(t, value)
             t.grad = grad.clone() if grad is not None else None
     for m, flag in snap.training:
         m.training = flag

@@ -43,6 +43,7 @@ The package, in the order a capture runs:
   :mod:`.speculation` -- decisions on draws, checked per call;
 * :mod:`.held` -- tensors in containers and plain objects, made live attributes for the trace;
   :mod:`.reads` and :mod:`.float_inputs` -- Python values read from outside the traced modules;
+  :mod:`.tensor_inputs` -- tensors an optimizer samples before the call, read afresh by the graph;
 * :mod:`.binding` -- a forward's call signature, one graph per non-tensor argument;
 * :mod:`.verify` -- a capture is compared with the eager model before it is trusted;
 * :mod:`.guards` -- what the graph assumed, checked before every call of the simplified module.

@@ -30,6 +30,7 @@ from ..ir import (
     run_seeded,
 )
 from . import float_inputs as _floats
+from . import tensor_inputs as _tensors
 from .binding import _specialize, bind_call, has_var_args
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
@@ -186,6 +187,8 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         gm.meta[HELD] = [(target, module, path) for target, module, path in held if target in read_by_graph]
         for target, *_ in gm.meta[HELD]:
             _unbuffer(gm, target)
+        attributes = [(q, model.get_submodule(q.rpartition(".")[0]), (("attr", q.rpartition(".")[2]),)) for q in loose]
+        gm.meta[_tensors.TENSOR_INPUTS] = _tensors.read_by(gm, [*gm.meta[HELD], *attributes])
         tracer.float_inputs = _read_floats(gm, floats)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
     tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1

@@ -63,6 +63,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..ir import FLOAT_INPUTS, HELD, READS, SHAPE_DECISIONS, TRACED_MODULES, VALUE_GUARD
+from . import tensor_inputs as _tensors
 from .driver import fingerprint, trace
 from .frames import CaptureError
 from .held import held_at
@@ -354,7 +355,8 @@ class Guards:
         self.traced = list(dict.fromkeys([*gm.meta.get(TRACED_MODULES, [root]), *(r.root for r in own)]))
         self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(HELD, ())}
         self.floats = list(gm.meta.get(FLOAT_INPUTS, ()))  # read as graph inputs: refreshed, not snapshotted
-        self.float_holder = gm
+        self.inputs = list(gm.meta.get(_tensors.TENSOR_INPUTS, ()))  # tensors sampled before the call: likewise
+        self.holder = gm  # holds the inputs' tensors
         self.scalars = self._numbers()
         self.reads = [(r, _snapshot(r.value(), self.live)) for r in reads
                       if r not in own and (id(r.root), r.steps) not in self._float_keys()]
@@ -383,7 +385,12 @@ class Guards:
 
     def floats_hold(self) -> bool:
         """Give the graph the live value of each float input; ``False`` when one is no float any more."""
-        return all([f.refresh(self.float_holder) for f in self.floats])
+        return all([f.refresh(self.holder) for f in self.floats])
+
+    def inputs_hold(self) -> bool:
+        """Give the graph the tensor inputs forward reads now; ``False`` when one is gone or changed shape,
+        dtype or device."""
+        return all([t.refresh(self.holder) for t in self.inputs])
 
     def holds(self) -> bool:
         """True when nothing :meth:`verdict` checks changed; compiled by :meth:`compile` on first use (a copy
@@ -422,7 +429,9 @@ class Guards:
                 watched.append(module)
         for float_input in self.floats:  # a float input that moved: its tensor is replaced (no re-trace)
             name = check.bind(float_input)
-            check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.float_holder)})")
+            check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.holder)})")
+        for tensor_input in self.inputs:  # a new sample each call: the graph reads it (no re-trace)
+            check.add(f"{check.bind(tensor_input.refresh)}({check.bind(self.holder)})")
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.capture.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
         if self.value_guard is not None:
@@ -435,7 +444,10 @@ class Guards:
     def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
         """(where the root holds it now, graph-module owner, field) of every ``get_attr`` tensor that is
         (at capture) the root's own object: an attribute, or an element of a list or dict attribute."""
-        out, read = [], dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        read = dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr")
+        for tensor_input in gm.meta.get(_tensors.TENSOR_INPUTS, ()):  # refreshed as inputs (inputs_hold)
+            read.pop(tensor_input.target, None)
+        out: list = []
         for target in read:
             (gm_owner, field), (owner, _) = _owner(gm, target), _owner(self.root, target)
             if gm_owner is not owner and getattr(gm_owner, field, None) is getattr(owner, field, None) is not None:
@@ -544,7 +556,8 @@ class Guards:
             unchanged = False
         if not unchanged:
             scalars = self.scalars
-            if not (self.structure_holds() and self.follow_tensors() and self.floats_hold() and self.scalars_hold()
+            if not (self.structure_holds() and self.follow_tensors() and self.floats_hold() and self.inputs_hold()
+                    and self.scalars_hold()
                     and self.values_hold()):
                 return "recapture"
             if self.scalars is not scalars:  # snapshotted again (the graph does not depend on the change)

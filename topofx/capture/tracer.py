@@ -5,6 +5,7 @@ and a :class:`~topofx.capture.CaptureError` naming the line where it cannot."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import os
@@ -36,6 +37,7 @@ from ..ir import (
     to_meta,
 )
 from . import float_inputs as _floats
+from . import tensor_inputs as _tensors
 from .decisions import Decision, _DecidesPerCall
 from .frames import _TORCH_DIR, CaptureError, _is_library_file, _where, user_frame
 from .reads import Read
@@ -362,11 +364,21 @@ class ValueTracer(fx.Tracer):
         """Whether the node's value depends on a random draw made in forward."""
         if any(a.meta.get(DRAWN) for a in node.all_input_nodes):
             return True
+        if node.op == "get_attr":  # a tensor sampled before the call: new on every call, as a draw
+            return _tensors.is_input(self._attribute(node.target))
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
             return isinstance(module, (nn.modules.dropout._DropoutNd, MethodCall, AppliedFunction)) or (
                 isinstance(module, DistributionCall) and module.name in ("sample", "rsample"))
         return draws(node)
+
+    def _attribute(self, target: str) -> Any:
+        """The root's attribute at ``target`` (read as evaluating: no node is recorded)."""
+        evaluating, self._evaluating = self._evaluating, True
+        try:
+            return functools.reduce(getattr, target.split("."), self.root)
+        finally:
+            self._evaluating = evaluating
 
     def _real(self, node: fx.Node, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         """The real value of a node computed from small attributes only (``None`` when there is none).
@@ -381,10 +393,8 @@ class ValueTracer(fx.Tracer):
 
     def _real_of(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         if kind == "get_attr":
-            obj: Any = self.root
-            for part in target.split("."):
-                obj = getattr(obj, part)
-            small = isinstance(obj, torch.Tensor) and obj.numel() <= REAL_NUMEL
+            obj = self._attribute(target)
+            small = isinstance(obj, torch.Tensor) and obj.numel() <= REAL_NUMEL and not _tensors.is_input(obj)
             return obj.detach().clone() if small else None
         if kind not in ("call_function", "call_method", "call_module"):
             return None

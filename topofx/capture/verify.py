@@ -3,8 +3,9 @@ eager model (outputs, gradients of weights and architecture tensors, buffer upda
 where float32 noise is amplified), and floats made graph inputs checked at perturbed values."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -12,7 +13,6 @@ from torch import nn
 
 from ..ir import (
     FLOAT_INPUTS,
-    HELD,
     VALUE_GUARD,
     float_leaves,
     graph_attr_tensors,
@@ -21,6 +21,7 @@ from ..ir import (
     run_seeded,
 )
 from . import float_inputs as _floats
+from . import tensor_inputs as _tensors
 from .frames import CaptureError
 
 
@@ -28,29 +29,27 @@ def verify_capture(
     model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float = 1e-5,
     live_attrs: Sequence[str] = (),
 ) -> None:
-    """Check a captured graph before trusting it; raise :class:`CaptureError` on any failure."""
-    held = {target: (module, path) for target, module, path in gm.meta.get(HELD, ())}
+    """Check a captured graph before trusting it; raise :class:`CaptureError` on any failure.  Its tensor
+    inputs (``topofx.capture.tensor_inputs``) are leaf aliases of themselves meanwhile."""
+    with _tensors.as_leaves(gm):
+        _verify(model, gm, example_inputs, rtol, live_attrs)
+
+
+def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], rtol: float,
+            live_attrs: Sequence[str]) -> None:
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target not in live_attrs:
             obj: Any = gm
             for part in node.target.split("."):
                 obj = getattr(obj, part)
-            if isinstance(obj, torch.Tensor) and obj.grad_fn is not None and node.target in held:
-                module, path = held[node.target]
-                where = type(module).__name__ + "".join(f".{k}" if kind == "attr" else f"[{k!r}]" for kind, k in path)
-                raise CaptureError(
-                    f"forward reads a tensor with autograd history that was computed before the call and stored at "
-                    f"{where} (weights sampled outside forward, by the optimizer's step, say); a graph is not checked "
-                    "against such a tensor yet. Draw it inside forward from the tensors the model holds (its "
-                    "architecture parameters), or keep the original model for this search"
-                )
             if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
                 frame = node.meta.get("topofx_user_frame")
                 raise CaptureError(
-                    f"a tensor with autograd history, computed outside forward() or from a tensor no module "
-                    f"holds (a global, a closure), was frozen into the graph "
-                    f"({node.target}{', used at ' + str(frame) if frame else ''}). Compute it inside forward() "
-                    "from the model's parameters, buffers or the tensors its modules hold"
+                    f"a tensor with autograd history that no module holds (a global, a closure, or computed in "
+                    f"forward from one) was frozen into the graph ({node.target}"
+                    f"{', used at ' + str(frame) if frame else ''}). Store it on a module (then the graph reads the "
+                    "one stored for each call), or compute it inside forward() from the model's parameters, buffers "
+                    "or the tensors its modules hold"
                 )
     attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
     with preserved_state(model, tensors=attrs):
@@ -61,10 +60,7 @@ def verify_capture(
     if not err <= rtol:
         raise CaptureError(f"captured graph disagrees with eager forward (max relative error {err:.2e})")
     if attrs:
-        with preserved_state(model, tensors=attrs), torch.no_grad():
-            gen = torch.Generator().manual_seed(1234)
-            for t in attrs:
-                t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) * 0.5)
+        with preserved_state(model, tensors=attrs), torch.no_grad(), _perturbed(attrs):
             eager2 = run_seeded(model, example_inputs)
             with preserved_state(model):
                 graphed2 = run_seeded(gm, example_inputs)
@@ -91,6 +87,22 @@ def verify_capture(
             if live_attrs and callable(resample):
                 resample(gm)
             _backward(run_seeded(gm, example_inputs))
+
+
+@contextlib.contextmanager
+def _perturbed(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Each tensor holds other values (random, fixed seed) while the block runs: new storage through
+    ``.data``, put back after, so no version counter moves (a tensor sampled from an alpha before the
+    call, ``topofx.capture.tensor_inputs``, can still backpropagate into it)."""
+    gen = torch.Generator().manual_seed(1234)
+    originals = [t.data for t in tensors]
+    try:
+        for t in tensors:
+            t.data = t.data + torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) * 0.5
+        yield
+    finally:
+        for t, data in zip(tensors, originals):
+            t.data = data
 
 
 class FloatsNotFollowed(CaptureError):
