@@ -12,6 +12,7 @@ import operator
 import re
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1349,3 +1350,46 @@ def test_doc_and_tests_agree():
     assert not uncited, f"tests/test_errors.py tests messages docs/errors.md does not list: {uncited}"
     duplicated = sorted({t for t in cited if cited.count(t) > 1})
     assert not duplicated, f"docs/errors.md cites a test twice: {duplicated}"
+
+
+class _TwinSamples(nn.Module):
+    """An inverted residual candidate (1x1 expansion, BN, ReLU6, depthwise, BN) in ProxylessNAS's
+    idiom, run where its late stages run: 1x1 resolution, a batch of two.  With two nearly equal
+    samples the first BN normalizes their tiny difference, so float32 rounding of anything before it
+    shows in every later value by percents, while float64 still agrees to 1e-12."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU6(inplace=True),
+                                  nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _reround_input(ctx):
+    """``x -> (x + 1) - 1``: exact in real arithmetic, the input rounded to float32's step at 1."""
+    gm = ctx.gm
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        shifted = gm.graph.call_function(operator.add, (x, 1.0))
+    with gm.graph.inserting_after(shifted):
+        back = gm.graph.call_function(operator.sub, (shifted, 1.0))
+    x.replace_all_uses_with(back, delete_user_cb=lambda u: u is not shifted)
+    return [Rewrite("reround", "fused", [x.name], back.name, True, "rounding only")]
+
+
+def test_self_check_judges_amplified_rounding_in_float64(monkeypatch):
+    """A rewrite that changes only float32 rounding passes where the network amplifies rounding past
+    the float32 allowance (NNI's ProxylessNAS at batch 2: running means by 5e-2); a wrong one fails."""
+    torch.manual_seed(0)
+    first = torch.randn(1, 4, 1, 1)
+    x = torch.cat([first, first + 1e-5 * torch.randn(1, 4, 1, 1)])
+    _inject(monkeypatch, _pass("reround", _reround_input))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simplified = topofx.simplify(_TwinSamples(), x, mode="exact", strict=True)
+    assert [r.pass_name for r in simplified.report.rewrites] == ["reround"]
+    _inject(monkeypatch, _scale_pass())
+    with pytest.raises(SelfCheckError, match=r"pass err_scale introduced the difference"):
+        topofx.simplify(_TwinSamples(), x, mode="exact", strict=True)
