@@ -24,6 +24,7 @@ from torch.autograd import Variable
 
 import topofx
 from topofx import capture
+from topofx.ir import VALUE
 from topofx.testing import assert_train_step_equivalent
 
 MODES = ("exact", "topo")
@@ -602,3 +603,168 @@ def test_first_call_python_state_is_made_eagerly_then_captured(mode):
                                      candidate_arch_params=[simplified.original.log_alpha])
     with torch.no_grad():
         torch.testing.assert_close(simplified(x)[1], model(x)[1])  # the penalty reads the counts
+
+
+# --- 6. a projection loop that changes the supernet after simplify (DARTS-PT) ------------------------
+class SkipZeroMixedOp(nn.Module):
+    """Candidates whose weight is exactly zero are not run (a projected edge computes its one op)."""
+
+    def __init__(self):
+        super().__init__()
+        self._ops = _candidates()
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops) if w != 0)
+
+
+class ProjectionNet(nn.Module):
+    """Per cell type: alphas, a bool flag per edge (still a candidate edge) and the one-hot rows of the
+    projected edges, in dicts by cell type; projection writes the row and clears the flag, and the
+    weights forward uses are the softmax with the projected rows written over through ``.data``."""
+
+    def __init__(self, edges: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.cells = nn.ModuleDict({kind: nn.ModuleList([SkipZeroMixedOp() for _ in range(edges)])
+                                    for kind in ("normal", "reduce")})
+        self.head = nn.Linear(C, 3)
+        self.alphas = {kind: (1e-3 * torch.randn(edges, 3)).requires_grad_() for kind in self.cells}
+        self.candidate_flags = {kind: torch.ones(edges, dtype=torch.bool) for kind in self.cells}
+        self.proj_weights = {kind: torch.zeros(edges, 3) for kind in self.cells}
+
+    def arch_parameters(self):
+        return list(self.alphas.values())
+
+    def project_op(self, eid: int, opid: int, kind: str) -> None:
+        self.proj_weights[kind][eid][opid] = 1
+        self.candidate_flags[kind][eid] = False
+
+    def get_projected_weights(self, kind: str) -> torch.Tensor:
+        weights = F.softmax(self.alphas[kind], dim=-1)
+        for eid in range(len(self.cells[kind])):
+            if not self.candidate_flags[kind][eid]:
+                weights[eid].data.copy_(self.proj_weights[kind][eid])
+        return weights
+
+    def forward(self, x):
+        x = self.stem(x)
+        for kind, cell in self.cells.items():
+            weights = self.get_projected_weights(kind)
+            for i, edge in enumerate(cell):
+                x = x + edge(x, weights[i])
+        return self.head(x.mean((2, 3)))
+
+
+def test_projections_after_simplify_keep_training_equivalent():
+    """Each projection changes a decision the graph baked in; from the second on, the deciding method
+    runs per call and the model is captured anew, iterating over that method's result: its shape is
+    known on meta, so the capture keeps a graph (it used to fall back, and the drop-in to crash in the
+    training step: ``recapture`` trained a graph module ``None``)."""
+    torch.manual_seed(0)
+    model, x = ProjectionNet(), _x()
+    model.project_op(0, 1, "normal")  # projected before simplify, as DARTS-PT's first epoch does
+    simplified = topofx.simplify(model, (x,), mode="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "decides in Python on values that changed again": per call
+        for eid, kind in ((1, "normal"), (0, "reduce"), (2, "normal"), (1, "reduce")):
+            model.project_op(eid, 0, kind)
+            assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters())
+            assert simplified.graph_module is not None and not simplified.report.fallback
+    assert simplified.__dict__.get("recaptured")
+
+
+def test_meta_value_of_a_per_call_method_reading_held_tensors():
+    """A method run per call that takes no tensor arguments and reads tensors held in dicts: its
+    node's value is known on meta with its real shape (it used to be unknown: the method ran on the
+    trace's stand-ins of the held tensors and its Python decision raised)."""
+    model, x = ProjectionNet(), _x()
+    capture.PER_CALL[model] = {capture.unit_key(model, (model, "get_projected_weights"))}
+    try:
+        gm = capture.trace(model, (x,))
+    finally:
+        capture.PER_CALL.pop(model, None)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                 capture.MethodCall)]
+    assert len(calls) == 2
+    assert all(n.meta[VALUE].shape == (3, 3) and n.meta[VALUE].is_meta for n in calls)
+
+
+class ClippingProjectionNet(ProjectionNet):
+    """Once the loop turns clipping on, forward decides on the input's values: that cannot be captured."""
+
+    clip = None  # set by the loop mid-search
+
+    def forward(self, x):
+        if self.clip is not None and x.abs().max() > self.clip:
+            x = x.clamp(-self.clip, self.clip)
+        return super().forward(x)
+
+
+def test_a_recapture_that_falls_back_runs_the_original_and_warns_once():
+    torch.manual_seed(0)
+    model, x = ClippingProjectionNet(), _x()
+    simplified = topofx.simplify(model, (x,), mode="exact")
+    assert simplified.graph_module is not None
+    model.clip = 1.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters())
+        model.project_op(0, 1, "normal")
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters())
+    assert simplified.graph_module is None  # from now on the original's eager forward
+    fallbacks = [w for w in caught if "Falling back to the model's own eager forward" in str(w.message)]
+    assert len(fallbacks) == 1 and "x.abs().max()" in str(fallbacks[0].message)
+
+
+# --- 7. tensors with autograd history held across the step, never read by forward (SmoothDARTS) ------
+class SavedAlphasNet(nn.Module):
+    """The weight step softmaxes the alphas in place and keeps clones of the originals (with autograd
+    history) in a list until the step is over; forward reads the alphas only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edges = nn.ModuleList([_candidates(), _candidates()])
+        self.alphas_normal = (1e-3 * torch.randn(2, 3)).requires_grad_()
+        self._arch_parameters = [self.alphas_normal]
+        self.head = nn.Linear(C, 3)
+
+    def arch_parameters(self):
+        return self._arch_parameters
+
+    def softmax_arch_parameters(self):
+        self._saved_arch_parameters = [p.clone() for p in self._arch_parameters]
+        for p in self._arch_parameters:
+            p.data.copy_(F.softmax(p, dim=-1))
+
+    def restore_arch_parameters(self):
+        for p, saved in zip(self._arch_parameters, self._saved_arch_parameters):
+            p.data.copy_(saved.data)
+        del self._saved_arch_parameters
+
+    def forward(self, x):
+        x = self.stem(x)
+        for ops, w in zip(self.edges, self.alphas_normal):
+            x = x + sum(wk * op(x) for wk, op in zip(w, ops))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tensors_with_history_that_forward_never_reads_are_no_part_of_the_graph(mode):
+    """They used to become ``get_attr`` nodes without users, and the capture was refused for reading a
+    tensor with autograd history computed before the call."""
+    torch.manual_seed(0)
+    model, x = SavedAlphasNet(), _x()
+    model.softmax_arch_parameters()
+    simplified = topofx.simplify(model, (x,), mode=mode, strict=True)
+    assert not any("saved" in str(n.target) for n in simplified.graph_module.graph.nodes)
+    for _ in range(2):  # weight steps: each keeps new clones and restores them after
+        if mode == "exact":
+            assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters())
+        model.restore_arch_parameters()
+        model.softmax_arch_parameters()
+    model.restore_arch_parameters()
+    fresh = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+    assert not simplified.__dict__.get("recaptured")

@@ -152,6 +152,8 @@ def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
     meta output is computed once per such key (a supernet has thousands of identical BNs and convs)."""
     if getattr(module, "holds_no_state", False):  # what it holds stays real (not copied)
         return module(*args, **kwargs)
+    if hasattr(module, "on_meta"):  # copies what it needs itself (a per-call method's owner: capture.values)
+        return module.on_meta(*args, **kwargs)
     if not is_stock(module):  # a user's forward may draw with no device (torch.rand(())): real draws, on a forked RNG
         with first_path_on_meta(), torch.random.fork_rng(devices=[]):
             return meta_copy(module)(*args, **kwargs)

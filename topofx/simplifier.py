@@ -256,6 +256,8 @@ class SimplifiedModule(nn.Module):
         self.__dict__.update(calls=0, recaptured=True, recapture_s=time.perf_counter() - start)
         for key in ("graph_module", "report", "relaxed", "sparse", "guards", "graph_training", "lowered_for"):
             self.__dict__[key] = fresh.__dict__.get(key)
+        if self.graph_module is None:  # the fresh capture fell back (and warned): the original runs eagerly
+            return
         self.graph_module.train(self.training)
         if "compile_options" in self.__dict__:
             self.compile(**self.__dict__["compile_options"])

@@ -34,7 +34,7 @@ from . import tensor_inputs as _tensors
 from .binding import _specialize, bind_call, has_var_args
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
-from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers
+from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers, erase_unread
 from .reads import ReadRecorder
 from .speculation import (
     RESAMPLES,
@@ -171,6 +171,7 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
             _specialize(graph, concrete or {})
+            erase_unread(graph, {target for target, *_ in held}, {node for node, *_ in tracer.value_decisions})
             gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
         except (CaptureError, _DecidesPerCall):
             raise

@@ -8,6 +8,7 @@ import re
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .frames import _reads_nothing
@@ -127,6 +128,27 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
             slot = qualified.rsplit(".", 1)[-1]
             module._parameters.pop(slot, None)
             module._buffers.pop(slot, None)
+
+
+def tensors_held(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor a module of ``model`` holds outside its parameters and buffers: plain tensor attributes
+    and tensors in containers (what :func:`_loose_tensors_as_buffers` registers).  A check's training step
+    restores them (values and gradients) even where the graph does not read them: a method or module that
+    runs per call reads them as written (DARTS-PT's alphas in a dict, read by ``get_projected_weights``)."""
+    found = {id(t): t for m in model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)}
+    for module in model.modules():
+        found.update((id(t), t) for _, t in _held_tensors(module, set(found)))
+    return [t for t in found.values() if t.grad_fn is None]  # a result with history (a kept clone) is no state
+
+
+def erase_unread(graph: fx.Graph, targets: set[str], decided: set[fx.Node]) -> None:
+    """Erase the ``get_attr`` nodes of held tensors that the graph does not read: every held tensor sits at
+    its place as a ``get_attr`` while forward runs, read or not, and one forward never reads (SmoothDARTS's
+    ``_saved_arch_parameters``, clones kept across the step, with autograd history) is no part of the graph.
+    A node nothing uses but a Python decision took on (``if self.flags[k]:``, in ``decided``) is read."""
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target in targets and not node.users and node not in decided:
+            graph.erase_node(node)
 
 
 def _attribute_names(module: nn.Module) -> set[str]:

@@ -64,6 +64,16 @@ class TracedValue(fx.Proxy):
     def __float__(self) -> float:
         return self.tracer.concrete(self, float, "a float")  # type: ignore[attr-defined]
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        """In a meta copy of a module holding it (a held tensor's ``get_attr`` stand-in in a dict or list,
+        while a per-call method runs on meta: :func:`topofx.ir.meta_copy`): its meta value, shapes only."""
+        if not self.tracer._evaluating:  # type: ignore[attr-defined]
+            return super().__deepcopy__(memo)
+        value = self.node.meta.get(VALUE, UNKNOWN)
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        raise CaptureError(_where(f"a copy of a value unknown at capture ({self.node.format_node()})"))
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
         array = self.tracer.concrete(self, lambda v: v.numpy() if isinstance(v, torch.Tensor) else v, "a numpy array")  # type: ignore[attr-defined]
         return array if dtype is None else array.astype(dtype)
@@ -129,13 +139,15 @@ class MethodCall(nn.Module):
         self.name = name
 
     def forward(self, args: tuple, kwargs: dict) -> Any:
-        if any(isinstance(t, torch.Tensor) and t.is_meta for t in flat((args, kwargs))):
-            # shapes only, on meta copies of the owner and of modules passed as arguments: no draws,
-            # no state changes
-            owner, args, kwargs = meta_copy(_Bundle(self.owner, args, kwargs)).parts()
-            with first_path_on_meta():
-                return getattr(owner, self.name)(*args, **kwargs)
         return getattr(self.owner, self.name)(*args, **kwargs)
+
+    def on_meta(self, args: tuple, kwargs: dict) -> Any:
+        """The call's result on meta tensors (:func:`topofx.ir.run_on_meta`), shapes only: on meta copies
+        of the owner and of modules passed as arguments (no draws, no state changes).  Told apart from
+        a real call by the caller, not by the arguments: a method may take none (``self.weights()``)."""
+        owner, args, kwargs = meta_copy(_Bundle(self.owner, args, kwargs)).parts()
+        with first_path_on_meta():
+            return getattr(owner, self.name)(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{type(self.owner).__name__}.{self.name}"

@@ -23,6 +23,7 @@ from ..ir import (
 from . import float_inputs as _floats
 from . import tensor_inputs as _tensors
 from .frames import CaptureError
+from .held import tensors_held
 
 
 def verify_capture(
@@ -52,15 +53,16 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
                     "or the tensors its modules hold"
                 )
     attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
-    with preserved_state(model, tensors=attrs):
+    kept = [*attrs, *tensors_held(model)]  # what every step below restores (values, gradients)
+    with preserved_state(model, tensors=kept):
         eager = run_seeded(model, example_inputs)
-    with preserved_state(model, tensors=attrs):
+    with preserved_state(model, tensors=kept):
         graphed = run_seeded(gm, example_inputs)
     err = max_rel_error(graphed, eager)
     if not err <= rtol:
         raise CaptureError(f"captured graph disagrees with eager forward (max relative error {err:.2e})")
     if attrs:
-        with preserved_state(model, tensors=attrs), torch.no_grad(), _perturbed(attrs):
+        with preserved_state(model, tensors=kept), torch.no_grad(), _perturbed(attrs):
             eager2 = run_seeded(model, example_inputs)
             with preserved_state(model):
                 graphed2 = run_seeded(gm, example_inputs)
@@ -71,9 +73,9 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
     resample = getattr(model, "resample", None)  # an adapter's sampling step, run before every call
     state = [*dict.fromkeys([*model.parameters(), *attrs, *model.buffers()])]
     if not live_attrs:  # backward too: a capture that changes it (a custom Function traced through) is caught
-        with preserved_state(model, tensors=attrs):
+        with preserved_state(model, tensors=kept):
             expected = _step(model, example_inputs, state)
-        with preserved_state(model, tensors=attrs):
+        with preserved_state(model, tensors=kept):
             got = _step(gm, example_inputs, state)
         grads = [w for name, w in expected if name == "gradient" and w is not None and w.numel()]
         scale = max((g.abs().max().item() for g in grads), default=0.0)  # an analytically zero gradient (a conv
@@ -82,7 +84,7 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
                 raise CaptureError(f"captured graph's training step disagrees with eager forward+backward: the "
                                    f"{name} of a {tuple(want.shape) if want is not None else tuple(have.shape)} tensor "
                                    "differs (an operation whose backward is not its forward's autograd?)")
-    with preserved_state(model, tensors=attrs):
+    with preserved_state(model, tensors=kept):
         for _ in range(1 if not live_attrs else 2):  # forward+backward works twice (once above)
             if live_attrs and callable(resample):
                 resample(gm)
@@ -121,15 +123,15 @@ def verify_float_inputs(model: nn.Module, gm: fx.GraphModule, example_inputs: Se
     floats = gm.meta.get(FLOAT_INPUTS)
     if not floats:
         return
-    attrs = graph_attr_tensors(gm)
+    kept = [*graph_attr_tensors(gm), *tensors_held(model)]
     captured = [f.last for f in floats]
     try:
         for float_input in floats:
             float_input.install(_floats.perturbed(float_input.last))
             float_input.refresh(gm)
-        with preserved_state(model, tensors=attrs):
+        with preserved_state(model, tensors=kept):
             eager = run_seeded(model, example_inputs)
-        with preserved_state(model, tensors=attrs):
+        with preserved_state(model, tensors=kept):
             err = max_rel_error(run_seeded(gm, example_inputs), eager)
     except Exception:  # noqa: BLE001 - the model rejects other values: it depends on them otherwise
         err = math.inf
