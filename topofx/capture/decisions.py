@@ -66,7 +66,6 @@ def _per_call_units(model: nn.Module, keys: set[tuple[str, ...]]) -> tuple[set[i
 def computed_by(nodes: Sequence[fx.Node]) -> list[fx.Node]:
     """The nodes that compute ``nodes``, in graph order: their ancestors, and every in-place write
     (``p[mask] = w[mask]``, ``w.div_(s)``) into a storage they read, directly or through a view."""
-
     graph = nodes[0].graph if nodes else None
     included: set[fx.Node] = set()
     stack = list(nodes)

@@ -77,8 +77,7 @@ def hoist_speculation(gm: fx.GraphModule) -> bool:
     """Move the speculation checks and everything they depend on (the sampling: architecture values and
     draws, never the inputs) to the front of the graph, so that a failed check leaves no trace but the
     RNG's (restored by the caller).  ``False``, graph untouched, when that would reorder random draws or
-    an in-place update (``rewrite.Effects``)."""
-
+    an in-place update (``ir.Effects``)."""
     checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is speculation_check]
     if not checks:
         return True
