@@ -191,7 +191,6 @@ class _BatchedDecisions:
     when built)."""
 
     def __init__(self, guard: "ValueGuard", root: nn.Module):
-
         nodes = list(guard.graph.nodes)
         if any(n.op == "call_module" for n in nodes):
             raise ValueError("a module call: run node by node")
