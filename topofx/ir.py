@@ -150,9 +150,7 @@ def _run_module_on_meta(module: nn.Module, args: Any, kwargs: Any) -> Any:
     """Run ``module`` on meta inputs.  A stock ``torch.nn`` module without hooks is a function of its
     configuration (``extra_repr``), mode, parameter/buffer shapes and its inputs' metadata, so its
     meta output is computed once per such key (a supernet has thousands of identical BNs and convs)."""
-    if getattr(module, "holds_no_state", False):  # what it holds stays real (not copied)
-        return module(*args, **kwargs)
-    if hasattr(module, "on_meta"):  # copies what it needs itself (a per-call method's owner: capture.values)
+    if hasattr(module, "on_meta"):  # knows what to copy itself (capture's per-call methods, custom Functions)
         return module.on_meta(*args, **kwargs)
     if not is_stock(module):  # a user's forward may draw with no device (torch.rand(())): real draws, on a forked RNG
         with first_path_on_meta(), torch.random.fork_rng(devices=[]):

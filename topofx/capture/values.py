@@ -195,7 +195,10 @@ class AppliedFunction(nn.Module):
     ``copy.deepcopy`` (one memo) makes a bound method follow the copy of its module.  Not a stock
     module: the passes treat the call as having unknown effects (:func:`topofx.ir.is_random`)."""
 
-    holds_no_state = True  # runs as is on meta tensors (:func:`topofx.ir.run_on_meta`): nothing to copy
+    def on_meta(self, *args: Any, **kwargs: Any) -> Any:
+        """The call on meta tensors (:func:`topofx.ir.run_on_meta`) is the call itself: the node has no
+        state of its own, and what it holds stays real."""
+        return self(*args, **kwargs)
 
     def __init__(self, function: type, held: dict[int | str, Any]):
         super().__init__()
