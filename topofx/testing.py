@@ -156,7 +156,7 @@ def snapshot_state(model: nn.Module, extra_tensors: Optional[Iterable[torch.Tens
 
 def restore_state(model: nn.Module, snap: StateSnapshot) -> None:
     """Put back everything :func:`snapshot_state` saved (values in place, grads, flags, RNG).  A tensor
-    whose value did not change is not written (:func:`topofx.capture.restore_value`)."""
+    whose value did not change is not written (:func:`topofx.ir.restore_value`)."""
     with torch.no_grad():
         for t, value, grad in snap.tensors:
             restore_value(t, value)
