@@ -28,6 +28,9 @@ not touched):
   per-step counter would pay a re-trace every step);
 * a re-assigned tensor of the same shape is re-bound in the graph module; another shape asks for
   a recapture;
+* a tensor with autograd history stored where forward reads it (an optimizer's sample on an edge
+  record, :mod:`topofx.capture.tensor_inputs`) is a graph input: the one stored now is handed to the
+  graph before every call; none there, or another shape, dtype or device, asks for a recapture;
 * a Python decision on architecture values (``if w != 0``, ``.tolist()`` of the alphas) is evaluated
   again (:class:`topofx.capture.ValueGuard`: the few small ops that compute it, no inputs); when one
   comes out differently the verdict is ``"recapture"`` (a projection, a stage switch);
