@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import nn, rand
 from torch.autograd import Variable
 
 import topofx
@@ -189,6 +189,74 @@ def test_a_copy_calls_the_bound_method_of_its_own_modules():
     assert torch.equal(model.edge.candidate_ops[0][2].running_mean, mean) and model.edge.alpha.grad is None
     assert not torch.equal(twin.original.edge.candidate_ops[0][2].running_mean, mean)
     assert twin.original.edge.alpha.grad.abs().min() > 0
+
+
+class ClosureGateGradient(torch.autograd.Function):
+    """ProxylessNAS-style again, closures this time: ``apply`` is given two functions made in forward --
+    the active path, and the gate gradients of every path, which closes over the edge's ``alpha``."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, run_path, gate_grads):
+        ctx.gate_grads = gate_grads
+        x_in = x.detach().requires_grad_(x.requires_grad)
+        with torch.enable_grad():
+            out = run_path(x_in)
+        ctx.save_for_backward(x_in, out)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_in, out = ctx.saved_tensors
+        (grad_x,) = torch.autograd.grad(out, x_in, grad)
+        return grad_x, ctx.gate_grads(x_in.detach(), out.detach(), grad), None, None
+
+
+class ClosurePathEdge(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.alpha = nn.Parameter(torch.tensor([0.3, -0.2, 0.1]))
+        self.active = 1
+
+    def forward(self, x):
+        ops, active, alpha = self.candidate_ops, self.active, self.alpha
+
+        def gate_grads(x_in, out, grad):
+            with torch.no_grad():  # the other paths run in train mode: their BNs update running statistics
+                gate = torch.stack([(grad * (out if k == active else ops[k](x_in))).sum() for k in range(len(ops))])
+                probs = alpha.softmax(0)
+                return probs * (gate - (gate * probs).sum())
+
+        return ClosureGateGradient.apply(x, alpha, lambda t: ops[active](t), gate_grads)
+
+
+class ClosurePathNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edge = ClosurePathEdge()
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.head(self.edge(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_function_given_closures_over_the_models_tensors_keeps_its_backward(mode):
+    """Seen on ProxylessNAS's own search code: the closure made while tracing closed over the tracer's
+    stand-in for ``alpha``, and every backward returned it (simplify raised, in both modes).  The held
+    closure now reads the very parameter; its copy follows the copy of the model."""
+    model, x = ClosurePathNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert len(_applied(simplified.graph_module)) == 1
+    report = assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.edge.alpha],
+                                          candidate_arch_params=[simplified.original.edge.alpha])
+    assert {"arch_grad", "buffer"} <= {c.category for c in report.comparisons}
+    twin = copy.deepcopy(simplified)
+    mean = simplified.original.edge.candidate_ops[0][2].running_mean.clone()
+    twin(x).sum().backward()
+    assert torch.equal(simplified.original.edge.candidate_ops[0][2].running_mean, mean)
+    assert simplified.original.edge.alpha.grad is None and twin.original.edge.alpha.grad.abs().min() > 0
 
 
 # --- 4. numbers read from outside the traced modules ------------------------------------------------
@@ -380,6 +448,49 @@ def test_type_checks_and_variable_see_a_tensor(mode):
         assert_train_step_equivalent(model, simplified, (x,))
     else:  # both edges' conv candidates merged
         assert sum(r.action == "merged" for r in simplified.report.rewrites) == 2
+
+
+# --- torch functions reached other than as torch.<name> (DARTS's drop_path, an import by name) ------
+class DropPathEdge(nn.Module):
+    """A DARTS-style edge whose drop-path draws its mask with a factory imported by name, and checks the
+    batch size it reads is a Python int, as library code does."""
+
+    def __init__(self, factory):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.alpha = nn.Parameter(1e-3 * torch.randn(3))
+        self.factory = factory
+
+    def forward(self, x):
+        n = x.size(0)
+        assert isinstance(n, int) and not isinstance(n, torch.Tensor)
+        out = sum(w * op(x) for w, op in zip(F.softmax(self.alpha, -1), self.candidate_ops))
+        return out * self.factory(n)
+
+
+def _noise_from_imported_rand(n):
+    return 1 + 0.2 * rand(1, C, 1, 1)  # `from torch import rand`: no torch.<name> for the tracer to patch
+
+
+def _dropping_net(factory) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), DropPathEdge(factory))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_factory_imported_by_name_draws_on_every_call(mode):
+    """Seen on held-out DARTS-family code: a random factory reached as a name, not as the attribute
+    ``torch.rand`` the tracer patches.  Its draw is a graph node (per call, as eagerly); it used to be
+    drawn once at capture (refused only because the verification's draw differed)."""
+    model, x = _dropping_net(_noise_from_imported_rand), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.fallback is None and simplified.report.edges == 1
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(simplified(x))
+    assert torch.equal(draws[0], draws[1]) and not torch.allclose(draws[0], draws[2])
+    if mode == "exact":  # (topo mode equals the original at one-hot weights only)
+        assert_train_step_equivalent(model, simplified, (x,))
 
 
 # --- 5. structure the training loop changes between steps ------------------------------------------

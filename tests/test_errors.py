@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import FloatTensor
 
 import topofx
 from topofx import CaptureError, SelfCheckError, bench, cli, fuzz, nb201, search, zoo
@@ -118,6 +119,33 @@ class _Passthrough(torch.autograd.Function):
 class TracedValueBesideAMethod(nn.Module):
     def forward(self, x):
         return _Passthrough.apply((self.forward, x * 2), x)
+
+
+class DrawOnATensorMadeHere(nn.Module):
+    def forward(self, x):
+        return x * torch.ones(1, C, 1, 1).bernoulli_(0.7)
+
+
+class LegacyTypeByName(nn.Module):  # DARTS's drop_path with `from torch import FloatTensor`
+    def forward(self, x):
+        return x * FloatTensor(x.size(0), 1, 1, 1).bernoulli_(0.7)
+
+
+class _PathGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grads_of):
+        ctx.grads_of = grads_of
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.grads_of(grad), None
+
+
+class ClosureOverAComputedValue(nn.Module):
+    def forward(self, x):
+        scale = x.mean()
+        return _PathGrads.apply(x, lambda g: g * scale)
 
 
 class IntOfTensor(nn.Module):
@@ -526,6 +554,44 @@ def test_capture_function_given_a_traced_value_beside_a_method():
                                            r"tuple that also holds .* at .*`return _Passthrough\.apply\(\(self\.forward, x \* 2\), x\)`\. "
                                            r"Pass the tensors to apply as arguments of their own"):
         topofx.simplify(TracedValueBesideAMethod(), x8(), strict=True)
+
+
+def test_capture_random_draw_on_a_tensor_made_at_capture():
+    with pytest.raises(CaptureError, match=r"a random draw \(bernoulli_\) on a tensor made at capture, which the graph would hold "
+                                           r"as a constant drawn once at .*test_errors\.py:\d+: `return x \* torch\.ones\(1, C, 1, 1\)"
+                                           r"\.bernoulli_\(0\.7\)`\. Make the tensor from the inputs"):
+        topofx.simplify(DrawOnATensorMadeHere(), x8(), strict=True)
+
+
+def test_capture_function_closing_over_a_value_computed_in_forward():
+    with pytest.raises(CaptureError, match=r"a custom autograd Function's apply is given a function that closes over a value "
+                                           r"computed in forward at .*`return _PathGrads\.apply\(x, lambda g: g \* scale\)`\. "
+                                           r"Pass that value to apply as an argument of its own"):
+        topofx.simplify(ClosureOverAComputedValue(), x8(), strict=True)
+
+
+def test_capture_graph_raises_in_verification(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("expected Variable or None (got TracedValue)")
+
+    monkeypatch.setattr(topofx.capture.driver, "verify_capture", broken)
+    with pytest.warns(UserWarning, match=r"topofx: the captured graph raises in a training step where the model does not \(at .*test_errors\.py:\d+: "
+                                         r"`raise RuntimeError.*`\): "
+                                         r"RuntimeError: expected Variable or None \(got TracedValue\)\. Falling back"):
+        simplified = topofx.simplify(EdgeNet(), x8(), mode="exact")
+    assert simplified.report.fallback.startswith("the captured graph raises")
+
+
+def test_capture_sizes_one_by_one_to_a_factory_imported_by_name():
+    with pytest.raises(CaptureError) as info:
+        topofx.simplify(LegacyTypeByName(), x8(), strict=True)
+    message = str(info.value)
+    assert re.match(r"cannot capture LegacyTypeByName at .*test_errors\.py:\d+: `return x \* FloatTensor\(x\.size\(0\), 1, 1, 1\)"
+                    r"\.bernoulli_\(0\.7\)`: TypeError: ", message), message
+    assert message.endswith(". torch's argument parser refused a value computed in forward (a size or a tensor the tracer "
+                            "stands in for), as it does when several sizes are passed one by one to a factory reached other "
+                            "than as torch.<name> (`from torch import empty`, a legacy type kept in a variable): call it as "
+                            "torch.<name>(...) or x.new_empty(...)"), message
 
 
 def test_capture_other_construct():

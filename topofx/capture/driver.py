@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import dis
 import traceback
 import warnings
 import weakref
@@ -60,6 +61,24 @@ class Capture:
 CONSTANT_FLOATS: "weakref.WeakKeyDictionary[nn.Module, set[tuple]]" = weakref.WeakKeyDictionary()
 """Per model: the locations (``FloatInput.key``) of floats whose captured graph did not follow them
 (:func:`verify_float_inputs`); later traces keep them constants."""
+
+
+_PARSER_HINT = (
+    ". torch's argument parser refused a value computed in forward (a size or a tensor the tracer stands in "
+    "for), as it does when several sizes are passed one by one to a factory reached other than as torch.<name> "
+    "(`from torch import empty`, a legacy type kept in a variable): call it as torch.<name>(...) or "
+    "x.new_empty(...)")
+
+
+def _raised_by_c_from_user_code(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of C code (torch's argument parser) that a line of the user's called: the
+    innermost frame is the user's and stands at a call, not at a ``raise``."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or _is_library_file(tb.tb_frame.f_code.co_filename):
+        return False
+    return dis.opname[tb.tb_frame.f_code.co_code[tb.tb_lasti]].startswith("CALL")
 
 
 def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
@@ -178,7 +197,8 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         except Exception as exc:  # FX raises many kinds; name the user's line for all of them
             frame = user_frame(traceback.extract_tb(exc.__traceback__))
             at = f" at {frame}" if frame else ""
-            raise CaptureError(f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}") from exc
+            hint = _PARSER_HINT if isinstance(exc, TypeError) and _raised_by_c_from_user_code(exc) else ""
+            raise CaptureError(f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}{hint}") from exc
         finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off
             for name in _attribute_names(model) - own:
                 delattr(model, name)
@@ -334,6 +354,21 @@ def _raised_eagerly(model: nn.Module, example_inputs: Sequence[Any]) -> CaptureE
     return None
 
 
+def _verified(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any], live_attrs: Sequence[str]) -> None:
+    """Verify the capture against the model; a graph that raises where the model's forward and backward
+    do not is no capture either (a held callable that kept a stand-in of the trace, say): CaptureError."""
+    try:
+        verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
+        verify_float_inputs(model, gm, example_inputs)
+    except (CaptureError, FloatsNotFollowed, SpeculationFailed):
+        raise
+    except Exception as error:  # noqa: BLE001 - any error of the graph's is a failed capture
+        frame = user_frame(traceback.extract_tb(error.__traceback__))
+        at = f" (at {frame})" if frame else ""
+        raise CaptureError(f"the captured graph raises in a training step where the model does not{at}: "
+                           f"{type(error).__name__}: {error}") from error
+
+
 def capture(
     model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True,
     live_attrs: Sequence[str] = (), stacklevel: int = 3,
@@ -357,8 +392,7 @@ def capture(
                 continue
             try:
                 if verify:
-                    verify_capture(model, gm, example_inputs, live_attrs=live_attrs)
-                    verify_float_inputs(model, gm, example_inputs)
+                    _verified(model, gm, example_inputs, live_attrs)
                 return Capture(gm)
             except FloatsNotFollowed as failed:  # keep them constants, guarded
                 CONSTANT_FLOATS.setdefault(model, set()).update(f.key for f in failed.floats)

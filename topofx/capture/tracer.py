@@ -41,7 +41,16 @@ from . import tensor_inputs as _tensors
 from .decisions import Decision, _DecidesPerCall
 from .frames import _TORCH_DIR, CaptureError, _is_library_file, _where, user_frame
 from .reads import Read
-from .values import AppliedFunction, DistributionCall, FloatValue, MethodCall, TracedValue, _RecordedMethod, _unwatched
+from .values import (
+    AppliedFunction,
+    DistributionCall,
+    FloatValue,
+    MethodCall,
+    TracedValue,
+    _RecordedMethod,
+    _unwatched,
+    closure_cells,
+)
 
 if TYPE_CHECKING:
     from .decisions import Unit
@@ -139,6 +148,57 @@ _LEGACY_CONSTRUCTORS = [n for n in dir(torch) if n.endswith("Tensor") and n != "
 _ALWAYS_RECORDED = ["rand", "randn", "randint", "randperm", "empty"]  # fresh random or uninitialized tensors
 
 
+def _called_by_user() -> bool:
+    """Whether the torch call being dispatched comes from the user's code -- directly, or through a
+    torch Python function dispatching itself (``F.dropout``); not from torch's own code on the user's
+    behalf (a module built in forward initializing its weight)."""
+    frame = sys._getframe(2)  # past this function and the mode's __torch_function__: the caller
+    if frame.f_code.co_filename == torch.overrides.__file__:  # handle_torch_function, in the dispatching function
+        frame = frame.f_back.f_back if frame.f_back is not None else None
+    return frame is not None and not _is_library_file(frame.f_code.co_filename)
+
+
+def _rng_states() -> list[torch.Tensor]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return [torch.default_generator.get_state(), *cuda]
+
+
+class _UserTorchCalls(torch.overrides.TorchFunctionMode):
+    """While tracing, the torch functions the user's code calls however it reached them (``from torch
+    import empty``, a factory kept in a dict): one given a traced value anywhere in its arguments (a
+    size too, which torch's own dispatch would turn into a fixed number) and the random and
+    uninitialized factories (:data:`_ALWAYS_RECORDED`) become graph nodes; any other call runs as is,
+    and one that draws random numbers for real -- on a tensor made at capture, which the graph would
+    hold as a constant, drawn once -- is refused naming its line.  (``torch.<name>`` itself is
+    patched while tracing, :meth:`ValueTracer._recording_factories`: that wrapper sees a size before
+    torch's argument parser asks it for a number, which would record a decision on the batch size.)"""
+
+    def __init__(self, tracer: "ValueTracer"):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.tracer._evaluating or not _called_by_user():
+            return func(*args, **kwargs)
+        if any(isinstance(a, fx.Proxy) for a in flat((args, kwargs))):
+            return fx.Proxy.__torch_function__(func, types, args, kwargs)
+        if func in _RECORDED_FUNCTIONS:
+            return self.tracer.create_proxy("call_function", func, args, kwargs)
+        before = _rng_states()
+        result = func(*args, **kwargs)
+        if not all(map(torch.equal, before, _rng_states())):
+            raise CaptureError(_where(
+                f"a random draw ({getattr(func, '__name__', func)}) on a tensor made at capture, which the graph "
+                "would hold as a constant drawn once",
+                "Make the tensor from the inputs (x.new_empty(n, 1, 1, 1), torch.empty(x.size(0), ...)) so it is "
+                "drawn on every call"))
+        return result
+
+
+_RECORDED_FUNCTIONS = frozenset(getattr(torch, n) for n in _ALWAYS_RECORDED)
+
+
 class _TracedDistribution:
     """What ``torch.distributions.X(proxy, ...)`` returns while tracing: its methods and properties
     become :class:`DistributionCall` nodes."""
@@ -205,7 +265,7 @@ class ValueTracer(fx.Tracer):
         return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
-        with self._recording_factories(), self._recording_methods():
+        with self._recording_factories(), self._recording_methods(), _UserTorchCalls(self):
             return super().trace(root, concrete_args)
 
     @contextlib.contextmanager
@@ -244,10 +304,30 @@ class ValueTracer(fx.Tracer):
                     f"a custom autograd Function's apply is given a value computed in forward inside a "
                     f"{type(a).__name__} that also holds what a graph cannot (a function, an object)",
                     "Pass the tensors to apply as arguments of their own"))
+            for cell in closure_cells(a):
+                self._resolve_closed_over(cell)
         target = f"topofx_function_{sum(isinstance(m, AppliedFunction) for m in self.root.children())}"
         self.root.add_module(target, AppliedFunction(function, held))
         return self.create_proxy("call_module", target, tuple(a for i, a in enumerate(args) if i not in held),
                                  {k: v for k, v in kwargs.items() if k not in held})
+
+    def _resolve_closed_over(self, cell: Any) -> None:
+        """A held function made in forward closes over what forward had (ProxylessNAS's backward closure
+        over ``self.AP_path_wb``): a stand-in for one of the model's own tensors (a ``get_attr``) becomes
+        that tensor -- the object eager code closes over on every call; a value computed in forward is
+        refused (the held function would read a stale stand-in at every call)."""
+        value = cell.cell_contents
+        if not isinstance(value, fx.Proxy):
+            return
+        if value.node.op != "get_attr":
+            raise CaptureError(_where(
+                "a custom autograd Function's apply is given a function that closes over a value computed in "
+                "forward", "Pass that value to apply as an argument of its own"))
+        evaluating, self._evaluating = self._evaluating, True  # the attribute itself, not a stand-in for it
+        try:
+            cell.cell_contents = operator.attrgetter(value.node.target)(self.root)
+        finally:
+            self._evaluating = evaluating
 
     def _in_graph(self, a: Any) -> bool:
         """Whether FX can write ``a`` as a node's argument: values, tensors, the model's own modules,

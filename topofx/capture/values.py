@@ -7,10 +7,12 @@ a float input.  :class:`MethodCall` runs a module's method per call, :class:`Dis
 ``torch.autograd.Function`` as written, so its own backward runs."""
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import operator
 import sys
+import types
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -45,12 +47,18 @@ class TracedValue(fx.Proxy):
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # type: ignore[override]
-        """What ``isinstance`` sees: to the user's code a tensor, as eagerly (``assert isinstance(x,
-        torch.Tensor)``, ``torch.is_tensor(w)``, type dispatch); to torch's and topofx's code the proxy."""
+        """What ``isinstance`` sees: to the user's code the eager value's type -- a tensor (``assert
+        isinstance(x, torch.Tensor)``, ``torch.is_tensor(w)``, type dispatch), or the ``int``, ``tuple``
+        or ``torch.Size`` a shape is; to torch's and topofx's code the proxy.  (torch's C argument
+        parser asks too, from the user's frame: a number that claimed to be a tensor would be read as
+        one -- ``from torch import empty; empty(x.size(0), 1)`` crashed the interpreter.)"""
         frame = sys._getframe(1)
         if frame.f_code is _IS_TENSOR_CODE:  # torch.is_tensor(x), called by the user
             frame = frame.f_back
-        return TracedValue if frame is None or _is_library_file(frame.f_code.co_filename) else torch.Tensor
+        if frame is None or _is_library_file(frame.f_code.co_filename):
+            return TracedValue
+        value = self.node.meta.get(VALUE, UNKNOWN)
+        return type(value) if isinstance(value, (bool, int, float, tuple, list)) else torch.Tensor
 
     def __index__(self) -> int:
         return self.tracer.concrete(self, operator.index, "an int")  # type: ignore[attr-defined]
@@ -182,6 +190,39 @@ class _RecordedMethod:
         return self.function.__get__(instance, cls)
 
 
+def closure_cells(obj: Any) -> list[Any]:
+    """The closure cells of a function (a ``lambda``, a nested ``def``; a ``functools.partial``'s
+    function), and of the functions they hold in turn."""
+    cells, todo, seen = [], [obj], set()
+    while todo:
+        fn = todo.pop()
+        fn = fn.func if isinstance(fn, functools.partial) else fn
+        if not inspect.isfunction(fn) or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for cell in fn.__closure__ or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # not yet bound
+                continue
+            cells.append(cell)
+    return cells
+
+
+def _copy_function(fn: Any, memo: dict) -> Any:
+    """``fn`` whose closure's contents are deep copies through ``memo`` (functions in it copied alike), so a
+    held closure over the model's modules follows a copy of the model, as a bound method does."""
+    if isinstance(fn, functools.partial):
+        return functools.partial(_copy_function(fn.func, memo), *copy.deepcopy(fn.args, memo),
+                                 **copy.deepcopy(fn.keywords, memo))
+    if not inspect.isfunction(fn) or not fn.__closure__:
+        return copy.deepcopy(fn, memo)
+    if id(fn) not in memo:
+        cells = tuple(types.CellType(_copy_function(c.cell_contents, memo)) for c in fn.__closure__)
+        memo[id(fn)] = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    return memo[id(fn)]
+
+
 class AppliedFunction(nn.Module):
     """A custom ``torch.autograd.Function`` applied as written: one ``call_module`` node, so that its own
     ``backward`` runs.  Tracing through its ``forward`` would keep the forward and silently replace the
@@ -205,7 +246,16 @@ class AppliedFunction(nn.Module):
         self.function = function
         self.__dict__["held"] = held
         bound = (getattr(a, "__self__", None) if inspect.ismethod(a) else a for a in held.values())
-        self.owners = nn.ModuleList(dict.fromkeys(m for m in bound if isinstance(m, nn.Module)))
+        closed_over = (c.cell_contents for a in held.values() for c in closure_cells(a))
+        self.owners = nn.ModuleList(dict.fromkeys(m for m in (*bound, *closed_over) if isinstance(m, nn.Module)))
+
+    def __deepcopy__(self, memo: dict) -> "AppliedFunction":
+        """A copy whose held functions follow the copy of what they close over (:func:`_copy_function`)."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.__dict__ = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "held"}, memo)
+        clone.__dict__["held"] = {k: _copy_function(v, memo) for k, v in self.held.items()}
+        return clone
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rest = iter(args)
