@@ -245,13 +245,17 @@ class ClosurePathNet(nn.Module):
 def test_a_function_given_closures_over_the_models_tensors_keeps_its_backward(mode):
     """Seen on ProxylessNAS's own search code: the closure made while tracing closed over the tracer's
     stand-in for ``alpha``, and every backward returned it (simplify raised, in both modes).  The held
-    closure now reads the very parameter; its copy follows the copy of the model."""
+    closure now reads the very parameter; one over the active path's index is another argument when the
+    index changes (a re-trace compares what the nodes hold, not only the code); a copy follows the copy
+    of the model."""
     model, x = ClosurePathNet(), _x()
     simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
     assert len(_applied(simplified.graph_module)) == 1
-    report = assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.edge.alpha],
-                                          candidate_arch_params=[simplified.original.edge.alpha])
-    assert {"arch_grad", "buffer"} <= {c.category for c in report.comparisons}
+    for active in (1, 0, 2):  # a resample between steps: the closure over the index is made anew, as eagerly
+        model.edge.active = simplified.original.edge.active = active
+        report = assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.edge.alpha],
+                                              candidate_arch_params=[simplified.original.edge.alpha])
+        assert {"arch_grad", "buffer"} <= {c.category for c in report.comparisons}
     twin = copy.deepcopy(simplified)
     mean = simplified.original.edge.candidate_ops[0][2].running_mean.clone()
     twin(x).sum().backward()

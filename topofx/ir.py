@@ -94,16 +94,22 @@ def meta_copy(module: nn.Module) -> nn.Module:
     Running it gives output shapes without touching the real module's state (BN counters) and
     without copying any data.
     """
-    memo: dict[int, Any] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-    for b in module.buffers():
-        memo[id(b)] = b.detach().to("meta")
-    clone = copy.deepcopy(module, memo)
+    clone = copy.deepcopy(module, meta_memo(module))
     for m in clone.modules():  # a cumulative average reads its batch count as a Python number,
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.momentum is None:
             m.momentum = 0.0  # which a meta tensor cannot give; the factor never changes shapes
     return clone
+
+
+def meta_memo(*modules: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo that copies the modules' parameters and buffers as meta tensors."""
+    memo: dict[int, Any] = {}
+    for module in modules:
+        for p in module.parameters():
+            memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+        for b in module.buffers():
+            memo[id(b)] = b.detach().to("meta")
+    return memo
 
 
 @contextlib.contextmanager

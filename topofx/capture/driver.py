@@ -46,7 +46,7 @@ from .speculation import (
     hoist_speculation,
 )
 from .tracer import ValueTracer
-from .values import FloatValue
+from .values import AppliedFunction, FloatValue
 from .verify import FloatsNotFollowed, verify_capture, verify_float_inputs
 
 
@@ -319,11 +319,12 @@ def _hold_foreign_constants(gm: fx.GraphModule) -> None:
 
 
 def fingerprint(gm: fx.GraphModule) -> tuple:
-    """What a trace decided: its code and the values of its Python decisions (a baked batch size
-    may leave the code unchanged, e.g. inside a constant)."""
+    """What a trace decided: its code, the values of its Python decisions (a baked batch size may
+    leave the code unchanged, e.g. inside a constant) and what its custom Functions' nodes hold."""
     guard = gm.meta.get(VALUE_GUARD)
     return (gm.code, tuple(repr(v) for _, v in gm.meta.get(SHAPE_DECISIONS, ())),
-            tuple(repr(expected) for _, expected, _ in (guard.checks if guard else ())))
+            tuple(repr(expected) for _, expected, _ in (guard.checks if guard else ())),
+            tuple(m.held_key() for m in gm.modules() if isinstance(m, AppliedFunction)))
 
 
 def _unbuffer(gm: fx.GraphModule, qualified: str) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..ir import AS_FLOAT, UNKNOWN, VALUE, first_path_on_meta, flat, meta_copy
+from ..ir import AS_FLOAT, UNKNOWN, VALUE, first_path_on_meta, flat, meta_copy, meta_memo
 from .frames import CaptureError, _is_library_file, _where
 
 if TYPE_CHECKING:
@@ -223,6 +223,32 @@ def _copy_function(fn: Any, memo: dict) -> Any:
     return memo[id(fn)]
 
 
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # not yet bound
+        return None
+
+
+def _held_key(obj: Any, seen: set[int]) -> Any:
+    """Numbers and strings by value, functions by their code and what their closures hold, containers
+    item by item, anything else (a module, a tensor, a bound method's object) by identity."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return repr(obj)
+    if id(obj) in seen:
+        return id(obj)
+    seen.add(id(obj))
+    if isinstance(obj, functools.partial):
+        return (_held_key(obj.func, seen), _held_key(obj.args, seen), _held_key(sorted(obj.keywords.items()), seen))
+    if inspect.isfunction(obj):
+        return (obj.__code__, tuple(_held_key(_contents(c), seen) for c in obj.__closure__ or ()))
+    if inspect.ismethod(obj):
+        return (obj.__func__, id(obj.__self__))
+    if isinstance(obj, (tuple, list)):
+        return tuple(_held_key(v, seen) for v in obj)
+    return id(obj)
+
+
 class AppliedFunction(nn.Module):
     """A custom ``torch.autograd.Function`` applied as written: one ``call_module`` node, so that its own
     ``backward`` runs.  Tracing through its ``forward`` would keep the forward and silently replace the
@@ -237,9 +263,11 @@ class AppliedFunction(nn.Module):
     module: the passes treat the call as having unknown effects (:func:`topofx.ir.is_random`)."""
 
     def on_meta(self, *args: Any, **kwargs: Any) -> Any:
-        """The call on meta tensors (:func:`topofx.ir.run_on_meta`) is the call itself: the node has no
-        state of its own, and what it holds stays real."""
-        return self(*args, **kwargs)
+        """The call on meta tensors (:func:`topofx.ir.run_on_meta`): the Function applied to copies of
+        the held arguments whose modules are meta copies, so that running a path (a closure's BN
+        counting a batch) leaves the real modules as they are."""
+        memo = meta_memo(*self.owners)
+        return self._apply({k: _copy_function(v, memo) for k, v in self.held.items()}, args, kwargs)
 
     def __init__(self, function: type, held: dict[int | str, Any]):
         super().__init__()
@@ -248,6 +276,11 @@ class AppliedFunction(nn.Module):
         bound = (getattr(a, "__self__", None) if inspect.ismethod(a) else a for a in held.values())
         closed_over = (c.cell_contents for a in held.values() for c in closure_cells(a))
         self.owners = nn.ModuleList(dict.fromkeys(m for m in (*bound, *closed_over) if isinstance(m, nn.Module)))
+
+    def held_key(self) -> tuple:
+        """What the held arguments are, to compare two traces: a closure made in forward over the active
+        path's index (ProxylessNAS) is another argument when the index is another (:func:`_held_key`)."""
+        return tuple((k, _held_key(v, set())) for k, v in self.held.items())
 
     def __deepcopy__(self, memo: dict) -> "AppliedFunction":
         """A copy whose held functions follow the copy of what they close over (:func:`_copy_function`)."""
@@ -258,10 +291,13 @@ class AppliedFunction(nn.Module):
         return clone
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._apply(self.held, args, kwargs)
+
+    def _apply(self, held: dict[int | str, Any], args: tuple, kwargs: dict) -> Any:
         rest = iter(args)
-        count = len(args) + sum(isinstance(k, int) for k in self.held)
-        args = tuple(self.held[i] if i in self.held else next(rest) for i in range(count))
-        kwargs.update((k, v) for k, v in self.held.items() if isinstance(k, str))
+        count = len(args) + sum(isinstance(k, int) for k in held)
+        args = tuple(held[i] if i in held else next(rest) for i in range(count))
+        kwargs.update((k, v) for k, v in held.items() if isinstance(k, str))
         return self.function.apply(*args, **kwargs)
 
     def extra_repr(self) -> str:
