@@ -25,6 +25,7 @@ from topofx.capture import trace
 from topofx.ir import preserved_state
 from topofx.passes import distribute, functional_modules
 from topofx.rewrite import run_to_fixpoint
+from topofx.topology import weight_provenance
 from topofx.testing import assert_eval_equivalent, assert_train_step_equivalent, set_one_hot, train_step_equivalence
 
 CHOICES = [(3, 3), (3, 5), (6, 3), (6, 5)]  # (expand ratio, depthwise kernel)
@@ -102,6 +103,19 @@ def test_topo_merges_the_skip_layers():
     merged = {r.edge for r in _rewrites(report, "floating_merge")}
     assert len(merged) == len(WIDTHS), f"{len(merged)} of {len(WIDTHS)} layers merged\n{report}"
     assert len(_rewrites(report, "distribute")) == SKIP_LAYERS, str(report)
+
+
+def test_edges_read_weights_through_slices():
+    """The helper weights ``items[0]`` by ``weights[0]`` and zips the rest with ``weights[1:]``: every
+    candidate of a layer belongs to its edge, at its index of the one row (``w[1:][k]`` is ``w[1 + k]``)."""
+    torch.manual_seed(0)
+    model, x = Supernet(), torch.randn(2, 3, 32, 32)
+    edges = topofx.analyze(trace(model, (x,)).graph, model).edges
+    assert [len(e.candidates) for e in edges] == [len(CHOICES)] * len(WIDTHS)
+    assert all(not e.other_terms for e in edges)
+    assert all(weight_provenance(c.weight)[1] == k for e in edges for k, c in enumerate(e.candidates))
+    child = topofx.derive(model, (x,), genotype=[1, 0, 3, 2, 0])
+    assert [c.index for c in child.meta["topofx_choices"]] == [1, 0, 3, 2, 0]
 
 
 def test_distribution_alone_is_exact_in_real_arithmetic():
