@@ -5,7 +5,8 @@
 Both pipelines start with ``functional_modules`` (exact): functional ``conv2d`` / ``batch_norm``
 calls on the model's own whole tensors become the stock modules the other passes match.
 ``EXACT_PASSES`` keep outputs, gradients and BN statistics equal to the original's;
-``TOPO_PASSES`` add the TopoNAS floating/merge rewrite (vertex-exact).
+``TOPO_PASSES`` add the TopoNAS floating/merge rewrite and ``distribute``, which feeds it candidates
+that end in a skip sum (both vertex-exact).
 After the rewrites reach their fixpoint, ``simplify`` lowers the result: ``TOPO_LOWERING`` in topo
 mode (they take apart the sums the rewrites match on), then ``channels_last`` where its ``layout``
 argument asks for it (a memory-layout choice, not a topology rewrite).
@@ -16,6 +17,7 @@ from .canonical_joins import canonical_joins
 from .channels_last import channels_last
 from .depthwise_layout import depthwise_layout
 from .depthwise_recompute import depthwise_recompute
+from .distribute import distribute
 from .floating_merge import floating_merge
 from .functional_modules import functional_modules
 from .horizontal_fusion import horizontal_fusion
@@ -27,8 +29,9 @@ from .weighted_sum import weighted_sum
 from .zero_elimination import zero_elimination
 
 EXACT_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, weight_folding, horizontal_fusion, recompute)
-# TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart.
-TOPO_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, floating_merge, weight_folding, horizontal_fusion)
+# TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart; distribute
+# first, so that candidates ending in a skip sum (``w * (x + c)``) meet the join as ``w * c``.
+TOPO_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, distribute, floating_merge, weight_folding, horizontal_fusion)
 TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout, depthwise_recompute)
 
 
@@ -38,4 +41,4 @@ def for_device(passes: tuple, device_type: str) -> tuple:
     return tuple(p for p in passes if device_type in getattr(p, "devices", (device_type,)))
 
 
-__all__ = ["for_device", "canonical_joins", "functional_modules", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["for_device", "canonical_joins", "functional_modules", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "distribute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

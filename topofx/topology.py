@@ -245,12 +245,26 @@ def weight_provenance(weight: fx.Node) -> tuple[fx.Node | None, int | None]:
                 row = row.args[0]  # w.unbind()[k] reads element k of w
             value = value_of(row)
             if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
-                return row, node.args[-1] % value.numel()
+                return _unsliced(row, node.args[-1] % value.numel())
             return None, None
         if len(inputs) != 1 or not isinstance(value_of(inputs[0]), torch.Tensor) or value_of(inputs[0]).numel() != 1:
             return None, None
         node = inputs[0]
     return None, None
+
+
+def _unsliced(row: fx.Node, k: int) -> tuple[fx.Node, int]:
+    """``(base, j)`` for element ``k`` of ``row`` read through 1-D slices of ``base`` (``w[1:][k]`` is
+    ``w[1 + k]``: a weighted-sum helper that zips ``items[1:]`` with ``weights[1:]`` after taking
+    ``weights[0]`` apart), so every term of the edge names the one row it indexes."""
+    while row.op == "call_function" and row.target is operator.getitem and isinstance(row.args[1], slice) \
+            and isinstance(row.args[0], fx.Node):
+        base = value_of(row.args[0])
+        if not isinstance(base, torch.Tensor) or base.dim() != 1:
+            break
+        start, _, step = row.args[1].indices(base.numel())
+        row, k = row.args[0], start + k * step
+    return row, k
 
 
 def _stateless_config(node: fx.Node) -> Any:
