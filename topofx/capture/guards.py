@@ -4,7 +4,10 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 
 * decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
   shapes they were taken on;
-* plain Python numbers that traced code reads (a flag, a count) are constants in the graph, and so
+* plain Python numbers that traced code reads (a flag, a count) are constants in the graph (only
+  those of a traced module's attributes whose names the traced code uses are compared:
+  :meth:`topofx.capture.reads.ReadRecorder.attributes_read`; all of them where it reads attributes by
+  computed names, ``vars(self)``, ``getattr(self, f"op{i}")``), and so
   are tensors it reads out of a list, dict or plain object (DARTS-PT's ``candidate_flags``, an edge
   record's alpha) -- except floats used only in tensor arithmetic (a Gumbel temperature
   ``self.temp``), which are graph inputs (:mod:`topofx.capture.float_inputs`): the check gives the graph

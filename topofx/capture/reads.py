@@ -17,6 +17,10 @@ path that ends at a plain object (``self.cfg``, a global scheduler) or a contain
 every number below it under a name the recorded code uses (an attribute name or string constant in
 its bytecode): forward may alias the object (``cfg = self.cfg; x / cfg.tau``).
 
+:meth:`ReadRecorder.attributes_read` says under which names the recorded code can have read an
+attribute of a traced module (the guards compare only those attributes), or that it cannot tell
+(``vars(self)``, ``getattr(self, f"op{i}")``).
+
 Not seen (documented in ``docs/capture.md``): objects reached only through locals that no path
 leads to (values returned by functions or library methods), ``getattr(obj, name)`` with a name built
 at run time, a closure over a bare number rebound with ``nonlocal``.
