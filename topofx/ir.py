@@ -48,6 +48,7 @@ SHAPE_DECISIONS = "topofx_shape_decisions"  # GraphModule.meta key: (user frame,
 DECIDED_PER_CALL = "topofx_decided_per_call"  # GraphModule.meta key: paths of modules called as one node
 HELD = "topofx_held"  # GraphModule.meta key: (get_attr target, module, path) of tensors read out of containers
 READS = "topofx_reads"  # GraphModule.meta key: the Reads of Python values outside the traced modules' attributes
+ATTRIBUTES_READ = "topofx_attributes_read"  # GraphModule.meta key: names traced code can read attributes under (None: any)
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 FLOAT_INPUTS = "topofx_float_inputs"  # GraphModule.meta key: the FloatInputs the graph reads as 0-dim tensors
 SPECULATION = "topofx_speculation"  # GraphModule.meta key: the Decision of each speculation check, by index

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..ir import (
     AS_FLOAT,
+    ATTRIBUTES_READ,
     DECIDED_PER_CALL,
     FLOAT_INPUTS,
     FLOATS,
@@ -36,7 +37,7 @@ from .binding import _specialize, bind_call, has_var_args
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
 from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers, erase_unread
-from .reads import ReadRecorder
+from .reads import ReadRecorder, module_methods
 from .speculation import (
     RESAMPLES,
     SpeculationFailed,
@@ -128,6 +129,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     gm.meta[TRACED_MODULES] = [model, *dict.fromkeys(tracer.traced_modules)]
     gm.meta[SHAPE_DECISIONS] = tracer.shape_decisions
     gm.meta[READS] = tracer.reads
+    gm.meta[ATTRIBUTES_READ] = tracer.attributes_read
     gm.meta[VALUE_GUARD] = ValueGuard(gm, tracer.value_decisions) if tracer.value_decisions else None
     gm.meta[FLOAT_INPUTS] = tracer.float_inputs
     for node in gm.graph.nodes:
@@ -185,7 +187,7 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
 
     with _loose_tensors_as_buffers(model, read) as (loose, held, install_held), \
             _stand_ins(model, tracer, floats) as install_floats, \
-            ReadRecorder(_reads_nothing, lambda: tracer._evaluating) as recorder:
+            ReadRecorder(_reads_nothing, lambda: tracer._evaluating, module_methods(model)) as recorder:
         tracer.before_forward = lambda: (install_held(), install_floats())  # type: ignore[method-assign]
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
@@ -214,6 +216,7 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
     traced = {id(m) for m in (model, *tracer.traced_modules)}
     tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
                               and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
+    tracer.attributes_read = recorder.attributes_read()  # which of those guards.py compares
     return gm, tracer
 
 

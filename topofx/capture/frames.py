@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import sysconfig
 import traceback
@@ -43,15 +44,17 @@ def _is_library_file(filename: str) -> bool:
 
 
 _STDLIB_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")})
+_NUMPY_SPEC = importlib.util.find_spec("numpy")  # torch's array companion: reads only what it is handed
+_NUMPY_DIRS = tuple(os.path.abspath(d) for d in (_NUMPY_SPEC.submodule_search_locations or ())) if _NUMPY_SPEC else ()
 
 
 @functools.lru_cache(maxsize=4096)
 def _reads_nothing(filename: str) -> bool:
     """Code whose Python reads cannot be what the user changes between steps: the standard library,
-    torch, topofx (other installed packages, NNI's model spaces say, are user code here)."""
+    numpy, torch, topofx (other installed packages, NNI's model spaces say, are user code here)."""
     path = os.path.abspath(filename)
     in_stdlib = path.startswith(_STDLIB_DIRS) and "-packages" not in path
-    return in_stdlib or _is_library_file(filename)
+    return in_stdlib or bool(_NUMPY_DIRS) and path.startswith(_NUMPY_DIRS) or _is_library_file(filename)
 
 
 def user_frame(frames: Sequence[traceback.FrameSummary] | None = None) -> UserFrame | None:

@@ -4,7 +4,10 @@ Tracing turns Python into a fixed graph, so Python-level facts the trace relied 
 
 * decisions taken on input shapes (PC-DARTS's ``if out.shape[2] == x.shape[2]``) hold for the
   shapes they were taken on;
-* plain Python numbers that traced code reads (a flag, a count) are constants in the graph, and so
+* plain Python numbers that traced code reads (a flag, a count) are constants in the graph (only
+  those of a traced module's attributes whose names the traced code uses are compared:
+  :meth:`topofx.capture.reads.ReadRecorder.attributes_read`; all of them where it reads attributes by
+  computed names, ``vars(self)``, ``getattr(self, f"op{i}")``), and so
   are tensors it reads out of a list, dict or plain object (DARTS-PT's ``candidate_flags``, an edge
   record's alpha) -- except floats used only in tensor arithmetic (a Gumbel temperature
   ``self.temp``), which are graph inputs (:mod:`topofx.capture.float_inputs`): the check gives the graph
@@ -65,7 +68,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..ir import FLOAT_INPUTS, HELD, READS, SHAPE_DECISIONS, TRACED_MODULES, VALUE_GUARD
+from ..ir import ATTRIBUTES_READ, FLOAT_INPUTS, HELD, READS, SHAPE_DECISIONS, TRACED_MODULES, VALUE_GUARD
 from . import tensor_inputs as _tensors
 from .driver import fingerprint, trace
 from .frames import CaptureError
@@ -83,26 +86,33 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_assignme
 _SCALARS = (bool, int, float, str, type(None))  # None: a mask or a flag that is set later (DrNAS pruning)
 
 
-def retraces_same(root: nn.Module, inputs: Sequence[Any], decisions: tuple) -> bool:
-    """Whether tracing ``root`` on ``inputs`` now takes the ``decisions`` (a :func:`~topofx.capture.fingerprint`)."""
+def retraces_same(root: nn.Module, inputs: Sequence[Any], decisions: tuple, read: list | None = None) -> bool:
+    """Whether tracing ``root`` on ``inputs`` now takes the ``decisions`` (a :func:`~topofx.capture.fingerprint`);
+    ``read``, when given, gets the names the re-trace read attributes under appended (``ATTRIBUTES_READ``)."""
     try:
-        return fingerprint(trace(root, inputs)) == decisions
+        gm = trace(root, inputs)
     except CaptureError:
         return False
+    if read is not None:
+        read.append(gm.meta.get(ATTRIBUTES_READ))
+    return fingerprint(gm) == decisions
 
 
 def _signature(inputs: Sequence[Any]) -> tuple:
     return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in inputs)
 
 
-def _scalars(modules: Sequence[nn.Module], live: set[int]) -> list[tuple[nn.Module, str, Any]]:
-    """(module, name, snapshot) of every Python number, string or ``None`` the modules hold, and of
-    every list, tuple or dict of them (DARTS-PT's ``candidate_flags``).  A tensor inside one counts by
+def _scalars(modules: Sequence[nn.Module], live: set[int], names: frozenset[str] | None
+             ) -> list[tuple[nn.Module, str, Any]]:
+    """(module, name, snapshot) of every Python number, string or ``None`` the modules hold under one
+    of ``names`` (what traced code can have read; ``None``: any name), and of every list, tuple or dict
+    of them (DARTS-PT's ``candidate_flags``).  A tensor inside one counts by
     identity when the graph reads it live (``live``: a parameter, buffer or tensor attribute of a
     module; ``proj_weights[t][e] = new`` is a change), and by value otherwise: tracing read it as a
     constant, so an in-place write (``candidate_flags[t][e] = False``) is a change too."""
     return [(m, k, _snapshot(v, live)) for m in modules for k, v in vars(m).items()
-            if (type(v) in _SCALARS or type(v) in (list, tuple, dict)) and k not in _MODULE_INTERNALS]
+            if (type(v) in _SCALARS or type(v) in (list, tuple, dict)) and k not in _MODULE_INTERNALS
+            and (names is None or k in names)]
 
 
 _MODULE_INTERNALS = set(vars(nn.Module())) | {"training"}  # _parameters, _modules, hooks: followed elsewhere
@@ -356,6 +366,7 @@ class Guards:
         own = [r for r in reads if isinstance(r.root, nn.Module) and len(r.steps) == 1 and r.steps[0][0] == "attr"
                and r.steps[0][1] in vars(r.root)]  # a module's own attribute (a method's `self.x`): as traced modules'
         self.traced = list(dict.fromkeys([*gm.meta.get(TRACED_MODULES, [root]), *(r.root for r in own)]))
+        self.attributes_read = gm.meta.get(ATTRIBUTES_READ)  # None (unknown): every attribute is compared
         self.live = _live_tensors(root) | {id(_element(m, p)) for _, m, p in gm.meta.get(HELD, ())}
         self.floats = list(gm.meta.get(FLOAT_INPUTS, ()))  # read as graph inputs: refreshed, not snapshotted
         self.inputs = list(gm.meta.get(_tensors.TENSOR_INPUTS, ()))  # tensors sampled before the call: likewise
@@ -384,7 +395,7 @@ class Guards:
     def _numbers(self) -> list[tuple[nn.Module, str, Any]]:
         """:func:`_scalars` of the traced modules, less the floats the graph reads as inputs."""
         keys = self._float_keys()
-        return [item for item in _scalars(self.traced, self.live) if (id(item[0]), (("attr", item[1]),)) not in keys]
+        return [item for item in _scalars(self.traced, self.live, self.attributes_read) if (id(item[0]), (("attr", item[1]),)) not in keys]
 
     def floats_hold(self) -> bool:
         """Give the graph the live value of each float input; ``False`` when one is no float any more."""
@@ -513,10 +524,12 @@ class Guards:
         if not moved:
             return True
         changed = sorted(set(moved))
-        start = time.perf_counter()
-        if not retraces_same(self.root, self.example_inputs, self.code):
+        start, read = time.perf_counter(), []
+        if not retraces_same(self.root, self.example_inputs, self.code, read):
             self.moved = attributes
             return False
+        if self.attributes_read is not None:  # another path to the same graph may read other attributes
+            self.attributes_read = None if None in read else self.attributes_read.union(*read)
         self.scalars = self._numbers()
         self.reads = [(r, _snapshot(r.value(), self.live)) for r, _ in self.reads]
         if not self.retrace_warned.issuperset(changed):

@@ -17,6 +17,10 @@ path that ends at a plain object (``self.cfg``, a global scheduler) or a contain
 every number below it under a name the recorded code uses (an attribute name or string constant in
 its bytecode): forward may alias the object (``cfg = self.cfg; x / cfg.tau``).
 
+:meth:`ReadRecorder.attributes_read` says under which names the recorded code can have read an
+attribute of a traced module (the guards compare only those attributes), or that it cannot tell
+(``vars(self)``, ``getattr(self, f"op{i}")``).
+
 Not seen (documented in ``docs/capture.md``): objects reached only through locals that no path
 leads to (values returned by functions or library methods), ``getattr(obj, name)`` with a name built
 at run time, a closure over a bare number rebound with ``nonlocal``.
@@ -143,12 +147,15 @@ class ReadRecorder:
     """Record the user frames a trace runs (``with ReadRecorder(is_library) as r: ...``), then
     :meth:`reads` gives the guarded access paths (see the module docstring)."""
 
-    def __init__(self, is_library: Callable[[str], bool], paused: Callable[[], bool] = lambda: False):
+    def __init__(self, is_library: Callable[[str], bool], paused: Callable[[], bool] = lambda: False,
+                 methods: frozenset[types.CodeType] = frozenset()):
         self._library = is_library
         self._paused = paused  # e.g. while the tracer runs a module on meta copies to learn shapes
+        self._methods = methods  # library methods of the model's module classes (:func:`module_methods`)
         self._user: dict[types.CodeType, bool] = {}
         self._frames: list[tuple[types.CodeType, dict, dict[str, Any], dict[str, Any]]] = []
         self._seen: set[tuple] = set()
+        self._methods_run: set[types.CodeType] = set()
 
     def _on_call(self, frame: types.FrameType, event: str, arg: Any) -> None:
         """``sys.settrace`` hook: called when a Python frame starts; returns ``None`` (no line events)."""
@@ -156,7 +163,11 @@ class ReadRecorder:
         user = self._user.get(code)
         if user is None:
             user = self._user[code] = not self._library(code.co_filename)
-        if not user or self._paused():
+        if self._paused():
+            return
+        if not user:
+            if code in self._methods:
+                self._methods_run.add(code)
             return
         names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
         local = frame.f_locals
@@ -185,8 +196,19 @@ class ReadRecorder:
     def names(self) -> set[str]:
         """Every attribute name and string constant in the recorded user code: what ``x.name``,
         ``getattr(x, "name")`` or ``x["name"]`` can read, whatever ``x`` is (a local alias too)."""
-        return {n for code in {f[0] for f in self._frames}
-                for n in (*code.co_names, *(c for c in code.co_consts if type(c) is str))}
+        return {n for code in {f[0] for f in self._frames} for n in _code_names(code)}
+
+    def attributes_read(self) -> frozenset[str] | None:
+        """The names under which the traced code can have read an attribute of a traced module: the
+        recorded user code's :meth:`names`, and the names in the library methods of the model's module
+        classes that ran (``Conv2d._conv_forward`` reading ``self.padding`` for a subclass traced
+        through).  ``None`` when recorded user code reads attributes by names it does not spell
+        (``vars(self)``, ``self.__dict__``, ``getattr(self, f"op{i}")``: :func:`reads_unnamed`): then
+        any attribute may have been read."""
+        codes = {f[0] for f in self._frames}
+        if any(map(reads_unnamed, codes)):
+            return None
+        return frozenset(self.names()).union(*(_code_names(c) for c in self._methods_run))
 
     def reads(self, skip: Callable[[Any, tuple], bool]) -> list[Read]:
         """The recorded paths that resolve to Python values worth guarding; ``skip(root, steps)``
@@ -216,6 +238,63 @@ class ReadRecorder:
             yield free[name], steps  # the object keeps its identity (a bare number rebound by `nonlocal`: not seen)
         elif name in args:
             yield args[name], steps
+
+
+def _code_names(code: types.CodeType) -> tuple[str, ...]:
+    """The attribute and global names ``code`` loads, and its string constants."""
+    return (*code.co_names, *(c for c in code.co_consts if type(c) is str))
+
+
+def module_methods(model: nn.Module) -> frozenset[types.CodeType]:
+    """The code of every function the classes of ``model``'s modules define or inherit (their
+    ``__mro__``; decorated functions unwrapped): code that reads a module's attributes as ``self``."""
+    classes = {klass for m in model.modules() for klass in type(m).__mro__}
+    return frozenset(inspect.unwrap(f).__code__ for klass in classes for f in vars(klass).values()
+                     if isinstance(f, types.FunctionType) and isinstance(inspect.unwrap(f), types.FunctionType))
+
+
+#: Names that enumerate an object's attributes or read one by a computed name.
+_ENUMERATING = frozenset({"__dict__", "__getattribute__", "vars", "dir", "getmembers", "attrgetter", "getattr_static"})
+_ROOT_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_DEREF", "LOAD_GLOBAL"})
+_CALLS = (["PRECALL"], ["CALL"])
+
+
+@functools.lru_cache(maxsize=1024)
+def reads_unnamed(code: types.CodeType) -> bool:
+    """Whether ``code`` can read an attribute whose name is not among its names and string constants:
+    it enumerates attributes (``vars``, ``__dict__``, ``dir``...) or calls ``getattr``/``hasattr`` with
+    anything but a string constant as the name (``getattr(self, "alpha", None)`` is fine).  Read from
+    the bytecode; a ``getattr`` written any other way counts as unnamed."""
+    if _ENUMERATING.intersection(code.co_names):
+        return True
+    if not {"getattr", "hasattr"}.intersection(code.co_names):
+        return False
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        if ins.argval in ("getattr", "hasattr") and not _constant_name_call(instructions, i + 1):
+            return True
+    return False
+
+
+def _constant_name_call(instructions: list[dis.Instruction], i: int) -> bool:
+    """Whether ``instructions[i:]``, after ``getattr`` was loaded, read ``getattr(<path>, "<name>"[,
+    <one load>])``: a path (a local, closure variable or global, then attribute loads and subscripts by
+    a constant or a local), a string constant, then the call, or one load and the call."""
+    ops = [(x.opname, x.argval) for x in instructions[i:i + 64]]
+    if not ops or ops[0][0] not in _ROOT_LOADS:
+        return False
+    k = 1
+    while k < len(ops):
+        if ops[k][0] == "LOAD_ATTR":
+            k += 1
+        elif ops[k][0] in ("LOAD_CONST", "LOAD_FAST") and ops[k + 1:k + 2] and ops[k + 1][0] == "BINARY_SUBSCR":
+            k += 2
+        else:
+            break
+    if ops[k:k + 1] != [("LOAD_CONST", ops[k][1] if k < len(ops) else None)] or type(ops[k][1]) is not str:
+        return False
+    after = [op for op, _ in ops[k + 1:k + 3]]
+    return after[:1] in _CALLS or (after[:1] != [] and after[0] in _ROOT_LOADS | {"LOAD_CONST"} and after[1:] in _CALLS)
 
 
 def plain_object(obj: Any, is_library: Callable[[str], bool]) -> bool:

@@ -252,6 +252,7 @@ class ValueTracer(fx.Tracer):
         self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []
         self.speculated: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []  # decisions on draws
         self.reads: list[Read] = []  # Python values read outside the traced modules' attributes (topofx.capture.reads)
+        self.attributes_read: frozenset[str] | None = None  # names the traced code reads attributes under (None: any)
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
 
