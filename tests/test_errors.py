@@ -399,9 +399,11 @@ class WithBlock(nn.Module):
     def __init__(self):
         super().__init__()
         self.block = Block()
-        self.step = 0  # a Python number held by a traced module
+        self.step = 0  # a Python number held by a traced module, read by forward
 
     def forward(self, x):
+        if self.step < 0:  # any count forward sees keeps the same graph
+            raise ValueError("negative step")
         return self.block(x)
 
 
