@@ -291,7 +291,7 @@ def _constant_name_call(instructions: list[dis.Instruction], i: int) -> bool:
             k += 2
         else:
             break
-    if ops[k:k + 1] != [("LOAD_CONST", ops[k][1] if k < len(ops) else None)] or type(ops[k][1]) is not str:
+    if k >= len(ops) or ops[k][0] != "LOAD_CONST" or type(ops[k][1]) is not str:
         return False
     after = [op for op, _ in ops[k + 1:k + 3]]
     return after[:1] in _CALLS or (after[:1] != [] and after[0] in _ROOT_LOADS | {"LOAD_CONST"} and after[1:] in _CALLS)

@@ -165,13 +165,13 @@ def _rng_states() -> list[torch.Tensor]:
 
 class _UserTorchCalls(torch.overrides.TorchFunctionMode):
     """While tracing, the torch functions the user's code calls however it reached them (``from torch
-    import empty``, a factory kept in a dict): one given a traced value anywhere in its arguments (a
-    size too, which torch's own dispatch would turn into a fixed number) and the random and
-    uninitialized factories (:data:`_ALWAYS_RECORDED`) become graph nodes; any other call runs as is,
-    and one that draws random numbers for real -- on a tensor made at capture, which the graph would
-    hold as a constant, drawn once -- is refused naming its line.  (``torch.<name>`` itself is
-    patched while tracing, :meth:`ValueTracer._recording_factories`: that wrapper sees a size before
-    torch's argument parser asks it for a number, which would record a decision on the batch size.)"""
+    import rand``, a factory kept in a dict): one given a traced value is recorded as FX records it
+    without the mode; the random and uninitialized factories (:data:`_ALWAYS_RECORDED`) become graph
+    nodes, drawn per call; any other call runs as is, and one that draws random numbers for real -- on
+    a tensor made at capture, which the graph would hold as a constant, drawn once -- is refused naming
+    its line.  (``torch.<name>`` itself stays patched while tracing,
+    :meth:`ValueTracer._recording_factories`: that wrapper sees sizes passed one by one, which torch's
+    argument parser refuses, or turns into fixed numbers, before any mode is asked.)"""
 
     def __init__(self, tracer: "ValueTracer"):
         super().__init__()
@@ -324,11 +324,7 @@ class ValueTracer(fx.Tracer):
             raise CaptureError(_where(
                 "a custom autograd Function's apply is given a function that closes over a value computed in "
                 "forward", "Pass that value to apply as an argument of its own"))
-        evaluating, self._evaluating = self._evaluating, True  # the attribute itself, not a stand-in for it
-        try:
-            cell.cell_contents = operator.attrgetter(value.node.target)(self.root)
-        finally:
-            self._evaluating = evaluating
+        cell.cell_contents = self._attribute(value.node.target)
 
     def _in_graph(self, a: Any) -> bool:
         """Whether FX can write ``a`` as a node's argument: values, tensors, the model's own modules,

@@ -190,6 +190,16 @@ class _RecordedMethod:
         return self.function.__get__(instance, cls)
 
 
+_UNBOUND = object()
+
+
+def _contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # not yet bound
+        return _UNBOUND
+
+
 def closure_cells(obj: Any) -> list[Any]:
     """The closure cells of a function (a ``lambda``, a nested ``def``; a ``functools.partial``'s
     function), and of the functions they hold in turn."""
@@ -201,11 +211,9 @@ def closure_cells(obj: Any) -> list[Any]:
             continue
         seen.add(id(fn))
         for cell in fn.__closure__ or ():
-            try:
+            if _contents(cell) is not _UNBOUND:
                 todo.append(cell.cell_contents)
-            except ValueError:  # not yet bound
-                continue
-            cells.append(cell)
+                cells.append(cell)
     return cells
 
 
@@ -217,17 +225,13 @@ def _copy_function(fn: Any, memo: dict) -> Any:
                                  **copy.deepcopy(fn.keywords, memo))
     if not inspect.isfunction(fn) or not fn.__closure__:
         return copy.deepcopy(fn, memo)
-    if id(fn) not in memo:
-        cells = tuple(types.CellType(_copy_function(c.cell_contents, memo)) for c in fn.__closure__)
+    if id(fn) not in memo:  # registered before its cells are filled: a closure may hold itself
+        cells = tuple(types.CellType() for _ in fn.__closure__)
         memo[id(fn)] = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+        for old, new in zip(fn.__closure__, cells):
+            if _contents(old) is not _UNBOUND:
+                new.cell_contents = _copy_function(old.cell_contents, memo)
     return memo[id(fn)]
-
-
-def _contents(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # not yet bound
-        return None
 
 
 def _held_key(obj: Any, seen: set[int]) -> Any:
