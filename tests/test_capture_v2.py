@@ -883,3 +883,26 @@ def test_tensors_with_history_that_forward_never_reads_are_no_part_of_the_graph(
     with torch.no_grad():
         torch.testing.assert_close(simplified(x), fresh(x))
     assert not simplified.__dict__.get("recaptured")
+
+
+def test_a_copy_of_held_closures_keeps_their_shape():
+    """Copying a held closure (``copy.deepcopy`` of the simplified module): one that calls itself copies
+    once, one whose cell is bound only later keeps that cell unbound (it raised)."""
+    from topofx.capture.values import _copy_function
+
+    def make():
+        def depth(n):
+            return 0 if n == 0 else depth(n - 1) + step
+
+        def later():
+            return bound_later  # noqa: F821 - assigned after this function is made, never here
+
+        step = 2
+        return depth, later
+
+    depth, later = make()
+    depth_copy, later_copy = _copy_function(depth, {}), _copy_function(later, {})
+    assert depth_copy(3) == 6 and depth_copy is not depth
+    assert depth_copy in [c.cell_contents for c in depth_copy.__closure__]  # it calls its copy, not the original
+    with pytest.raises(NameError):
+        later_copy()
