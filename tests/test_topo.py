@@ -120,3 +120,63 @@ def test_random_supernets_vertex_exact(case):
     with preserved_state(model, tensors=alphas):
         set_one_hot(alphas, lambda r, n: int(torch.randint(0, n, (1,), generator=gen)), segments)
         assert _forward_pair(model, simplified, x) <= VERTEX_RTOL
+
+
+class _FadingNoise:
+    """Noise scale that fades per epoch: ``start * 0.5 ** (epoch / half_life)`` (a plain object the
+    training loop never touches; ``start`` is a float the capture reads as an input)."""
+
+    def __init__(self, start: float = 0.3, half_life: int = 10):
+        self.start, self.half_life = start, half_life
+
+    def scale(self, epoch: int) -> float:
+        return self.start * 0.5 ** (epoch / self.half_life)
+
+
+class _NoisyIdentity(torch.nn.Module):
+    """Identity candidate with additive Gaussian noise proportional to its input's spread, faded per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fade = _FadingNoise()
+
+    def forward(self, x, epoch):
+        return x + torch.randn_like(x) * x.detach().std() * self.fade.scale(epoch)
+
+
+class _NoisySkipSupernet(torch.nn.Module):
+    """Two chained mixed edges (3x3 and 1x1 ReLU-conv-BN, noisy identity) taking the epoch as a forward argument."""
+
+    def __init__(self, C: int = 4, edges: int = 2):
+        super().__init__()
+
+        def conv_bn(k: int) -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(C, C, k, padding=k // 2, bias=False),
+                                       torch.nn.BatchNorm2d(C))
+        self.edges = torch.nn.ModuleList(torch.nn.ModuleList([conv_bn(3), conv_bn(1), _NoisyIdentity()])
+                                         for _ in range(edges))
+        self.alpha = torch.nn.Parameter(1e-3 * torch.randn(edges, 3))
+
+    def forward(self, x, epoch):
+        for row, ops in zip(self.alpha.softmax(-1), self.edges):
+            x = sum(w * (op(x, epoch) if isinstance(op, _NoisyIdentity) else op(x)) for w, op in zip(row, ops))
+        return x
+
+
+@pytest.mark.parametrize("epoch", [0, 7])
+def test_noise_decayed_per_epoch_inside_a_candidate_keeps_its_edge(epoch):
+    """The decayed noise scale is a one-element constant of the graph multiplying the candidate's noise:
+    it is part of that candidate, not a weight making the edge a join of sub-networks (found no edge:
+    topo mode merged nothing, silently, and its vertex check compared two equal graphs)."""
+    torch.manual_seed(0)
+    model = _NoisySkipSupernet().train()
+    x = torch.randn(2, 4, 8, 8)
+    simplified = topofx.simplify(model, (x, epoch), mode="topo")
+    assert simplified.report.fallback is None
+    assert simplified.report.edges == 2
+    assert len({r.edge for r in simplified.report.rewrites if r.action == "merged" and not r.exact}) == 2
+    alphas = [model.alpha]
+    for k in range(3):
+        with preserved_state(model, tensors=alphas):
+            set_one_hot(alphas, lambda r, n: k)
+            assert max_rel_error(*seeded_outputs(model, simplified, x, epoch)) <= VERTEX_RTOL

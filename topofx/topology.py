@@ -375,11 +375,9 @@ def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
     idom = nx.immediate_dominators(flow, _SOURCE)
 
     proposals: list[tuple[SumChain, fx.Node, list[Candidate], list[Any]]] = []
-    weighted_muls: set[fx.Node] = set()
     number = ValueNumbering()
     for chain in sum_chains(graph):
         weighted = [(term, wt) for term in chain.terms if (wt := weighted_term(term, data))]
-        weighted_muls.update(term for term, _ in weighted)
         for group in _edge_groups(weighted, number):
             outputs = [wt[1] for _, wt in group]
             x = _nearest_common_dominator(idom, outputs)
@@ -394,6 +392,9 @@ def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
             proposals.append((chain, x, candidates, [t for t in chain.terms if t not in members]))
 
     joins = {chain.root for chain, *_ in proposals}
+    # only the terms of proposed edges are weights: a lone product by a constant scalar inside an operation
+    # (noise scaled by a decay rate the model keeps as a float) is part of that operation
+    weighted_muls = {c.mul for _, _, candidates, _ in proposals for c in candidates}
     edges, node_joins = [], []
     for chain, x, candidates, others in proposals:
         inner = set().union(*(set(c.branch) for c in candidates))
