@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import random
 import warnings
 
 import numpy as np
@@ -906,3 +907,44 @@ def test_a_copy_of_held_closures_keeps_their_shape():
     assert depth_copy in [c.cell_contents for c in depth_copy.__closure__]  # it calls its copy, not the original
     with pytest.raises(NameError):
         later_copy()
+
+
+# --- the caller's random streams (issue 22, F3) ------------------------------------------------------
+class JitteredDropPathEdge(nn.Module):
+    """A NoisyDARTS-style edge: its drop-path mask comes from ``torch.cuda.FloatTensor(n, 1, 1, 1)``
+    (a CPU stand-in here, a Python callable the graph records) and ``bernoulli_``; whether to drop at
+    all and how hard are decided with Python's and NumPy's generators, both with probability one."""
+
+    def __init__(self, keep: float = 0.7):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.alpha = nn.Parameter(1e-3 * torch.randn(3))
+        self.keep = keep
+
+    def forward(self, x):
+        out = sum(w * op(x) for w, op in zip(F.softmax(self.alpha, -1), self.candidate_ops))
+        if random.random() < 1.0 and np.random.uniform() < 1.0:
+            mask = torch.cuda.FloatTensor(x.size(0), 1, 1, 1).bernoulli_(self.keep)
+            out = out / self.keep * mask
+        return out
+
+
+def _random_streams() -> tuple:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_simplify_leaves_the_callers_random_streams_as_it_found_them(mode, monkeypatch):
+    """Capture, verification and the rewrites run the user's code for real; a draw they made moved the
+    search loop's random streams (the rewrites' meta run of the recorded stand-in drew a real mask), so
+    the draws after ``simplify`` differed from those without it."""
+    monkeypatch.setattr(torch.cuda, "FloatTensor", lambda *size: torch.empty(*size))
+    model, x = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), JitteredDropPathEdge()), _x()
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    before = _random_streams()
+    simplified = topofx.simplify(model, (x,), mode=mode, strict=True)
+    after = _random_streams()
+    assert simplified.report.fallback is None and simplified.report.edges == 1
+    assert torch.equal(after[0], before[0]), "torch's generator moved"
+    assert after[1] == before[1], "Python's random moved"
+    assert (after[2] == before[2]).all(), "NumPy's generator moved"

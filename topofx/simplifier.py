@@ -14,9 +14,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+import random
+import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -438,69 +441,92 @@ def simplify(
 
     The lowering passes serve the device the model runs on (its example inputs' device): the CPU's
     pooling and layout lowerings are left out on CUDA; ``.to()`` another device type lowers anew.
+    The caller's random streams are left as they were (:func:`_callers_random_state`).
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    _passes_for(mode, layout)  # unknown names fail before any work
-    name = type(model).__name__
-    adapter, root, live, captured = _capture_sampling(model, example_inputs, mode, strict)
-    if captured.graph_module is None:
-        report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
-        return SimplifiedModule(model, None, report, example_inputs)
-    gm = captured.graph_module
-    captured_code = _capture.fingerprint(gm)
-    with as_leaves(gm):  # the checks run many steps on the one tensor sampled before the call
-        branches_on_training = _branches_on_training(root, example_inputs, captured_code)
-        gm.meta[SERVED_TRAINING] = root.training if branches_on_training else None  # passes/functional_modules.py
-        before = node_counts(gm)
-        canonical = canonicalize(gm, root, example_inputs, live)
-        topology = analyze(gm.graph, root)
-        sampled = any(gateable(gm, g, live) for g in gates(gm))
-        lowered_for = device_type(model, example_inputs)
-        passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
-        self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
-        runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
-        check_inputs = _check_inputs(runs, example_inputs)
-        problem = None if _capture.hoist_speculation(gm) else (
-            "the rewritten graph cannot check its decisions on random draws before it changes any state")
-        problem = problem or (self_check(gm, check_inputs) if self_check else None)
-        sparse = SparseForward(gm, live) if sampled else None
-        problem = problem or (sparse.check(gm, check_inputs) if sparse and check else None)
+    with _callers_random_state():
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        example_inputs = tuple(example_inputs)
+        _passes_for(mode, layout)  # unknown names fail before any work
+        name = type(model).__name__
+        adapter, root, live, captured = _capture_sampling(model, example_inputs, mode, strict)
+        if captured.graph_module is None:
+            report = Report(name, mode, [], {}, {}, fallback=captured.fallback_reason)
+            return SimplifiedModule(model, None, report, example_inputs)
+        gm = captured.graph_module
+        captured_code = _capture.fingerprint(gm)
+        with as_leaves(gm):  # the checks run many steps on the one tensor sampled before the call
+            branches_on_training = _branches_on_training(root, example_inputs, captured_code)
+            gm.meta[SERVED_TRAINING] = root.training if branches_on_training else None  # passes/functional_modules.py
+            before = node_counts(gm)
+            canonical = canonicalize(gm, root, example_inputs, live)
+            topology = analyze(gm.graph, root)
+            sampled = any(gateable(gm, g, live) for g in gates(gm))
+            lowered_for = device_type(model, example_inputs)
+            passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
+            self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
+            runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
+            check_inputs = _check_inputs(runs, example_inputs)
+            problem = None if _capture.hoist_speculation(gm) else (
+                "the rewritten graph cannot check its decisions on random draws before it changes any state")
+            problem = problem or (self_check(gm, check_inputs) if self_check else None)
+            sparse = SparseForward(gm, live) if sampled else None
+            problem = problem or (sparse.check(gm, check_inputs) if sparse and check else None)
+            if problem:
+                _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict,
+                        gm.meta[SERVED_TRAINING])
         if problem:
-            _refuse(model, root, example_inputs, check_inputs, mode, passes, lowering, live, problem, strict,
-                    gm.meta[SERVED_TRAINING])
-    if problem:
+            if adapter:
+                root.release(gm)
+            report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
+            return SimplifiedModule(model, None, report, example_inputs)
+        guard = gm.meta.get(VALUE_GUARD)
+        report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges) or _gated_edges(gm), len(topology.cells()),
+                        adapter=adapter.description if adapter else None,
+                        sparse=len(sparse.gates) if sparse else 0,
+                        decided_per_call=tuple(gm.meta.get(DECIDED_PER_CALL, ())),
+                        value_decisions=len(guard.checks) if guard else 0)
+        _warn_rejected(name, runs)
+        simplified = SimplifiedModule(model, gm, report, example_inputs)
         if adapter:
-            root.release(gm)
-        report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
-        return SimplifiedModule(model, None, report, example_inputs)
-    guard = gm.meta.get(VALUE_GUARD)
-    report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges) or _gated_edges(gm), len(topology.cells()),
-                    adapter=adapter.description if adapter else None,
-                    sparse=len(sparse.gates) if sparse else 0,
-                    decided_per_call=tuple(gm.meta.get(DECIDED_PER_CALL, ())),
-                    value_decisions=len(guard.checks) if guard else 0)
-    _warn_rejected(name, runs)
-    simplified = SimplifiedModule(model, gm, report, example_inputs)
-    if adapter:
-        root.release(gm)  # samples drawn while verifying and rewriting
-    simplified.__dict__.update(relaxed=root if adapter else None, sparse=sparse, lowered_for=lowered_for,
-                               options=dict(mode=mode, strict=strict, check=check, layout=layout),
-                               call_key=_capture.call_key(model, example_inputs),
-                               guards=Guards(root, gm, captured_code, example_inputs))
-    if compile is not False and compile is not None:  # {}: compile with torch.compile's defaults
-        simplified.compile(**(compile if isinstance(compile, dict) else {}))
-    if branches_on_training:
-        simplified.__dict__["graph_training"] = root.training
-        warnings.warn(
-            f"topofx: {name}.forward takes a different path in {'eval' if root.training else 'train'} mode "
-            f"(Python code reads self.training); the simplified graph serves {'train' if root.training else 'eval'} "
-            "mode and the other mode runs the original's eager forward",
-            stacklevel=2,
-        )
-    return simplified
+            root.release(gm)  # samples drawn while verifying and rewriting
+        simplified.__dict__.update(relaxed=root if adapter else None, sparse=sparse, lowered_for=lowered_for,
+                                   options=dict(mode=mode, strict=strict, check=check, layout=layout),
+                                   call_key=_capture.call_key(model, example_inputs),
+                                   guards=Guards(root, gm, captured_code, example_inputs))
+        if compile is not False and compile is not None:  # {}: compile with torch.compile's defaults
+            simplified.compile(**(compile if isinstance(compile, dict) else {}))
+        if branches_on_training:
+            simplified.__dict__["graph_training"] = root.training
+            warnings.warn(
+                f"topofx: {name}.forward takes a different path in {'eval' if root.training else 'train'} mode "
+                f"(Python code reads self.training); the simplified graph serves {'train' if root.training else 'eval'} "
+                "mode and the other mode runs the original's eager forward",
+                stacklevel=2,
+            )
+        return simplified
 
+
+
+@contextlib.contextmanager
+def _callers_random_state() -> Iterator[None]:
+    """Restore torch's CPU and initialized CUDA generators, Python's ``random`` and NumPy's global
+    generator on exit: capture, its verification, the rewrites' meta runs and the self-check run the
+    user's code for real (a recorded helper that allocates and draws, a forward that calls ``random``),
+    and a search loop must see the same draws after ``simplify`` -- also one made inside a call, for a
+    new argument value -- as without it."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    numpy = sys.modules.get("numpy")  # only a caller that imported NumPy has a NumPy stream to keep
+    torch_state, python_state = _rng_states(devices), random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        yield
+    finally:
+        _set_rng_states(devices, torch_state)
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
 
 def _gated_edges(gm: fx.GraphModule) -> int:
     """Sums over gated candidates: an adapter's mixed edges, which topology does not read as weighted sums."""
