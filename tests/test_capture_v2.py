@@ -909,6 +909,38 @@ def test_a_copy_of_held_closures_keeps_their_shape():
         later_copy()
 
 
+
+class DirichletMixEdge(nn.Module):
+    """DrNAS-style: the edge's mixing weights are a Dirichlet sample of its concentration each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.candidate_ops = _candidates()
+        self.beta = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        weights = torch.distributions.Dirichlet(F.elu(self.beta) + 1).rsample()
+        return sum(w * op(x) for w, op in zip(weights, self.candidate_ops))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("edge, node", [(ClosurePathEdge, capture.AppliedFunction),
+                                        (DirichletMixEdge, capture.DistributionCall)])
+def test_a_sequential_root_whose_edge_becomes_a_node_of_topofx(edge, node, mode):
+    """Seen on ProxylessNAS's supernet under an ``nn.Sequential`` root: the module of a Function's or a
+    distribution's node was registered on the root while the root's forward iterated its children
+    ("dictionary changed size during iteration", a fallback); the root's children stay as they were."""
+    model, x = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), edge(), nn.Conv2d(C, C, 1)), _x()
+    children = dict(model.named_children())
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.fallback is None
+    assert any(isinstance(m, node) for m in simplified.graph_module.children())
+    assert dict(simplified.original.named_children()).keys() == children.keys()
+    assert not any(name.startswith("topofx_") for name in vars(simplified.original))
+    if mode == "exact":  # (topo mode equals the original at one-hot weights only)
+        assert_train_step_equivalent(model, simplified, (x,))
+
+
 # --- the caller's random streams (issue 22, F3) ------------------------------------------------------
 class JitteredDropPathEdge(nn.Module):
     """A NoisyDARTS-style edge: its drop-path mask comes from ``torch.cuda.FloatTensor(n, 1, 1, 1)``

@@ -40,6 +40,7 @@ from . import float_inputs as _floats
 from . import tensor_inputs as _tensors
 from .decisions import Decision, _DecidesPerCall
 from .frames import _TORCH_DIR, CaptureError, _is_library_file, _where, user_frame
+from .held import _free_name
 from .reads import Read
 from .values import (
     AppliedFunction,
@@ -291,9 +292,19 @@ class ValueTracer(fx.Tracer):
                     setattr(cls, name, own)
 
     def _method_call(self, owner: nn.Module, name: str, *args: Any, **kwargs: Any) -> Any:
-        target = f"topofx_method_{sum(isinstance(m, MethodCall) for m in self.root.children())}"
-        self.root.add_module(target, MethodCall(owner, name))
-        return self.create_proxy("call_module", target, (args, kwargs), {})
+        return self.create_proxy("call_module", self._held_on_root("topofx_method", MethodCall(owner, name)),
+                                 (args, kwargs), {})
+
+    def _held_on_root(self, prefix: str, module: nn.Module) -> str:
+        """The name ``<prefix>_<k>`` a module of topofx's that a node calls is held under on the root while
+        tracing: a plain attribute, not a registered child, so that the root's children stay as they are
+        while its forward runs (an ``nn.Sequential`` root iterates them: registering one raised "dictionary
+        changed size during iteration").  ``fx.GraphModule`` registers it on the graph's module; the trace's
+        clean-up takes it off the root with FX's constants."""
+        k = sum(isinstance(held, type(module)) for held in vars(self.root).values())
+        target = _free_name(self.root, f"{prefix}_{k}")
+        object.__setattr__(self.root, target, module)
+        return target
 
     def _applied_function(self, function: type, args: tuple, kwargs: dict) -> Any:
         """One :class:`AppliedFunction` node for ``function.apply(*args, **kwargs)``; the arguments FX
@@ -307,8 +318,7 @@ class ValueTracer(fx.Tracer):
                     "Pass the tensors to apply as arguments of their own"))
             for cell in closure_cells(a):
                 self._resolve_closed_over(cell)
-        target = f"topofx_function_{sum(isinstance(m, AppliedFunction) for m in self.root.children())}"
-        self.root.add_module(target, AppliedFunction(function, held))
+        target = self._held_on_root("topofx_function", AppliedFunction(function, held))
         return self.create_proxy("call_module", target, tuple(a for i, a in enumerate(args) if i not in held),
                                  {k: v for k, v in kwargs.items() if k not in held})
 
@@ -397,8 +407,7 @@ class ValueTracer(fx.Tracer):
                     setattr(owner, name, fn)
 
     def distribution_call(self, dist: _TracedDistribution, name: str, margs: tuple | None, mkwargs: dict | None) -> Any:
-        target = f"topofx_distribution_{sum(isinstance(m, DistributionCall) for m in self.root.children())}"
-        self.root.add_module(target, DistributionCall(dist._cls, name))
+        target = self._held_on_root("topofx_distribution", DistributionCall(dist._cls, name))
         return self.create_proxy("call_module", target, (dist._args, dist._kwargs, margs, mkwargs), {})
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
