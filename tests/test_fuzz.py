@@ -116,6 +116,40 @@ def test_capture_v2_constructs_leave_the_other_dimensions_as_they_were():
     assert strip(fuzz.render(legacy)) == strip(fuzz.render(spec))
 
 
+
+def test_a_refining_value_takes_a_share_of_the_value_it_refines_only(monkeypatch):
+    """``closure_gate`` came after seeds were relied on: it is drawn only where ``binary_gate`` was, so
+    every other seed keeps its model (the CI sample and old reproducers stay what they were)."""
+    specs = [fuzz._draw_spec(SEQUENCE(i)) for i in range(300)]
+    functions = tuple(v for v in fuzz.V2_DIMENSIONS["function"] if v not in fuzz._REFINEMENTS)
+    monkeypatch.setitem(fuzz.V2_DIMENSIONS, "function", functions)
+    monkeypatch.setattr(fuzz, "_REFINEMENTS", {})
+    before = [fuzz._draw_spec(SEQUENCE(i)) for i in range(300)]
+    changed = [(b["function"], s["function"]) for b, s in zip(before, specs) if b != s]
+    assert changed and set(changed) == {("binary_gate", "closure_gate")}
+    assert any(b["function"] == s["function"] == "binary_gate" for b, s in zip(before, specs))
+
+
+def test_closure_gate_applies_a_function_given_closures_over_the_candidates():
+    """The generated gate is ProxylessNAS's full_v2 idiom: apply is given two functions made in forward
+    that close over the edge's candidates; capture holds them in one node per edge, and the backward
+    closure gives every weight a gradient."""
+    from topofx import capture
+
+    spec = fuzz._draw_spec(_first_seed(lambda s: s["function"] == "closure_gate" and s["dtype"] == "float32"))
+    model, inputs, _ = fuzz.build(fuzz.render(spec), spec)
+    model.train()
+    simplified = topofx.simplify(model, inputs, mode="exact", strict=True)
+    applied = [m for m in simplified.graph_module.modules() if isinstance(m, capture.AppliedFunction)]
+    assert applied and all(len(m.held) == 2 and all(callable(f) and f.__closure__ for f in m.held.values())
+                           for m in applied)
+    candidates = {id(c.cell_contents) for m in applied for f in m.held.values() for c in f.__closure__}
+    assert candidates <= {id(m) for m in model.modules()}
+    torch.manual_seed(0)
+    fuzz._loss(simplified(*inputs)).backward()
+    for a in find_arch_parameters(model):
+        assert a.grad is not None and a.grad.abs().sum() > 0
+
 def test_generation_is_deterministic_and_readable():
     source, spec = fuzz.generate(SAMPLE_SEEDS[3])
     assert fuzz.generate(SAMPLE_SEEDS[3]) == (source, spec)

@@ -38,10 +38,11 @@ Contracts checked (per model, per mode):
   ``<mode>: after <change>: <category>``); a value the graph froze would otherwise go unnoticed.
 
 The capture-v2 dimensions (:data:`V2_DIMENSIONS`: custom ``torch.autograd.Function``s with their own
-backward, the scheduled floats above, ``isinstance``/``torch.is_tensor``/``assert``/``Variable`` in
+backward, one of them given closures made in forward over the candidates, the scheduled floats above, ``isinstance``/``torch.is_tensor``/``assert``/``Variable`` in
 forward, alphas in Python lists, candidates set to ``None``) are drawn from a random stream of their
 own, so every seed keeps the values it drew before on all the other dimensions; ``--v1`` leaves them
-out and gives back the models the seeds gave before.
+out and gives back the models the seeds gave before.  A value added later takes a share of the value it
+refines, from a stream of its own (:data:`_REFINEMENTS`): the other seeds keep their models.
 
 Outcomes: ``ok`` (captured, ran its graph, equivalent), ``refused`` (fell back to the eager forward:
 no graph, or the graph was not used for the call; the warning text is recorded), ``silent`` (the
@@ -148,8 +149,10 @@ _ALPHA_NAMES = {"snas": ("log_alphas_normal", "log_alphas_reduce")}
 V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
     # a user's torch.autograd.Function with a backward of its own: a straight-through hard one-hot on
     # the weights, a ProxylessNAS-style binary gate joining the candidates (every weight gets
-    # <grad, out_k>), a straight-through clamp on the conv candidates' outputs
-    "function": ("none", "ste_weights", "binary_gate", "ste_candidate"),
+    # <grad, out_k>), a straight-through clamp on the conv candidates' outputs; ``closure_gate``: the
+    # binary gate as ProxylessNAS's full_v2 writes it, given closures made in forward over the
+    # candidates' container (one runs the kept path, the backward's runs every candidate again)
+    "function": ("none", "ste_weights", "binary_gate", "ste_candidate", "closure_gate"),
     # a Python float outside the modules' own attributes scales each mixed edge's output; the check
     # changes it between steps (the generated ``step_schedule``)
     # (``aliased_object``: the scheduler read through a local, ``schedule = scheduler``)
@@ -169,6 +172,9 @@ V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
 #: as before; the others cost nothing measurable.
 _V2_WEIGHTS = {"function": (10, 2, 2, 2), "scalar": (50, 1, 1, 1, 1, 1, 1), "typecheck": (10, 1, 1, 1, 1),
                "alpha_list": (16, 3, 1), "drop_candidate": (30, 1)}
+#: Values added after seeds' models were relied on (reproducers, the CI sample): each takes a share of the
+#: draws of the value it refines, from a stream of its own, so that every other seed keeps its model.
+_REFINEMENTS = {"closure_gate": ("function", "binary_gate", 0.5)}
 V2_DEFAULTS = {dim: values[0] for dim, values in V2_DIMENSIONS.items()}
 DEFAULTS.update(V2_DEFAULTS)  # the minimizer's shrink targets
 #: Changes the check makes between steps: (dimension, the values that ask for it, the generated hook).
@@ -199,9 +205,14 @@ def _draw_v2(seed: int, spec: dict[str, Any]) -> dict[str, str]:
     """The capture-v2 dimensions of model ``seed``, from a stream of their own (the other dimensions'
     draws are untouched); a few combinations whose eager model cannot run are not drawn."""
     rng = random.Random(f"capture-v2:{seed}")
-    out = {dim: rng.choices(values, _V2_WEIGHTS[dim])[0] for dim, values in V2_DIMENSIONS.items()}
+    out = {dim: rng.choices([v for v in values if v not in _REFINEMENTS], _V2_WEIGHTS[dim])[0]
+           for dim, values in V2_DIMENSIONS.items()}
+    refine = random.Random(f"capture-v2-refinements:{seed}")
+    for value, (dim, refined, share) in _REFINEMENTS.items():
+        if out[dim] == refined and refine.random() < share:
+            out[dim] = value
     hard = spec["weights"] == "gumbel_hard" or out["function"] == "ste_weights"
-    if out["function"] == "binary_gate" or (hard and spec["join"] in ("cond_ne", "cond_gt")):
+    if out["function"] in ("binary_gate", "closure_gate") or (hard and spec["join"] in ("cond_ne", "cond_gt")):
         # the binary gate takes every candidate; a hard-weighted conditional join whose only selected
         # candidate was dropped would sum nothing (0, not a tensor) and the eager model fails
         out["drop_candidate"] = "none"
@@ -554,6 +565,8 @@ def _join(spec: dict[str, Any], ops: str, x: str, w: str, out: str) -> list[str]
     it = f"{ops}.values()" if as_dict else ops
     if _v2(spec, "function") == "binary_gate":
         return [f"{out} = BinaryGate.apply({w}, *[op({x}) for op in {it}])"]
+    if _v2(spec, "function") == "closure_gate":
+        return [f"{out} = ClosureGate.apply({x}, {w}, *gate_closures({ops}))"]
     if _v2(spec, "drop_candidate") != "none":
         return _join_skipping_none(spec, ops, x, w, out)
     stack = f"torch.stack([op({x}) for op in {it}]{', dim=-1' if form == 'stack_last' else ''})"
@@ -1201,6 +1214,45 @@ class BinaryGate(torch.autograd.Function):
         grad_weights = torch.stack([(grad_output * o).sum() for o in outs])
         return (grad_weights, *[g * grad_output for g in gates])
 ''')
+    if function == "closure_gate":
+        paths = "list(candidate_ops.values())" if spec["container"] == "moduledict" else "candidate_ops"
+        out.append('''
+class ClosureGate(torch.autograd.Function):
+    """Binary gate given closures (ProxylessNAS's full_v2): forward keeps the path with the largest
+    weight (``run_paths`` under one-hot gates); backward gives the input the kept path's gradient and
+    every weight k the estimate <grad, out_k> that ``path_grads`` computes, running the candidates again."""
+
+    @staticmethod
+    def forward(ctx, x, weights, run_paths, path_grads):
+        gates = (weights == weights.max()).to(x.dtype)
+        detached_x = x.detach().requires_grad_(x.requires_grad)
+        with torch.enable_grad():
+            output = run_paths(detached_x, gates)
+        ctx.path_grads = path_grads
+        ctx.save_for_backward(detached_x, output)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        detached_x, output = ctx.saved_tensors
+        grad_x = None
+        if detached_x.requires_grad and output.requires_grad:
+            grad_x = torch.autograd.grad(output, detached_x, grad_output, allow_unused=True)[0]
+        return grad_x, ctx.path_grads(detached_x.detach(), grad_output), None, None
+
+
+def gate_closures(candidate_ops):
+    """The gate's two closures over the edge's candidates, made anew on every forward."""
+
+    def run_paths(x, gates):
+        return sum(g * op(x) for g, op in zip(gates, {paths}))
+
+    def path_grads(x, grad_output):
+        with torch.no_grad():
+            return torch.stack([(grad_output * op(x)).sum() for op in {paths}])
+
+    return run_paths, path_grads
+'''.format(paths=paths))
     if function == "ste_candidate":
         out.append('''
 class ClampSTE(torch.autograd.Function):
