@@ -14,6 +14,7 @@ summand written in place, a broadcast summand, a single skip candidate) are left
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -103,6 +104,18 @@ def test_topo_merges_the_skip_layers():
     merged = {r.edge for r in _rewrites(report, "floating_merge")}
     assert len(merged) == len(WIDTHS), f"{len(merged)} of {len(WIDTHS)} layers merged\n{report}"
     assert len(_rewrites(report, "distribute")) == SKIP_LAYERS, str(report)
+
+
+def test_topo_merges_both_projection_groups_of_every_layer():
+    """Each expand ratio's projections read hidden tensors of their own width: two groups per layer.
+    Both merge (the layer's sum rebuilt once, after both); before, the sum took one group per round
+    and weight folding, later in the round, folded the other group's weights into its BNs."""
+    _, simple, _ = _pair("topo")
+    report = simple.report
+    groups = Counter(r.edge for r in _rewrites(report, "floating_merge"))
+    expand_ratios = len({e for e, _ in CHOICES})
+    assert sorted(groups.values()) == [expand_ratios] * len(WIDTHS), f"{groups}\n{report}"
+    assert not _rewrites(report, "weight_folding"), str(report)  # no candidate BN is left to fold
 
 
 def test_edges_read_weights_through_slices():
