@@ -9,8 +9,8 @@ one edge whose convolutions read *different* tensors of one width with one kerne
 pointwise stages of separable convolutions, each after its own depthwise conv) are merged too, as
 one convolution over their concatenated inputs.  All groups of an edge (the projections of
 ProxylessNAS's expand ratios 3 and 6: two widths) merge in one application and its sum is rebuilt
-once, after the last; an edge whose sum reads one rebuilt in the same application waits for the
-next round.
+once, after the last (so do the edges of one sum: a ``functools.reduce`` over two edges' terms); an
+edge whose sum reads one rebuilt in the same application waits for the next round.
 Produces: one :class:`~topofx.modules.MergedConvBN` call per ``r``: the edge's BN-ended candidates
 float past the weighted join as ``W * BN(conv(r, K))`` with the kernel-normalized merged kernel K
 (METHOD.md 5-6), and all edges' merged kernels run as one convolution and one batch norm.  Each
@@ -139,8 +139,8 @@ def _sum_nodes(edge: MixedEdge) -> set[fx.Node]:
 def floating_merge(ctx: PassContext) -> list[Rewrite]:
     shared, concat = _match(ctx)
     records = []
-    # every group of an edge merges in one application and its sum is rebuilt once, after all of
-    # them (a group left for the next round would meet weight folding first); an edge whose sum
+    # every group of every edge of a sum merges in one application and the sum is rebuilt once, after
+    # all of them (a group left for the next round would meet weight folding first); an edge whose sum
     # reads another one rebuilt here (a chain that runs on into the node's sum) waits for the next
     # round, where the fixpoint comes back with fresh matches
     parts: dict[fx.Node, list] = defaultdict(list)
@@ -148,8 +148,8 @@ def floating_merge(ctx: PassContext) -> list[Rewrite]:
     touched: set[fx.Node] = set()
 
     def free(edge: MixedEdge) -> bool:
-        if edge.join in taken:
-            return taken[edge.join] is edge
+        if edge.join in taken:  # this edge's, or another edge's of the same sum (a reduce over both's terms)
+            return True
         if _sum_nodes(edge) & touched:
             return False
         taken[edge.join] = edge
