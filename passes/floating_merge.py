@@ -7,8 +7,10 @@ by prefix sharing) with aligned outputs (same stride, same padding offset); two 
 Edges whose such candidates read the same ``r`` with one geometry are taken together.  Candidates of
 one edge whose convolutions read *different* tensors of one width with one kernel shape (the
 pointwise stages of separable convolutions, each after its own depthwise conv) are merged too, as
-one convolution over their concatenated inputs.  A sum is rebuilt once per application; an edge
-whose sum reads one rebuilt in the same application waits for the next round.
+one convolution over their concatenated inputs.  All groups of an edge (the projections of
+ProxylessNAS's expand ratios 3 and 6: two widths) merge in one application and its sum is rebuilt
+once, after the last (so do the edges of one sum: a ``functools.reduce`` over two edges' terms); an
+edge whose sum reads one rebuilt in the same application waits for the next round.
 Produces: one :class:`~topofx.modules.MergedConvBN` call per ``r``: the edge's BN-ended candidates
 float past the weighted join as ``W * BN(conv(r, K))`` with the kernel-normalized merged kernel K
 (METHOD.md 5-6), and all edges' merged kernels run as one convolution and one batch norm.  Each
@@ -89,7 +91,10 @@ def _match(ctx: PassContext) -> tuple[dict, list]:
     return shared, concat
 
 
-def _rewrite(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list[fx.Node], concat: bool) -> list[Rewrite]:
+def _merge(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list[fx.Node], concat: bool,
+           parts: dict[fx.Node, list]) -> list[Rewrite]:
+    """One merged call for ``edges``' members; each edge's slice of its output goes to ``parts``
+    under the edge's sum (rebuilt by :func:`_rebuild` once all of the sum's groups are merged)."""
     gm = ctx.gm
     module = MergedConvBN(
         [[(gm.get_submodule(c.target), gm.get_submodule(b.target)) for _, c, b in members] for _, members in edges],
@@ -100,16 +105,9 @@ def _rewrite(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list
     with gm.graph.inserting_after(inputs[-1]):
         merged = gm.graph.call_module(name, (*inputs, *weights))
     records = []
-    parts = split_channels(gm, merged, module.splits) if len(edges) > 1 else [merged]
-    for (edge, members), part in zip(edges, parts):
-        muls = {cand.mul for cand, _, _ in members}
-        rebuild_chain(gm, edge.chain.root, [t for t in edge.chain.terms if t not in muls] + [part])
-        for add in reversed(edge.chain.adds):
-            if not add.users:
-                gm.graph.erase_node(add)
-        for cand, conv_node, bn_node in members:
-            for node in (cand.mul, bn_node, conv_node):
-                gm.graph.erase_node(node)
+    slices = split_channels(gm, merged, module.splits) if len(edges) > 1 else [merged]
+    for (edge, members), part in zip(edges, slices):
+        parts[edge.join].append((members, part))
         how = "one conv over their concatenated inputs" if concat else "one kernel-normalized conv"
         records.append(
             Rewrite(
@@ -121,6 +119,19 @@ def _rewrite(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list
     return records
 
 
+def _rebuild(gm: fx.GraphModule, edge: MixedEdge, merged: list[tuple[list, fx.Node]]) -> None:
+    """Rebuild the edge's sum once: its other terms and the slice of every group merged out of it."""
+    muls = {cand.mul for members, _ in merged for cand, _, _ in members}
+    rebuild_chain(gm, edge.chain.root, [t for t in edge.chain.terms if t not in muls] + [part for _, part in merged])
+    for add in reversed(edge.chain.adds):
+        if not add.users:
+            gm.graph.erase_node(add)
+    for members, _ in merged:
+        for cand, conv_node, bn_node in members:
+            for node in (cand.mul, bn_node, conv_node):
+                gm.graph.erase_node(node)
+
+
 def _sum_nodes(edge: MixedEdge) -> set[fx.Node]:
     return {n for n in (*edge.chain.adds, *edge.chain.terms) if isinstance(n, fx.Node)}
 
@@ -128,21 +139,32 @@ def _sum_nodes(edge: MixedEdge) -> set[fx.Node]:
 def floating_merge(ctx: PassContext) -> list[Rewrite]:
     shared, concat = _match(ctx)
     records = []
-    # a sum is rebuilt at most once per application, and an edge whose sum reads one rebuilt here
-    # (a chain that runs on into the node's sum) waits: the fixpoint comes back with fresh matches
+    # every group of every edge of a sum merges in one application and the sum is rebuilt once, after
+    # all of them (a group left for the next round would meet weight folding first); an edge whose sum
+    # reads another one rebuilt here (a chain that runs on into the node's sum) waits for the next
+    # round, where the fixpoint comes back with fresh matches
+    parts: dict[fx.Node, list] = defaultdict(list)
+    taken: dict[fx.Node, MixedEdge] = {}
     touched: set[fx.Node] = set()
+
+    def free(edge: MixedEdge) -> bool:
+        if edge.join in taken:  # this edge's, or another edge's of the same sum (a reduce over both's terms)
+            return True
+        if _sum_nodes(edge) & touched:
+            return False
+        taken[edge.join] = edge
+        touched.update(_sum_nodes(edge))
+        return True
+
     for (r, _), group in shared.items():
-        edges = []
-        for edge, members in group:
-            if not _sum_nodes(edge) & touched:
-                edges.append((edge, members))
-                touched.update(_sum_nodes(edge))
+        edges = [(edge, members) for edge, members in group if free(edge)]
         if edges:
-            records += _rewrite(ctx, edges, [r], concat=False)
+            records += _merge(ctx, edges, [r], False, parts)
     for edge, members in concat:
-        if not _sum_nodes(edge) & touched:
-            records += _rewrite(ctx, [(edge, members)], [c.args[0] for _, c, _ in members], concat=True)
-            touched.update(_sum_nodes(edge))
+        if free(edge):
+            records += _merge(ctx, [(edge, members)], [c.args[0] for _, c, _ in members], True, parts)
+    for root, merged in parts.items():
+        _rebuild(ctx.gm, taken[root], merged)
     return records
 
 

@@ -14,6 +14,9 @@ summand written in place, a broadcast summand, a single skip candidate) are left
 from __future__ import annotations
 
 import copy
+import functools
+import operator
+from collections import Counter
 
 import pytest
 import torch
@@ -103,6 +106,53 @@ def test_topo_merges_the_skip_layers():
     merged = {r.edge for r in _rewrites(report, "floating_merge")}
     assert len(merged) == len(WIDTHS), f"{len(merged)} of {len(WIDTHS)} layers merged\n{report}"
     assert len(_rewrites(report, "distribute")) == SKIP_LAYERS, str(report)
+
+
+def test_topo_merges_both_projection_groups_of_every_layer():
+    """Each expand ratio's projections read hidden tensors of their own width: two groups per layer.
+    Both merge (the layer's sum rebuilt once, after both); before, the sum took one group per round
+    and weight folding, later in the round, folded the other group's weights into its BNs."""
+    _, simple, _ = _pair("topo")
+    report = simple.report
+    groups = Counter(r.edge for r in _rewrites(report, "floating_merge"))
+    expand_ratios = len({e for e, _ in CHOICES})
+    assert sorted(groups.values()) == [expand_ratios] * len(WIDTHS), f"{groups}\n{report}"
+    assert not _rewrites(report, "weight_folding"), str(report)  # no candidate BN is left to fold
+
+
+class ReducedNode(nn.Module):
+    """Two mixed layers, on the stem's output and on its double, whose weighted terms one
+    ``functools.reduce`` sums: one sum holding two edges."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([MixedLayer(8, 8, 2), MixedLayer(8, 8, 2)])
+
+    def forward(self, x):
+        terms = []
+        for layer, h in zip(self.layers, (x, 2 * x)):
+            w = F.softmax(layer.alpha, -1)
+            terms += [w[k] * op(h) for k, op in enumerate(layer.ops)]
+        return functools.reduce(operator.add, terms)
+
+
+def test_topo_merges_every_edge_of_one_sum():
+    """Both edges of the one sum merge both their groups (the sum rebuilt once, after all four);
+    before, the second edge waited a round and weight folding took its candidates apart."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(3, 8, 3), ReducedNode())
+    reference, simple, x = _pair("topo", model)
+    report = simple.report
+    groups = Counter(r.edge for r in _rewrites(report, "floating_merge"))
+    assert report.edges == 2 and sorted(groups.values()) == [2, 2], f"{groups}\n{report}"
+    assert not _rewrites(report, "weight_folding"), str(report)
+    alphas = [layer.alpha for layer in reference[1].layers]
+    with preserved_state(reference, tensors=alphas):
+        set_one_hot(alphas, lambda r, n: n - 1)
+        vertex = train_step_equivalence(reference, simple, (x,))
+    bad = [f"{c.category} {c.name}: {c.rel_error:.2e}" for c in vertex.comparisons
+           if not c.ok and c.category in ("output", "weight_grad")]  # merged BNs keep their own statistics
+    assert not vertex.problems and not bad, bad
 
 
 def test_edges_read_weights_through_slices():

@@ -216,11 +216,13 @@ def _keep_selected(gm: fx.GraphModule, topo: Topology, selected: list[int]) -> N
                 kept_output[c.mul] = c.output
             else:
                 dropped.add(c.mul)
-    rebuilt: dict[fx.Node, fx.Node] = {}  # an edge's sum can be a term of another's (``reduce`` joins: ``e1 + e2``)
+    # an edge's sum can be a term of another's (``reduce`` joins: ``e1 + e2``) or the kept output of
+    # another's candidate (a depth choice over blocks that are mixed edges): both read the rebuilt sum
+    rebuilt: dict[fx.Node, fx.Node] = {}
     for root in dict.fromkeys(edge.join for edge in topo.edges):
         chain = next(e.chain for e in topo.edges if e.join is root)
-        terms = [rebuilt.get(t, kept_output.get(t, t)) for t in chain.terms
-                 if t not in dropped and not (isinstance(t, (int, float)) and t == 0)]
+        kept = [kept_output.get(t, t) for t in chain.terms if t not in dropped and not (isinstance(t, (int, float)) and t == 0)]
+        terms = [rebuilt.get(t, t) for t in kept]
         with gm.graph.inserting_before(root):
             total = terms[0]
             for term in terms[1:]:

@@ -15,7 +15,10 @@ Structure, not names, decides everything here:
   the ``b_k`` in the data-flow graph (networkx ``immediate_dominators`` from a virtual source wired
   to the placeholders); each candidate's **branch** is the set of nodes on paths from the input to
   ``b_k``.  A chain whose branches contain another mixed edge's join is a *node join* (a cell's sum
-  over weighted edges, as PC-DARTS's edge normalization writes it), not an edge.
+  over weighted edges, as PC-DARTS's edge normalization writes it), not an edge -- unless the
+  candidates are nested, each output on the branch of the next (a searchable depth: the outputs
+  after 1, 2, ... blocks that may themselves be mixed edges); the input is then the shallowest
+  output (often an identity candidate) and each deeper candidate holds the blocks in between.
 * **cell** -- the longest module path an edge's candidates share with another edge's (module
   containers such as ``ModuleList``/``ModuleDict`` stripped): ``cells.3`` for both xautodl and DARTS.
 """
@@ -399,13 +402,22 @@ def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
     for chain, x, candidates, others in proposals:
         inner = set().union(*(set(c.branch) for c in candidates))
         # a candidate that contains another join or another weighted term is a whole sub-network
-        # (a node of the cell), not an operation: this sum joins nodes, not candidates
-        if inner & (joins - {chain.root}) or inner & weighted_muls:
+        # (a node of the cell), not an operation: this sum joins nodes, not candidates -- unless the
+        # candidates run on from one another (a depth choice), which no sum over a cell's edges does
+        if (inner & (joins - {chain.root}) or inner & weighted_muls) and not _nested(candidates):
             node_joins.append(chain)
         else:
             edges.append(MixedEdge(chain, x, candidates, others))
     _assign_cells(edges, root)
     return Topology(graph, g, edges, node_joins)
+
+
+def _nested(candidates: list[Candidate]) -> bool:
+    """Each candidate's output lies on the branch of the next deeper one: the candidates are the
+    outputs after 1, 2, ... blocks of one stack (a searchable depth), the shallowest possibly the
+    edge input itself.  A cell's node sum never is: its edges' outputs feed only the sum."""
+    by_depth = sorted(candidates, key=lambda c: len(c.branch))
+    return all(shallow.output in deep.branch or shallow.is_identity for shallow, deep in zip(by_depth, by_depth[1:]))
 
 
 def _order(graph: fx.Graph):
