@@ -1,0 +1,176 @@
+"""Per-candidate gates from the user's own code: a Python decision on a candidate's own sampled weight.
+
+Hard Gumbel supernets draw a one-hot sample in forward and run a candidate only where its weight
+passes a test (``if abs(w) > 1e-10: clist.append(w * op(x))``, ``sum(w * op(x) for w, op in ... if
+abs(w) > 1e-10)``).  The decision changes from draw to draw, so it cannot be taken once at capture;
+running the whole mixed op per call hides its candidates from topology.  Instead:
+
+* at a Python ``bool`` of exact elementwise ops (``abs``, a comparison with a number) on one element
+  of a tensor drawn in forward (:func:`weight_element`), inside a module forward or method that could
+  run per call, the tracer takes the decision as *taken* and opens a :class:`Window`: every node
+  recorded while the deciding frame is on the stack, until the next decision on a value;
+* after the trace, :func:`make_gates` proves each window holds exactly one *weighted term* -- a
+  product of that same weight element and a value computed in the window -- and nothing else that the
+  original computes only when the decision holds: the term's computation is used by the term alone,
+  writes nothing outside it, and every other node of the window is pure and uses the term only by
+  adding it (the sum that collects the candidates).  The product becomes
+  :func:`topofx.ir.decided_gate` ``(w, op(x), decision)``: ``topofx.sparse`` draws the sample first,
+  reads the decisions, and computes only the candidates they select;
+* a window it cannot prove names its unit, which then runs per call as before (never a gate whose
+  condition is not the original's).
+
+What the window check cannot see is Python state: a list's length (MiLeNAS's ``clist[0] if
+len(clist) == 1 else sum(clist)``) follows the speculated decisions, not the drawn ones.  The capture's
+verification, run through the sparse executor on several draws, compares values, every gradient and
+the BN statistics with the original's; a difference runs the unit per call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import sys
+import types
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..ir import DRAWN, FROM_INPUT, GATE_DECISIONS, decided_gate, is_inplace, is_pure, mutates
+from .decisions import _ELEMENTWISE, Decision
+from .frames import _is_library_file
+
+
+@dataclasses.dataclass
+class Window:
+    """Nodes recorded after a speculated gate decision while the frame that took it is on the stack."""
+
+    decision: fx.Node
+    weight: tuple[fx.Node, tuple[int, ...]]  # the sampled weight element the decision reads
+    frame: types.FrameType
+    info: Decision
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+
+    def active(self) -> bool:
+        """Whether the deciding frame is on the current stack (a suspended generator's is not)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame is self.frame:
+                return True
+            frame = frame.f_back
+        return False
+
+
+def element(node: Any) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``(base, path)`` when ``node`` is ``base[i][j]...`` by constant ints."""
+    path: list[int] = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if node.kwargs or not all(type(i) is int for i in index):
+            return None
+        path[:0] = index
+        node = node.args[0]
+    return (node, tuple(path)) if path and isinstance(node, fx.Node) else None
+
+
+def weight_element(decision: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """The element of a tensor drawn in forward that ``decision`` tests by exact elementwise ops with
+    numbers (``abs(w) > 1e-10``, ``w != 0``), or None."""
+    node = decision
+    while node.op in ("call_function", "call_method") and node.target in _ELEMENTWISE and not node.kwargs:
+        at = [k for k, a in enumerate(node.args) if isinstance(a, fx.Node)]
+        others = [a for k, a in enumerate(node.args) if k not in at]
+        if len(at) != 1 or (node.op == "call_method" and at != [0]) or not all(type(a) in (int, float, bool) for a in others):
+            return None
+        node = node.args[at[0]]
+    found = element(node)
+    if found is None or found[0].meta.get(FROM_INPUT) or not found[0].meta.get(DRAWN):
+        return None
+    return found
+
+
+def deciding_frame() -> types.FrameType | None:
+    """The innermost frame of user code on the stack (where the ``if`` stands)."""
+    frame = sys._getframe(1)
+    while frame is not None and _is_library_file(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+def _same_element(a: Any, key: tuple[fx.Node, tuple[int, ...]]) -> bool:
+    found = element(a)
+    return found is not None and found[0] is key[0] and found[1] == key[1]
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.kwargs or len(node.args) != 2:
+        return False
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
+        node.op == "call_method" and node.target in ("add", "__add__"))
+
+
+def _term(window: Window) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(product, weight operand, term operand)``: the window's one product of its weight element and
+    another value (a candidate's output; the input itself for a skip)."""
+    found = []
+    for node in window.nodes:
+        if node.kwargs or len(node.args) != 2 or not (
+                (node.op == "call_function" and node.target in (operator.mul, torch.mul))
+                or (node.op == "call_method" and node.target in ("mul", "__mul__"))):
+            continue
+        for w, t in (node.args, node.args[::-1]):
+            if _same_element(w, window.weight) and isinstance(t, fx.Node) and not _same_element(t, window.weight):
+                found.append((node, w, t))
+    return found[0] if len(found) == 1 else None
+
+
+def _proven(gm: fx.GraphModule, window: Window) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """The window's weighted term when nothing else in the window happens only because the decision
+    held (see the module docstring), else None."""
+    found = _term(window)
+    if found is None:
+        return None
+    product = found[0]
+    inside = set(window.nodes)
+    term = {product}
+    stack = [product]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in inside and a not in term:
+                term.add(a)
+                stack.append(a)
+    for node in term - {product}:
+        if any(u not in term for u in node.users):
+            return None  # used by something else: it runs whatever the decision
+        if (mutates(node) or is_inplace(node, gm)) and node.args and node.args[0] not in term:
+            return None  # writes into a value computed outside the term
+    for node in window.nodes:
+        if node in term:
+            continue
+        if not is_pure(node, gm) or any(a in term and a is not product for a in node.all_input_nodes):
+            return None
+        if product in node.all_input_nodes and not _is_add(node):
+            return None
+    if not product.users or not all(_is_add(u) for u in product.users):
+        return None
+    return found
+
+
+def make_gates(gm: fx.GraphModule, windows: list[Window]) -> Window | None:
+    """Turn each window's weighted term into a :func:`decided_gate` on its decision; the first window
+    that cannot be proven (the graph is then left as traced), or None."""
+    proven = []
+    for window in windows:
+        found = _proven(gm, window)
+        if found is None:
+            return window
+        proven.append((window, found))
+    for window, (product, weight, term) in proven:
+        with gm.graph.inserting_before(product):
+            gate = gm.graph.call_function(decided_gate, (weight, term, window.decision))
+        gate.meta.update(product.meta)
+        product.replace_all_uses_with(gate)
+        gm.graph.erase_node(product)
+    gm.meta[GATE_DECISIONS] = [window.info for window in windows]
+    if proven:
+        gm.recompile()
+    return None
