@@ -39,7 +39,7 @@ from . import tensor_inputs as _tensors
 from .binding import _specialize, bind_call, has_var_args
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
-from .gating import make_gates
+from .gating import make_gates, weight_element
 from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers, erase_unread
 from .reads import ReadRecorder, module_methods
 from .speculation import (
@@ -126,6 +126,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
                 gm, tracer = _trace_with_float_inputs(model, values, concrete, frozenset(opaque), frozenset(methods),
                                                       gate_units)
                 volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
+            shaped = {id(d) for node, convert, _, d in tracer.speculated if convert is bool and weight_element(node)}
             if not volatile:
                 unproven = make_gates(gm, tracer.gate_windows)
                 volatile = [unproven.info] if unproven is not None else []
@@ -137,6 +138,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
                     why = "its check cannot run before the graph changes state (a draw or update comes first)"
         except _DecidesPerCall as exc:
             volatile, why = [Decision(exc.frame, exc.unit)], "it comes out differently from draw to draw"
+            shaped = {id(volatile[0])} if exc.gate_shaped else set()
         if not volatile:
             break
         before, gated_before = set(learned), set(gated)
@@ -148,7 +150,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
                     f"submodule that could run per call, and {why}. Decide with tensor operations (multiply by "
                     "the sampled weight), move the decision into a method or submodule, or register an adapter "
                     "(topofx.adapters.register_adapter)")
-            if gating and not _in_units(model, decision.unit, gated_before):
+            if gating and id(decision) in shaped and not _in_units(model, decision.unit, gated_before):
                 gated.add(key)
             else:
                 learned.add(key)
@@ -449,9 +451,9 @@ def capture(
                     run_seeded(model, example_inputs)
                 continue
             gated = gm.meta.get(GATE_DECISIONS)
-            if gated and sparse is not None:
-                sparse(gm)
             try:
+                if gated and sparse is not None:
+                    sparse(gm)
                 if verify:
                     _verified(model, gm, example_inputs, live_attrs)
                     if gated:
@@ -469,10 +471,10 @@ def capture(
                         "run per call. Decide with tensor operations, or move the decision into a method or "
                         "submodule") from None
                 PER_CALL.setdefault(model, set()).add(key)
-            except CaptureError:
+            except (CaptureError, ValueError):
                 if not gated:
                     raise
-                _gates_per_call(model, gated)  # not the original's: those units run per call
+                _gates_per_call(model, gated)  # not the original's (or not run sparsely): those units run per call
     except CaptureError as exc:
         exc = _raised_eagerly(model, example_inputs) or exc
         if strict:

@@ -594,7 +594,7 @@ class ValueTracer(fx.Tracer):
             decisions.append((node, convert, result, Decision(user_frame(), self._deciding_unit())))
             return result
         if node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT) and (unit := self._deciding_unit()) is not None:
-            raise _DecidesPerCall(unit, user_frame())
+            raise _DecidesPerCall(unit, user_frame(), convert is bool and _gating.weight_element(node) is not None)
         raise CaptureError(_where(*self._why_not_concrete(node, what)))
 
     def _open_gate(self, node: fx.Node) -> "_gating.Window | None":
