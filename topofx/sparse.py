@@ -158,8 +158,9 @@ class SparseForward:
         slot.update({d: len(order) + k for k, d in enumerate(decisions)})
         self.decided = bool(decisions)  # the plan waits for the decisions, computed first in the run
         # (node index, weight's node index, position in the call's zero pattern) per gate
-        self.gates = [(index[g], index[g.args[0]], slot[g.args[2] if is_decided_gate(g) else p])
-                      for g, p in zip(gate_nodes, [None if is_decided_gate(g) else positions.pop(0) for g in gate_nodes])]
+        position_of = dict(zip(sampled, positions))
+        self.gates = [(index[g], index[g.args[0]], slot[g.args[2] if is_decided_gate(g) else position_of[g]])
+                      for g in gate_nodes]
         groups = [g for n in nodes if (g := _FusedGroup.match(gm, n)) is not None]
         # (channel widths, [(getitem's node index, block)]) per fused group
         self.groups = [(group.widths, [(index[item], item.args[1]) for item in group.items]) for group in groups]
@@ -259,10 +260,11 @@ class SparseForward:
         modes = [(m, m.training) for m in gm.modules()]
         try:
             gm.eval()
-            with torch.no_grad(), preserved_state(gm), torch.random.fork_rng(devices=[]):
-                state = torch.get_rng_state()  # a decided gate's sample is drawn in the graph: the same draw
+            devices = sorted({t.device.index or 0 for t in gm.parameters() if t.is_cuda})
+            with torch.no_grad(), preserved_state(gm), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)  # a decided gate's sample is drawn in the graph: the same draw for both
                 dense = gm(*inputs)
-                torch.set_rng_state(state)
+                torch.manual_seed(0)
                 sparse = self(gm, *inputs)
         except Exception as exc:  # noqa: BLE001 - a sparse run that fails is no equal either
             return f"sparse execution raised {type(exc).__name__}: {exc}"
