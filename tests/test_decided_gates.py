@@ -90,10 +90,13 @@ class _Net(nn.Module):
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def _assert_same_steps(model: nn.Module, simplified: nn.Module, x: torch.Tensor, seeds=range(5)) -> None:
+def _assert_same_steps(model: nn.Module, simplified: nn.Module, x: torch.Tensor, seeds=range(5),
+                       owner: nn.Module | None = None) -> None:
+    """One step each from every seed: outputs, gradients (the same parameters have one) and buffers equal;
+    ``owner`` holds ``simplified``'s parameters where they are not ``model``'s (a copy)."""
     for seed in seeds:
         out, grads, buffers = one_step(model, model, (x,), seed)
-        out2, grads2, buffers2 = one_step(model, simplified, (x,), seed)
+        out2, grads2, buffers2 = one_step(owner or model, simplified, (x,), seed)
         assert torch.allclose(out2, out, rtol=1e-5, atol=1e-8)
         assert grads2.keys() == grads.keys()  # unselected candidates get no gradient, as in the original
         for name in grads:
@@ -149,3 +152,16 @@ def test_what_a_gate_cannot_stand_for_runs_per_call(op):
     assert simplified.report.sparse == 0
     assert set(simplified.report.decided_per_call) == {"mixed.0", "mixed.1", "mixed.2"}
     _assert_same_steps(model, simplified, x, seeds=range(3))
+
+
+def test_copies_of_a_gated_graph_run_sparsely():
+    """The graph's code generator is what runs it sparsely, so a copy (the self-check's float64 copies,
+    a user's ``copy.deepcopy``) is the original's equal too: unselected BN statistics stay, no gradient."""
+    import copy
+
+    torch.manual_seed(4)
+    model = _Net(_ListOp).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    twin = copy.deepcopy(topofx.simplify(model, (x,), mode="exact", strict=True))
+    assert twin.graph_module is not None and twin.original is not model
+    _assert_same_steps(model, twin, x, seeds=range(3), owner=twin.original)
