@@ -66,10 +66,25 @@ class _SideEffectOp(_FilterOp):
 
 
 class _WeightArmOp(_FilterOp):
-    """The other arm adds the bare weight (its gradient reaches alpha): not what a gate leaves out."""
+    """The other arm adds the bare weight (its gradient reaches alpha): a gate whose dead term is the weight."""
 
     def forward(self, x, weights):
         return sum(w * op(x) if abs(w) > 1e-10 else w for w, op in zip(weights, self._ops))
+
+
+class _ArgmaxOp(_FilterOp):
+    """NASLib's GDAS idiom: the row's argmax runs, the others add their bare weight."""
+
+    def forward(self, x, weights):
+        argmax = torch.argmax(weights)
+        return sum(weights[i] * op(x) if i == argmax else weights[i] for i, op in enumerate(self._ops))
+
+
+class _HalfArmOp(_FilterOp):
+    """The other arm adds something else than the weight: no gate stands for it."""
+
+    def forward(self, x, weights):
+        return sum(w * op(x) if abs(w) > 1e-10 else w * 0.5 for w, op in zip(weights, self._ops))
 
 
 class _Net(nn.Module):
@@ -105,7 +120,7 @@ def _assert_same_steps(model: nn.Module, simplified: nn.Module, x: torch.Tensor,
             assert torch.allclose(buffers2[name], buffers[name], rtol=1e-5, atol=1e-8), name
 
 
-@pytest.mark.parametrize("op", [_FilterOp, _ListOp])
+@pytest.mark.parametrize("op", [_FilterOp, _ListOp, _WeightArmOp, _ArgmaxOp])
 @pytest.mark.parametrize("mode", ["exact", "topo"])
 def test_decisions_on_a_candidates_own_weight_become_gates(op, mode):
     torch.manual_seed(0)
@@ -141,10 +156,10 @@ def test_unselected_candidates_are_not_run():
             assert all((p.grad is not None) == (w.item() != 0) for p in params)
 
 
-@pytest.mark.parametrize("op", [_SideEffectOp, _WeightArmOp])
+@pytest.mark.parametrize("op", [_SideEffectOp, _HalfArmOp])
 def test_what_a_gate_cannot_stand_for_runs_per_call(op):
-    """A branch that also runs another module (the window's check), and an untraced other arm that adds
-    the weight (the verification's arch gradients)."""
+    """A branch that also runs another module (the window's check), an other arm that adds something
+    else than the weight (the probe's)."""
     torch.manual_seed(2)
     model = _Net(op).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)

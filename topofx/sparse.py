@@ -64,8 +64,8 @@ def is_gate(node: fx.Node) -> bool:
 
 
 def dead_rule(node: fx.Node) -> str:
-    """What a dead gate stands for: its weight, or no term (a decided gate: the user's code adds nothing)."""
-    return "nothing" if is_decided_gate(node) else node.kwargs.get("dead", "weight")
+    """What a dead gate stands for: its weight, or no term (a decided gate's default: the user's code adds nothing)."""
+    return node.kwargs.get("dead", "nothing" if is_decided_gate(node) else "weight")
 
 
 def gates(gm: fx.GraphModule) -> list[fx.Node]:

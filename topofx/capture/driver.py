@@ -39,7 +39,7 @@ from . import tensor_inputs as _tensors
 from .binding import _specialize, bind_call, has_var_args
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
-from .gating import make_gates, weight_element
+from .gating import dead_rules, make_gates, weight_element
 from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers, erase_unread
 from .reads import ReadRecorder, module_methods
 from .speculation import (
@@ -128,7 +128,9 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
                 volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
             shaped = {id(d) for node, convert, _, d in tracer.speculated if convert is bool and weight_element(node)}
             if not volatile:
-                unproven = make_gates(gm, tracer.gate_windows)
+                rules = _probe(model, values, concrete, frozenset(opaque), frozenset(methods), gate_units,
+                               tracer.gate_windows) if tracer.gate_windows else None
+                unproven = make_gates(gm, tracer.gate_windows, rules)
                 volatile = [unproven.info] if unproven is not None else []
                 why = "its gate is not proven (topofx.capture.gating)"
             if not volatile:
@@ -170,6 +172,22 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
     return gm
 
 
+def _probe(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
+           methods: frozenset[tuple[nn.Module, str]], gated: frozenset, windows: list) -> list[str | None] | None:
+    """What each gate's other arm adds (``gating.dead_rules``), from a trace that takes every gate decision
+    as not taken; None where that trace fails (code that needs a selected candidate, a list's first
+    element: the arms add nothing then, which the verification's gradients check); no rule for any
+    window where the probe took other decisions."""
+    try:
+        with _forked_rng(model), _attributes_kept(model), _traced_values_kept_out(model):
+            probe, tracer = _trace_once(model, values, concrete, opaque, methods, gated=gated, taken=False)
+    except Exception:  # noqa: BLE001 - the model's Python cannot go on without a selected candidate
+        return None
+    if [w.info.frame for w in tracer.gate_windows] != [w.info.frame for w in windows]:
+        return [None] * len(windows)
+    return dead_rules(probe, tracer.gate_windows)
+
+
 def _trace_with_float_inputs(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None,
                              opaque: frozenset[int], methods: frozenset[tuple[nn.Module, str]],
                              gated: frozenset = frozenset()) -> tuple[fx.GraphModule, "ValueTracer"]:
@@ -209,8 +227,9 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
 
 def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
                 methods: frozenset[tuple[nn.Module, str]], floats: Sequence[_floats.FloatInput] = (),
-                gated: frozenset = frozenset()) -> tuple[fx.GraphModule, "ValueTracer"]:
+                gated: frozenset = frozenset(), taken: bool = True) -> tuple[fx.GraphModule, "ValueTracer"]:
     tracer = ValueTracer(values, opaque, methods, floats, gated)
+    tracer.gate_taken = taken
     own = _attribute_names(model)
     proxies: dict[str, Any] = {}
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..ir import DRAWN, FROM_INPUT, GATE_DECISIONS, decided_gate, is_inplace, is_pure, mutates
+from ..ir import DRAWN, FROM_INPUT, GATE_DECISIONS, VALUE, decided_gate, is_inplace, is_pure, mutates
 from .decisions import _ELEMENTWISE, Decision
 from .frames import _is_library_file
 
@@ -49,6 +49,7 @@ class Window:
     frame: types.FrameType
     info: Decision
     nodes: list[fx.Node] = dataclasses.field(default_factory=list)
+    spanned: list[fx.Node] = dataclasses.field(default_factory=list)  # every node until the next decision
 
     def active(self) -> bool:
         """Whether the deciding frame is on the current stack (a suspended generator's is not)."""
@@ -72,9 +73,37 @@ def element(node: Any) -> tuple[fx.Node, tuple[int, ...]] | None:
     return (node, tuple(path)) if path and isinstance(node, fx.Node) else None
 
 
+def _argmax_element(decision: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``(base, path + (i,))`` when ``decision`` is ``argmax(v) == i`` (either order) over a 1-D ``v``
+    (``base[path]``): candidate ``i`` is the one selected."""
+    if decision.kwargs or len(decision.args) != 2 or not (
+            (decision.op == "call_function" and decision.target in (operator.eq, torch.eq))
+            or (decision.op == "call_method" and decision.target in ("eq", "__eq__"))):
+        return None
+    nodes = [a for a in decision.args if isinstance(a, fx.Node)]
+    numbers = [a for a in decision.args if type(a) is int]
+    if len(nodes) != 1 or len(numbers) != 1:
+        return None
+    argmax, i = nodes[0], numbers[0]
+    if argmax.kwargs or len(argmax.args) != 1 or not isinstance(argmax.args[0], fx.Node) or not (
+            (argmax.op == "call_function" and argmax.target is torch.argmax)
+            or (argmax.op == "call_method" and argmax.target == "argmax")):
+        return None
+    row = argmax.args[0]
+    value = row.meta.get(VALUE)
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or not 0 <= i < value.shape[0]:
+        return None
+    base, path = element(row) or (row, ())
+    return base, (*path, i)
+
+
 def weight_element(decision: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
     """The element of a tensor drawn in forward that ``decision`` tests by exact elementwise ops with
-    numbers (``abs(w) > 1e-10``, ``w != 0``), or None."""
+    numbers (``abs(w) > 1e-10``, ``w != 0``), or whose row's ``argmax`` it compares with its index
+    (``i == argmax``); None otherwise."""
+    found = _argmax_element(decision)
+    if found is not None:
+        return found if found[0].meta.get(DRAWN) and not found[0].meta.get(FROM_INPUT) else None
     node = decision
     while node.op in ("call_function", "call_method") and node.target in _ELEMENTWISE and not node.kwargs:
         at = [k for k, a in enumerate(node.args) if isinstance(a, fx.Node)]
@@ -155,18 +184,43 @@ def _proven(gm: fx.GraphModule, window: Window) -> tuple[fx.Node, fx.Node, fx.No
     return found
 
 
-def make_gates(gm: fx.GraphModule, windows: list[Window]) -> Window | None:
-    """Turn each window's weighted term into a :func:`decided_gate` on its decision; the first window
-    that cannot be proven (the graph is then left as traced), or None."""
-    proven = []
+def dead_rules(probe: fx.GraphModule, windows: list[Window]) -> list[str | None]:
+    """Per window of a probe trace, which took every gate decision as not taken: ``"nothing"`` where the
+    other arm adds nothing, ``"weight"`` where it adds only the bare weight element (``... else w[i]``),
+    None where it does anything else."""
+    rules: list[str | None] = []
     for window in windows:
+        arm = set(window.nodes)
+        added = {a for n in window.spanned if _is_add(n) for a in n.all_input_nodes
+                 if a in arm or _same_element(a, window.weight)}  # what the arm hands the sum (on the stack or not)
+        used = {n for n in window.nodes if any(_is_add(u) for u in n.users)}
+        if not all(is_pure(n, probe) for n in window.nodes) or not used <= added:
+            rules.append(None)
+        elif not added:
+            rules.append("nothing")
+        elif len(added) == 1 and _same_element(next(iter(added)), window.weight) and (
+                added <= arm and all(_is_add(u) for u in next(iter(added)).users) or not added & arm):
+            rules.append("weight")
+        else:
+            rules.append(None)
+    return rules
+
+
+def make_gates(gm: fx.GraphModule, windows: list[Window], rules: list[str | None] | None = None) -> Window | None:
+    """Turn each window's weighted term into a :func:`decided_gate` on its decision, dead as ``rules``
+    say (from :func:`dead_rules`; ``None``: no probe, the other arm adds nothing); the first window that
+    cannot be proven (the graph is then left as traced), or None."""
+    proven = []
+    for k, window in enumerate(windows):
         found = _proven(gm, window)
-        if found is None:
+        rule = "nothing" if rules is None else rules[k]
+        if found is None or rule is None:
             return window
-        proven.append((window, found))
-    for window, (product, weight, term) in proven:
+        proven.append((window, found, rule))
+    for window, (product, weight, term), rule in proven:
         with gm.graph.inserting_before(product):
-            gate = gm.graph.call_function(decided_gate, (weight, term, window.decision))
+            kwargs = {} if rule == "nothing" else {"dead": rule}
+            gate = gm.graph.call_function(decided_gate, (weight, term, window.decision), kwargs)
         gate.meta.update(product.meta)
         product.replace_all_uses_with(gate)
         gm.graph.erase_node(product)

@@ -255,6 +255,7 @@ class ValueTracer(fx.Tracer):
         self.gated = gated  # ids of modules and (id(owner), method name) whose decisions on draws become gates
         self.gate_windows: list[_gating.Window] = []  # topofx.capture.gating
         self._window: _gating.Window | None = None  # the open one
+        self.gate_taken = True  # how gate decisions come out (False: a probe of the other arms)
         self.reads: list[Read] = []  # Python values read outside the traced modules' attributes (topofx.capture.reads)
         self.attributes_read: frozenset[str] | None = None  # names the traced code reads attributes under (None: any)
 
@@ -551,8 +552,10 @@ class ValueTracer(fx.Tracer):
         node.meta[STATIC] = static
         node.meta[FROM_INPUT] = kind == "placeholder" or any(a.meta.get(FROM_INPUT) for a in node.all_input_nodes)
         node.meta[DRAWN] = kind != "placeholder" and self._drawn(node)
-        if self._window is not None and self._window.active():
-            self._window.nodes.append(node)
+        if self._window is not None:
+            self._window.spanned.append(node)
+            if self._window.active():
+                self._window.nodes.append(node)
         real = self._real(node, kind, target, args, kwargs)
         if real is not None:
             node.meta[REAL] = real
@@ -585,7 +588,7 @@ class ValueTracer(fx.Tracer):
         if convert is bool and self.gated and node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT):
             window = self._open_gate(node)
             if window is not None:
-                return True
+                return self.gate_taken
         source = node.args[0] if node.op == "call_method" and node.target in _TO_PYTHON else node
         real = source.meta.get(REAL) if isinstance(source, fx.Node) else None
         if real is not None:  # architecture values (guarded) or a draw made in forward (speculated)
