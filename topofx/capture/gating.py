@@ -6,23 +6,28 @@ abs(w) > 1e-10)``).  The decision changes from draw to draw, so it cannot be tak
 running the whole mixed op per call hides its candidates from topology.  Instead:
 
 * at a Python ``bool`` of exact elementwise ops (``abs``, a comparison with a number) on one element
-  of a tensor drawn in forward (:func:`weight_element`), inside a module forward or method that could
-  run per call, the tracer takes the decision as *taken* and opens a :class:`Window`: every node
-  recorded while the deciding frame is on the stack, until the next decision on a value;
+  of a tensor drawn in forward, or of ``argmax(row) == i`` (NASLib's GDAS: candidate ``i`` is the
+  row's selected one; :func:`weight_element`), inside a module forward or method that could run per
+  call, the tracer takes the decision as *taken* and opens a :class:`Window`: every node recorded while
+  the deciding frame is on the stack, until the next decision on a value;
 * after the trace, :func:`make_gates` proves each window holds exactly one *weighted term* -- a
-  product of that same weight element and a value computed in the window -- and nothing else that the
-  original computes only when the decision holds: the term's computation is used by the term alone,
-  writes nothing outside it, and every other node of the window is pure and uses the term only by
-  adding it (the sum that collects the candidates).  The product becomes
-  :func:`topofx.ir.decided_gate` ``(w, op(x), decision)``: ``topofx.sparse`` draws the sample first,
-  reads the decisions, and computes only the candidates they select;
+  product of that same weight element and another value -- and nothing else that the original
+  computes only when the decision holds: the term's computation is used by the term alone, writes
+  nothing outside it, and every other node of the window is pure and uses the term only by adding it
+  (the sum that collects the candidates);
+* a *probe* trace takes every gate decision as not taken; :func:`dead_rules` reads from its windows
+  what the other arm adds: nothing (``if abs(w) > eps``), or the bare weight element (``... else
+  weights[i]``), anything else unproven.  The product becomes :func:`topofx.ir.decided_gate`
+  ``(w, op(x), decision, dead=...)``: ``topofx.sparse`` draws the sample first, reads the decisions,
+  and computes only the candidates they select;
 * a window it cannot prove names its unit, which then runs per call as before (never a gate whose
   condition is not the original's).
 
-What the window check cannot see is Python state: a list's length (MiLeNAS's ``clist[0] if
-len(clist) == 1 else sum(clist)``) follows the speculated decisions, not the drawn ones.  The capture's
-verification, run through the sparse executor on several draws, compares values, every gradient and
-the BN statistics with the original's; a difference runs the unit per call.
+What the windows cannot see is Python state: a list's length (MiLeNAS's ``clist[0] if len(clist) ==
+1 else sum(clist)``) follows the speculated decisions, not the drawn ones, and a probe such code cannot
+finish (``clist[0]`` of an empty list) leaves the rule "nothing".  The capture's verification, run
+through the sparse executor on several draws, compares values, every gradient (alpha's: the dead
+rule) and the BN statistics with the original's; a difference runs the unit per call.
 """
 from __future__ import annotations
 
@@ -42,7 +47,9 @@ from .frames import _is_library_file
 
 @dataclasses.dataclass
 class Window:
-    """Nodes recorded after a speculated gate decision while the frame that took it is on the stack."""
+    """Nodes recorded after a speculated gate decision while the frame that took it is on the stack
+    (``nodes``), and all nodes recorded until the next decision (``spanned``: a ``sum`` adds the term
+    while the generator that yields it is suspended)."""
 
     decision: fx.Node
     weight: tuple[fx.Node, tuple[int, ...]]  # the sampled weight element the decision reads
