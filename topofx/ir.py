@@ -55,6 +55,29 @@ SPECULATION = "topofx_speculation"  # GraphModule.meta key: the Decision of each
 UNKNOWN = object()  # value that could not be computed
 
 
+GATE_DECISIONS = "topofx_gate_decisions"  # GraphModule.meta key: the Decision of each decided gate's window
+SPARSE_FORWARD_MARK = "\n# topofx: run sparsely\n"  # what a sparse graph's code appends its forward after (topofx.sparse)
+
+
+def decided_gate(weight: Any, term: Any, decision: Any, dead: str = "nothing") -> Any:
+    """Graph node for a candidate the user's code computes only where a Python decision on its own sampled
+    weight holds (``if abs(w) > 1e-10: out += w * op(x)``): ``weight * term`` where ``decision`` (a
+    0-dim bool tensor) holds, and where it does not no term (``dead="nothing"``: the user's code adds
+    nothing) or the bare weight (``dead="weight"``: ``w[i] * op(x) if i == argmax else w[i]``).  Capture makes it
+    (:mod:`topofx.capture.gating`); ``topofx.sparse`` runs the graph so that ``term`` and what only it
+    needs are not computed where the decision fails, and the sums leave the term out.  Run as a plain
+    function (densely, on meta) it is the product, or zeros where the decision fails: the value, but
+    the unselected candidate has run."""
+    product = weight * term
+    if decision.is_meta or bool(decision):
+        return product
+    return weight if dead == "weight" else torch.zeros_like(product)
+
+
+def is_decided_gate(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is decided_gate
+
+
 # ---------------------------------------------------------------------------------------------
 # meta execution
 # ---------------------------------------------------------------------------------------------

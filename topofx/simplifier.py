@@ -35,7 +35,7 @@ from .passes.functional_modules import SERVED_TRAINING
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .selfcheck import SelfCheck
-from .sparse import SparseForward, gateable, gates
+from .sparse import SparseForward, gateable, gates, run_sparsely
 from .topology import analyze, sum_chains
 
 MODES = ("topo", "exact")
@@ -548,7 +548,7 @@ def _capture_sampling(model: nn.Module, example_inputs: tuple, mode: str, strict
             gateable(gm, g, root.sample_names) for g in gates(gm))
         if mode == "topo" or relaxed_exactly:
             return adapter, root, root.sample_names, captured
-    return None, model, (), _capture.capture(model, example_inputs, strict=strict, stacklevel=4)
+    return None, model, (), _capture.capture(model, example_inputs, strict=strict, stacklevel=4, sparse=run_sparsely)
 
 
 def canonicalize(gm: fx.GraphModule, root: nn.Module, example_inputs: Sequence[Any], live: Sequence[str] = ()) -> list:

@@ -23,6 +23,7 @@ selected candidate needs them.  Unselected candidates' parameters get no gradien
 """
 from __future__ import annotations
 
+import functools
 import operator
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -30,7 +31,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .ir import is_mutated, is_pure
+from .capture.decisions import computed_by
+from .ir import SPARSE_FORWARD_MARK, Effects, is_decided_gate, is_mutated, is_pure
 from .modules import FusedBatchNorm2d, FusedConv2d
 from .topology import is_add
 
@@ -56,7 +58,14 @@ def gate(weight: torch.Tensor, term: torch.Tensor, dead: str = "weight") -> torc
 
 
 def is_gate(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is gate
+    """An adapter's :func:`gate`, or a gate capture made from the user's own decision
+    (:func:`topofx.ir.decided_gate`: weight and term are its first two arguments too)."""
+    return (node.op == "call_function" and node.target is gate) or is_decided_gate(node)
+
+
+def dead_rule(node: fx.Node) -> str:
+    """What a dead gate stands for: its weight, or no term (a decided gate's default: the user's code adds nothing)."""
+    return node.kwargs.get("dead", "nothing" if is_decided_gate(node) else "weight")
 
 
 def gates(gm: fx.GraphModule) -> list[fx.Node]:
@@ -64,10 +73,11 @@ def gates(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def gateable(gm: fx.GraphModule, node: fx.Node, sample_names: Sequence[str]) -> bool:
-    """A gate on a sampled weight whose users only add it (so a dead term can be left out or
-    replaced by its weight) and whose sums nothing mutates (a left-out term would alias)."""
+    """A gate on a sampled weight, or on a decision in the graph, whose users only add it (so a dead
+    term can be left out or replaced by its weight) and whose sums nothing mutates (a left-out term
+    would alias)."""
     return (
-        sample_position(gm, node.args[0], sample_names) is not None and bool(node.users)
+        (is_decided_gate(node) or sample_position(gm, node.args[0], sample_names) is not None) and bool(node.users)
         and all(is_add(u) and not is_mutated(u, gm) for u in node.users) and not is_mutated(node, gm)
     )
 
@@ -136,13 +146,21 @@ class SparseForward:
         nodes = list(gm.graph.nodes)
         index = {n: i for i, n in enumerate(nodes)}
         gate_nodes = [g for g in gates(gm) if gateable(gm, g, sample_names)]
-        positions = [sample_position(gm, g.args[0], sample_names) for g in gate_nodes]
+        if any(is_decided_gate(g) and g not in gate_nodes for g in gates(gm)):
+            raise ValueError("a gate decided in the graph is used other than by sums: it cannot be left out")
+        sampled = [g for g in gate_nodes if not is_decided_gate(g)]
+        positions = [sample_position(gm, g.args[0], sample_names) for g in sampled]
         order = sorted(set(positions))  # distinct sampled weights (cells may share a sample's rows)
         names = sorted({name for name, _ in order})
         self.samples = [(name, torch.tensor([flat for n, flat in order if n == name])) for name in names]
         slot = {p: i for i, p in enumerate(order)}
+        decisions = list(dict.fromkeys(g.args[2] for g in gate_nodes if is_decided_gate(g)))
+        slot.update({d: len(order) + k for k, d in enumerate(decisions)})
+        self.decided = bool(decisions)  # the plan waits for the decisions, computed first in the run
         # (node index, weight's node index, position in the call's zero pattern) per gate
-        self.gates = [(index[g], index[g.args[0]], slot[p]) for g, p in zip(gate_nodes, positions)]
+        position_of = dict(zip(sampled, positions))
+        self.gates = [(index[g], index[g.args[0]], slot[g.args[2] if is_decided_gate(g) else position_of[g]])
+                      for g in gate_nodes]
         groups = [g for n in nodes if (g := _FusedGroup.match(gm, n)) is not None]
         # (channel widths, [(getitem's node index, block)]) per fused group
         self.groups = [(group.widths, [(index[item], item.args[1]) for item in group.items]) for group in groups]
@@ -152,7 +170,8 @@ class SparseForward:
         self._cache: OrderedDict[bytes, tuple] = OrderedDict()
         self._flat_on: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.modules = [gm.get_submodule(n.target) if n.op == "call_module" else None for n in nodes]
-        self._run = _generate(nodes, index, gate_nodes, groups)  # holds no node: deepcopy-safe
+        front = _decisions_first(gm, nodes, decisions)
+        self._run = _generate(nodes, index, gate_nodes, groups, front, decisions)  # holds no node: deepcopy-safe
 
     def _static_roots(self, gm: fx.GraphModule, nodes: list[fx.Node], index: dict[fx.Node, int],
                       gate_nodes: list[fx.Node]) -> list[int]:
@@ -185,6 +204,8 @@ class SparseForward:
 
     def pattern(self, gm: fx.GraphModule) -> bytes:
         """Which gated weights are exactly zero on this call (the call's one device sync)."""
+        if not self.samples:
+            return b""
         picked = []
         for name, flat in self.samples:
             sample = getattr(gm, name).detach()
@@ -220,8 +241,15 @@ class SparseForward:
         return plan
 
     def __call__(self, gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        if self.decided:  # the run draws the sample and computes the decisions, then asks for the plan
+            return self._run(gm, self.modules, None, None, self._decide, *args, **kwargs)
         flags, blocks = self.plan(self.pattern(gm))
-        return self._run(gm, self.modules, flags, blocks, *args, **kwargs)
+        return self._run(gm, self.modules, flags, blocks, None, *args, **kwargs)
+
+    def _decide(self, gm: fx.GraphModule, decisions: tuple) -> tuple[list[int], dict[int, tuple]]:
+        """The plan for this call's decisions (one device sync), after the sampled weights' zeros."""
+        taken = torch.stack([d.reshape(()) for d in decisions]).tolist()
+        return self.plan(self.pattern(gm) + bytes(not t for t in taken))
 
     def check(self, gm: fx.GraphModule, inputs: Sequence[Any]) -> str | None:
         """Why the sparse run's values differ from the graph's dense run on ``inputs`` (at the sample
@@ -232,8 +260,12 @@ class SparseForward:
         modes = [(m, m.training) for m in gm.modules()]
         try:
             gm.eval()
-            with torch.no_grad(), preserved_state(gm):
-                dense, sparse = gm(*inputs), self(gm, *inputs)
+            devices = sorted({t.device.index or 0 for t in gm.parameters() if t.is_cuda})
+            with torch.no_grad(), preserved_state(gm), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)  # a decided gate's sample is drawn in the graph: the same draw for both
+                dense = gm(*inputs)
+                torch.manual_seed(0)
+                sparse = self(gm, *inputs)
         except Exception as exc:  # noqa: BLE001 - a sparse run that fails is no equal either
             return f"sparse execution raised {type(exc).__name__}: {exc}"
         finally:
@@ -248,9 +280,26 @@ class SparseForward:
         return sum(f == 1 for f in flags) / len(flags)
 
 
-def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[fx.Node], groups: list[_FusedGroup]):
-    """The guarded forward: ``run(gm, modules, L, P, *placeholders)``; ``L[i]`` says whether node i runs
-    (1) or, for a gate, is dead (2); ``P[k]`` gives fused group k's live blocks."""
+def _decisions_first(gm: fx.GraphModule, nodes: list[fx.Node], decisions: list[fx.Node]) -> list[fx.Node]:
+    """What computes the decisions of decided gates (the sampling: draws from the alphas), which the run
+    computes first, before it plans; ``ValueError`` where running it first would reorder random draws
+    or in-place updates (``ir.Effects``)."""
+    if not decisions:
+        return []
+    front = set(computed_by(decisions))
+    order = [n for n in nodes if n.op == "placeholder"] + [n for n in nodes if n in front and n.op != "placeholder"] + [
+        n for n in nodes if n not in front and n.op != "placeholder"]
+    position = {n: i for i, n in enumerate(order)}
+    if any(position[a] > position[b] for a, b in Effects.of(gm).order_edges(set(nodes), gm)):
+        raise ValueError("the decisions of gates cannot be computed before the graph changes state")
+    return [n for n in nodes if n in front and n.op != "placeholder"]
+
+
+def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[fx.Node], groups: list[_FusedGroup],
+              front: list[fx.Node] = (), decisions: list[fx.Node] = ()):
+    """The guarded forward: ``run(gm, modules, L, P, D, *placeholders)``; ``L[i]`` says whether node i runs
+    (1) or, for a gate, is dead (2); ``P[k]`` gives fused group k's live blocks.  With decided gates the
+    run computes ``front`` first, unguarded, then ``L, P = D(gm, decisions)``."""
     env: dict[str, Any] = {"_add_nothing": _add_nothing}
     consts: list[Any] = []
     env["K"] = consts
@@ -279,7 +328,10 @@ def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[
                          + [f"{k}={c}" for k, c in (code or {}).items()])
 
     gate_set = set(gate_nodes)
-    nothing_adds = {u for g in gate_nodes if g.kwargs.get("dead") == "nothing" for u in g.users}
+    nothing_adds = {u for g in gate_nodes if dead_rule(g) == "nothing" for u in g.users}
+    unguarded = set(front)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    nodes = placeholders + list(front) + [n for n in nodes if n not in unguarded and n.op != "placeholder"]
     group_of = {}
     for k, group in enumerate(groups):
         group_of[group.conv] = (k, "conv")
@@ -310,7 +362,7 @@ def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[
             break
         if n in gate_set:
             w, t = expr(n.args[0]), expr(n.args[1])
-            dead = w if n.kwargs.get("dead", "weight") == "weight" else "None"
+            dead = w if dead_rule(n) == "weight" else "None"
             lines.append(f"if L[{i}] == 1: {v} = {w} * {t}")
             lines.append(f"elif L[{i}] == 2: {v} = {dead}")
         elif n in nothing_adds:  # `is_add`: two operands, no keywords, as a function or a method
@@ -336,12 +388,45 @@ def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[
                 else:
                     env[f"F{i}"] = n.target
                     code = f"F{i}({call_args(n.args, n.kwargs)})"
-            lines.append(f"if L[{i}]: {v} = {code}")
+            lines.append(f"{v} = {code}" if n in unguarded else f"if L[{i}]: {v} = {code}")
+            if front and n is front[-1]:
+                lines.append(f"L, P = D(gm, ({''.join(f'v{index[d]}, ' for d in decisions)}))")
         frees = [f"v{index[a]}" for a in freed_after.get(n, []) if a.op != "placeholder"]
         if frees:
             lines.append(" = ".join(frees) + " = None")
-    source = f"def run(gm, modules, L, P, {', '.join(params)}):\n" + "".join(f"    {line}\n" for line in lines)
+    source = f"def run(gm, modules, L, P, D, {', '.join(params)}):\n" + "".join(f"    {line}\n" for line in lines)
     exec(compile(source, "<topofx.sparse>", "exec"), env)  # noqa: S102 - code generated from the graph above
     run = env["run"]
     run.source = source
     return run
+
+
+class _SparseCodeGen(fx.graph.CodeGen):
+    """A graph with decided gates means sparse execution wherever it runs: after the graph's own forward
+    (kept as the code's text, which fingerprints compare) comes a ``forward`` that runs the graph through
+    :class:`SparseForward`.  The code generator is the graph's, so copies of the graph (``deepcopy``, a
+    new GraphModule on it) run sparsely too; each generation is a new token, so a rewritten graph gets a
+    new executor."""
+
+    def _gen_python_code(self, nodes: Any, root_module: str, namespace: Any, **kwargs: Any) -> Any:
+        code = super()._gen_python_code(nodes, root_module, namespace, **kwargs)
+        name = namespace.create_name("_topofx_sparse", None)
+        code.globals[name] = functools.partial(_run_sparse, token=object())
+        code.src += f"{SPARSE_FORWARD_MARK}def forward(self, *args, **kwargs):\n    return {name}(self, args, kwargs)\n"
+        return code
+
+
+def _run_sparse(gm: fx.GraphModule, args: tuple, kwargs: dict, token: object) -> Any:
+    cached = gm.__dict__.get("_topofx_sparse")
+    if cached is None or cached[0] is not token:
+        cached = gm.__dict__["_topofx_sparse"] = (token, SparseForward(gm, ()))
+    return cached[1](gm, *args, **kwargs)
+
+
+def run_sparsely(gm: fx.GraphModule) -> None:
+    """Make ``gm`` (a graph with gates decided in it, ``topofx.capture.gating``) and its copies run
+    only what each call's decisions select; ``ValueError`` where its code is not FX's plain forward."""
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:  # a pytree signature: its forward flattens first
+        raise ValueError(f"a graph generated by {type(gm.graph._codegen).__name__} cannot run sparsely")
+    gm.graph.set_codegen(_SparseCodeGen())
+    gm.recompile()

@@ -92,9 +92,10 @@ class _DecidesPerCall(Exception):
     """Raised by the tracer at a Python decision on a value drawn anew on every call (a hard Gumbel
     sample's ``if abs(w) > 1e-10``, GDAS's ``index[e].item()``) inside ``module``'s forward."""
 
-    def __init__(self, unit: Unit, frame: UserFrame | None):
+    def __init__(self, unit: Unit, frame: UserFrame | None, gate_shaped: bool = False):
         super().__init__(str(unit))
         self.unit, self.frame = unit, frame  # a module, or (owner, method name); the decision's line
+        self.gate_shaped = gate_shaped  # a bool of one element of the draw: a gate may stand for it
 
 
 class ValueGuard:

@@ -21,13 +21,16 @@ from ..ir import (
     DECIDED_PER_CALL,
     FLOAT_INPUTS,
     FLOATS,
+    GATE_DECISIONS,
     HELD,
     READS,
     REAL,
     SHAPE_DECISIONS,
+    SPARSE_FORWARD_MARK,
     SPECULATION,
     TRACED_MODULES,
     VALUE_GUARD,
+    max_rel_error,
     preserved_state,
     run_seeded,
 )
@@ -36,6 +39,7 @@ from . import tensor_inputs as _tensors
 from .binding import _specialize, bind_call, has_var_args
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
+from .gating import dead_rules, make_gates, weight_element
 from .held import _MODULE_FIELDS, _attribute_names, _free_name, _loose_tensors_as_buffers, erase_unread
 from .reads import ReadRecorder, module_methods
 from .speculation import (
@@ -82,13 +86,27 @@ def _raised_by_c_from_user_code(exc: BaseException) -> bool:
     return dis.opname[tb.tb_frame.f_code.co_code[tb.tb_lasti]].startswith("CALL")
 
 
-def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
+GATED: "weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]]" = weakref.WeakKeyDictionary()
+"""Per model: units whose decisions on draws are tried as per-candidate gates (``topofx.capture.gating``)
+before they run per call; a unit whose gate is not proven moves on to :data:`PER_CALL`."""
+
+
+def _in_units(model: nn.Module, unit: Any, keys: set[tuple[str, ...]]) -> bool:
+    """Whether ``unit`` is one of the units ``keys`` stand for (a module's class mates included)."""
+    modules, methods = _per_call_units(model, keys)
+    return (unit[0], unit[1]) in methods if isinstance(unit, tuple) else id(unit) in modules
+
+
+def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None = None) -> fx.GraphModule:
     """Trace ``model`` with :class:`ValueTracer`; raise :class:`CaptureError` naming the user's code.
 
     Tensor arguments become graph inputs; every other argument of ``forward`` (strings, numbers,
     ``None``, defaults included) is specialized to its value in ``example_inputs`` and asserted in
     the graph, so one graph serves exactly one choice of them (``SimplifiedModule`` keeps one
-    graph per choice).
+    graph per choice).  With ``gating``, a decision on a draw that changes from draw to draw is first
+    tried as per-candidate gates (``topofx.capture.gating``; the graph then needs a sparse executor),
+    and runs its unit per call where they are not proven (``None``: as the model's last capture did, so
+    a re-trace that the guards compare takes the same decisions).
     """
     if has_var_args(model):
         values, concrete = list(example_inputs), None
@@ -97,23 +115,36 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
         values = list(bound.arguments.values())
         concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
     learned = PER_CALL.setdefault(model, set())
+    gating = bool(GATED.get(model)) if gating is None else gating
+    gated = GATED.setdefault(model, set()) if gating else set()
     while True:
         opaque, methods = _per_call_units(model, learned)
+        gate_modules, gate_methods = _per_call_units(model, gated - learned)
+        gate_units = frozenset(gate_modules | {(id(owner), name) for owner, name in gate_methods})
         try:
             with _forked_rng(model), _traced_values_kept_out(model):  # draws made while tracing leave the
-                gm, tracer = _trace_with_float_inputs(model, values, concrete, frozenset(opaque), frozenset(methods))
+                gm, tracer = _trace_with_float_inputs(model, values, concrete, frozenset(opaque), frozenset(methods),
+                                                      gate_units)
                 volatile, why = _volatile(gm, tracer.speculated), "it comes out differently from draw to draw"
+            shaped = {id(d) for node, convert, _, d in tracer.speculated if convert is bool and weight_element(node)}
+            if not volatile:
+                rules = _probe(model, values, concrete, frozenset(opaque), frozenset(methods), gate_units,
+                               tracer.gate_windows) if tracer.gate_windows else None
+                unproven = make_gates(gm, tracer.gate_windows, rules)
+                volatile = [unproven.info] if unproven is not None else []
+                why = "its gate is not proven (topofx.capture.gating)"
             if not volatile:
                 _insert_speculation_checks(gm, tracer.speculated)
                 if not hoist_speculation(gm):  # a check could not run before every state change
-                    volatile = [decision for *_, decision in tracer.speculated]
+                    volatile = [decision for *_, decision in tracer.speculated] + gm.meta.get(GATE_DECISIONS, [])
                     why = "its check cannot run before the graph changes state (a draw or update comes first)"
         except _DecidesPerCall as exc:
             volatile, why = [Decision(exc.frame, exc.unit)], "it comes out differently from draw to draw"
+            shaped = {id(volatile[0])} if exc.gate_shaped else set()
         if not volatile:
             break
-        before = set(learned)
-        for decision in volatile:  # decides differently from draw to draw: runs per call, as written
+        before, gated_before = set(learned), set(gated)
+        for decision in volatile:  # decides differently from draw to draw: a gate, else runs per call, as written
             key = unit_key(model, decision.unit) if decision.unit is not None else None
             if key is None or key in before:
                 raise CaptureError(
@@ -121,7 +152,10 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
                     f"submodule that could run per call, and {why}. Decide with tensor operations (multiply by "
                     "the sampled weight), move the decision into a method or submodule, or register an adapter "
                     "(topofx.adapters.register_adapter)")
-            learned.add(key)
+            if gating and id(decision) in shaped and not _in_units(model, decision.unit, gated_before):
+                gated.add(key)
+            else:
+                learned.add(key)
     gm.meta[DECIDED_PER_CALL] = sorted(
         {name for name, m in model.named_modules() if id(m) in opaque and name}
         | {unit_name(model, key) for key in learned if len(key) == 2})
@@ -138,20 +172,36 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
     return gm
 
 
+def _probe(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
+           methods: frozenset[tuple[nn.Module, str]], gated: frozenset, windows: list) -> list[str | None] | None:
+    """What each gate's other arm adds (``gating.dead_rules``), from a trace that takes every gate decision
+    as not taken; None where that trace fails (code that needs a selected candidate, a list's first
+    element: the arms add nothing then, which the verification's gradients check); no rule for any
+    window where the probe took other decisions."""
+    try:
+        with _forked_rng(model), _attributes_kept(model), _traced_values_kept_out(model):
+            probe, tracer = _trace_once(model, values, concrete, opaque, methods, gated=gated, taken=False)
+    except Exception:  # noqa: BLE001 - the model's Python cannot go on without a selected candidate
+        return None
+    if [w.info.frame for w in tracer.gate_windows] != [w.info.frame for w in windows]:
+        return [None] * len(windows)
+    return dead_rules(probe, tracer.gate_windows)
+
+
 def _trace_with_float_inputs(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None,
-                             opaque: frozenset[int], methods: frozenset[tuple[nn.Module, str]]
-                             ) -> tuple[fx.GraphModule, "ValueTracer"]:
+                             opaque: frozenset[int], methods: frozenset[tuple[nn.Module, str]],
+                             gated: frozenset = frozenset()) -> tuple[fx.GraphModule, "ValueTracer"]:
     """Trace with Python floats as constants; where the trace read floats (``topofx.capture.float_inputs``), trace
     again with them as inputs, and again without those found used as numbers, until a trace uses every
     stand-in it installed as a tensor operand -- or none is left: then the first trace stands.  Each
     further trace leaves the modules' Python attributes as the first left them."""
-    gm, tracer = _trace_once(model, values, concrete, opaque, methods)
+    gm, tracer = _trace_once(model, values, concrete, opaque, methods, gated=gated)
     floats = _floats.candidates([model, *tracer.traced_modules], tracer.reads, _MODULE_FIELDS | {"training"},
                                 _is_library_file, CONSTANT_FLOATS.get(model, set()))
     while floats:
         try:
             with _attributes_kept(model), _traced_values_kept_out(model):
-                return_value = _trace_once(model, values, concrete, opaque, methods, floats)
+                return_value = _trace_once(model, values, concrete, opaque, methods, floats, gated)
         except Exception:  # noqa: BLE001 - a trace the stand-ins break: without the floats that decided
             return_value = None
         kept = [f for f in floats if not f.decides]
@@ -176,9 +226,10 @@ def _attributes_kept(model: nn.Module) -> Iterator[None]:
 
 
 def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | None, opaque: frozenset[int],
-                methods: frozenset[tuple[nn.Module, str]], floats: Sequence[_floats.FloatInput] = ()
-                ) -> tuple[fx.GraphModule, "ValueTracer"]:
-    tracer = ValueTracer(values, opaque, methods, floats)
+                methods: frozenset[tuple[nn.Module, str]], floats: Sequence[_floats.FloatInput] = (),
+                gated: frozenset = frozenset(), taken: bool = True) -> tuple[fx.GraphModule, "ValueTracer"]:
+    tracer = ValueTracer(values, opaque, methods, floats, gated)
+    tracer.gate_taken = taken
     own = _attribute_names(model)
     proxies: dict[str, Any] = {}
 
@@ -325,7 +376,7 @@ def fingerprint(gm: fx.GraphModule) -> tuple:
     """What a trace decided: its code, the values of its Python decisions (a baked batch size may
     leave the code unchanged, e.g. inside a constant) and what its custom Functions' nodes hold."""
     guard = gm.meta.get(VALUE_GUARD)
-    return (gm.code, tuple(repr(v) for _, v in gm.meta.get(SHAPE_DECISIONS, ())),
+    return (gm.code.split(SPARSE_FORWARD_MARK)[0], tuple(repr(v) for _, v in gm.meta.get(SHAPE_DECISIONS, ())),
             tuple(repr(expected) for _, expected, _ in (guard.checks if guard else ())),
             tuple(m.held_key() for m in gm.modules() if isinstance(m, AppliedFunction)))
 
@@ -373,20 +424,44 @@ def _verified(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any
                            f"{type(error).__name__}: {error}") from error
 
 
+def _gates_per_call(model: nn.Module, decisions: list[Decision]) -> None:
+    """The units of gates that verification refuted run per call from now on."""
+    for decision in decisions:
+        key = unit_key(model, decision.unit) if decision.unit is not None else None
+        if key is not None:
+            PER_CALL.setdefault(model, set()).add(key)
+
+
+def _verified_on_draws(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """A graph with gates against the model on :data:`RESAMPLES` more draws (seeds): the Python around a
+    gate (a list's length) follows the speculated decisions, which only the values show."""
+    for seed in range(1, RESAMPLES + 1):
+        with preserved_state(model):
+            eager = run_seeded(model, example_inputs, seed)
+        with preserved_state(model):
+            graphed = run_seeded(gm, example_inputs, seed)
+        error = max_rel_error(graphed, eager)
+        if not error <= 1e-5:
+            raise CaptureError(f"the graph's gates disagree with eager forward on another draw (max relative "
+                               f"error {error:.2e})")
+
+
 def capture(
     model: nn.Module, example_inputs: Sequence[Any], *, strict: bool = False, verify: bool = True,
-    live_attrs: Sequence[str] = (), stacklevel: int = 3,
+    live_attrs: Sequence[str] = (), stacklevel: int = 3, sparse: Callable[[fx.GraphModule], None] | None = None,
 ) -> Capture:
     """Capture ``model``; on failure raise (``strict``) or warn and return an eager fallback.
 
     ``live_attrs`` name tensor attributes that are set anew before every call (an adapter's
     samples): they may carry autograd history.  ``stacklevel`` locates the warning at the user's call.
+    ``sparse`` makes a graph with gates (``topofx.capture.gating``) run only its selected candidates
+    (``topofx.sparse.run_sparsely``); without it decisions on draws run their unit per call.
     """
     try:
         warmed = False
         while True:
             try:
-                gm = trace(model, example_inputs)
+                gm = trace(model, example_inputs, gating=sparse is not None)
             except StoresTracedValues:  # a first call stores Python state: make it eagerly, then trace
                 if warmed:
                     raise
@@ -394,9 +469,14 @@ def capture(
                 with preserved_state(model), torch.no_grad():
                     run_seeded(model, example_inputs)
                 continue
+            gated = gm.meta.get(GATE_DECISIONS)
             try:
+                if gated and sparse is not None:
+                    sparse(gm)
                 if verify:
                     _verified(model, gm, example_inputs, live_attrs)
+                    if gated:
+                        _verified_on_draws(model, gm, example_inputs)
                 return Capture(gm)
             except FloatsNotFollowed as failed:  # keep them constants, guarded
                 CONSTANT_FLOATS.setdefault(model, set()).update(f.key for f in failed.floats)
@@ -410,6 +490,10 @@ def capture(
                         "run per call. Decide with tensor operations, or move the decision into a method or "
                         "submodule") from None
                 PER_CALL.setdefault(model, set()).add(key)
+            except (CaptureError, ValueError):
+                if not gated:
+                    raise
+                _gates_per_call(model, gated)  # not the original's (or not run sparsely): those units run per call
     except CaptureError as exc:
         exc = _raised_eagerly(model, example_inputs) or exc
         if strict:

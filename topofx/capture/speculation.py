@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..ir import SPECULATION, STATIC, VALUE, Effects
+from ..ir import SPECULATION, STATIC, VALUE, Effects, is_decided_gate
 from .decisions import ValueGuard, _same, computed_by
 
 if TYPE_CHECKING:
@@ -76,9 +76,11 @@ def _insert_speculation_checks(gm: fx.GraphModule, speculated: list) -> None:
 def hoist_speculation(gm: fx.GraphModule) -> bool:
     """Move the speculation checks and everything they depend on (the sampling: architecture values and
     draws, never the inputs) to the front of the graph, so that a failed check leaves no trace but the
-    RNG's (restored by the caller).  ``False``, graph untouched, when that would reorder random draws or
-    an in-place update (``ir.Effects``)."""
+    RNG's (restored by the caller); the decisions of gates (``topofx.capture.gating``) too, so that the
+    sparse executor draws the sample and reads them before it plans the call.  ``False``, graph
+    untouched, when that would reorder random draws or an in-place update (``ir.Effects``)."""
     checks = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is speculation_check]
+    checks += [n.args[2] for n in gm.graph.nodes if is_decided_gate(n)]
     if not checks:
         return True
     front = set(computed_by(checks))

@@ -37,6 +37,7 @@ from ..ir import (
     to_meta,
 )
 from . import float_inputs as _floats
+from . import gating as _gating
 from . import tensor_inputs as _tensors
 from .decisions import Decision, _DecidesPerCall
 from .frames import _TORCH_DIR, CaptureError, _is_library_file, _where, user_frame
@@ -239,7 +240,7 @@ class ValueTracer(fx.Tracer):
 
     def __init__(self, example_inputs: Sequence[Any], opaque: frozenset[int] = frozenset(),
                  opaque_methods: frozenset[tuple[nn.Module, str]] = frozenset(),
-                 floats: Sequence[_floats.FloatInput] = ()):
+                 floats: Sequence[_floats.FloatInput] = (), gated: frozenset = frozenset()):
         super().__init__(param_shapes_constant=False)
         self.floats = floats  # Python floats read through stand-ins, as graph inputs (topofx.capture.float_inputs)
         self.float_inputs: list[_floats.FloatInput] = []  # those the graph reads (set after the trace)
@@ -252,6 +253,10 @@ class ValueTracer(fx.Tracer):
         self.shape_decisions: list[tuple[UserFrame | None, Any]] = []  # Python decisions taken on input shapes
         self.value_decisions: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []
         self.speculated: list[tuple[fx.Node, Callable[[Any], Any], Any, Decision]] = []  # decisions on draws
+        self.gated = gated  # ids of modules and (id(owner), method name) whose decisions on draws become gates
+        self.gate_windows: list[_gating.Window] = []  # topofx.capture.gating
+        self._window: _gating.Window | None = None  # the open one
+        self.gate_taken = True  # how gate decisions come out (False: a probe of the other arms)
         self.reads: list[Read] = []  # Python values read outside the traced modules' attributes (topofx.capture.reads)
         self.attributes_read: frozenset[str] | None = None  # names the traced code reads attributes under (None: any)
 
@@ -556,6 +561,10 @@ class ValueTracer(fx.Tracer):
         node.meta[STATIC] = static
         node.meta[FROM_INPUT] = kind == "placeholder" or any(a.meta.get(FROM_INPUT) for a in node.all_input_nodes)
         node.meta[DRAWN] = kind != "placeholder" and self._drawn(node)
+        if self._window is not None:
+            self._window.spanned.append(node)
+            if self._window.active():
+                self._window.nodes.append(node)
         real = self._real(node, kind, target, args, kwargs)
         if real is not None:
             node.meta[REAL] = real
@@ -584,6 +593,11 @@ class ValueTracer(fx.Tracer):
             result = convert(value)
             self._note_shape_decision(obj, result)
             return result
+        self._window = None  # a decision on values closes the open gate window
+        if convert is bool and self.gated and node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT):
+            window = self._open_gate(node)
+            if window is not None:
+                return self.gate_taken
         source = node.args[0] if node.op == "call_method" and node.target in _TO_PYTHON else node
         real = source.meta.get(REAL) if isinstance(source, fx.Node) else None
         if real is not None:  # architecture values (guarded) or a draw made in forward (speculated)
@@ -592,8 +606,23 @@ class ValueTracer(fx.Tracer):
             decisions.append((node, convert, result, Decision(user_frame(), self._deciding_unit())))
             return result
         if node.meta.get(DRAWN) and not node.meta.get(FROM_INPUT) and (unit := self._deciding_unit()) is not None:
-            raise _DecidesPerCall(unit, user_frame())
+            raise _DecidesPerCall(unit, user_frame(), convert is bool and _gating.weight_element(node) is not None)
         raise CaptureError(_where(*self._why_not_concrete(node, what)))
+
+    def _open_gate(self, node: fx.Node) -> "_gating.Window | None":
+        """At a decision on one element of a draw inside a gated unit: take it as taken and record what
+        follows (``topofx.capture.gating``); None where the decision is not of that shape."""
+        weight = _gating.weight_element(node)
+        unit = self._deciding_unit() if weight is not None else None
+        owner = unit if not isinstance(unit, tuple) else (id(unit[0]), unit[1])
+        if unit is None or (id(owner) if isinstance(owner, nn.Module) else owner) not in self.gated:
+            return None
+        frame = _gating.deciding_frame()
+        if frame is None:
+            return None
+        self._window = _gating.Window(node, weight, frame, Decision(user_frame(), unit))
+        self.gate_windows.append(self._window)
+        return self._window
 
     def _deciding_unit(self) -> Unit | None:
         """The innermost piece of user code around the current decision that can run as one node:
