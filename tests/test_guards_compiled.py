@@ -356,3 +356,123 @@ def test_tensor_only_calls_bind_once():
     assert simplified.serving((x,), {}) is simplified
     assert simplified.serving((x, x), {}) is model  # forward() rejects it: the original raises the user's own error
     assert simplified.serving((), {"x": x}) is simplified  # keywords: bound, the same choice
+
+
+# ---------------------------------------------------------------------------------------------
+# the value guard's snapshot of the tensors it reads: one batched comparison
+# ---------------------------------------------------------------------------------------------
+def _tensors():
+    torch.manual_seed(0)
+    return [torch.randn(3, 4), nn.Parameter(torch.randn(4)), torch.tensor([2**53 + 1, 5]), torch.tensor([True, False]),
+            torch.randn(3, 4, dtype=torch.float64)]
+
+
+def _edits():
+    """(what, edit of the list of tensors in place): each keeps or changes what the tensors hold."""
+    def data_copy(ts):
+        ts[1].data.copy_(ts[1].data + 1)  # through .data: no version bump
+
+    def data_element(ts):
+        ts[0].data[2, 3] = 7.0
+
+    def in_place(ts):
+        with torch.no_grad():
+            ts[1][0] += 1
+
+    def int_by_one(ts):
+        ts[2][0] -= 1  # 2**53 and 2**53 + 1 are one float: flattened with floats they would compare equal
+
+    def flag(ts):
+        ts[3][1] = True
+
+    def reshaped(ts):
+        ts[0].data = ts[0].data.reshape(4, 3)  # same elements, another shape
+
+    def retyped(ts):
+        ts[0].data = ts[0].data.double()
+
+    def replaced_equal(ts):
+        ts[4] = ts[4].clone()  # another object holding the same values
+
+    def not_a_tensor(ts):
+        ts[3] = [True, False]
+
+    def nan(ts):
+        ts[4][0, 0] = math.nan
+
+    def negative_zero(ts):
+        ts[4][0, 0] = 0.0
+
+    return [(f.__name__, f) for f in (data_copy, data_element, in_place, int_by_one, flag, reshaped, retyped,
+                                      replaced_equal, not_a_tensor, nan, negative_zero)]
+
+
+def _each_equal(now, then, types):
+    return all(type(a) is t and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+               and torch.equal(a, b) for a, b, t in zip(now, then, types))
+
+
+@pytest.mark.parametrize("what,edit", _edits())
+def test_snapshot_holds_exactly_when_every_tensor_compares_equal(what, edit):
+    """One ``torch.equal`` per dtype over the flattened tensors finds a change exactly where comparing
+    tensor by tensor does: writes through ``.data`` and in place, a shape or dtype that changed under
+    the same elements, an int that floats cannot tell apart; an equal copy still holds."""
+    from topofx.capture.decisions import _Snapshot
+
+    tensors = _tensors()
+    if what == "negative_zero":
+        tensors[4][0, 0] = -0.0
+    copies, types = [t.detach().clone() for t in tensors], list(map(type, tensors))
+    snapshot = _Snapshot(tensors)
+    assert snapshot.holds(tensors)
+    edit(tensors)
+    expected = _each_equal(tensors, copies, types)
+    assert snapshot.holds(tensors) == expected
+    assert expected == (what in ("replaced_equal", "negative_zero"))
+
+
+class _MaskedCell(nn.Module):
+    """A cell that skips the candidates its own buffer masks out (a Python decision on a buffer's values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1), nn.Identity()])
+        self.register_buffer("keep", torch.ones(3))
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, k, op in zip(weights, self.keep, self.ops) if k != 0)
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(3))
+        self.cells = nn.ModuleList([_MaskedCell(), _MaskedCell()])
+
+    def forward(self, x):
+        weights = self.alpha.softmax(-1)
+        for cell in self.cells:
+            x = cell(x, weights)
+        return x
+
+
+@pytest.mark.parametrize("write", ["data", "in_place"])
+def test_a_write_into_one_of_several_guarded_tensors_is_caught(write):
+    """The value guard reads the alphas and every cell's mask; with all of them unchanged since its last run
+    it does not run again (one batched comparison), and a write into one cell's mask -- through ``.data``,
+    which moves no version counter, or in place -- is still a change that captures the model again."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = simplified.guards.value_guard
+    assert guard.holds(model) and guard.holds(model)
+    batched = guard._batched[id(model)][1]
+    assert batched is not None and batched.memo is not None and len(batched.leaves) == 2  # the two masks
+    graph = simplified.graph_module
+    if write == "data":
+        model.cells[1].keep.data[2] = 0.0
+    else:
+        model.cells[1].keep[2] = 0.0
+    assert not guard.holds(model)
+    torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.graph_module is not graph
