@@ -145,6 +145,37 @@ def test_fused_batch_norm_with_scales_equals_scaled_bns(affine):
         assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("scale_shape", [(), (1,), None])
+def test_one_block_fused_batch_norm_equals_scaled_bn(affine, momentum, scale_shape):
+    """One block (a folded architecture weight): the BN's own buffers are used directly, not a
+    concatenated copy; outputs, gradients and running statistics stay the scaled BN's, step after step."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, affine=affine, momentum=momentum)
+    ref = nn.BatchNorm2d(4, affine=affine, momentum=momentum)
+    if affine:
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    ref.load_state_dict(bn.state_dict())
+    fused = FusedBatchNorm2d([bn])
+    for train in (True, True, False):
+        fused.train(train)
+        ref.train(train)
+        y = torch.randn(3, 4, 5, 5, requires_grad=True)
+        w = torch.rand(scale_shape or (), requires_grad=True)
+        got = fused(y, w) if scale_shape is not None else fused(y)
+        expected = ref(y) * w if scale_shape is not None else ref(y)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(got)
+        inputs = [y, w] if scale_shape is not None else [y]
+        for o, e in zip(torch.autograd.grad(got, inputs + list(bn.parameters()), g),
+                        torch.autograd.grad(expected, inputs + list(ref.parameters()), g)):
+            assert o.shape == e.shape and torch.allclose(o, e, rtol=1e-4, atol=1e-5)
+        for name, buf in ref.named_buffers():
+            assert torch.allclose(getattr(bn, name), buf), name
+
+
 def _edge(C, O, specs, bias):
     """Conv->BN candidates (kernel, dilation) of one edge, affine BNs with random parameters."""
     pairs = []
