@@ -9,6 +9,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
+from topofx import cost
 from topofx.modules import (
     ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, MergedConvBN, RecomputedScale, inner, weighted_sum,
 )
@@ -40,7 +41,7 @@ def _saved_shapes(fn):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_conv_avg_pool_saves_nothing_and_keeps_layout(layout):
+def test_conv_avg_pool_saves_nothing_and_keeps_layout(layout, any_size):
     """The pooling is linear: backward needs no saved input (autograd's conv would keep it)."""
     pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
     x = torch.randn(2, 4, 7, 7).to(memory_format=layout).requires_grad_()
@@ -96,7 +97,7 @@ def test_inner_is_the_sum_of_products():
 
 
 @pytest.mark.parametrize("kernel,dilation,stride,bias", [(3, 1, 1, False), (5, 1, 2, True), (3, 2, 1, False)])
-def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride, bias):
+def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride, bias, any_size):
     conv = nn.Conv2d(6, 6, kernel, stride, dilation * (kernel - 1) // 2, dilation, groups=6, bias=bias)
     x = torch.randn(3, 6, 9, 9, requires_grad=True)
     params = [x, *conv.parameters()]
@@ -110,6 +111,26 @@ def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride
     assert ChannelsLastDepthwise.supports(conv)
     assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, groups=3))  # grouped, not depthwise
     assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, groups=6, padding_mode="reflect"))
+    assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, 2, 2, 2, groups=6))  # dilated, stride 2: NCHW is faster
+
+
+def test_small_inputs_run_the_stock_depthwise_kernel():
+    """Below ``topofx.cost.SMALL_IMAGE`` elements the depthwise convolution runs NCHW, as the original
+    module does: the same values and gradients bit for bit, and autograd saves what the original saves."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert cost.is_small(x) and not cost.is_small(torch.empty(4, 16, 16, 16))
+    conv = nn.Conv2d(4, 4, 5, 1, 2, groups=4)
+    got, saved = _saved_shapes(lambda: ChannelsLastDepthwise(conv)(x))
+    expected, saved_stock = _saved_shapes(lambda: conv(x))
+    assert torch.equal(got, expected) and saved == saved_stock
+    g = torch.randn_like(got)
+    leaves = [x, *conv.parameters()]
+    for o, e in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(expected, leaves, g)):
+        assert torch.equal(o, e)
+    wide = nn.Conv2d(4, 4, 5, 1, 8, 4, groups=4)  # a dilated kernel spanning 17 > 8 pixels
+    assert ChannelsLastDepthwise.supports(wide) and not ChannelsLastDepthwise(wide).applies(torch.randn(64, 4, 8, 8))
+    assert ChannelsLastDepthwise(conv).applies(torch.randn(64, 4, 8, 8))
 
 
 def test_recomputed_scale_equals_weighted_terms():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cost import channels_last_pays, is_small, spans_image
 from .ir import module_config
 
 
@@ -584,7 +585,8 @@ class ChannelsLastDepthwise(nn.Module):
     included); the rest of the graph stays NCHW (PyTorch's NCHW batch norm is the more accurate).
     Same output values; the weight gradient's summation order differs (~1e-6 relative).  Saves the
     NCHW input, as the convolution itself would; backward converts it again.  Other devices and
-    layouts call the convolution as is."""
+    layouts, and inputs where the layout does not pay (:mod:`topofx.cost`: small tensors, a kernel
+    spanning more than the image), call the convolution as is."""
 
     is_conv = True
 
@@ -595,12 +597,11 @@ class ChannelsLastDepthwise(nn.Module):
     @staticmethod
     def supports(conv: nn.Module) -> bool:
         return (type(conv) is nn.Conv2d and module_config(conv) is not None and conv.groups > 1 and conv.groups == conv.in_channels
-                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and channels_last_pays(conv))
 
-    @staticmethod
-    def applies(x: torch.Tensor) -> bool:
+    def applies(self, x: torch.Tensor) -> bool:
         """Whether an input is computed channels-last (else the convolution runs as is)."""
-        return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+        return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not is_small(x) and spans_image(self.conv, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.applies(x):
@@ -732,7 +733,7 @@ class RecomputedDepthwise(nn.Module):
         for x, m, kind in zip(xs, self.depthwise, self.kinds):
             conv = None if kind == "as_is" else m.conv if kind == "channels_last" else m
             slots.append((None, False) if conv is None else
-                         (_geometry(conv), kind == "channels_last" and ChannelsLastDepthwise.applies(x)))
+                         (_geometry(conv), kind == "channels_last" and m.applies(x)))
             params += (None, None) if conv is None else (conv.weight, conv.bias)
         tensors = (*xs, *params, kernel, bias)
         slots = tuple(slots)
