@@ -12,13 +12,17 @@ depthwise convolutions' inputs: it saves those (the ReLU outputs the network kee
 candidates of an edge share them) instead of the depthwise outputs the convolution would save, and
 computes the depthwise outputs again in backward -- one depthwise convolution per stage more, one
 activation per stage less.  Exact: the same convolutions forward and the same ``convolution_backward``
-calls backward.  Runs last in topo mode's lowering (after ``depthwise_layout``, whose channels-last
+calls backward.  A consumer whose depthwise inputs all have fewer than
+:data:`topofx.cost.SMALL_IMAGE` elements (known from the example inputs) is left as it is: the memory
+freed is negligible there and the extra convolution call costs more than the step saves (measured in
+:mod:`topofx.cost`).  Runs last in topo mode's lowering (after ``depthwise_layout``, whose channels-last
 layout it keeps), on every device.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 
+from topofx.cost import is_small_node
 from topofx.ir import is_mutated, reads_mutated
 from topofx.modules import RecomputedDepthwise
 from topofx.rewrite import PassContext, Rewrite
@@ -50,7 +54,7 @@ def depthwise_recompute(ctx: PassContext) -> list[Rewrite]:
         if not n or _hooked(module) or (n == 1 and len(consumer.args) != 1) or len(consumer.args) < n:
             continue
         found = {i: arg for i, arg in enumerate(consumer.args[:n]) if _depthwise_arg(gm, consumer, arg)}
-        if not found:
+        if not found or all(is_small_node(arg.args[0]) for arg in found.values()):
             continue
         depthwise = [gm.get_submodule(found[i].target) if i in found else None for i in range(n)]
         name = ctx.add_module("depthwise_recompute", RecomputedDepthwise(depthwise, module))

@@ -28,5 +28,13 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """The CPU lowerings at every input size (``topofx.cost`` leaves small tensors to the stock kernels)."""
+    from topofx import cost
+
+    monkeypatch.setattr(cost, "SMALL_IMAGE", 0)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: full-size zoo model (tens of seconds); deselect with -m 'not slow'")

@@ -131,7 +131,7 @@ def test_lowering_follows_the_device(monkeypatch):
     assert_train_step_equivalent(model, for_cuda, x)  # exact mode
 
 
-def test_moving_to_another_device_type_lowers_again():
+def test_moving_to_another_device_type_lowers_again(any_size):
     model, x = _one_cell()
     simplified = topofx.simplify(model, x)
     simplified.__dict__["lowered_for"] = "cuda"  # as if simplified on a GPU, then moved to the CPU

@@ -11,8 +11,8 @@ import torch.nn as nn
 from topofx import zoo
 from topofx.bench import counting_saved_bytes
 from topofx.capture import trace
-from topofx.modules import ChannelsLastDepthwise, MergedConvBN, RecomputedDepthwise
-from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, depthwise_recompute
+from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, MergedConvBN, RecomputedDepthwise
+from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, depthwise_recompute, pool_as_conv
 from topofx.rewrite import run_to_fixpoint
 from topofx.testing import assert_train_step_equivalent
 
@@ -37,7 +37,7 @@ def darts_small():
     return model, x
 
 
-def test_topo_mode_equals_the_graph_before_it(darts_small):
+def test_topo_mode_equals_the_graph_before_it(darts_small, any_size):
     model, x = darts_small
     gm = trace(model, (x,))
     run_to_fixpoint(gm, model, TOPO_PASSES, (x,))
@@ -54,7 +54,7 @@ def test_topo_mode_equals_the_graph_before_it(darts_small):
     assert _saved_bytes(lowered, x) < 0.8 * _saved_bytes(gm, x)
 
 
-def test_exact_rewrites_then_recompute_equal_the_original(darts_small):
+def test_exact_rewrites_then_recompute_equal_the_original(darts_small, any_size):
     model, x = darts_small
     gm = trace(model, (x,))
     run_to_fixpoint(gm, model, EXACT_PASSES, (x,))
@@ -65,7 +65,7 @@ def test_exact_rewrites_then_recompute_equal_the_original(darts_small):
 
 
 @pytest.mark.parametrize("channels_last,bias,stride,dilation", [(False, False, 1, 1), (True, True, 2, 2)])
-def test_gradients_equal_depthwise_then_conv(channels_last, bias, stride, dilation):
+def test_gradients_equal_depthwise_then_conv(channels_last, bias, stride, dilation, any_size):
     torch.manual_seed(0)
     dw = nn.Conv2d(3, 3, 3, stride, dilation, dilation, groups=3, bias=bias).double()
     pw = nn.Conv2d(3, 2, 1, bias=bias).double()
@@ -113,7 +113,7 @@ class _Shared(nn.Module):
         return self.pw(d) + d, self.pw2(self.dw(x))  # the first depthwise output has two users
 
 
-def test_a_depthwise_output_read_twice_is_left_alone():
+def test_a_depthwise_output_read_twice_is_left_alone(any_size):
     model, x = _Shared(), torch.randn(2, 4, 5, 5)
     gm = trace(model, (x,))
     runs = run_to_fixpoint(gm, model, [depthwise_recompute], (x,))
@@ -134,3 +134,33 @@ def test_compiles_to_one_graph():
     assert torch.allclose(out, pw(dw(x)), rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert x.grad is not None
+
+
+class _SeparableAndPool(nn.Module):
+    """A separable convolution's first stage (ReLU, depthwise 3x3, pointwise, BN) beside an average pooling."""
+
+    def __init__(self, C: int = 4):
+        super().__init__()
+        self.dw = nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False)
+        self.pw = nn.Conv2d(C, C, 1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        return self.bn(self.pw(self.dw(x.relu()))) + self.pool(x)
+
+
+@pytest.mark.parametrize("batch,lowered", [(2, False), (16, True)])
+def test_small_inputs_are_neither_recomputed_nor_pooled_by_convolution(batch, lowered):
+    """4 x 16 x 16 per sample: below ``topofx.cost.SMALL_IMAGE`` elements at batch 2, where an extra
+    convolution call costs more than it saves, the passes leave the calls alone; at batch 16 they
+    rewrite them.  Equal to the original at both (outputs, gradients, BN statistics)."""
+    torch.manual_seed(0)
+    model = _SeparableAndPool()
+    x = torch.randn(batch, 4, 16, 16)
+    gm = trace(model, (x,))
+    runs = run_to_fixpoint(gm, model, [pool_as_conv, depthwise_recompute], (x,))
+    assert not any(r.rejected for r in runs)
+    assert bool(_recomputed(gm)) == lowered
+    assert any(isinstance(m, ConvAvgPool2d) for m in gm.modules()) == lowered
+    assert_train_step_equivalent(model, gm, x)

@@ -9,6 +9,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
+from topofx import cost
 from topofx.modules import (
     ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, MergedConvBN, RecomputedScale, inner, weighted_sum,
 )
@@ -40,7 +41,7 @@ def _saved_shapes(fn):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_conv_avg_pool_saves_nothing_and_keeps_layout(layout):
+def test_conv_avg_pool_saves_nothing_and_keeps_layout(layout, any_size):
     """The pooling is linear: backward needs no saved input (autograd's conv would keep it)."""
     pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
     x = torch.randn(2, 4, 7, 7).to(memory_format=layout).requires_grad_()
@@ -96,7 +97,7 @@ def test_inner_is_the_sum_of_products():
 
 
 @pytest.mark.parametrize("kernel,dilation,stride,bias", [(3, 1, 1, False), (5, 1, 2, True), (3, 2, 1, False)])
-def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride, bias):
+def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride, bias, any_size):
     conv = nn.Conv2d(6, 6, kernel, stride, dilation * (kernel - 1) // 2, dilation, groups=6, bias=bias)
     x = torch.randn(3, 6, 9, 9, requires_grad=True)
     params = [x, *conv.parameters()]
@@ -110,6 +111,26 @@ def test_channels_last_depthwise_equals_the_convolution(kernel, dilation, stride
     assert ChannelsLastDepthwise.supports(conv)
     assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, groups=3))  # grouped, not depthwise
     assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, groups=6, padding_mode="reflect"))
+    assert not ChannelsLastDepthwise.supports(nn.Conv2d(6, 6, 3, 2, 2, 2, groups=6))  # dilated, stride 2: NCHW is faster
+
+
+def test_small_inputs_run_the_stock_depthwise_kernel():
+    """Below ``topofx.cost.SMALL_IMAGE`` elements the depthwise convolution runs NCHW, as the original
+    module does: the same values and gradients bit for bit, and autograd saves what the original saves."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert cost.is_small(x) and not cost.is_small(torch.empty(4, 16, 16, 16))
+    conv = nn.Conv2d(4, 4, 5, 1, 2, groups=4)
+    got, saved = _saved_shapes(lambda: ChannelsLastDepthwise(conv)(x))
+    expected, saved_stock = _saved_shapes(lambda: conv(x))
+    assert torch.equal(got, expected) and saved == saved_stock
+    g = torch.randn_like(got)
+    leaves = [x, *conv.parameters()]
+    for o, e in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(expected, leaves, g)):
+        assert torch.equal(o, e)
+    wide = nn.Conv2d(4, 4, 5, 1, 8, 4, groups=4)  # a dilated kernel spanning 17 > 8 pixels
+    assert ChannelsLastDepthwise.supports(wide) and not ChannelsLastDepthwise(wide).applies(torch.randn(64, 4, 8, 8))
+    assert ChannelsLastDepthwise(conv).applies(torch.randn(64, 4, 8, 8))
 
 
 def test_recomputed_scale_equals_weighted_terms():
@@ -143,6 +164,37 @@ def test_fused_batch_norm_with_scales_equals_scaled_bns(affine):
     for ref, bn in zip(refs, bns):
         assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
         assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("scale_shape", [(), (1,), None])
+def test_one_block_fused_batch_norm_equals_scaled_bn(affine, momentum, scale_shape):
+    """One block (a folded architecture weight): the BN's own buffers are used directly, not a
+    concatenated copy; outputs, gradients and running statistics stay the scaled BN's, step after step."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, affine=affine, momentum=momentum)
+    ref = nn.BatchNorm2d(4, affine=affine, momentum=momentum)
+    if affine:
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    ref.load_state_dict(bn.state_dict())
+    fused = FusedBatchNorm2d([bn])
+    for train in (True, True, False):
+        fused.train(train)
+        ref.train(train)
+        y = torch.randn(3, 4, 5, 5, requires_grad=True)
+        w = torch.rand(scale_shape or (), requires_grad=True)
+        got = fused(y, w) if scale_shape is not None else fused(y)
+        expected = ref(y) * w if scale_shape is not None else ref(y)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(got)
+        inputs = [y, w] if scale_shape is not None else [y]
+        for o, e in zip(torch.autograd.grad(got, inputs + list(bn.parameters()), g),
+                        torch.autograd.grad(expected, inputs + list(ref.parameters()), g)):
+            assert o.shape == e.shape and torch.allclose(o, e, rtol=1e-4, atol=1e-5)
+        for name, buf in ref.named_buffers():
+            assert torch.allclose(getattr(bn, name), buf), name
 
 
 def _edge(C, O, specs, bias):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .cost import channels_last_pays, is_small, spans_image
 from .ir import module_config
 
 
@@ -49,6 +50,19 @@ def affine_dtype(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.dtype:
     parameters; under autocast a low-precision input meets full-precision BN state), else the input's."""
     state = bn.running_mean if bn.running_mean is not None else bn.weight
     return state.dtype if state is not None else y.dtype
+
+
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of 1-D tensors; one tensor is returned as is when it is contiguous (no copy:
+    per-call ops dominate the step of a small supernet, and one fused block -- a folded weight -- is
+    the common case), else as the contiguous copy ``cat`` makes (an expanded scale: batch norm's
+    channels-last kernel rounds differently on a stride-0 weight)."""
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0].contiguous()
+
+
+def _scalar(s: torch.Tensor) -> torch.Tensor:
+    """A one-element tensor as 0-dim (a 0-dim one as is: no view, no ``ViewBackward``)."""
+    return s if s.dim() == 0 else s.reshape(())
 
 
 def bn_config(bn: nn.BatchNorm2d) -> Hashable | None:
@@ -96,17 +110,17 @@ class FusedBatchNorm2d(nn.Module):
         if not scales or all(s is None for s in scales):
             if not bns[0].affine:
                 return None, None
-            return torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns])
+            return _cat([b.weight for b in bns]), _cat([b.bias for b in bns])
         weights, biases = [], []
         for bn, s in zip(bns, scales):
             if bn.affine:
                 weights.append(bn.weight if s is None else bn.weight * s)
             else:
                 dtype = affine_dtype(bn, y)
-                weights.append(y.new_ones(bn.num_features, dtype=dtype) if s is None else s.reshape(()).to(dtype).expand(bn.num_features))
+                weights.append(y.new_ones(bn.num_features, dtype=dtype) if s is None else _scalar(s).to(dtype).expand(bn.num_features))
             if bn.affine:
                 biases.append(bn.bias if s is None else bn.bias * s)
-        return torch.cat(weights), (torch.cat(biases) if biases else None)
+        return _cat(weights), (_cat(biases) if biases else None)
 
     def forward(self, y: torch.Tensor, *scales: torch.Tensor | None, live: Sequence[bool] | None = None) -> torch.Tensor:
         bns = list(self.bns) if live is None else [b for b, on in zip(self.bns, live) if on]
@@ -130,12 +144,12 @@ class FusedBatchNorm2d(nn.Module):
                 1.0 / float(first.num_batches_tracked) if first.num_batches_tracked is not None else 0.0)
         elif first.training:
             factor = first.momentum if first.momentum is not None else 0.0
-        mean = torch.cat([b.running_mean for b in bns]) if tracked else None
-        var = torch.cat([b.running_var for b in bns]) if tracked else None
+        mean = _cat([b.running_mean for b in bns]) if tracked else None  # one block: its own buffers,
+        var = _cat([b.running_var for b in bns]) if tracked else None  # updated in place as BN does
         weight, bias = self._affine(bns, scales, y)
         use_batch_stats = first.training or not tracked
         out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, first.eps)
-        if update:
+        if update and len(bns) > 1:
             with torch.no_grad():
                 for bn, m, v in zip(bns, mean.split(splits), var.split(splits)):
                     bn.running_mean.copy_(m)
@@ -571,7 +585,8 @@ class ChannelsLastDepthwise(nn.Module):
     included); the rest of the graph stays NCHW (PyTorch's NCHW batch norm is the more accurate).
     Same output values; the weight gradient's summation order differs (~1e-6 relative).  Saves the
     NCHW input, as the convolution itself would; backward converts it again.  Other devices and
-    layouts call the convolution as is."""
+    layouts, and inputs where the layout does not pay (:mod:`topofx.cost`: small tensors, a kernel
+    spanning more than the image), call the convolution as is."""
 
     is_conv = True
 
@@ -582,12 +597,11 @@ class ChannelsLastDepthwise(nn.Module):
     @staticmethod
     def supports(conv: nn.Module) -> bool:
         return (type(conv) is nn.Conv2d and module_config(conv) is not None and conv.groups > 1 and conv.groups == conv.in_channels
-                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and channels_last_pays(conv))
 
-    @staticmethod
-    def applies(x: torch.Tensor) -> bool:
+    def applies(self, x: torch.Tensor) -> bool:
         """Whether an input is computed channels-last (else the convolution runs as is)."""
-        return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+        return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() and not is_small(x) and spans_image(self.conv, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.applies(x):
@@ -719,7 +733,7 @@ class RecomputedDepthwise(nn.Module):
         for x, m, kind in zip(xs, self.depthwise, self.kinds):
             conv = None if kind == "as_is" else m.conv if kind == "channels_last" else m
             slots.append((None, False) if conv is None else
-                         (_geometry(conv), kind == "channels_last" and ChannelsLastDepthwise.applies(x)))
+                         (_geometry(conv), kind == "channels_last" and m.applies(x)))
             params += (None, None) if conv is None else (conv.weight, conv.bias)
         tensors = (*xs, *params, kernel, bias)
         slots = tuple(slots)

@@ -100,13 +100,14 @@ def is_stateless_call(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def swap_modules(gm: fx.GraphModule, supports: Callable[[nn.Module], bool],
-                 wrap: Callable[[nn.Module], nn.Module]) -> list[fx.Node]:
+                 wrap: Callable[[nn.Module], nn.Module], skip: Callable[[fx.Node], bool] | None = None) -> list[fx.Node]:
     """Replace the module of every one-argument call whose module ``supports`` accepts (and has no
     hooks) by ``wrap(module)``, at the same path of the graph module's own containers (the original
-    model keeps its modules; cells and edges keep their names).  Returns the calls rewritten."""
+    model keeps its modules; cells and edges keep their names).  ``skip(node)``: calls left as they
+    are (a cost rule on the call's shapes).  Returns the calls rewritten."""
     swapped = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or (skip is not None and skip(node)):
             continue
         module = gm.get_submodule(node.target)
         if not supports(module) or module._forward_hooks or module._forward_pre_hooks:
