@@ -180,3 +180,63 @@ def test_copies_of_a_gated_graph_run_sparsely():
     twin = copy.deepcopy(topofx.simplify(model, (x,), mode="exact", strict=True))
     assert twin.graph_module is not None and twin.original is not model
     _assert_same_steps(model, twin, x, seeds=range(3), owner=twin.original)
+
+
+class _EdgeOp(nn.Module):
+    """NASLib's idiom: the mixed op reads the weights an optimizer sampled onto its edge before the call,
+    decides in a method of its own, and its forward takes varargs."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.primitives = _candidates(C)
+        self.edge_data = {}
+
+    def forward(self, x, *args):
+        return self.apply_weights(x, self.edge_data["sampled_arch_weight"])
+
+    def apply_weights(self, x, weights):
+        argmax = torch.argmax(weights)
+        return sum(weights[i] * op(x) if i == argmax else weights[i] for i, op in enumerate(self.primitives))
+
+
+class _SampledBeforeNet(nn.Module):
+    def __init__(self, C: int = 4, edges: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.mixed = nn.ModuleList(_EdgeOp(C) for _ in range(edges))
+        self.alphas = nn.Parameter(1e-3 * torch.randn(edges, 4))
+        self.head = nn.Linear(C, 10)
+
+    def sample(self):
+        """The optimizer's step: a hard Gumbel sample per edge, stored where forward reads it."""
+        for op, w in zip(self.mixed, F.gumbel_softmax(self.alphas, tau=5.0, hard=True, dim=-1)):
+            op.edge_data["sampled_arch_weight"] = w
+
+    def forward(self, x, *args):
+        h = self.stem(x)
+        return self.head(F.adaptive_avg_pool2d(sum(op(h) for op in self.mixed), 1).flatten(1))
+
+
+def test_weights_sampled_before_the_call_gate_a_method_of_every_edge():
+    torch.manual_seed(6)
+    model = _SampledBeforeNet().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model.sample()
+    simplified = topofx.simplify(model, (x,), mode="exact", strict=True)
+    assert simplified.report.sparse == 12 and simplified.report.decided_per_call == ()
+    selections = set()
+    for seed in range(4):
+        steps = []
+        for net in (model, simplified):  # the same sample for both (one backward per sample)
+            torch.manual_seed(100 + seed)
+            model.sample()
+            steps.append(one_step(model, net, (x,), seed))
+        selections.add(tuple(int(op.edge_data["sampled_arch_weight"].argmax()) for op in model.mixed))
+        (out, grads, buffers), (out2, grads2, buffers2) = steps
+        assert torch.allclose(out2, out, rtol=1e-5, atol=1e-8)
+        assert grads2.keys() == grads.keys() and "alphas" in grads
+        for name in grads:
+            assert torch.allclose(grads2[name], grads[name], rtol=1e-5, atol=1e-8), name
+        for name in buffers:
+            assert torch.allclose(buffers2[name], buffers[name], rtol=1e-5, atol=1e-8), name
+    assert len(selections) > 1

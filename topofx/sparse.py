@@ -354,8 +354,8 @@ def _generate(nodes: list[fx.Node], index: dict[fx.Node, int], gate_nodes: list[
         v = f"v{i}"
         if n.op == "placeholder":
             default = f"={const(n.args[0])}" if n.args else ""
-            params.append(f"{n.target}{default}")
-            lines.append(f"{v} = {n.target}")
+            params.append(f"{n.target}{default}")  # `*args` (a forward that takes varargs) keeps its star
+            lines.append(f"{v} = {n.target.lstrip('*')}")
             continue
         if n.op == "output":
             lines.append(f"return {expr(n.args[0])}")

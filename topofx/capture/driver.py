@@ -91,10 +91,18 @@ GATED: "weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]]" = weakref.We
 before they run per call; a unit whose gate is not proven moves on to :data:`PER_CALL`."""
 
 
-def _in_units(model: nn.Module, unit: Any, keys: set[tuple[str, ...]]) -> bool:
-    """Whether ``unit`` is one of the units ``keys`` stand for (a module's class mates included)."""
+def _gate_units(model: nn.Module, keys: set[tuple[str, ...]]) -> frozenset:
+    """Ids of the modules, and ``(id(module), method name)`` of the methods, whose decisions the tracer
+    makes gates: every module of a key's class (same code, same kind of decision), for a method too."""
     modules, methods = _per_call_units(model, keys)
-    return (unit[0], unit[1]) in methods if isinstance(unit, tuple) else id(unit) in modules
+    classes = {(type(owner), name) for owner, name in methods}
+    return frozenset(modules | {(id(m), name) for m in model.modules() for cls, name in classes if type(m) is cls})
+
+
+def _in_units(model: nn.Module, unit: Any, keys: set[tuple[str, ...]]) -> bool:
+    """Whether ``unit`` is one of the units ``keys`` stand for as gates (class mates included)."""
+    units = _gate_units(model, keys)
+    return (id(unit[0]), unit[1]) in units if isinstance(unit, tuple) else id(unit) in units
 
 
 def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None = None) -> fx.GraphModule:
@@ -119,8 +127,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
     gated = GATED.setdefault(model, set()) if gating else set()
     while True:
         opaque, methods = _per_call_units(model, learned)
-        gate_modules, gate_methods = _per_call_units(model, gated - learned)
-        gate_units = frozenset(gate_modules | {(id(owner), name) for owner, name in gate_methods})
+        gate_units = _gate_units(model, gated - learned)
         try:
             with _forked_rng(model), _traced_values_kept_out(model):  # draws made while tracing leave the
                 gm, tracer = _trace_with_float_inputs(model, values, concrete, frozenset(opaque), frozenset(methods),

@@ -8,8 +8,9 @@ any tensor a module holds below an attribute, through a ``get_attr`` node at its
 (``capture.held._loose_tensors_as_buffers``); a :class:`TensorInput` makes that node an input:
 
 * while tracing, its value is unknown at capture (no real value) and new on every call, as a random
-  draw made in forward is: a Python decision on it runs per call (GDAS's ``if i == argmax``: the
-  deciding method, as one node), never a value decision that would capture anew on every sample;
+  draw made in forward is: a Python decision on it is a per-candidate gate (GDAS's ``if i == argmax``,
+  ``topofx.capture.gating``) or runs per call (the deciding method, as one node), never a value
+  decision that would capture anew on every sample;
 * before every call the guards' compiled check hands the graph the tensor forward would read now
   (:meth:`TensorInput.refresh`), so autograd runs from the output through it to alpha as eagerly;
   one of another shape, dtype or device, or none at all, captures anew;
