@@ -277,7 +277,7 @@ class _BatchedDecisions:
     def holds(self, guard: "ValueGuard", root: nn.Module) -> bool:
         leaves = self._leaves(guard, root)
         memo = self.memo
-        if memo is not None and memo.holds(leaves):
+        if memo is not None and all(map(_same_tensor, leaves, memo)):
             return True
         with torch.no_grad():
             outputs = self._run(leaves)
@@ -293,50 +293,8 @@ class _BatchedDecisions:
             if not all(_same(convert(outputs[k]), expected) for k, convert, expected in self.singles):
                 return False
             if all(isinstance(x, torch.Tensor) for x in leaves):
-                self.memo = _Snapshot(leaves)
+                self.memo = [x.detach().clone() for x in leaves]
         return True
-
-
-_LAYOUT = operator.attrgetter("__class__", "dtype", "shape", "device")  # AttributeError for what is no tensor
-
-
-class _Snapshot:
-    """The values of a list of tensors at one moment, compared with the tensors a list holds now in one
-    ``torch.equal`` per dtype and device: each group's tensors flattened into one (one C++ call), against
-    the copy of the same taken then.  Equal exactly when every tensor is of the same type, dtype, shape
-    and device and ``torch.equal`` to its copy (same shapes: the flat tensors' segments line up), as
-    comparing tensor by tensor finds it, at about one op's cost instead of one per tensor (DARTS'
-    ``alphas`` and SNAS's ``op_size`` of every cell: 10 tensors).  Values, not ``_version``: a write
-    through ``.data`` (``alpha.data.copy_(...)``, DARTS' projection) does not count as a version."""
-
-    __slots__ = ("layouts", "groups")
-
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        self.layouts = list(map(_LAYOUT, tensors))
-        by_kind: dict[tuple, list[int]] = {}  # never flattened together: cat would promote int64 to float
-        for i, (_, dtype, _, device) in enumerate(self.layouts):
-            by_kind.setdefault((dtype, device), []).append(i)
-        self.groups = [(operator.itemgetter(*members) if len(members) > 1 else _one(members[0]),
-                        _flatten([tensors[i].detach() for i in members]).clone()) for members in by_kind.values()]
-
-    def holds(self, tensors: Sequence[Any]) -> bool:
-        """Whether ``tensors`` hold the values (and types, dtypes, shapes, devices) snapshotted."""
-        try:
-            if list(map(_LAYOUT, tensors)) != self.layouts:
-                return False
-        except AttributeError:
-            return False
-        with torch.no_grad():
-            return all([torch.equal(_flatten(members(tensors)), then) for members, then in self.groups])
-
-
-def _one(i: int) -> Callable[[Sequence[Any]], tuple]:
-    return lambda items: (items[i],)
-
-
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One 1-D tensor of the tensors' elements in order (``torch._utils._flatten_dense_tensors``)."""
-    return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 def _reader(targets: list[str], held: list[Any]) -> Callable[[nn.Module], list[Any]]:
@@ -357,6 +315,12 @@ def _reader(targets: list[str], held: list[Any]) -> Callable[[nn.Module], list[A
     exec(compile("def read(root):\n" + "".join(line + "\n" for line in lines) + f"    return [{reads}]\n",  # noqa: S102
                  "<topofx value guard>", "exec"), namespace)
     return namespace["read"]
+
+
+def _same_tensor(now: torch.Tensor, then: torch.Tensor) -> bool:
+    """``now`` holds ``then``'s values, of the same dtype, shape and device."""
+    return (isinstance(now, torch.Tensor) and now.dtype == then.dtype and now.shape == then.shape
+            and now.device == then.device and torch.equal(now, then))
 
 
 def _frozen(a: Any) -> Any:
