@@ -53,7 +53,7 @@ def affine_dtype(bn: nn.BatchNorm2d, y: torch.Tensor) -> torch.dtype:
 
 
 def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat`` of 1-D tensors; one tensor is returned as is when it is contiguous (no copy:
+    """``torch.cat`` along dim 0; one tensor is returned as is when it is contiguous (no copy:
     per-call ops dominate the step of a small supernet, and one fused block -- a folded weight -- is
     the common case), else as the contiguous copy ``cat`` makes (an expanded scale: batch norm's
     channels-last kernel rounds differently on a stride-0 weight)."""
@@ -297,8 +297,8 @@ class MergedConvBN(nn.Module):
         else:
             blocks = [([g], w[None]) for g, w in zip(self.groups, weights.split(self.sizes))]
         kernel, bias, scale, shift = (list(parts) for parts in zip(*(self._merge(g, w) for g, w in blocks)))
-        return (torch.cat(kernel), torch.cat(bias) if self.has_bias else None, torch.cat(scale),
-                torch.cat(shift) if self.mix_affine else None)
+        return (_cat(kernel), _cat(bias) if self.has_bias else None, _cat(scale),
+                _cat(shift) if self.mix_affine else None)
 
     def normalized(self, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """The floated batch norm of the merged convolution's output ``y`` (updates its statistics)."""
