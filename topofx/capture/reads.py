@@ -195,8 +195,11 @@ class ReadRecorder:
 
     def names(self) -> set[str]:
         """Every attribute name and string constant in the recorded user code: what ``x.name``,
-        ``getattr(x, "name")`` or ``x["name"]`` can read, whatever ``x`` is (a local alias too)."""
-        return {n for code in {f[0] for f in self._frames} for n in _code_names(code)}
+        ``getattr(x, "name")`` or ``x["name"]`` can read, whatever ``x`` is (a local alias too) --
+        but not a name the code loads only off a library module (``torch.argmax``), which reads no
+        user object: an edge record's per-step ``argmax`` is not compared because of it."""
+        frames = {code: globals_ for code, globals_, _, _ in self._frames}
+        return {n for code, globals_ in frames.items() for n in _code_names(code, globals_)}
 
     def attributes_read(self) -> frozenset[str] | None:
         """The names under which the traced code can have read an attribute of a traced module: the
@@ -240,9 +243,36 @@ class ReadRecorder:
             yield args[name], steps
 
 
-def _code_names(code: types.CodeType) -> tuple[str, ...]:
-    """The attribute and global names ``code`` loads, and its string constants."""
-    return (*code.co_names, *(c for c in code.co_consts if type(c) is str))
+def _code_names(code: types.CodeType, globals_: dict | None = None) -> set[str]:
+    """The attribute and global names ``code`` loads, and its string constants; given its globals,
+    without the names it loads only as attributes of library modules (:func:`_library_only`)."""
+    names = set(code.co_names) - (_library_only(code, globals_) if globals_ is not None else set())
+    return names.union(c for c in code.co_consts if type(c) is str)
+
+
+@functools.lru_cache(maxsize=1024)
+def _attributes_of_globals(code: types.CodeType) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+    """(global, attribute) of every attribute ``code`` loads straight off a global (``torch.argmax``),
+    and every name it uses otherwise (``x.argmax``, a global's own name, a store)."""
+    off_global, other = set(), set()
+    instructions = list(dis.get_instructions(code))
+    for prev, ins in zip([None, *instructions], instructions):
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and prev is not None and prev.opname == "LOAD_GLOBAL":
+            off_global.add((prev.argval, ins.argval))
+        elif ins.opcode in dis.hasname:
+            other.add(ins.argval)
+    return frozenset(off_global), frozenset(other)
+
+
+def _library_only(code: types.CodeType, globals_: dict) -> set[str]:
+    """The names ``code`` loads only as attributes of library modules it reads as globals."""
+    off_global, other = _attributes_of_globals(code)
+    on_library = {attr for name, attr in off_global if _library_module(globals_.get(name))}
+    return on_library - {attr for name, attr in off_global if not _library_module(globals_.get(name))} - other
+
+
+def _library_module(obj: Any) -> bool:
+    return isinstance(obj, types.ModuleType) and _skipped_root(obj)
 
 
 def module_methods(model: nn.Module) -> frozenset[types.CodeType]:
