@@ -30,6 +30,7 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 @pytest.fixture(scope="module")
 def darts_small():
+    torch.manual_seed(0)  # not the state earlier tests left: some draws amplify float32 rounding past the tolerance (equal in float64)
     model, (x,) = zoo.build("darts-space", batch_size=2, C=4, N=1)
     with torch.no_grad():
         for alpha in model.get_alphas():

@@ -185,9 +185,9 @@ def no_removal(model: nn.Module) -> None:
 
 
 CASES = {  # name: (model factory, sampling step, clean-up, alphas, mixed edges found; GDAS's arg-max decision
-    # on the sample runs its method per call, as one node: no edge left to see)
+    # on the sample gates each candidate: capture.gating)
     "dirichlet_in_edge_dicts": (CellGraph, sample_dirichlet, remove_samples, alphas, 6),
-    "hard_gumbel_in_edge_dicts": (lambda: CellGraph(HardMix), sample_hard, remove_samples, alphas, 0),  # per call
+    "hard_gumbel_in_edge_dicts": (lambda: CellGraph(HardMix), sample_hard, remove_samples, alphas, 6),  # gated
     "softmax_as_module_attributes": (AttributeWeights, sample_attributes, no_removal, lambda m: [m.alpha], 2),
 }
 
