@@ -21,12 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from test_distribute import CHOICES, MixedLayer, conv_bn, weighted
+from test_distribute import CHOICES, MixedLayer, assert_vertex_exact, conv_bn, weighted
 
 import topofx
 from topofx.capture import trace
-from topofx.ir import preserved_state
-from topofx.testing import assert_train_step_equivalent, set_one_hot, train_step_equivalence
+from topofx.testing import assert_train_step_equivalent
 
 STAGES = [[(8, 8, 2), (8, 8, 1), (8, 8, 1)], [(8, 16, 2), (16, 16, 1)]]  # (in, out, stride) per block
 DEPTHS = [(1, 2, 3), (1, 2)]
@@ -116,9 +115,4 @@ def test_topo_merges_every_layer_and_is_vertex_exact(pick):
     simple = topofx.simplify(model, (x,), mode="topo", strict=True)
     merged = {r.edge for r in simple.report.rewrites if r.pass_name == "floating_merge"}
     assert len(merged) == LAYERS, str(simple.report)
-    with preserved_state(reference, tensors=reference.arch_parameters()):
-        set_one_hot(reference.arch_parameters(), pick)
-        vertex = train_step_equivalence(reference, simple, (x,))
-    bad = [f"{c.category} {c.name}: {c.rel_error:.2e}" for c in vertex.comparisons
-           if not c.ok and c.category in ("output", "weight_grad")]  # merged BNs keep their own statistics
-    assert not vertex.problems and not bad, bad
+    assert_vertex_exact(reference, simple, x, pick)
