@@ -518,15 +518,16 @@ def _callers_random_state() -> Iterator[None]:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = list(range(torch.cuda.device_count())) if cuda else []
     numpy = sys.modules.get("numpy")  # only a caller that imported NumPy has a NumPy stream to keep
-    torch_state, python_state = _rng_states(devices), random.getstate()
+    python_state = random.getstate()
     numpy_state = numpy.random.get_state() if numpy is not None else None
-    try:
-        yield
-    finally:
-        _set_rng_states(devices, torch_state)
-        random.setstate(python_state)
-        if numpy is not None:
-            numpy.random.set_state(numpy_state)
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)
+
 
 def _gated_edges(gm: fx.GraphModule) -> int:
     """Sums over gated candidates: an adapter's mixed edges, which topology does not read as weighted sums."""
