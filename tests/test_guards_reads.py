@@ -78,16 +78,25 @@ def test_attributes_forward_never_reads_cost_no_retrace(monkeypatch):
     compared at all: no re-trace, no warning, the same graph."""
     torch.manual_seed(0)
     model = _Net()
+
+    def bookkeeping(step: int) -> None:
+        for edge in model.edges:
+            edge.history = [p.detach().clone() for p in edge.parameters()]
+            edge.step = step + 1
+        with torch.no_grad():
+            model.alpha.add_(0.01)
+
+    _assert_steps_keep_the_graph(model, bookkeeping, 4, monkeypatch)
+
+
+def _assert_steps_keep_the_graph(model: nn.Module, change, steps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``change(step)`` before each of ``steps`` calls: equal to the original, no warning, no re-trace."""
     simplified, x, traces = _simplified(model, monkeypatch)
     graph = simplified.graph_module
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for step in range(4):
-            for edge in model.edges:
-                edge.history = [p.detach().clone() for p in edge.parameters()]
-                edge.step = step + 1
-            with torch.no_grad():
-                model.alpha.add_(0.01)
+        for step in range(steps):
+            change(step)
             torch.testing.assert_close(simplified(x), model(x))
     assert traces == [] and simplified.graph_module is graph
 
@@ -206,15 +215,12 @@ def test_a_record_field_named_like_a_torch_function_costs_no_retrace(monkeypatch
     rewriting it every step re-traced the model on every call (NASLib GDAS: 20 s a step)."""
     torch.manual_seed(0)
     model = _RecordNet()
-    simplified, x, traces = _simplified(model, monkeypatch)
-    graph = simplified.graph_module
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for step in range(3):
-            for record in model.records:
-                record.argmax = step + 1
-            torch.testing.assert_close(simplified(x), model(x))
-    assert traces == [] and simplified.graph_module is graph
+
+    def new_sample(step: int) -> None:
+        for record in model.records:
+            record.argmax = step + 1
+
+    _assert_steps_keep_the_graph(model, new_sample, 3, monkeypatch)
 
 
 def test_a_record_field_forward_reads_through_an_alias_is_still_caught(monkeypatch):
