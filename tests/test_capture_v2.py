@@ -264,6 +264,64 @@ def test_a_function_given_closures_over_the_models_tensors_keeps_its_backward(mo
     assert simplified.original.edge.alpha.grad is None and twin.original.edge.alpha.grad.abs().min() > 0
 
 
+class BinarizeRows(torch.autograd.Function):
+    """Straight-through one-hot rows: the arg-max of each row in forward (a Python int per row, which
+    has no meta kernel), the gradient as is in backward."""
+
+    @staticmethod
+    def forward(ctx, probs):
+        hard = torch.zeros_like(probs)
+        for i in range(probs.size(0)):
+            hard[i, int(probs[i].argmax())] = 1.0
+        return hard
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class ZippedMixedOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._ops = _candidates()
+
+    def forward(self, x, weights):
+        assert len(weights) == len(self._ops)
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+class BinarizedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 3, padding=1)
+        self.edges = nn.ModuleList([ZippedMixedOp() for _ in range(3)])
+        self.alphas = nn.Parameter(1e-3 * torch.randn(3, 3))
+        self.head = nn.Linear(C, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for edge, weights in zip(self.edges, BinarizeRows.apply(F.softmax(self.alphas, dim=-1))):
+            h = edge(h, weights)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_output_of_a_function_is_iterated_as_eagerly(mode):
+    """Before: "iteration over a value whose length is unknown at capture" (a fallback): the Function
+    has no meta run, so its output's length is taken from its real value (a decision, checked per call)."""
+    torch.manual_seed(0)
+    model, x = BinarizedNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert len(_applied(simplified.graph_module)) == 1
+    assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.alphas],
+                                 candidate_arch_params=[simplified.original.alphas])
+    with torch.no_grad():  # every row's arg-max moves
+        for m in (model, simplified.original):
+            m.alphas.copy_(torch.eye(3)[[2, 0, 1]])
+    assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.alphas],
+                                 candidate_arch_params=[simplified.original.alphas])
+
+
 # --- 4. numbers read from outside the traced modules ------------------------------------------------
 class DecayScheduler:
     """Steps a coefficient once per epoch (the auxiliary skip's decay)."""

@@ -687,14 +687,20 @@ class ValueTracer(fx.Tracer):
         if obj.node.meta.get(FROM_INPUT):
             self.shape_decisions.append((user_frame(), value))
 
-    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+    def length(self, obj: fx.Proxy) -> int:
+        """``len()`` of a traced value: from its shape (a shape decision where the shape comes from the
+        inputs), else -- an opaque call's output, a custom Function's -- a number like any other: from
+        the real value of architecture-only data (a value decision, guarded), or of a draw (speculated)."""
         value = obj.node.meta.get(VALUE, UNKNOWN)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             self._note_shape_decision(obj, value.shape[0])
-            return iter([obj[i] for i in range(value.shape[0])])
+            return value.shape[0]
         if isinstance(value, (tuple, list, torch.Size)):
-            return iter([obj[i] for i in range(len(value))])
-        raise CaptureError(_where("iteration over a value whose length is unknown at capture"))
+            return len(value)
+        return self.concrete(obj.size(0), operator.index, "the length of a value (`len()`, iteration)")
+
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+        return iter([obj[i] for i in range(self.length(obj))])
 
     def keys(self, obj: fx.Proxy) -> Any:
         value = obj.node.meta.get(VALUE, UNKNOWN)

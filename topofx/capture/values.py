@@ -35,15 +35,7 @@ class TracedValue(fx.Proxy):
     number is fixed by shapes or by architecture values (see :meth:`ValueTracer.concrete`)."""
 
     def __len__(self) -> int:
-        value = self.node.meta.get(VALUE, UNKNOWN)
-        if isinstance(value, (torch.Tensor, tuple, list, torch.Size)):
-            try:
-                if isinstance(value, torch.Tensor):
-                    self.tracer._note_shape_decision(self, len(value))  # type: ignore[attr-defined]
-                return len(value)
-            except TypeError:
-                pass
-        raise CaptureError(_where(f"len() of a value whose length is unknown at capture ({self.node.format_node()})"))
+        return self.tracer.length(self)  # type: ignore[attr-defined]
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # type: ignore[override]
