@@ -52,6 +52,7 @@ ATTRIBUTES_READ = "topofx_attributes_read"  # GraphModule.meta key: names traced
 VALUE_GUARD = "topofx_value_guard"  # GraphModule.meta key: the ValueGuard of decisions on architecture values
 FLOAT_INPUTS = "topofx_float_inputs"  # GraphModule.meta key: the FloatInputs the graph reads as 0-dim tensors
 SPECULATION = "topofx_speculation"  # GraphModule.meta key: the Decision of each speculation check, by index
+DECIDED_VALUE = "topofx_decided_value"  # node.meta key: the value of a node with no meta run, its shape a guarded decision
 UNKNOWN = object()  # value that could not be computed
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .ir import STATIC, UNKNOWN, VALUE, Effects, is_pure, run_on_meta
+from .ir import DECIDED_VALUE, STATIC, UNKNOWN, VALUE, Effects, is_pure, run_on_meta
 from .topology import Topology, analyze
 
 
@@ -206,8 +206,8 @@ def propagate_values(gm: fx.GraphModule, example_inputs: Sequence[Any], *, incre
         old = node.meta.get(VALUE, UNKNOWN)
         try:
             node.meta[VALUE] = run_on_meta(gm, node.op, node.target, node.args, node.kwargs)
-        except Exception:  # noqa: BLE001
-            node.meta[VALUE] = UNKNOWN
+        except Exception:  # noqa: BLE001 - unknown, unless capture took its shape as a decision (DECIDED_VALUE)
+            node.meta[VALUE] = node.meta.get(DECIDED_VALUE, UNKNOWN)
         node.meta.setdefault(STATIC, False)
         if _sig(old) != _sig(node.meta[VALUE]):
             changed.add(node)

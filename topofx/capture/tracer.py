@@ -20,6 +20,7 @@ from torch import nn
 
 from ..ir import (
     AS_FLOAT,
+    DECIDED_VALUE,
     DRAWN,
     FLOATS,
     FROM_INPUT,
@@ -568,6 +569,8 @@ class ValueTracer(fx.Tracer):
         real = self._real(node, kind, target, args, kwargs)
         if real is not None:
             node.meta[REAL] = real
+            if value is UNKNOWN and isinstance(real, torch.Tensor):
+                self._shape_from_real(proxy, real)
         frame = user_frame()
         if frame is not None:
             node.meta["topofx_user_frame"] = frame
@@ -577,6 +580,14 @@ class ValueTracer(fx.Tracer):
             if target != "item" or per_call or source.meta.get(REAL) is not None:
                 return self.concrete(proxy, lambda v: v, f"the values of `.{target}()`")
         return proxy
+
+    def _shape_from_real(self, proxy: fx.Proxy, real: torch.Tensor) -> None:
+        """An op with no meta run whose real value is known (a custom Function whose forward needs Python
+        numbers, ``int(w.argmax())``): its shape is that value's, taken as a decision -- guarded, or
+        speculated where it is drawn -- so that every later use of the shape (iteration, mixed edges,
+        rewrites) holds on the calls that run the graph."""
+        self.concrete(proxy.size(), tuple, "the shape of an opaque call's output")
+        proxy.node.meta[VALUE] = proxy.node.meta[DECIDED_VALUE] = to_meta(real)
 
     def concrete(self, obj: fx.Proxy, convert: Callable[[Any], Any], what: str) -> Any:
         """The Python value Python code asks of ``obj``: from shapes (a shape decision), from the real
