@@ -118,16 +118,17 @@ def test_capture_v2_constructs_leave_the_other_dimensions_as_they_were():
 
 
 def test_a_refining_value_takes_a_share_of_the_value_it_refines_only(monkeypatch):
-    """``closure_gate`` came after seeds were relied on: it is drawn only where ``binary_gate`` was, so
-    every other seed keeps its model (the CI sample and old reproducers stay what they were)."""
+    """``closure_gate`` and ``ste_indexed`` came after seeds were relied on: each is drawn only where the
+    value it refines was, so every other seed keeps its model (the CI sample and old reproducers stay what they were)."""
     specs = [fuzz._draw_spec(SEQUENCE(i)) for i in range(300)]
     functions = tuple(v for v in fuzz.V2_DIMENSIONS["function"] if v not in fuzz._REFINEMENTS)
     monkeypatch.setitem(fuzz.V2_DIMENSIONS, "function", functions)
     monkeypatch.setattr(fuzz, "_REFINEMENTS", {})
     before = [fuzz._draw_spec(SEQUENCE(i)) for i in range(300)]
     changed = [(b["function"], s["function"]) for b, s in zip(before, specs) if b != s]
-    assert changed and set(changed) == {("binary_gate", "closure_gate")}
+    assert changed and set(changed) == {("binary_gate", "closure_gate"), ("ste_weights", "ste_indexed")}
     assert any(b["function"] == s["function"] == "binary_gate" for b, s in zip(before, specs))
+    assert any(b["function"] == s["function"] == "ste_weights" for b, s in zip(before, specs))
 
 
 def test_closure_gate_applies_a_function_given_closures_over_the_candidates():

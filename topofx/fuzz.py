@@ -151,8 +151,10 @@ V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
     # the weights, a ProxylessNAS-style binary gate joining the candidates (every weight gets
     # <grad, out_k>), a straight-through clamp on the conv candidates' outputs; ``closure_gate``: the
     # binary gate as ProxylessNAS's full_v2 writes it, given closures made in forward over the
-    # candidates' container (one runs the kept path, the backward's runs every candidate again)
-    "function": ("none", "ste_weights", "binary_gate", "ste_candidate", "closure_gate"),
+    # candidates' container (one runs the kept path, the backward's runs every candidate again);
+    # ``ste_indexed``: the hard one-hot written with a Python index per row (``int(row.argmax())``), a
+    # forward with no meta run
+    "function": ("none", "ste_weights", "binary_gate", "ste_candidate", "closure_gate", "ste_indexed"),
     # a Python float outside the modules' own attributes scales each mixed edge's output; the check
     # changes it between steps (the generated ``step_schedule``)
     # (``aliased_object``: the scheduler read through a local, ``schedule = scheduler``)
@@ -174,7 +176,7 @@ _V2_WEIGHTS = {"function": (10, 2, 2, 2), "scalar": (50, 1, 1, 1, 1, 1, 1), "typ
                "alpha_list": (16, 3, 1), "drop_candidate": (30, 1)}
 #: Values added after seeds' models were relied on (reproducers, the CI sample): each takes a share of the
 #: draws of the value it refines, from a stream of its own, so that every other seed keeps its model.
-_REFINEMENTS = {"closure_gate": ("function", "binary_gate", 0.5)}
+_REFINEMENTS = {"closure_gate": ("function", "binary_gate", 0.5), "ste_indexed": ("function", "ste_weights", 0.5)}
 V2_DEFAULTS = {dim: values[0] for dim, values in V2_DIMENSIONS.items()}
 DEFAULTS.update(V2_DEFAULTS)  # the minimizer's shrink targets
 #: Changes the check makes between steps: (dimension, the values that ask for it, the generated hook).
@@ -211,7 +213,7 @@ def _draw_v2(seed: int, spec: dict[str, Any]) -> dict[str, str]:
     for value, (dim, refined, share) in _REFINEMENTS.items():
         if out[dim] == refined and refine.random() < share:
             out[dim] = value
-    hard = spec["weights"] == "gumbel_hard" or out["function"] == "ste_weights"
+    hard = spec["weights"] == "gumbel_hard" or out["function"] in ("ste_weights", "ste_indexed")
     if out["function"] in ("binary_gate", "closure_gate") or (hard and spec["join"] in ("cond_ne", "cond_gt")):
         # the binary gate takes every candidate; a hard-weighted conditional join whose only selected
         # candidate was dropped would sum nothing (0, not a tensor) and the eager model fails
@@ -536,7 +538,7 @@ def channel_shuffle(x, groups):
 def _weights_expr(spec: dict[str, Any], alpha: str) -> str:
     """The expression turning architecture parameters ``alpha`` into weights (``self.tau`` where used)."""
     expr = _soft_weights_expr(spec, alpha)
-    return f"HardGate.apply({expr})" if _v2(spec, "function") == "ste_weights" else expr
+    return f"HardGate.apply({expr})" if _v2(spec, "function") in ("ste_weights", "ste_indexed") else expr
 
 
 def _soft_weights_expr(spec: dict[str, Any], alpha: str) -> str:
@@ -1191,6 +1193,24 @@ class HardGate(torch.autograd.Function):
     def forward(ctx, weights):
         top = weights.max(dim=-1, keepdim=True)[0]
         return (weights == top).to(weights.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output
+''')
+    if function == "ste_indexed":
+        out.append('''
+class HardGate(torch.autograd.Function):
+    """Binarized architecture weights, one Python index per row: forward sets the largest weight of
+    each row to one, backward passes the gradient straight through to the soft weights."""
+
+    @staticmethod
+    def forward(ctx, weights):
+        rows = weights.reshape(-1, weights.shape[-1])
+        hard = torch.zeros_like(rows)
+        for i in range(rows.shape[0]):
+            hard[i, int(rows[i].argmax())] = 1.0
+        return hard.view_as(weights)
 
     @staticmethod
     def backward(ctx, grad_output):
