@@ -663,6 +663,57 @@ def test_alphas_in_a_graphs_edge_records_stay_live(mode):
         torch.testing.assert_close(simplified(x), fresh(x))
 
 
+class ChoiceBlockNet(nn.Module):
+    """NAS-Bench-1Shot1 style: the alphas are plain tensors held by name *and* in ``_arch_parameters``;
+    forward reads them only through that list (mixed-op weights by index, the inputs' weights by slice,
+    one per choice block), and each choice block sums its weighted inputs before its mixed op."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 1)
+        self.blocks = nn.ModuleList([_candidates() for _ in range(3)])
+        self.alphas_mixed_op = Variable(1e-3 * torch.randn(3, 3), requires_grad=True)
+        self.alphas_inputs = [Variable(1e-3 * torch.randn(1, n), requires_grad=True) for n in (2, 3)]
+        self._arch_parameters = [self.alphas_mixed_op, *self.alphas_inputs]
+
+    def arch_parameters(self):
+        return self._arch_parameters
+
+    def forward(self, x):
+        weights = F.softmax(self._arch_parameters[0], dim=-1)
+        input_weights = [F.softmax(a, dim=-1) for a in self._arch_parameters[1:]]
+        states = [self.stem(x)]
+        for k, ops in enumerate(self.blocks):
+            inputs = states if k == 0 else [w * s for w, s in zip(input_weights.pop(0).squeeze(0), states)]
+            h = sum(inputs)
+            states.append(sum(w * op(h) for w, op in zip(weights[k], ops)))
+        return states[-1].mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alphas_held_by_name_and_read_through_a_list_stay_live(mode):
+    """Seen on held-out Beta-DARTS (NAS-Bench-1Shot1 spaces): a tensor held both by name and in a list
+    got no slot of its own, so the list read gave forward the real tensor and its softmax was baked into
+    the graph (simplify fell back, strict=True raised).  Now read live, and the list, not the name, is
+    what the graph follows when the training loop rebinds one of them."""
+    model, x = ChoiceBlockNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.edges >= 3  # the mixed ops (topology may also count the weighted input sums)
+    ours = simplified.original.arch_parameters()
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters(), candidate_arch_params=ours)
+    simplified(x).sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in ours)
+    simplified.original.alphas_mixed_op = Variable(torch.randn(3, 3), requires_grad=True)  # the name only
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+    ours[0] = Variable(torch.randn(3, 3), requires_grad=True)  # the list's element: forward reads this one
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+
+
 # --- forward that stores Python state on its first call (SNAS's resource counts) --------------------
 class CountedConv(nn.Module):
     def __init__(self):
