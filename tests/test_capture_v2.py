@@ -714,6 +714,35 @@ def test_alphas_held_by_name_and_read_through_a_list_stay_live(mode):
         torch.testing.assert_close(simplified(x), fresh(x))
 
 
+class ListedScalesNet(nn.Module):
+    """Path scales held by name and listed in ``_betas``; forward multiplies by the listed tensors as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = _candidates()[:2]
+        self.beta0 = Variable(torch.tensor(0.3), requires_grad=True)
+        self.beta1 = Variable(torch.tensor(0.7), requires_grad=True)
+        self._betas = [self.beta0, self.beta1]
+
+    def forward(self, x):
+        return sum(b * op(x) for b, op in zip(self._betas, self.ops))
+
+
+def test_a_tensor_read_through_a_list_is_not_read_by_its_name():
+    """The same tensor held by name and in a list, used as it is: the graph read it by its name (FX finds a
+    registered tensor's name by identity), so after the training loop rebound the name -- forward still
+    multiplying by the list's tensor -- the simplified module silently used the new one.  (A capture
+    matter: exact mode, where the simplified module equals the original at any weights.)"""
+    model, x = ListedScalesNet(), _x()
+    simplified = topofx.simplify(model, (x,), mode="exact", strict=True)
+    model.beta1 = Variable(torch.tensor(-3.0), requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+    model._betas[0] = Variable(torch.tensor(5.0), requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+
+
 # --- forward that stores Python state on its first call (SNAS's resource counts) --------------------
 class CountedConv(nn.Module):
     def __init__(self):
