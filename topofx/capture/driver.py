@@ -36,7 +36,7 @@ from ..ir import (
 )
 from . import float_inputs as _floats
 from . import tensor_inputs as _tensors
-from .binding import _specialize, bind_call, has_var_args
+from .binding import _specialize, bind_call, has_var_args, tensors_in_containers
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
 from .gating import dead_rules, make_gates, weight_element
@@ -122,6 +122,14 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
         bound = bind_call(model, example_inputs)
         values = list(bound.arguments.values())
         concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+        holding = tensors_in_containers(concrete)
+        if holding:
+            name = holding[0]
+            raise CaptureError(
+                f"{type(model).__name__}.forward's argument `{name}` holds tensors in a {type(concrete[name]).__name__}: "
+                "every non-tensor argument is a constant of the graph (one graph per value) and tensors cannot be "
+                "one. Pass the tensors as arguments of their own (forward(x, weights_normal, weights_reduce)), or "
+                "keep them on the model")
     learned = PER_CALL.setdefault(model, set())
     gating = bool(GATED.get(model)) if gating is None else gating
     gated = GATED.setdefault(model, set()) if gating else set()
