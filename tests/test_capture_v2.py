@@ -743,6 +743,49 @@ def test_a_tensor_read_through_a_list_is_not_read_by_its_name():
         torch.testing.assert_close(simplified(x), model(x))
 
 
+class ProjectedAlphasNet(nn.Module):
+    """ISTA-NAS style: forward(x, all_freeze) projects compressed alphas into ``self.alphas_normal`` (a plain
+    attribute assigned anew on every call) unless ``all_freeze``, and every cell reads that attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = _candidates()
+        self.alphas_ = nn.Parameter(torch.randn(2, 2))
+        self.A = torch.randn(2, 3)
+
+    def proj_alphas(self):
+        self.alphas_normal = self.alphas_.mm(self.A)
+
+    def forward(self, x, all_freeze=False):
+        if not all_freeze:
+            self.proj_alphas()
+        for i in range(2):
+            x = sum(w * op(x) for w, op in zip(self.alphas_normal[i], self.ops))
+        return x
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-attribute", "existing-attribute"])
+def test_an_attribute_forward_assigns_every_call_is_refused(fresh):
+    """A graph cannot assign the attribute; the trace's write was dropped (a new attribute was deleted with
+    FX's constants, an existing plain tensor was put back) and simplify captured: after an architecture
+    step, the ``all_freeze`` call read a stale ``alphas_normal`` -- silently wrong.  Now refused, naming it."""
+    model, x = ProjectedAlphasNet(), _x()
+    if not fresh:
+        with torch.no_grad():
+            model(x)  # a previous call left the attribute
+    with pytest.raises(capture.CaptureError, match="ProjectedAlphasNet.alphas_normal"):
+        topofx.simplify(copy.deepcopy(model), (x,), mode="exact", strict=True)
+    twin = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="alphas_normal"):
+        simplified = topofx.simplify(twin, (x,), mode="exact")
+    with torch.no_grad():
+        for step, freeze in enumerate([False, True, False, True]):
+            if step == 2:  # an architecture step
+                model.alphas_.add_(1.0)
+                twin.alphas_.add_(1.0)
+            torch.testing.assert_close(simplified(x, freeze), model(x, freeze))
+
+
 # --- forward that stores Python state on its first call (SNAS's resource counts) --------------------
 class CountedConv(nn.Module):
     def __init__(self):

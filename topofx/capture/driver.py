@@ -267,9 +267,10 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
             at = f" at {frame}" if frame else ""
             hint = _PARSER_HINT if isinstance(exc, TypeError) and _raised_by_c_from_user_code(exc) else ""
             raise CaptureError(f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}{hint}") from exc
-        finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off
-            for name in _attribute_names(model) - own:
-                delattr(model, name)
+        finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off;
+            for name in _attribute_names(model) - own:  # a traced value forward stored stays: _traced_values_kept_out
+                if not _holds_proxy(vars(model).get(name)):
+                    delattr(model, name)
         for name in loose:
             _unbuffer(gm, name)
         read_by_graph = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -335,8 +336,8 @@ class StoresTracedValues(CaptureError):
         super().__init__(
             f"forward stores values computed while tracing in {', '.join(where[:4])}"
             f"{' and %d more' % (len(where) - 4) if len(where) > 4 else ''}, even after one eager warm-up call; "
-            "a graph cannot replay Python state. Compute such values once, outside forward, or keep them as "
-            "tensors (buffers)")
+            "a graph cannot replay Python state (an attribute forward assigns anew on every call, say). Compute "
+            "such values outside forward (or return them), or write into a tensor in place (self.x.copy_(...))")
 
 
 def _holds_proxy(value: Any, depth: int = 0) -> bool:

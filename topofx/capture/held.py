@@ -84,7 +84,10 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
     held below an attribute, in lists, tuples, dicts or plain objects (``self.alphas[i]`` appended per
     edge; an edge record in a graph-based model), are registered as ``topofx_held_<path>`` (parameters
     as parameters) and recorded in ``gm.meta[HELD]``, so that the guards follow an element the training
-    loop replaces; while the trace runs, each sits at its place as its ``get_attr`` value.  One that a
+    loop replaces; while the trace runs, each sits at its place as its ``get_attr`` value.  A plain tensor
+    attribute that forward rebinds (ISTA-NAS's ``self.alphas_normal = torch.cat(...) - bias`` on every call)
+    is left as forward wrote it, for the caller to see (a graph cannot replay the write; putting the old
+    tensor back hid it, and a later call reading the attribute got a stale value).  One that a
     module also holds by name (``self._arch_parameters = [self.alphas_normal, ...]``) gets its slot as a
     plain attribute, not registered: FX finds the name of a registered tensor read by attribute by identity,
     so a second registration made the trace depend on the registration order; without a slot, forward
@@ -129,8 +132,8 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
             _put(container, step, original)
         for module, qualified, value in moved:
             name = qualified.rsplit(".", 1)[-1]
-            module._buffers.pop(name, None)
-            object.__setattr__(module, name, value)
+            written = module._buffers.pop(name, None)
+            object.__setattr__(module, name, value if written is None else written)
         for module, qualified, _ in held:
             slot = qualified.rsplit(".", 1)[-1]
             module._parameters.pop(slot, None)
