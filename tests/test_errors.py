@@ -488,6 +488,21 @@ def test_capture_of_a_forward_that_raises_eagerly_names_the_eager_error():
         topofx.simplify(StacksUnequalShapes(), x8(), strict=True)
 
 
+class TakesWeightsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.edge = Edge()
+
+    def forward(self, x, weights_dict=None):
+        return self.edge(x, weights_dict["w"])
+
+
+def test_capture_tensors_in_container_argument():
+    with pytest.raises(CaptureError, match=r"TakesWeightsDict\.forward's argument `weights_dict` holds tensors in a dict: every "
+                                           r"non-tensor argument is a constant of the graph"):
+        topofx.simplify(TakesWeightsDict(), (x8(), {"w": torch.tensor([0.3, 0.7])}), strict=True)
+
+
 def test_capture_value_unknown():
     with pytest.raises(CaptureError, match=r"Python needs a bool \(.*\) of a value unknown at capture \(`gt`, no meta kernel or too large\) at "
                                            r".*test_errors\.py:\d+: `if self\.mask\.sum\(\) > 0:`\. Compute it with tensor "
