@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import topofx
+from topofx import CaptureError
 
 
 class PathArgNet(nn.Module):
@@ -125,3 +126,35 @@ def test_unhashable_argument_runs_eagerly_with_a_warning():
     torch.testing.assert_close(got, model(x, {"updateType": "weight"}), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError):  # a call forward() rejects raises the original's own error
         simplified(x, bogus=1)
+
+
+class WeightsDictNet(PathArgNet):
+    """Shapley-NAS style: forward(x, weights_dict=None) -- the mixing weights from the alphas, or a dict of
+    weight tensors the caller masked in place (one op's weight zeroed per call)."""
+
+    def forward(self, x, weights_dict=None):
+        if weights_dict is None:
+            return super().forward(x)
+        out = x
+        for w in weights_dict["edges"]:
+            out = sum(wk * op(out) for wk, op in zip(w, self.ops))
+        return out
+
+
+def test_tensors_inside_a_dict_argument_are_refused_naming_it():
+    """A dict of tensors as an example argument was specialized as a constant: FX's code generation raised a
+    SyntaxError, and simplify fell back saying so.  Now refused naming the argument and the fix; calls with
+    such a dict after a capture without one run eagerly and stay equal to the original."""
+    torch.manual_seed(0)
+    model, x = WeightsDictNet(), torch.randn(2, 3, 8, 8)
+    weights = {"edges": torch.softmax(torch.randn(2, len(model.ops)), -1)}
+    with pytest.raises(CaptureError, match="argument `weights_dict` holds tensors in a dict"):
+        topofx.simplify(model, (x, weights), mode="exact", strict=True)
+    with pytest.warns(UserWarning, match="argument `weights_dict` holds tensors in a dict"):
+        assert topofx.simplify(model, (x, weights), mode="exact").report.fallback
+    simplified = topofx.simplify(model, (x,), mode="exact")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(len(model.ops)):
+            weights["edges"][0, k] = 0.0  # in place, as the estimation loop does
+            torch.testing.assert_close(simplified(x, weights), model(x, weights))

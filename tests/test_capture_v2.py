@@ -737,6 +737,129 @@ def test_alphas_in_a_graphs_edge_records_stay_live(mode):
         torch.testing.assert_close(simplified(x), fresh(x))
 
 
+class ChoiceBlockNet(nn.Module):
+    """NAS-Bench-1Shot1 style: the alphas are plain tensors held by name *and* in ``_arch_parameters``;
+    forward reads them only through that list (mixed-op weights by index, the inputs' weights by slice,
+    one per choice block), and each choice block sums its weighted inputs before its mixed op."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(C, C, 1)
+        self.blocks = nn.ModuleList([_candidates() for _ in range(3)])
+        self.alphas_mixed_op = Variable(1e-3 * torch.randn(3, 3), requires_grad=True)
+        self.alphas_inputs = [Variable(1e-3 * torch.randn(1, n), requires_grad=True) for n in (2, 3)]
+        self._arch_parameters = [self.alphas_mixed_op, *self.alphas_inputs]
+
+    def arch_parameters(self):
+        return self._arch_parameters
+
+    def forward(self, x):
+        weights = F.softmax(self._arch_parameters[0], dim=-1)
+        input_weights = [F.softmax(a, dim=-1) for a in self._arch_parameters[1:]]
+        states = [self.stem(x)]
+        for k, ops in enumerate(self.blocks):
+            inputs = states if k == 0 else [w * s for w, s in zip(input_weights.pop(0).squeeze(0), states)]
+            h = sum(inputs)
+            states.append(sum(w * op(h) for w, op in zip(weights[k], ops)))
+        return states[-1].mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_alphas_held_by_name_and_read_through_a_list_stay_live(mode):
+    """Seen on held-out Beta-DARTS (NAS-Bench-1Shot1 spaces): a tensor held both by name and in a list
+    got no slot of its own, so the list read gave forward the real tensor and its softmax was baked into
+    the graph (simplify fell back, strict=True raised).  Now read live, and the list, not the name, is
+    what the graph follows when the training loop rebinds one of them."""
+    model, x = ChoiceBlockNet(), _x()
+    simplified = topofx.simplify(copy.deepcopy(model), (x,), mode=mode, strict=True)
+    assert simplified.report.edges >= 3  # the mixed ops (topology may also count the weighted input sums)
+    ours = simplified.original.arch_parameters()
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=model.arch_parameters(), candidate_arch_params=ours)
+    simplified(x).sum().backward()
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in ours)
+    simplified.original.alphas_mixed_op = Variable(torch.randn(3, 3), requires_grad=True)  # the name only
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+    ours[0] = Variable(torch.randn(3, 3), requires_grad=True)  # the list's element: forward reads this one
+    fresh = topofx.simplify(copy.deepcopy(simplified.original), (x,), mode=mode, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), fresh(x))
+
+
+class ListedScalesNet(nn.Module):
+    """Path scales held by name and listed in ``_betas``; forward multiplies by the listed tensors as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = _candidates()[:2]
+        self.beta0 = Variable(torch.tensor(0.3), requires_grad=True)
+        self.beta1 = Variable(torch.tensor(0.7), requires_grad=True)
+        self._betas = [self.beta0, self.beta1]
+
+    def forward(self, x):
+        return sum(b * op(x) for b, op in zip(self._betas, self.ops))
+
+
+def test_a_tensor_read_through_a_list_is_not_read_by_its_name():
+    """The same tensor held by name and in a list, used as it is: the graph read it by its name (FX finds a
+    registered tensor's name by identity), so after the training loop rebound the name -- forward still
+    multiplying by the list's tensor -- the simplified module silently used the new one.  (A capture
+    matter: exact mode, where the simplified module equals the original at any weights.)"""
+    model, x = ListedScalesNet(), _x()
+    simplified = topofx.simplify(model, (x,), mode="exact", strict=True)
+    model.beta1 = Variable(torch.tensor(-3.0), requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+    model._betas[0] = Variable(torch.tensor(5.0), requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+
+
+class ProjectedAlphasNet(nn.Module):
+    """ISTA-NAS style: forward(x, all_freeze) projects compressed alphas into ``self.alphas_normal`` (a plain
+    attribute assigned anew on every call) unless ``all_freeze``, and every cell reads that attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = _candidates()
+        self.alphas_ = nn.Parameter(torch.randn(2, 2))
+        self.A = torch.randn(2, 3)
+
+    def proj_alphas(self):
+        self.alphas_normal = self.alphas_.mm(self.A)
+
+    def forward(self, x, all_freeze=False):
+        if not all_freeze:
+            self.proj_alphas()
+        for i in range(2):
+            x = sum(w * op(x) for w, op in zip(self.alphas_normal[i], self.ops))
+        return x
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-attribute", "existing-attribute"])
+def test_an_attribute_forward_assigns_every_call_is_refused(fresh):
+    """A graph cannot assign the attribute; the trace's write was dropped (a new attribute was deleted with
+    FX's constants, an existing plain tensor was put back) and simplify captured: after an architecture
+    step, the ``all_freeze`` call read a stale ``alphas_normal`` -- silently wrong.  Now refused, naming it."""
+    model, x = ProjectedAlphasNet(), _x()
+    if not fresh:
+        with torch.no_grad():
+            model(x)  # a previous call left the attribute
+    with pytest.raises(capture.CaptureError, match="ProjectedAlphasNet.alphas_normal"):
+        topofx.simplify(copy.deepcopy(model), (x,), mode="exact", strict=True)
+    twin = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="alphas_normal"):
+        simplified = topofx.simplify(twin, (x,), mode="exact")
+    with torch.no_grad():
+        for step, freeze in enumerate([False, True, False, True]):
+            if step == 2:  # an architecture step
+                model.alphas_.add_(1.0)
+                twin.alphas_.add_(1.0)
+            torch.testing.assert_close(simplified(x, freeze), model(x, freeze))
+
+
 # --- forward that stores Python state on its first call (SNAS's resource counts) --------------------
 class CountedConv(nn.Module):
     def __init__(self):

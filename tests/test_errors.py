@@ -488,6 +488,41 @@ def test_capture_of_a_forward_that_raises_eagerly_names_the_eager_error():
         topofx.simplify(StacksUnequalShapes(), x8(), strict=True)
 
 
+class AssignsProjection(nn.Module):
+    """Assigns ``self.weights`` anew on every call (a projection of the alphas), then reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.edge = Edge()
+        self.alpha_ = nn.Parameter(torch.randn(1, 2))
+        self.A = torch.randn(2, 2)
+
+    def forward(self, x):
+        self.weights = (self.alpha_ @ self.A)[0]
+        return self.edge(x, self.weights)
+
+
+def test_capture_stores_values_every_call():
+    with pytest.raises(CaptureError, match=r"forward stores values computed while tracing in AssignsProjection\.weights, even "
+                                           r"after one eager warm-up call; a graph cannot replay Python state"):
+        topofx.simplify(AssignsProjection(), x8(), strict=True)
+
+
+class TakesWeightsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.edge = Edge()
+
+    def forward(self, x, weights_dict=None):
+        return self.edge(x, weights_dict["w"])
+
+
+def test_capture_tensors_in_container_argument():
+    with pytest.raises(CaptureError, match=r"TakesWeightsDict\.forward's argument `weights_dict` holds tensors in a dict: every "
+                                           r"non-tensor argument is a constant of the graph"):
+        topofx.simplify(TakesWeightsDict(), (x8(), {"w": torch.tensor([0.3, 0.7])}), strict=True)
+
+
 def test_capture_value_unknown():
     with pytest.raises(CaptureError, match=r"Python needs a bool \(.*\) of a value unknown at capture \(`gt`, no meta kernel or too large\) at "
                                            r".*test_errors\.py:\d+: `if self\.mask\.sum\(\) > 0:`\. Compute it with tensor "

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 
@@ -45,6 +46,14 @@ def call_key(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | Non
     except TypeError:
         return None
     return key
+
+
+def tensors_in_containers(concrete: dict[str, Any]) -> list[str]:
+    """The non-tensor arguments that hold tensors in a list, tuple or dict (Shapley-NAS's
+    ``weights_dict={'normal': w, 'reduce': w}``): a graph is specialized to the value of each non-tensor
+    argument, and tensors cannot be written into its code (FX's code generation raised a SyntaxError)."""
+    return [name for name, value in concrete.items() if isinstance(value, (list, tuple, dict))
+            and any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))]
 
 
 def has_var_args(model: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from ..ir import (
 )
 from . import float_inputs as _floats
 from . import tensor_inputs as _tensors
-from .binding import _specialize, bind_call, has_var_args
+from .binding import _specialize, bind_call, has_var_args, tensors_in_containers
 from .decisions import PER_CALL, Decision, ValueGuard, _DecidesPerCall, _per_call_units, unit_key, unit_name
 from .frames import CaptureError, _is_library_file, _reads_nothing, user_frame
 from .gating import dead_rules, make_gates, weight_element
@@ -122,6 +122,14 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
         bound = bind_call(model, example_inputs)
         values = list(bound.arguments.values())
         concrete = {n: v for n, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+        holding = tensors_in_containers(concrete)
+        if holding:
+            name = holding[0]
+            raise CaptureError(
+                f"{type(model).__name__}.forward's argument `{name}` holds tensors in a {type(concrete[name]).__name__}: "
+                "every non-tensor argument is a constant of the graph (one graph per value) and tensors cannot be "
+                "one. Pass the tensors as arguments of their own (forward(x, weights_normal, weights_reduce)), or "
+                "keep them on the model")
     learned = PER_CALL.setdefault(model, set())
     gating = bool(GATED.get(model)) if gating is None else gating
     gated = GATED.setdefault(model, set()) if gating else set()
@@ -259,9 +267,10 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
             at = f" at {frame}" if frame else ""
             hint = _PARSER_HINT if isinstance(exc, TypeError) and _raised_by_c_from_user_code(exc) else ""
             raise CaptureError(f"cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {exc}{hint}") from exc
-        finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off
-            for name in _attribute_names(model) - own:
-                delattr(model, name)
+        finally:  # FX keeps constants (and topofx its DistributionCall modules) on the root: take them off;
+            for name in _attribute_names(model) - own:  # a traced value forward stored stays: _traced_values_kept_out
+                if not _holds_proxy(vars(model).get(name)):
+                    delattr(model, name)
         for name in loose:
             _unbuffer(gm, name)
         read_by_graph = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -327,8 +336,8 @@ class StoresTracedValues(CaptureError):
         super().__init__(
             f"forward stores values computed while tracing in {', '.join(where[:4])}"
             f"{' and %d more' % (len(where) - 4) if len(where) > 4 else ''}, even after one eager warm-up call; "
-            "a graph cannot replay Python state. Compute such values once, outside forward, or keep them as "
-            "tensors (buffers)")
+            "a graph cannot replay Python state (an attribute forward assigns anew on every call, say). Compute "
+            "such values outside forward (or return them), or write into a tensor in place (self.x.copy_(...))")
 
 
 def _holds_proxy(value: Any, depth: int = 0) -> bool:

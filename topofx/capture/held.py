@@ -84,10 +84,17 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
     held below an attribute, in lists, tuples, dicts or plain objects (``self.alphas[i]`` appended per
     edge; an edge record in a graph-based model), are registered as ``topofx_held_<path>`` (parameters
     as parameters) and recorded in ``gm.meta[HELD]``, so that the guards follow an element the training
-    loop replaces; while the trace runs, each sits at its place as its ``get_attr`` value."""
+    loop replaces; while the trace runs, each sits at its place as its ``get_attr`` value.  A plain tensor
+    attribute that forward rebinds (ISTA-NAS's ``self.alphas_normal = torch.cat(...) - bias`` on every call)
+    is left as forward wrote it, for the caller to see (a graph cannot replay the write; putting the old
+    tensor back hid it, and a later call reading the attribute got a stale value).  One that a
+    module also holds by name (``self._arch_parameters = [self.alphas_normal, ...]``) gets its slot as a
+    plain attribute, not registered: FX finds the name of a registered tensor read by attribute by identity,
+    so a second registration made the trace depend on the registration order; without a slot, forward
+    reading it through the container (Beta-DARTS's NAS-Bench-1Shot1 ``self._arch_parameters[0]``) baked it in."""
     moved: list[tuple[nn.Module, str, torch.Tensor]] = []
     held: list[tuple[nn.Module, str, Path]] = []
-    named = {id(t) for m in model.modules()  # held elsewhere by name: read by that name (`self._arch_parameters`)
+    named = {id(t) for m in model.modules()  # also held by name (`self._arch_parameters = [self.alphas, ...]`)
              for t in (*m._parameters.values(), *m._buffers.values(), *vars(m).values()) if isinstance(t, torch.Tensor)}
     for prefix, module in model.named_modules():
         for name, value in list(vars(module).items()):
@@ -95,9 +102,12 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
                 del module.__dict__[name]
                 module.register_buffer(name, value, persistent=False)
                 moved.append((module, f"{prefix}.{name}" if prefix else name, value))
-        for path, tensor in list(_held_tensors(module, named)):
+        for path, tensor in list(_held_tensors(module, set())):
             slot = _slot(module, path)
-            (module._parameters if isinstance(tensor, nn.Parameter) else module._buffers)[slot] = tensor
+            if id(tensor) in named:  # a plain attribute: FX maps a tensor read by name to the one name it is registered under
+                object.__setattr__(module, slot, tensor)
+            else:
+                (module._parameters if isinstance(tensor, nn.Parameter) else module._buffers)[slot] = tensor
             held.append((module, f"{prefix}.{slot}" if prefix else slot, path))
     replaced: list[tuple[Any, tuple[str, Any], Any]] = []  # (container, step, original), innermost last
 
@@ -122,12 +132,13 @@ def _loose_tensors_as_buffers(model: nn.Module, read: Callable[[str], Any]) -> I
             _put(container, step, original)
         for module, qualified, value in moved:
             name = qualified.rsplit(".", 1)[-1]
-            module._buffers.pop(name, None)
-            object.__setattr__(module, name, value)
+            written = module._buffers.pop(name, None)
+            object.__setattr__(module, name, value if written is None else written)
         for module, qualified, _ in held:
             slot = qualified.rsplit(".", 1)[-1]
             module._parameters.pop(slot, None)
             module._buffers.pop(slot, None)
+            module.__dict__.pop(slot, None)
 
 
 def tensors_held(model: nn.Module) -> list[torch.Tensor]:
