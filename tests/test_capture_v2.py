@@ -839,25 +839,27 @@ class ProjectedAlphasNet(nn.Module):
 
 
 @pytest.mark.parametrize("fresh", [True, False], ids=["new-attribute", "existing-attribute"])
-def test_an_attribute_forward_assigns_every_call_is_refused(fresh):
-    """A graph cannot assign the attribute; the trace's write was dropped (a new attribute was deleted with
-    FX's constants, an existing plain tensor was put back) and simplify captured: after an architecture
-    step, the ``all_freeze`` call read a stale ``alphas_normal`` -- silently wrong.  Now refused, naming it."""
+@pytest.mark.parametrize("mode", MODES)
+def test_an_attribute_forward_assigns_every_call_is_assigned_by_the_graph(mode, fresh):
+    """Before: the trace's write was dropped (a new attribute was deleted with FX's constants, an existing
+    plain tensor was put back) and simplify captured: after an architecture step, the ``all_freeze`` call
+    read a stale ``alphas_normal`` -- silently wrong.  Now the graph assigns it (an AttributeStore node)."""
     model, x = ProjectedAlphasNet(), _x()
     if not fresh:
         with torch.no_grad():
             model(x)  # a previous call left the attribute
-    with pytest.raises(capture.CaptureError, match="ProjectedAlphasNet.alphas_normal"):
-        topofx.simplify(copy.deepcopy(model), (x,), mode="exact", strict=True)
     twin = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="alphas_normal"):
-        simplified = topofx.simplify(twin, (x,), mode="exact")
+    simplified = topofx.simplify(twin, (x,), mode=mode, strict=True)
     with torch.no_grad():
         for step, freeze in enumerate([False, True, False, True]):
             if step == 2:  # an architecture step
                 model.alphas_.add_(1.0)
                 twin.alphas_.add_(1.0)
             torch.testing.assert_close(simplified(x, freeze), model(x, freeze))
+            torch.testing.assert_close(twin.alphas_normal, model.alphas_normal)
+    if mode == "exact":
+        assert_train_step_equivalent(model, simplified, (x,), arch_params=[model.alphas_],
+                                     candidate_arch_params=[twin.alphas_])
 
 
 # --- forward that stores Python state on its first call (SNAS's resource counts) --------------------

@@ -489,7 +489,7 @@ def test_capture_of_a_forward_that_raises_eagerly_names_the_eager_error():
 
 
 class AssignsProjection(nn.Module):
-    """Assigns ``self.weights`` anew on every call (a projection of the alphas), then reads it."""
+    """Assigns ``self.weights`` anew on every call (a projection of the alphas, in a list), then reads it."""
 
     def __init__(self):
         super().__init__()
@@ -498,8 +498,8 @@ class AssignsProjection(nn.Module):
         self.A = torch.randn(2, 2)
 
     def forward(self, x):
-        self.weights = (self.alpha_ @ self.A)[0]
-        return self.edge(x, self.weights)
+        self.weights = [(self.alpha_ @ self.A)[0]]
+        return self.edge(x, self.weights[0])
 
 
 def test_capture_stores_values_every_call():

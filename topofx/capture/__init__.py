@@ -57,11 +57,11 @@ from .driver import Capture, capture, fingerprint, trace
 from .frames import CaptureError, UserFrame, user_frame
 from .held import held_at
 from .speculation import RESAMPLES, SpeculationFailed, hoist_speculation, speculation_check
-from .values import AppliedFunction, DistributionCall, MethodCall
+from .values import AppliedFunction, AttributeStore, DistributionCall, MethodCall
 from .verify import verify_capture, verify_float_inputs
 
 __all__ = [
-    "AppliedFunction", "Capture", "CaptureError", "DistributionCall", "MethodCall", "PER_CALL", "RESAMPLES",
+    "AppliedFunction", "AttributeStore", "Capture", "CaptureError", "DistributionCall", "MethodCall", "PER_CALL", "RESAMPLES",
     "SpeculationFailed", "UserFrame", "ValueGuard", "bind_call", "call_key", "capture", "fingerprint",
     "forward_signature", "has_var_args", "held_at", "hoist_speculation", "speculation_check", "trace", "unit_key",
     "unit_name", "user_frame", "verify_capture", "verify_float_inputs",

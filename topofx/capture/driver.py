@@ -28,7 +28,9 @@ from ..ir import (
     SHAPE_DECISIONS,
     SPARSE_FORWARD_MARK,
     SPECULATION,
+    STATIC,
     TRACED_MODULES,
+    VALUE,
     VALUE_GUARD,
     max_rel_error,
     preserved_state,
@@ -51,7 +53,7 @@ from .speculation import (
     hoist_speculation,
 )
 from .tracer import ValueTracer
-from .values import AppliedFunction, FloatValue
+from .values import AppliedFunction, AttributeStore, FloatValue
 from .verify import FloatsNotFollowed, verify_capture, verify_float_inputs
 
 
@@ -246,6 +248,7 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
     tracer = ValueTracer(values, opaque, methods, floats, gated)
     tracer.gate_taken = taken
     own = _attribute_names(model)
+    before = [(m, dict(vars(m))) for m in model.modules()]  # what forward assigns: _store_assigned_tensors
     proxies: dict[str, Any] = {}
 
     def read(qualified: str) -> Any:  # one get_attr node per held tensor, created where first read
@@ -280,11 +283,35 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         attributes = [(q, model.get_submodule(q.rpartition(".")[0]), (("attr", q.rpartition(".")[2]),)) for q in loose]
         gm.meta[_tensors.TENSOR_INPUTS] = _tensors.read_by(gm, [*gm.meta[HELD], *attributes])
         tracer.float_inputs = _read_floats(gm, floats)
+    _store_assigned_tensors(gm, before)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
     tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
                               and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
     tracer.attributes_read = recorder.attributes_read()  # which of those guards.py compares
     return gm, tracer
+
+
+def _store_assigned_tensors(gm: fx.GraphModule, attributes: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    """A tensor forward assigned to a module attribute (``self.normal_weights = weights`` on every call) is
+    assigned by the graph too, at its end (:class:`~topofx.capture.values.AttributeStore`), and the trace's
+    stand-in comes off the attribute (``attributes``: every module's attributes before the trace).  Other
+    traced values left in attributes (in lists, dicts) are refused by :func:`_traced_values_kept_out`."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for module, before in attributes:
+        for name, value in list(vars(module).items()):
+            if not isinstance(value, fx.Proxy) or value.node.graph is not gm.graph or \
+                    not isinstance(value.node.meta.get(VALUE), torch.Tensor):
+                continue
+            target = _free_name(gm, f"topofx_store_{name}")
+            gm.add_submodule(target, AttributeStore(module, name))
+            with gm.graph.inserting_before(output):
+                store = gm.graph.call_module(target, (value.node,))
+            store.meta[VALUE], store.meta[STATIC] = None, False
+            if name in before:
+                module.__dict__[name] = before[name]
+            else:
+                del module.__dict__[name]
+    gm.recompile()
 
 
 @contextlib.contextmanager
@@ -336,8 +363,9 @@ class StoresTracedValues(CaptureError):
         super().__init__(
             f"forward stores values computed while tracing in {', '.join(where[:4])}"
             f"{' and %d more' % (len(where) - 4) if len(where) > 4 else ''}, even after one eager warm-up call; "
-            "a graph cannot replay Python state (an attribute forward assigns anew on every call, say). Compute "
-            "such values outside forward (or return them), or write into a tensor in place (self.x.copy_(...))")
+            "a graph cannot replay Python state (a list or dict forward assigns anew on every call, say; a tensor "
+            "assigned as it is, the graph assigns too). Compute such values outside forward (or return them), or "
+            "assign the tensors one by one")
 
 
 def _holds_proxy(value: Any, depth: int = 0) -> bool:

@@ -301,6 +301,34 @@ class AppliedFunction(nn.Module):
         return f"{self.function.__name__}.apply" + (f", holding {held}" if held else "")
 
 
+class AttributeStore(nn.Module):
+    """``owner.name = value`` as a graph node: a tensor forward assigns to a module attribute on every call
+    (SNAS's ``self.normal_weights = ...``, ISTA-NAS's projected ``self.alphas_normal``) is assigned by the
+    graph too, so code that reads the attribute after a call (the next call, the training loop) sees this
+    call's value, as eagerly.  The owner is held by reference, not registered (the graph's module tree is
+    the model's); a copy made together with its model (one ``copy.deepcopy``) assigns into the copy's
+    module, a graph copied alone into the module it was captured from.  On meta tensors it assigns
+    nothing.  Not a stock module: the passes treat the call as having unknown effects."""
+
+    _is_impure = True  # (torch.fx's dead-code elimination keeps it)
+
+    def __init__(self, owner: nn.Module, name: str):
+        super().__init__()
+        self.__dict__["owner"], self.name = owner, name
+
+    def forward(self, value: torch.Tensor) -> None:
+        setattr(self.owner, self.name, value)
+
+    def on_meta(self, value: Any) -> None:
+        return None
+
+    def __deepcopy__(self, memo: dict) -> "AttributeStore":
+        clone = AttributeStore(memo.get(id(self.owner), self.owner), self.name)
+        clone.training = self.training
+        memo[id(self)] = clone
+        return clone
+
+
 def _unwatched(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` with :class:`topofx.capture.reads.ReadRecorder` paused: it watches user code, and recording
     a node or calling a leaf module runs none (pausing keeps the trace as fast as without it)."""
