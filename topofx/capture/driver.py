@@ -70,6 +70,12 @@ CONSTANT_FLOATS: "weakref.WeakKeyDictionary[nn.Module, set[tuple]]" = weakref.We
 (:func:`verify_float_inputs`); later traces keep them constants."""
 
 
+WARMED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+"""Models a capture made one eager call of before tracing again (a first trace stored traced values in
+attributes): what a trace still assigns after it, forward assigns on every call (:func:`_store_assigned_tensors`);
+before it, it may be a first call's write (``if not self.got_flops: self.flops = ...``), made eagerly."""
+
+
 _PARSER_HINT = (
     ". torch's argument parser refused a value computed in forward (a size or a tensor the tracer stands in "
     "for), as it does when several sizes are passed one by one to a factory reached other than as torch.<name> "
@@ -283,7 +289,8 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
         attributes = [(q, model.get_submodule(q.rpartition(".")[0]), (("attr", q.rpartition(".")[2]),)) for q in loose]
         gm.meta[_tensors.TENSOR_INPUTS] = _tensors.read_by(gm, [*gm.meta[HELD], *attributes])
         tracer.float_inputs = _read_floats(gm, floats)
-    _store_assigned_tensors(gm, before)
+    if model in WARMED:
+        _store_assigned_tensors(gm, before)
     traced = {id(m) for m in (model, *tracer.traced_modules)}
     tracer.reads = recorder.reads(skip=lambda root, steps: id(root) in traced and len(steps) == 1
                               and steps[0][1] in vars(root))  # a traced module's own attribute: guards.py
@@ -292,8 +299,8 @@ def _trace_once(model: nn.Module, values: list[Any], concrete: dict[str, Any] | 
 
 
 def _store_assigned_tensors(gm: fx.GraphModule, attributes: list[tuple[nn.Module, dict[str, Any]]]) -> None:
-    """A tensor forward assigned to a module attribute (``self.normal_weights = weights`` on every call) is
-    assigned by the graph too, at its end (:class:`~topofx.capture.values.AttributeStore`), and the trace's
+    """A tensor forward assigned to a module attribute (``self.normal_weights = weights`` on every call: a
+    trace after the eager warm-up call, :data:`WARMED`) is assigned by the graph too, at its end (:class:`~topofx.capture.values.AttributeStore`), and the trace's
     stand-in comes off the attribute (``attributes``: every module's attributes before the trace).  Other
     traced values left in attributes (in lists, dicts) are refused by :func:`_traced_values_kept_out`."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
@@ -512,6 +519,7 @@ def capture(
                 warmed = True
                 with preserved_state(model), torch.no_grad():
                     run_seeded(model, example_inputs)
+                WARMED.add(model)
                 continue
             gated = gm.meta.get(GATE_DECISIONS)
             try:
