@@ -406,3 +406,64 @@ def test_a_write_into_one_of_several_guarded_tensors_is_caught(write):
     assert not guard.holds(model)
     torch.testing.assert_close(simplified(x), model(x))
     assert simplified.graph_module is not graph
+
+
+def _memo_ready(simplified, model):
+    """The value guard of ``simplified``, its batched program built and its memo taken."""
+    guard = simplified.guards.value_guard
+    assert guard.holds(model) and guard.holds(model)
+    assert guard._batched[id(model)][1].memo is not None
+    return guard
+
+
+_MASK_CHANGES = {
+    "cell swapped": lambda model: model.cells.__setitem__(1, _masked_cell(keep=(1.0, 1.0, 0.0))),
+    "buffer re-assigned": lambda model: setattr(model.cells[1], "keep", torch.tensor([1.0, 0.0, 1.0])),
+    "buffer of another dtype": lambda model: setattr(model.cells[1], "keep", torch.ones(3, dtype=torch.float64)),
+    "buffer made a plain attribute": lambda model: object.__setattr__(model.cells[1], "keep", model.cells[1]._buffers.pop("keep")),
+}
+
+
+def _masked_cell(keep):
+    cell = _MaskedCell()
+    cell.keep.copy_(torch.tensor(keep))
+    return cell
+
+
+@pytest.mark.parametrize("change", list(_MASK_CHANGES))
+def test_the_memo_check_agrees_with_the_step_by_step_evaluation(change):
+    """The memo comparison reads each guarded tensor through the dictionary that held it at capture: a
+    swapped cell, a re-assigned buffer, a tensor of another dtype (equal values), an attribute moved to
+    another dictionary are read anew (none of them passes as the memo's tensors) -- and :meth:`holds` comes
+    out as the step-by-step :meth:`changed` does."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    _MASK_CHANGES[change](model)
+    try:
+        assert not batched.same(model, batched.memo)
+    except KeyError:
+        assert change == "buffer made a plain attribute"
+    assert guard.holds(model) == (not guard.changed(model))
+    if change in ("cell swapped", "buffer re-assigned"):
+        assert not guard.holds(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(simplified(x), model(x))
+
+
+def test_a_guarded_tensor_that_is_gone_is_a_change_not_an_error():
+    """A module on the way to a guarded tensor replaced by ``None`` makes the memo check raise: that is a
+    change (the program decides, and the model is captured again), never a hold."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    del model.cells[1].keep  # the buffer gone: the dictionary read misses
+    with pytest.raises(KeyError):
+        batched.same(model, batched.memo)
+    model.cells[1].register_buffer("keep", torch.ones(3))
+    assert guard.holds(model)

@@ -241,6 +241,7 @@ class _BatchedDecisions:
         self.clone = any(mutates(n) for n in graph.nodes)  # writes in place (DARTS-PT's projected rows): into copies
         self.forward = fx.GraphModule(nn.Module(), graph).forward
         self.read = _reader(self.leaves, [guard.held[target] for target in self.leaves])
+        self.same = _memo_check(root, self.leaves, [guard.held[target] for target in self.leaves])
         # (output, shape of the whole tensor, flat indices, the capture's bools) per group of decisions
         self.groups: list[tuple[int, torch.Size, torch.Tensor, torch.Tensor]] = []
         # (output, convert, expected) per distinct single decision
@@ -275,10 +276,14 @@ class _BatchedDecisions:
         return self.forward(*leaves)
 
     def holds(self, guard: "ValueGuard", root: nn.Module) -> bool:
-        leaves = self._leaves(guard, root)
         memo = self.memo
-        if memo is not None and all(map(_same_tensor, leaves, memo)):
-            return True
+        if memo is not None:
+            try:
+                if self.same(root, memo):
+                    return True
+            except Exception:  # noqa: BLE001 - a leaf moved, gone or re-typed: the program decides
+                pass
+        leaves = self._leaves(guard, root)
         with torch.no_grad():
             outputs = self._run(leaves)
             for g, (k, shape, indices, expected) in enumerate(self.groups):
@@ -317,10 +322,50 @@ def _reader(targets: list[str], held: list[Any]) -> Callable[[nn.Module], list[A
     return namespace["read"]
 
 
-def _same_tensor(now: torch.Tensor, then: torch.Tensor) -> bool:
-    """``now`` holds ``then``'s values, of the same dtype, shape and device."""
-    return (isinstance(now, torch.Tensor) and now.dtype == then.dtype and now.shape == then.shape
-            and now.device == then.device and torch.equal(now, then))
+def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callable[[nn.Module, list], bool]:
+    """A generated function of ``(root, memo)``, straight-line code: true when each of ``targets`` read off
+    ``root`` holds ``memo``'s tensor at its position -- the same dtype, device and values (``torch.equal``:
+    another shape is not equal) -- false, or an exception (a module or attribute gone, another kind of
+    object), otherwise.
+
+    It is called before every call of the simplified module, after a graph run has left little of what
+    it reads in the CPU's caches, so it reads each module on the way once, through the dictionary that
+    holds it (``root._modules['cells']._modules['3']``: no ``nn.Module.__getattr__`` call), and compares
+    inline.  The dictionary is the one ``getattr`` finds the attribute in at build time: a submodule,
+    parameter or buffer is found by ``getattr`` in its dictionary whenever the class and the instance's
+    ``__dict__`` lack the name, and ``nn.Module.__setattr__`` / ``__delattr__`` keep each name in one of
+    ``__dict__``, ``_parameters``, ``_buffers``, ``_modules`` (an attribute that moves to another one, a
+    plain tensor made a parameter, is missing where this function looks: an exception, a change).  Not
+    seen, as by :class:`topofx.capture.guards._Assignments`: a name written into ``__dict__`` bypassing
+    ``__setattr__`` while a parameter, buffer or submodule has it.  A target the model lacks (a graph
+    module's constant, ``held``) is read as :meth:`ValueGuard.leaf` reads it."""
+    lines, names, reads = [], {(): "root"}, []
+    for i, target in enumerate(targets):
+        *path, field = target.split(".")
+        obj: Any = root
+        for depth, part in enumerate(path, 1):
+            if tuple(path[:depth]) not in names:
+                names[tuple(path[:depth])] = name = f"_m{len(names)}"
+                lines.append(f"    {name} = {_read(names[tuple(path[:depth - 1])], obj, part)}")
+            obj = getattr(obj, part, None)
+        reads.append(_read(names[tuple(path)], obj, field, f"_held[{i}]"))
+    checks = [f"(_x := {read}).dtype is (_t := _memo[{i}]).dtype and _x.device == _t.device and _equal(_x, _t)"
+              for i, read in enumerate(reads)]
+    namespace: dict[str, Any] = {"_held": held, "_equal": torch.equal}
+    source = "def same(root, _memo):\n" + "".join(line + "\n" for line in lines) + "    return " + (" and ".join(checks) or "True") + "\n"
+    exec(compile(source, "<topofx value guard memo>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace["same"]
+
+
+def _read(owner: str, obj: Any, name: str, default: str = "") -> str:
+    """An expression that gives ``getattr(owner, name)`` where ``owner`` names ``obj``: the dictionary item
+    for a submodule, parameter or buffer of ``obj`` now (:func:`_memo_check`), else ``getattr`` itself
+    (with ``default`` where one is given)."""
+    if isinstance(obj, nn.Module) and name not in vars(obj) and not hasattr(type(obj), name):
+        for where in ("_modules", "_parameters", "_buffers"):
+            if name in vars(obj)[where]:
+                return f"{owner}.{where}[{name!r}]"
+    return f"getattr({owner}, {name!r}{', ' + default if default else ''})"
 
 
 def _frozen(a: Any) -> Any:
