@@ -346,9 +346,9 @@ def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callabl
         for depth, part in enumerate(path, 1):
             if tuple(path[:depth]) not in names:
                 names[tuple(path[:depth])] = name = f"_m{len(names)}"
-                lines.append(f"    {name} = {_read(names[tuple(path[:depth - 1])], obj, part)}")
+                lines.append(f"    {name} = {attribute_read(names[tuple(path[:depth - 1])], obj, part)}")
             obj = getattr(obj, part, None)
-        reads.append(_read(names[tuple(path)], obj, field, f"_held[{i}]"))
+        reads.append(attribute_read(names[tuple(path)], obj, field, f"_held[{i}]"))
     checks = [f"(_x := {read}).dtype is (_t := _memo[{i}]).dtype and _x.device == _t.device and _equal(_x, _t)"
               for i, read in enumerate(reads)]
     namespace: dict[str, Any] = {"_held": held, "_equal": torch.equal}
@@ -357,10 +357,12 @@ def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callabl
     return namespace["same"]
 
 
-def _read(owner: str, obj: Any, name: str, default: str = "") -> str:
-    """An expression that gives ``getattr(owner, name)`` where ``owner`` names ``obj``: the dictionary item
-    for a submodule, parameter or buffer of ``obj`` now (:func:`_memo_check`), else ``getattr`` itself
-    (with ``default`` where one is given)."""
+def attribute_read(owner: str, obj: Any, name: str, default: str = "") -> str:
+    """Generated code: an expression that gives ``getattr(owner, name)``, where the expression ``owner``
+    gives ``obj`` now -- the dictionary item for a submodule, parameter or buffer of ``obj`` (no
+    ``nn.Module.__getattr__`` call; a ``KeyError`` once the attribute moved or is gone: see
+    :func:`_memo_check` for when it is the same), else ``getattr`` itself (with ``default`` where one is
+    given)."""
     if isinstance(obj, nn.Module) and name not in vars(obj) and not hasattr(type(obj), name):
         for where in ("_modules", "_parameters", "_buffers"):
             if name in vars(obj)[where]:

@@ -70,6 +70,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..ir import ATTRIBUTES_READ, FLOAT_INPUTS, HELD, READS, SHAPE_DECISIONS, TRACED_MODULES, VALUE_GUARD
 from . import tensor_inputs as _tensors
+from .decisions import attribute_read
 from .driver import fingerprint, trace
 from .frames import CaptureError
 from .held import held_at
@@ -303,6 +304,16 @@ def _immutable(snapshot: Any) -> bool:
     return _is_scalar(snapshot) or (type(snapshot) is tuple and snapshot[0] is tuple and all(map(_immutable, snapshot[1])))
 
 
+def _current(check: _Check, current: Callable[[], Any]) -> str:
+    """Generated code for ``current()`` (where the root holds a graph tensor now, :meth:`Guards._captured_tensors`):
+    an attribute of a module read through the dictionary holding it (:func:`topofx.capture.decisions.attribute_read`:
+    a ``KeyError`` where ``getattr`` would give ``None``, both a change), else the call."""
+    if isinstance(current, functools.partial) and current.func is getattr:
+        owner, name = current.args[:2]
+        return attribute_read(check.bind(owner), owner, name)
+    return f"{check.bind(current)}()"
+
+
 class _Assignments:
     """Immutable module attributes, compared only after an assignment to one of ``modules``
     (``torch._dynamo.mutation_guard``: it wraps the modules' classes' ``__setattr__``, as dynamo does for
@@ -428,9 +439,10 @@ class Guards:
         are compared only after some watched module was assigned to.  Lists and dicts (mutable in
         place), tensors held by value, and numbers outside the modules are compared on every call."""
         check, assigned = _Check(), _Check()
-        check.add(f"{check.bind(self.structure_holds)}()")  # free unless a submodule was assigned
+        guards = check.bind(self)  # the module tree: free unless a submodule was assigned
+        check.add(f"{check.bind(_TREE_VERSION)}[0] == {guards}.tree_version or {guards}.structure_holds()")
         for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there
-            check.add(f"{check.bind(current)}() is getattr({check.bind(gm_owner)}, {field!r})")
+            check.add(f"{_current(check, current)} is {attribute_read(check.bind(gm_owner), gm_owner, field)}")
         watched = []
         for module, items in _by_module(self.scalars):  # a module's __dict__ read once per check
             for target, part in ((assigned, [i for i in items if _immutable(i[1])]),
