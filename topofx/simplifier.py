@@ -117,7 +117,7 @@ class SimplifiedModule(nn.Module):
         speculated = self.graph_module.meta.get(SPECULATION)
         if not speculated:
             return self._run_graph(*args, **kwargs)
-        devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
+        devices = _cuda_devices(args) if torch.cuda.is_initialized() else []  # no CUDA tensor without CUDA
         before = _rng_states(devices)  # what a failed speculation (or any error) leaves; a success moves on
         try:
             return self._run_graph(*args, **kwargs)
@@ -367,6 +367,11 @@ class SimplifiedModule(nn.Module):
 
     def __repr__(self) -> str:
         return f"SimplifiedModule({type(self.original).__name__}, mode={self.report.mode})"
+
+
+def _cuda_devices(args: tuple) -> list[int]:
+    """The CUDA devices of the tensor arguments: the generators a failed speculation restores."""
+    return sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
 
 
 def _rng_states(devices: list[int]) -> tuple:

@@ -132,12 +132,17 @@ class ValueGuard:
 
     def holds(self, root: nn.Module) -> bool:
         """Whether every decision comes out as at capture: :meth:`changed` is empty -- computed as one
-        batched program (:class:`_BatchedDecisions`) where it reproduces :meth:`changed`'s values."""
+        batched program (:meth:`batched`) where it reproduces :meth:`changed`'s values."""
+        batched = self.batched(root)
+        return batched.holds(self, root) if batched is not None else not self.changed(root)
+
+    def batched(self, root: nn.Module) -> "_BatchedDecisions | None":
+        """The decisions as one program for ``root`` (built at the first use), ``None`` where it cannot
+        reproduce them: then they are evaluated node by node."""
         entry = self._batched.get(id(root))
         if entry is None or entry[0] is not root:
             entry = self._batched[id(root)] = (root, _BatchedDecisions.build(self, root))
-        batched = entry[1]
-        return batched.holds(self, root) if batched is not None else not self.changed(root)
+        return entry[1]
 
     def leaf(self, root: nn.Module, target: str) -> Any:
         """What a ``get_attr`` of the decisions reads: the model's attribute, else the graph module's constant."""
@@ -276,13 +281,8 @@ class _BatchedDecisions:
         return self.forward(*leaves)
 
     def holds(self, guard: "ValueGuard", root: nn.Module) -> bool:
-        memo = self.memo
-        if memo is not None:
-            try:
-                if self.same(root, memo):
-                    return True
-            except Exception:  # noqa: BLE001 - a leaf moved, gone or re-typed: the program decides
-                pass
+        if self.same(root, self.memo):
+            return True
         leaves = self._leaves(guard, root)
         with torch.no_grad():
             outputs = self._run(leaves)
@@ -325,8 +325,8 @@ def _reader(targets: list[str], held: list[Any]) -> Callable[[nn.Module], list[A
 def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callable[[nn.Module, list], bool]:
     """A generated function of ``(root, memo)``, straight-line code: true when each of ``targets`` read off
     ``root`` holds ``memo``'s tensor at its position -- the same dtype, device and values (``torch.equal``:
-    another shape is not equal) -- false, or an exception (a module or attribute gone, another kind of
-    object), otherwise.
+    another shape is not equal) -- false otherwise: also where a read or comparison raises (a module or
+    attribute gone, another kind of object, another device), or there is no memo (``None``).
 
     It is called before every call of the simplified module, after a graph run has left little of what
     it reads in the CPU's caches, so it reads each module on the way once, through the dictionary that
@@ -352,7 +352,8 @@ def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callabl
     checks = [f"(_x := {read}).dtype is (_t := _memo[{i}]).dtype and _x.device == _t.device and _equal(_x, _t)"
               for i, read in enumerate(reads)]
     namespace: dict[str, Any] = {"_held": held, "_equal": torch.equal}
-    source = "def same(root, _memo):\n" + "".join(line + "\n" for line in lines) + "    return " + (" and ".join(checks) or "True") + "\n"
+    source = ("def same(root, _memo):\n    try:\n" + "".join(f"    {line}\n" for line in lines)
+              + f"        return {' and '.join(checks) or '_memo is not None'}\n    except Exception:\n        return False\n")
     exec(compile(source, "<topofx value guard memo>", "exec"), namespace)  # noqa: S102 - our own generated code
     return namespace["same"]
 

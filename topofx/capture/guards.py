@@ -460,8 +460,9 @@ class Guards:
             check.add(f"{check.bind(tensor_input.refresh)}({check.bind(self.holder)})")
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.capture.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
-        if self.value_guard is not None:
-            check.add(f"{check.bind(self.value_guard.holds)}(root)")
+        if self.value_guard is not None:  # the memo comparison first, then the rest of ValueGuard.holds
+            batched, holds = self.value_guard.batched(self.root), f"{check.bind(self.value_guard.holds)}(root)"
+            check.add(holds if batched is None else f"{check.bind(batched.same)}(root, {check.bind(batched)}.memo) or {holds}")
         check.names["root"] = self.root
         self.assignments = _Assignments(watched, assigned.build())
         check.add(f"{check.bind(self.assignments)}.hold()")
