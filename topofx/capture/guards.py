@@ -46,8 +46,11 @@ not touched):
 Guards are built once, at capture, and checked cheaply (the way ``torch._dynamo`` guards are): the
 identity, number and container checks are compiled into one generated function (:class:`_Check`)
 that reproduces, per attribute, the comparison of a fresh snapshot with the capture's (a module's
-immutable attributes only after an assignment to it: :class:`_Assignments`); the value
-decisions run as one batched computation (:meth:`topofx.capture.ValueGuard.holds`); the modules the
+immutable attributes only after an assignment to it: :class:`_Assignments`), reading module attributes
+through the dictionaries that hold them (:func:`topofx.capture.decisions.attribute_read`: no
+``nn.Module.__getattr__`` call); the value decisions run as one batched computation
+(:meth:`topofx.capture.ValueGuard.holds`), and not at all while the tensors it reads hold the values of
+its last run (a generated comparison the check calls first); the modules the
 graph does not call are scanned for hooks only after a hook was registered somewhere (torch's global
 hook-handle counter moved).  Only when the compiled check fails does a call take the step-by-step
 path above (re-bind, re-trace, name what changed), after which the check is compiled again where
