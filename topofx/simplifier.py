@@ -375,11 +375,13 @@ def _cuda_devices(args: tuple) -> list[int]:
 
 
 def _rng_states(devices: list[int]) -> tuple:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+    """The CPU generator's state (``torch.get_rng_state()``, without its wrapper: taken before every call
+    of a graph with speculations) and the ``devices``' CUDA generators'."""
+    return torch.default_generator.get_state(), [torch.cuda.get_rng_state(d) for d in devices] if devices else []
 
 
 def _set_rng_states(devices: list[int], state: tuple) -> None:
-    torch.set_rng_state(state[0])
+    torch.default_generator.set_state(state[0])
     for device, cuda_state in zip(devices, state[1]):
         torch.cuda.set_rng_state(cuda_state, device)
 

@@ -594,4 +594,4 @@ class Guards:
                 return "recapture"
             if self.scalars is not scalars:  # snapshotted again (the graph does not depend on the change)
                 self.compile()
-        return "graph" if self.shapes_allow(inputs) else "eager"
+        return "graph" if not self.shape_decisions or self.shapes_allow(inputs) else "eager"
