@@ -330,20 +330,22 @@ class _Assignments:
     def __init__(self, modules: list[nn.Module], compare: Callable[[], bool]):
         self.modules, self.compare, self.assigned = modules, compare, True
         self.watchers = [_Watcher(self) for _ in modules]  # one per module: watched again only once it fired
-        self.quiet, self.streak = 1, 0  # calls since watching; calls in a row assigned to at once
+        self.quiet, self.streak = True, 0  # a call found nothing assigned since watching; calls in a row that did not
 
     def hold(self) -> bool:
-        """True when no watched module was assigned to since the last comparison that held."""
+        """True when no watched module was assigned to since the last comparison that held.  The compiled
+        check calls it only while :attr:`assigned` or not :attr:`quiet` (otherwise it would return True
+        at once, changing nothing)."""
         if not self.assigned:
-            self.quiet += 1
+            self.quiet = True
             return True
         if not self.compare():
             return False
-        self.streak = self.streak + 1 if self.quiet == 0 else 0
+        self.streak = 0 if self.quiet else self.streak + 1
         if self.streak < self.GIVE_UP:
             from torch._dynamo import mutation_guard  # imported on first use: dynamo takes a second to import
 
-            self.assigned, self.quiet = False, 0
+            self.assigned, self.quiet = False, False
             for module, watcher in zip(self.modules, self.watchers):  # a tracker calls a watcher once
                 if not watcher.armed:
                     watcher.armed = True
@@ -468,7 +470,8 @@ class Guards:
             check.add(holds if batched is None else f"{check.bind(batched.same)}(root, {check.bind(batched)}.memo) or {holds}")
         check.names["root"] = self.root
         self.assignments = _Assignments(watched, assigned.build())
-        check.add(f"{check.bind(self.assignments)}.hold()")
+        assignments = check.bind(self.assignments)  # no call while nothing was assigned (and a call saw so)
+        check.add(f"({assignments}.assigned is False and {assignments}.quiet) or {assignments}.hold()")
         self.holds = check.build()
 
     def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
