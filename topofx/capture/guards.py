@@ -77,6 +77,7 @@ from .decisions import attribute_read
 from .driver import fingerprint, trace
 from .frames import CaptureError
 from .held import held_at
+from .reads import MISSING
 
 _SUBMODULES = operator.attrgetter("_modules")
 _TREE_VERSION = [0]  # submodule assignments anywhere (``ops[k] = None``, ``cell.op = new``, ``add_module``)
@@ -459,8 +460,9 @@ class Guards:
             if any(_immutable(snapshot) for _, snapshot in items):
                 watched.append(module)
         for float_input in self.floats:  # a float input that moved: its tensor is replaced (no re-trace)
-            name = check.bind(float_input)
-            check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.holder)})")
+            name, own = check.bind(float_input), float_input.own_attribute()
+            now = f"{name}.current()" if own is None else f"{check.bind(own[0])}.__dict__.get({own[1]!r}, {check.bind(MISSING)})"
+            check.add(f"{now} is {name}.last or {name}.refresh({check.bind(self.holder)})")
         for tensor_input in self.inputs:  # a new sample each call: the graph reads it (no re-trace)
             check.add(f"{check.bind(tensor_input.refresh)}({check.bind(self.holder)})")
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.capture.reads)
