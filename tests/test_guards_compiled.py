@@ -464,3 +464,33 @@ def test_a_guarded_tensor_that_is_gone_is_a_change_not_an_error():
     assert guard.holds(model) == (not guard.changed(model))  # the program reads what the evaluation reads
     model.cells[1].register_buffer("keep", torch.ones(3))
     assert guard.holds(model) and batched.same(model, batched.memo)
+
+
+def test_a_guarded_constant_the_model_lacks_is_read_from_the_graph_module_until_the_model_has_it():
+    """A guarded tensor read from a dict (FX's constant: the graph module holds it, the model has no attribute
+    of that name) is compared as the graph module's object; an attribute of that name set on the model
+    later is what the memo check reads instead, as ``getattr(model, name, constant)`` does."""
+    class _FlagNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.zeros(3))
+            self.flags = {"normal": torch.tensor([True, False, True])}
+            self.ops = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1), nn.Identity()])
+
+        def forward(self, x):
+            weights = self.alpha.softmax(-1)
+            return sum(w * op(x) for w, f, op in zip(weights, self.flags["normal"], self.ops) if f)
+
+    torch.manual_seed(0)
+    model, x = _FlagNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    held = [t for t in batched.leaves if not hasattr(model, t)]
+    assert held and batched.same(model, batched.memo)
+    model.flags["normal"][1] = True  # in place, into the graph module's object
+    assert not batched.same(model, batched.memo)
+    model.flags["normal"][1] = False
+    assert batched.same(model, batched.memo)
+    object.__setattr__(model, held[0], torch.tensor([True, True, True]))  # the model has it now
+    assert not batched.same(model, batched.memo)

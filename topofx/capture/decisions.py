@@ -338,7 +338,9 @@ def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callabl
     plain tensor made a parameter, is missing where this function looks: an exception, a change).  Not
     seen, as by :class:`topofx.capture.guards._Assignments`: a name written into ``__dict__`` bypassing
     ``__setattr__`` while a parameter, buffer or submodule has it.  A target the model lacks (a graph
-    module's constant, ``held``) is read as :meth:`ValueGuard.leaf` reads it."""
+    module's constant, ``held``) is read as :meth:`ValueGuard.leaf` reads it: ``held``'s object while
+    none of the module's dictionaries has the name (no ``getattr`` that raises and catches
+    ``AttributeError`` on every call); not seen: a class attribute of that name added later."""
     lines, names, reads = [], {(): "root"}, []
     for i, target in enumerate(targets):
         *path, field = target.split(".")
@@ -368,6 +370,9 @@ def attribute_read(owner: str, obj: Any, name: str, default: str = "") -> str:
         for where in ("_modules", "_parameters", "_buffers"):
             if name in vars(obj)[where]:
                 return f"{owner}.{where}[{name!r}]"
+        if default:  # absent (a graph module's constant): the default, unless the module has it now
+            absent = " and ".join(f"{name!r} not in {owner}.{where}" for where in ("__dict__", "_modules", "_parameters", "_buffers"))
+            return f"({default} if {absent} else getattr({owner}, {name!r}, {default}))"
     return f"getattr({owner}, {name!r}{', ' + default if default else ''})"
 
 
