@@ -406,3 +406,91 @@ def test_a_write_into_one_of_several_guarded_tensors_is_caught(write):
     assert not guard.holds(model)
     torch.testing.assert_close(simplified(x), model(x))
     assert simplified.graph_module is not graph
+
+
+def _memo_ready(simplified, model):
+    """The value guard of ``simplified``, its batched program built and its memo taken."""
+    guard = simplified.guards.value_guard
+    assert guard.holds(model) and guard.holds(model)
+    assert guard._batched[id(model)][1].memo is not None
+    return guard
+
+
+_MASK_CHANGES = {
+    "cell swapped": lambda model: model.cells.__setitem__(1, _masked_cell(keep=(1.0, 1.0, 0.0))),
+    "buffer re-assigned": lambda model: setattr(model.cells[1], "keep", torch.tensor([1.0, 0.0, 1.0])),
+    "buffer of another dtype": lambda model: setattr(model.cells[1], "keep", torch.ones(3, dtype=torch.float64)),
+    "buffer made a plain attribute": lambda model: object.__setattr__(model.cells[1], "keep", model.cells[1]._buffers.pop("keep")),
+}
+
+
+def _masked_cell(keep):
+    cell = _MaskedCell()
+    cell.keep.copy_(torch.tensor(keep))
+    return cell
+
+
+@pytest.mark.parametrize("change", list(_MASK_CHANGES))
+def test_the_memo_check_agrees_with_the_step_by_step_evaluation(change):
+    """The memo comparison reads each guarded tensor through the dictionary that held it at capture: a
+    swapped cell, a re-assigned buffer, a tensor of another dtype (equal values), an attribute moved to
+    another dictionary are read anew (none of them passes as the memo's tensors) -- and :meth:`holds` comes
+    out as the step-by-step :meth:`changed` does."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    _MASK_CHANGES[change](model)
+    assert not batched.same(model, batched.memo)
+    assert guard.holds(model) == (not guard.changed(model))
+    if change in ("cell swapped", "buffer re-assigned"):
+        assert not guard.holds(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(simplified(x), model(x))
+
+
+def test_a_guarded_tensor_that_is_gone_is_a_change_not_an_error():
+    """A guarded tensor that is gone makes the memo check's read miss: not a hold, nor an error -- the
+    program decides, as the step-by-step evaluation does; the tensor back, the memo holds again."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    del model.cells[1].keep  # the buffer gone: the dictionary read misses
+    assert not batched.same(model, batched.memo)
+    assert guard.holds(model) == (not guard.changed(model))  # the program reads what the evaluation reads
+    model.cells[1].register_buffer("keep", torch.ones(3))
+    assert guard.holds(model) and batched.same(model, batched.memo)
+
+
+def test_a_guarded_constant_the_model_lacks_is_read_from_the_graph_module_until_the_model_has_it():
+    """A guarded tensor read from a dict (FX's constant: the graph module holds it, the model has no attribute
+    of that name) is compared as the graph module's object; an attribute of that name set on the model
+    later is what the memo check reads instead, as ``getattr(model, name, constant)`` does."""
+    class _FlagNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.zeros(3))
+            self.flags = {"normal": torch.tensor([True, False, True])}
+            self.ops = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3, padding=1), nn.Identity()])
+
+        def forward(self, x):
+            weights = self.alpha.softmax(-1)
+            return sum(w * op(x) for w, f, op in zip(weights, self.flags["normal"], self.ops) if f)
+
+    torch.manual_seed(0)
+    model, x = _FlagNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    held = [t for t in batched.leaves if not hasattr(model, t)]
+    assert held and batched.same(model, batched.memo)
+    model.flags["normal"][1] = True  # in place, into the graph module's object
+    assert not batched.same(model, batched.memo)
+    model.flags["normal"][1] = False
+    assert batched.same(model, batched.memo)
+    object.__setattr__(model, held[0], torch.tensor([True, True, True]))  # the model has it now
+    assert not batched.same(model, batched.memo)

@@ -117,7 +117,7 @@ class SimplifiedModule(nn.Module):
         speculated = self.graph_module.meta.get(SPECULATION)
         if not speculated:
             return self._run_graph(*args, **kwargs)
-        devices = sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
+        devices = _cuda_devices(args) if torch.cuda.is_initialized() else []  # no CUDA tensor without CUDA
         before = _rng_states(devices)  # what a failed speculation (or any error) leaves; a success moves on
         try:
             return self._run_graph(*args, **kwargs)
@@ -369,12 +369,19 @@ class SimplifiedModule(nn.Module):
         return f"SimplifiedModule({type(self.original).__name__}, mode={self.report.mode})"
 
 
+def _cuda_devices(args: tuple) -> list[int]:
+    """The CUDA devices of the tensor arguments: the generators a failed speculation restores."""
+    return sorted({x.device.index or 0 for x in args if isinstance(x, torch.Tensor) and x.is_cuda})
+
+
 def _rng_states(devices: list[int]) -> tuple:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+    """The CPU generator's state (``torch.get_rng_state()``, without its wrapper: taken before every call
+    of a graph with speculations) and the ``devices``' CUDA generators'."""
+    return torch.default_generator.get_state(), [torch.cuda.get_rng_state(d) for d in devices] if devices else []
 
 
 def _set_rng_states(devices: list[int], state: tuple) -> None:
-    torch.set_rng_state(state[0])
+    torch.default_generator.set_state(state[0])
     for device, cuda_state in zip(devices, state[1]):
         torch.cuda.set_rng_state(cuda_state, device)
 

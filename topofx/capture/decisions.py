@@ -132,12 +132,17 @@ class ValueGuard:
 
     def holds(self, root: nn.Module) -> bool:
         """Whether every decision comes out as at capture: :meth:`changed` is empty -- computed as one
-        batched program (:class:`_BatchedDecisions`) where it reproduces :meth:`changed`'s values."""
+        batched program (:meth:`batched`) where it reproduces :meth:`changed`'s values."""
+        batched = self.batched(root)
+        return batched.holds(self, root) if batched is not None else not self.changed(root)
+
+    def batched(self, root: nn.Module) -> "_BatchedDecisions | None":
+        """The decisions as one program for ``root`` (built at the first use), ``None`` where it cannot
+        reproduce them: then they are evaluated node by node."""
         entry = self._batched.get(id(root))
         if entry is None or entry[0] is not root:
             entry = self._batched[id(root)] = (root, _BatchedDecisions.build(self, root))
-        batched = entry[1]
-        return batched.holds(self, root) if batched is not None else not self.changed(root)
+        return entry[1]
 
     def leaf(self, root: nn.Module, target: str) -> Any:
         """What a ``get_attr`` of the decisions reads: the model's attribute, else the graph module's constant."""
@@ -241,6 +246,7 @@ class _BatchedDecisions:
         self.clone = any(mutates(n) for n in graph.nodes)  # writes in place (DARTS-PT's projected rows): into copies
         self.forward = fx.GraphModule(nn.Module(), graph).forward
         self.read = _reader(self.leaves, [guard.held[target] for target in self.leaves])
+        self.same = _memo_check(root, self.leaves, [guard.held[target] for target in self.leaves])
         # (output, shape of the whole tensor, flat indices, the capture's bools) per group of decisions
         self.groups: list[tuple[int, torch.Size, torch.Tensor, torch.Tensor]] = []
         # (output, convert, expected) per distinct single decision
@@ -275,10 +281,9 @@ class _BatchedDecisions:
         return self.forward(*leaves)
 
     def holds(self, guard: "ValueGuard", root: nn.Module) -> bool:
-        leaves = self._leaves(guard, root)
-        memo = self.memo
-        if memo is not None and all(map(_same_tensor, leaves, memo)):
+        if self.same(root, self.memo):
             return True
+        leaves = self._leaves(guard, root)
         with torch.no_grad():
             outputs = self._run(leaves)
             for g, (k, shape, indices, expected) in enumerate(self.groups):
@@ -317,10 +322,58 @@ def _reader(targets: list[str], held: list[Any]) -> Callable[[nn.Module], list[A
     return namespace["read"]
 
 
-def _same_tensor(now: torch.Tensor, then: torch.Tensor) -> bool:
-    """``now`` holds ``then``'s values, of the same dtype, shape and device."""
-    return (isinstance(now, torch.Tensor) and now.dtype == then.dtype and now.shape == then.shape
-            and now.device == then.device and torch.equal(now, then))
+def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callable[[nn.Module, list], bool]:
+    """A generated function of ``(root, memo)``, straight-line code: true when each of ``targets`` read off
+    ``root`` holds ``memo``'s tensor at its position -- the same dtype, device and values (``torch.equal``:
+    another shape is not equal) -- false otherwise: also where a read or comparison raises (a module or
+    attribute gone, another kind of object, another device), or there is no memo (``None``).
+
+    It is called before every call of the simplified module, after a graph run has left little of what
+    it reads in the CPU's caches, so it reads each module on the way once, through the dictionary that
+    holds it (``root._modules['cells']._modules['3']``: no ``nn.Module.__getattr__`` call), and compares
+    inline.  The dictionary is the one ``getattr`` finds the attribute in at build time: a submodule,
+    parameter or buffer is found by ``getattr`` in its dictionary whenever the class and the instance's
+    ``__dict__`` lack the name, and ``nn.Module.__setattr__`` / ``__delattr__`` keep each name in one of
+    ``__dict__``, ``_parameters``, ``_buffers``, ``_modules`` (an attribute that moves to another one, a
+    plain tensor made a parameter, is missing where this function looks: an exception, a change).  Not
+    seen, as by :class:`topofx.capture.guards._Assignments`: a name written into ``__dict__`` bypassing
+    ``__setattr__`` while a parameter, buffer or submodule has it.  A target the model lacks (a graph
+    module's constant, ``held``) is read as :meth:`ValueGuard.leaf` reads it: ``held``'s object while
+    none of the module's dictionaries has the name (no ``getattr`` that raises and catches
+    ``AttributeError`` on every call); not seen: a class attribute of that name added later."""
+    lines, names, reads = [], {(): "root"}, []
+    for i, target in enumerate(targets):
+        *path, field = target.split(".")
+        obj: Any = root
+        for depth, part in enumerate(path, 1):
+            if tuple(path[:depth]) not in names:
+                names[tuple(path[:depth])] = name = f"_m{len(names)}"
+                lines.append(f"    {name} = {attribute_read(names[tuple(path[:depth - 1])], obj, part)}")
+            obj = getattr(obj, part, None)
+        reads.append(attribute_read(names[tuple(path)], obj, field, f"_held[{i}]"))
+    checks = [f"(_x := {read}).dtype is (_t := _memo[{i}]).dtype and _x.device == _t.device and _equal(_x, _t)"
+              for i, read in enumerate(reads)]
+    namespace: dict[str, Any] = {"_held": held, "_equal": torch.equal}
+    source = ("def same(root, _memo):\n    try:\n" + "".join(f"    {line}\n" for line in lines)
+              + f"        return {' and '.join(checks) or '_memo is not None'}\n    except Exception:\n        return False\n")
+    exec(compile(source, "<topofx value guard memo>", "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace["same"]
+
+
+def attribute_read(owner: str, obj: Any, name: str, default: str = "") -> str:
+    """Generated code: an expression that gives ``getattr(owner, name)``, where the expression ``owner``
+    gives ``obj`` now -- the dictionary item for a submodule, parameter or buffer of ``obj`` (no
+    ``nn.Module.__getattr__`` call; a ``KeyError`` once the attribute moved or is gone: see
+    :func:`_memo_check` for when it is the same), else ``getattr`` itself (with ``default`` where one is
+    given)."""
+    if isinstance(obj, nn.Module) and name not in vars(obj) and not hasattr(type(obj), name):
+        for where in ("_modules", "_parameters", "_buffers"):
+            if name in vars(obj)[where]:
+                return f"{owner}.{where}[{name!r}]"
+        if default:  # absent (a graph module's constant): the default, unless the module has it now
+            absent = " and ".join(f"{name!r} not in {owner}.{where}" for where in ("__dict__", "_modules", "_parameters", "_buffers"))
+            return f"({default} if {absent} else getattr({owner}, {name!r}, {default}))"
+    return f"getattr({owner}, {name!r}{', ' + default if default else ''})"
 
 
 def _frozen(a: Any) -> Any:

@@ -52,10 +52,16 @@ class FloatInput:
 
     def current(self) -> Any:
         """The value forward would read now (``MISSING`` when the path is gone)."""
+        own = self.own_attribute()
+        if own is not None:
+            return vars(own[0]).get(own[1], MISSING)
+        return resolve(self.read.root, self.read.steps)
+
+    def own_attribute(self) -> tuple[Any, str] | None:
+        """``(owner, name)`` where the float is an object's own attribute (a module's ``self.temp``): read
+        from its ``__dict__``, no user code (the guards' compiled check reads it so inline); else ``None``."""
         steps = self.read.steps
-        if len(steps) == 1 and steps[0][0] == "attr":  # a module's own attribute: its __dict__, no user code
-            return vars(self.read.root).get(steps[0][1], MISSING)
-        return resolve(self.read.root, steps)
+        return (self.read.root, steps[0][1]) if len(steps) == 1 and steps[0][0] == "attr" else None
 
     def tensor(self) -> torch.Tensor:
         """The graph's view of the float: a 0-dim float64 CPU tensor (a CPU scalar combines with tensors

@@ -46,8 +46,11 @@ not touched):
 Guards are built once, at capture, and checked cheaply (the way ``torch._dynamo`` guards are): the
 identity, number and container checks are compiled into one generated function (:class:`_Check`)
 that reproduces, per attribute, the comparison of a fresh snapshot with the capture's (a module's
-immutable attributes only after an assignment to it: :class:`_Assignments`); the value
-decisions run as one batched computation (:meth:`topofx.capture.ValueGuard.holds`); the modules the
+immutable attributes only after an assignment to it: :class:`_Assignments`), reading module attributes
+through the dictionaries that hold them (:func:`topofx.capture.decisions.attribute_read`: no
+``nn.Module.__getattr__`` call); the value decisions run as one batched computation
+(:meth:`topofx.capture.ValueGuard.holds`), and not at all while the tensors it reads hold the values of
+its last run (a generated comparison the check calls first); the modules the
 graph does not call are scanned for hooks only after a hook was registered somewhere (torch's global
 hook-handle counter moved).  Only when the compiled check fails does a call take the step-by-step
 path above (re-bind, re-trace, name what changed), after which the check is compiled again where
@@ -70,9 +73,11 @@ from torch.utils.hooks import RemovableHandle
 
 from ..ir import ATTRIBUTES_READ, FLOAT_INPUTS, HELD, READS, SHAPE_DECISIONS, TRACED_MODULES, VALUE_GUARD
 from . import tensor_inputs as _tensors
+from .decisions import attribute_read
 from .driver import fingerprint, trace
 from .frames import CaptureError
 from .held import held_at
+from .reads import MISSING
 
 _SUBMODULES = operator.attrgetter("_modules")
 _TREE_VERSION = [0]  # submodule assignments anywhere (``ops[k] = None``, ``cell.op = new``, ``add_module``)
@@ -303,6 +308,16 @@ def _immutable(snapshot: Any) -> bool:
     return _is_scalar(snapshot) or (type(snapshot) is tuple and snapshot[0] is tuple and all(map(_immutable, snapshot[1])))
 
 
+def _current(check: _Check, current: Callable[[], Any]) -> str:
+    """Generated code for ``current()`` (where the root holds a graph tensor now, :meth:`Guards._captured_tensors`):
+    an attribute of a module read through the dictionary holding it (:func:`topofx.capture.decisions.attribute_read`:
+    a ``KeyError`` where ``getattr`` would give ``None``, both a change), else the call."""
+    if isinstance(current, functools.partial) and current.func is getattr:
+        owner, name = current.args[:2]
+        return attribute_read(check.bind(owner), owner, name)
+    return f"{check.bind(current)}()"
+
+
 class _Assignments:
     """Immutable module attributes, compared only after an assignment to one of ``modules``
     (``torch._dynamo.mutation_guard``: it wraps the modules' classes' ``__setattr__``, as dynamo does for
@@ -316,20 +331,22 @@ class _Assignments:
     def __init__(self, modules: list[nn.Module], compare: Callable[[], bool]):
         self.modules, self.compare, self.assigned = modules, compare, True
         self.watchers = [_Watcher(self) for _ in modules]  # one per module: watched again only once it fired
-        self.quiet, self.streak = 1, 0  # calls since watching; calls in a row assigned to at once
+        self.quiet, self.streak = True, 0  # a call found nothing assigned since watching; calls in a row that did not
 
     def hold(self) -> bool:
-        """True when no watched module was assigned to since the last comparison that held."""
+        """True when no watched module was assigned to since the last comparison that held.  The compiled
+        check calls it only while :attr:`assigned` or not :attr:`quiet` (otherwise it would return True
+        at once, changing nothing)."""
         if not self.assigned:
-            self.quiet += 1
+            self.quiet = True
             return True
         if not self.compare():
             return False
-        self.streak = self.streak + 1 if self.quiet == 0 else 0
+        self.streak = 0 if self.quiet else self.streak + 1
         if self.streak < self.GIVE_UP:
             from torch._dynamo import mutation_guard  # imported on first use: dynamo takes a second to import
 
-            self.assigned, self.quiet = False, 0
+            self.assigned, self.quiet = False, False
             for module, watcher in zip(self.modules, self.watchers):  # a tracker calls a watcher once
                 if not watcher.armed:
                     watcher.armed = True
@@ -428,9 +445,10 @@ class Guards:
         are compared only after some watched module was assigned to.  Lists and dicts (mutable in
         place), tensors held by value, and numbers outside the modules are compared on every call."""
         check, assigned = _Check(), _Check()
-        check.add(f"{check.bind(self.structure_holds)}()")  # free unless a submodule was assigned
+        guards = check.bind(self)  # the module tree: free unless a submodule was assigned
+        check.add(f"{check.bind(_TREE_VERSION)}[0] == {guards}.tree_version or {guards}.structure_holds()")
         for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there
-            check.add(f"{check.bind(current)}() is getattr({check.bind(gm_owner)}, {field!r})")
+            check.add(f"{_current(check, current)} is {attribute_read(check.bind(gm_owner), gm_owner, field)}")
         watched = []
         for module, items in _by_module(self.scalars):  # a module's __dict__ read once per check
             for target, part in ((assigned, [i for i in items if _immutable(i[1])]),
@@ -442,17 +460,20 @@ class Guards:
             if any(_immutable(snapshot) for _, snapshot in items):
                 watched.append(module)
         for float_input in self.floats:  # a float input that moved: its tensor is replaced (no re-trace)
-            name = check.bind(float_input)
-            check.add(f"{name}.current() is {name}.last or {name}.refresh({check.bind(self.holder)})")
+            name, own = check.bind(float_input), float_input.own_attribute()
+            now = f"{name}.current()" if own is None else f"{check.bind(own[0])}.__dict__.get({own[1]!r}, {check.bind(MISSING)})"
+            check.add(f"{now} is {name}.last or {name}.refresh({check.bind(self.holder)})")
         for tensor_input in self.inputs:  # a new sample each call: the graph reads it (no re-trace)
             check.add(f"{check.bind(tensor_input.refresh)}({check.bind(self.holder)})")
         for read, snapshot in self.reads:  # numbers read outside the traced modules (topofx.capture.reads)
             check.expect(f"{check.bind(read.value)}()", snapshot, self.live, read.value())
-        if self.value_guard is not None:
-            check.add(f"{check.bind(self.value_guard.holds)}(root)")
+        if self.value_guard is not None:  # the memo comparison first, then the rest of ValueGuard.holds
+            batched, holds = self.value_guard.batched(self.root), f"{check.bind(self.value_guard.holds)}(root)"
+            check.add(holds if batched is None else f"{check.bind(batched.same)}(root, {check.bind(batched)}.memo) or {holds}")
         check.names["root"] = self.root
         self.assignments = _Assignments(watched, assigned.build())
-        check.add(f"{check.bind(self.assignments)}.hold()")
+        assignments = check.bind(self.assignments)  # no call while nothing was assigned (and a call saw so)
+        check.add(f"({assignments}.assigned is False and {assignments}.quiet) or {assignments}.hold()")
         self.holds = check.build()
 
     def _captured_tensors(self, gm: fx.GraphModule) -> list[tuple[Callable[[], Any], Any, str]]:
@@ -578,4 +599,4 @@ class Guards:
                 return "recapture"
             if self.scalars is not scalars:  # snapshotted again (the graph does not depend on the change)
                 self.compile()
-        return "graph" if self.shapes_allow(inputs) else "eager"
+        return "graph" if not self.shape_decisions or self.shapes_allow(inputs) else "eager"
