@@ -180,3 +180,26 @@ def test_batched_merge_equals_the_merges_edge_by_edge():
     assert all(set(n.kwargs) == {"mixed"} and n.kwargs["mixed"].args[0] in batches for n in _merged_calls(batched))
     alphas = [[gm.alphas_normal, gm.alphas_reduce] for gm in (edge_by_edge, batched)]  # (the copy's own)
     assert_train_step_equivalent(edge_by_edge, batched, (x,), arch_params=alphas[0], candidate_arch_params=alphas[1])
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_batched_merge_does_not_move_kernel_reads_across_a_parameter_write(write):
+    """Two merged calls join one batch, which reads their kernels where the first call did -- unless a
+    node between them writes a parameter in place: then each keeps its own merge."""
+    from topofx.passes.batched_merge import _batches
+
+    def merged():
+        return MergedConvBN([[(nn.Conv2d(3, 4, k, padding=k // 2), nn.BatchNorm2d(4)) for k in (1, 3)]])
+
+    root = nn.Module()
+    root.m0, root.m1, root.scale = merged(), merged(), nn.Parameter(torch.ones(()))
+    graph = torch.fx.Graph()
+    x, *ws = [graph.placeholder(name) for name in ("x", "w0", "w1", "w2", "w3")]
+    first = graph.call_module("m0", (x, *ws[:2]))
+    if write:
+        graph.call_method("mul_", (graph.get_attr("scale"), 2.0))
+    second = graph.call_module("m1", (x, *ws[2:]))
+    graph.output((first, second))
+    gm = torch.fx.GraphModule(root, graph)
+    batches = _batches(gm, [first, second], {first: 1, second: 1})
+    assert [members for members, _ in batches] == ([[first], [second]] if write else [[first, second]])
