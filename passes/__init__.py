@@ -13,6 +13,7 @@ argument asks for it (a memory-layout choice, not a topology rewrite).
 A pass that serves some devices only says which in ``pass.devices`` (and why, in its docstring):
 ``simplify`` runs it only when the model runs on one of them (``for_device``); the rewrites serve all.
 """
+from .batched_merge import batched_merge
 from .canonical_joins import canonical_joins
 from .channels_last import channels_last
 from .depthwise_layout import depthwise_layout
@@ -32,7 +33,7 @@ EXACT_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_co
 # TopoNAS: float and merge before folding/fusion take the Conv->BN candidates apart; distribute
 # first, so that candidates ending in a skip sum (``w * (x + c)``) meet the join as ``w * c``.
 TOPO_PASSES = (functional_modules, zero_elimination, prefix_sharing, pool_as_conv, distribute, floating_merge, weight_folding, horizontal_fusion)
-TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout, depthwise_recompute)
+TOPO_LOWERING = (weighted_sum, recompute, depthwise_layout, depthwise_recompute, batched_merge)
 
 
 
@@ -41,4 +42,4 @@ def for_device(passes: tuple, device_type: str) -> tuple:
     return tuple(p for p in passes if device_type in getattr(p, "devices", (device_type,)))
 
 
-__all__ = ["for_device", "canonical_joins", "functional_modules", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "distribute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]
+__all__ = ["for_device", "batched_merge", "canonical_joins", "functional_modules", "EXACT_PASSES", "TOPO_PASSES", "TOPO_LOWERING", "channels_last", "weighted_sum", "depthwise_layout", "depthwise_recompute", "distribute", "floating_merge", "recompute", "pool_as_conv", "zero_elimination", "prefix_sharing", "horizontal_fusion", "weight_folding"]

@@ -15,8 +15,8 @@ activation per stage less.  Exact: the same convolutions forward and the same ``
 calls backward.  A consumer whose depthwise inputs all have fewer than
 :data:`topofx.cost.SMALL_IMAGE` elements (known from the example inputs) is left as it is: the memory
 freed is negligible there and the extra convolution call costs more than the step saves (measured in
-:mod:`topofx.cost`).  Runs last in topo mode's lowering (after ``depthwise_layout``, whose channels-last
-layout it keeps), on every device.
+:mod:`topofx.cost`).  Runs in topo mode's lowering after ``depthwise_layout`` (whose channels-last
+layout it keeps) and before ``batched_merge``, on every device.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from topofx import zoo
 from topofx.bench import counting_saved_bytes
 from topofx.capture import trace
-from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, MergedConvBN, RecomputedDepthwise
+from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, MergedConvBN, MergedKernels, RecomputedDepthwise
 from topofx.passes import EXACT_PASSES, TOPO_LOWERING, TOPO_PASSES, depthwise_recompute, pool_as_conv
 from topofx.rewrite import run_to_fixpoint
 from topofx.testing import assert_train_step_equivalent
@@ -84,7 +84,8 @@ def test_gradients_equal_depthwise_then_conv(channels_last, bias, stride, dilati
 
 
 def test_concatenated_inputs_and_an_input_read_as_is():
-    """A merged pointwise stage over two depthwise outputs and one plain tensor."""
+    """A merged pointwise stage over two depthwise outputs and one plain tensor; its merge given from a
+    batch (``mixed=``, ``batched_merge``) or computed from its weights."""
     torch.manual_seed(0)
     convs = [nn.Conv2d(3, 4, 1) for _ in range(3)]
     merged = MergedConvBN([[(c, nn.BatchNorm2d(4)) for c in convs]], concat_inputs=True)
@@ -94,12 +95,14 @@ def test_concatenated_inputs_and_an_input_read_as_is():
     module = RecomputedDepthwise(dws, merged)
     leaves = [*xs, *ws, *(p for m in (*convs, dws[0], dws[2]) for p in m.parameters())]
     grads = []
-    for f in (lambda: merged(*[d(x) if d else x for d, x in zip(dws, xs)], *ws), lambda: module(*xs, *ws)):
+    for f in (lambda: merged(*[d(x) if d else x for d, x in zip(dws, xs)], *ws), lambda: module(*xs, *ws),
+              lambda: module(*xs, mixed=MergedKernels([merged])(*ws)[0])):
         torch.manual_seed(1)
         out = f()
         grads.append(torch.autograd.grad((out * torch.randn_like(out)).sum(), leaves))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _Shared(nn.Module):

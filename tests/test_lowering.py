@@ -14,9 +14,9 @@ from topofx import zoo
 from topofx.bench import ChannelsLastInput
 from topofx.capture import trace
 from topofx.ir import max_rel_error, preserved_state
-from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d
+from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, MergedConvBN, MergedKernels
 from topofx.modules import weighted_sum as weighted_sum_fn
-from topofx.passes import TOPO_PASSES, weighted_sum
+from topofx.passes import TOPO_LOWERING, TOPO_PASSES, batched_merge, weighted_sum
 from topofx.rewrite import run_to_fixpoint
 from topofx.testing import assert_train_step_equivalent, seeded_outputs
 
@@ -154,3 +154,52 @@ def test_report_counts_a_channels_last_depthwise_as_a_conv():
     report = topofx.simplify(model, x, mode="topo").report
     (layout,) = [p for p in report.passes if p.name == "depthwise_layout"]
     assert layout.rewrites and layout.removed["conv"] == 0
+
+
+def _merged_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) is MergedConvBN]
+
+
+def test_batched_merge_equals_the_merges_edge_by_edge():
+    """topo mode's merged convolutions of the DARTS space (one per edge), their kernels computed in
+    batches: the same training step as the graph that merges edge by edge -- outputs, weight and
+    architecture-weight gradients, running statistics of the floated batch norms -- at mixed weights."""
+    model, (x,) = zoo.build("darts-orig", C=4, layers=3, batch_size=2, image_size=16)
+    with torch.no_grad():
+        for alpha in model.arch_parameters():
+            alpha.normal_(generator=torch.Generator().manual_seed(0))
+    edge_by_edge = trace(model, (x,))
+    run_to_fixpoint(edge_by_edge, model, TOPO_PASSES, (x,))
+    run_to_fixpoint(edge_by_edge, model, [p for p in TOPO_LOWERING if p is not batched_merge], (x,))
+    calls = _merged_calls(edge_by_edge)
+    assert len(calls) > 2 and not any(n.kwargs for n in calls)
+    batched = copy.deepcopy(edge_by_edge)
+    runs = run_to_fixpoint(batched, model, [batched_merge], (x,))
+    batches = [n for n in batched.graph.nodes if n.op == "call_module" and type(batched.get_submodule(n.target)) is MergedKernels]
+    assert 0 < len(batches) == len(runs[0].rewrites) < len(calls)  # (cells of one width share a batch)
+    assert all(set(n.kwargs) == {"mixed"} and n.kwargs["mixed"].args[0] in batches for n in _merged_calls(batched))
+    alphas = [[gm.alphas_normal, gm.alphas_reduce] for gm in (edge_by_edge, batched)]  # (the copy's own)
+    assert_train_step_equivalent(edge_by_edge, batched, (x,), arch_params=alphas[0], candidate_arch_params=alphas[1])
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_batched_merge_does_not_move_kernel_reads_across_a_parameter_write(write):
+    """Two merged calls join one batch, which reads their kernels where the first call did -- unless a
+    node between them writes a parameter in place: then each keeps its own merge."""
+    from topofx.passes.batched_merge import _batches
+
+    def merged():
+        return MergedConvBN([[(nn.Conv2d(3, 4, k, padding=k // 2), nn.BatchNorm2d(4)) for k in (1, 3)]])
+
+    root = nn.Module()
+    root.m0, root.m1, root.scale = merged(), merged(), nn.Parameter(torch.ones(()))
+    graph = torch.fx.Graph()
+    x, *ws = [graph.placeholder(name) for name in ("x", "w0", "w1", "w2", "w3")]
+    first = graph.call_module("m0", (x, *ws[:2]))
+    if write:
+        graph.call_method("mul_", (graph.get_attr("scale"), 2.0))
+    second = graph.call_module("m1", (x, *ws[2:]))
+    graph.output((first, second))
+    gm = torch.fx.GraphModule(root, graph)
+    batches = _batches(gm, [first, second], {first: 1, second: 1})
+    assert [members for members, _ in batches] == ([[first], [second]] if write else [[first, second]])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from topofx import cost
 from topofx.modules import (
-    ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, MergedConvBN, RecomputedScale, inner, weighted_sum,
+    ChannelsLastDepthwise, ConvAvgPool2d, FusedBatchNorm2d, MergedConvBN, MergedKernels, RecomputedScale, inner,
+    weighted_sum,
 )
 
 
@@ -260,6 +261,52 @@ def test_merged_conv_bn_concatenated_inputs():
     beta = sum(a[i] * bn.bias for i, (_, bn) in enumerate(group))
     expected = F.batch_norm(y, None, None, total * gamma, total * beta, True)
     assert torch.allclose(merged(*xs, *w), expected, rtol=1e-10, atol=1e-10)
+
+
+def _merge_members(concat, bias):
+    """Three merged modules of one batch key (two edges, one edge, two edges) and their weights."""
+    specs = [(1, 1)] * 3 if concat else [(3, 1), (1, 1), (3, 2)]
+    members = [MergedConvBN([_edge(5, 4, specs, bias) for _ in range(n)], concat_inputs=concat).double()
+               for n in ((1, 1, 1) if concat else (2, 1, 2))]
+    weights = [[torch.rand((), dtype=torch.float64, requires_grad=True) for _ in range(sum(m.sizes))] for m in members]
+    return members, weights
+
+
+@pytest.mark.parametrize("concat,bias", [(False, True), (False, False), (True, False)])
+def test_merged_kernels_equal_each_members_own_merge(concat, bias):
+    """One batch computes every member's kernel, bias and BN affine map as the member itself does, with
+    the same gradients for kernels, BN parameters and architecture weights; a member given its part
+    (``mixed=``) returns what it returns from its weights."""
+    torch.manual_seed(0)
+    members, weights = _merge_members(concat, bias)
+    leaves = [p for m in members for p in m.parameters()] + [w for ws in weights for w in ws]
+    batch = MergedKernels(members)(*(w for ws in weights for w in ws))
+    own = [m.mixed(ws) for m, ws in zip(members, weights)]
+    got, expected = [t for parts in batch for t in parts if t is not None], [t for parts in own for t in parts if t is not None]
+    assert len(got) == len(expected) == len(members) * (3 + bias)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and torch.allclose(g, e, rtol=1e-12, atol=1e-12)
+    probe = [torch.randn_like(t) for t in expected]
+    grads = [torch.autograd.grad(sum((t * p).sum() for t, p in zip(ts, probe)), leaves, allow_unused=True)
+             for ts in (got, expected)]
+    for g, e in zip(*grads):
+        assert (g is None) == (e is None) and (g is None or torch.allclose(g, e, rtol=1e-12, atol=1e-12))
+    assert all(w.grad is None for w in leaves)  # (autograd.grad: nothing accumulated)
+    xs = [torch.randn(2, 5, 6, 6, dtype=torch.float64) for _ in range(members[0].n_inputs)]
+    with torch.no_grad():
+        assert torch.allclose(members[0](*xs, mixed=batch[0]), members[0](*xs, *weights[0]), rtol=1e-12, atol=1e-12)
+
+
+def test_merged_kernels_take_members_of_one_batch_key_only():
+    torch.manual_seed(0)
+    wide = MergedConvBN([_edge(5, 6, [(3, 1), (1, 1)], False)]).double()  # 6 output channels, not 4
+    members, _ = _merge_members(False, False)
+    with pytest.raises(ValueError):
+        MergedKernels([members[0], wide])
+    ragged = MergedConvBN([_edge(5, 4, [(3, 1), (1, 1)], False), _edge(5, 4, [(3, 1)] * 3, False)])
+    assert ragged.batch_key() is None  # edges of different sizes mix one by one: no batch
+    with pytest.raises(ValueError):
+        MergedKernels([ragged, ragged])
 
 
 def test_keeps_dtype_agrees_with_type_promotion():

@@ -312,11 +312,51 @@ class MergedConvBN(nn.Module):
         return F.batch_norm(y, bn.running_mean, bn.running_var, scale.to(dtype),
                             shift.to(dtype) if shift is not None else None, use_batch_stats, factor, bn.eps)
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def batch_key(self) -> Hashable | None:
+        """What merged modules must share for :class:`MergedKernels` to mix them as one batch (None:
+        never): everything :meth:`_merge` reads from ``self``, and the shape its kernels stack to."""
+        if not self.batched:
+            return None
+        conv = self.groups[0][0][0]
+        shape = tuple(conv.weight.shape) if self.concat_inputs else (conv.out_channels, conv.in_channels, *self.kernel)
+        return (self.concat_inputs, self.kernel, self.eps, self.has_bias, self.mix_affine, self.sizes[0], shape,
+                conv.weight.dtype, conv.weight.device)
+
+    def forward(self, *args: torch.Tensor, mixed: tuple | None = None) -> torch.Tensor:
+        """``mixed``: this module's :meth:`mixed` result, computed by a :class:`MergedKernels` batch
+        (``args`` are then the image inputs alone)."""
         n_inputs = self.n_inputs
-        kernel, bias, scale, shift = self.mixed(args[n_inputs:])
+        kernel, bias, scale, shift = self.mixed(args[n_inputs:]) if mixed is None else mixed
         r = torch.cat(args[:n_inputs], dim=1) if self.concat_inputs else args[0]
         return self.normalized(F.conv2d(r, kernel, bias, *self.geometry), scale, shift)
+
+
+class MergedKernels(nn.Module):
+    """The :meth:`MergedConvBN.mixed` results of several merged modules of one :meth:`~MergedConvBN.batch_key`
+    (the edges of one cell, of cells of one width), computed as one batch each step.
+
+    The merge is a few dozen small operations, forward and backward, whatever the size of its
+    kernels; a supernet at a small size (C=4, 16x16, batch 2) spent a quarter of its step in them,
+    one set per edge.  Batched, each set runs once for all the edges.  Same values: every edge's
+    kernel, bias and BN affine map are computed from its own weights by the same operations
+    (the batch dimension is the edge), recomputed on every call (autograd sees every weight and
+    architecture weight).  ``forward(*w)`` takes the members' weights in member order and returns one
+    ``(kernel, bias, scale, shift)`` per member, for its ``mixed=`` argument."""
+
+    def __init__(self, members: Sequence[MergedConvBN]):
+        super().__init__()
+        keys = {m.batch_key() for m in members}
+        if len(keys) != 1 or None in keys:
+            raise ValueError("MergedKernels needs merged modules of one batch key")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *ws: torch.Tensor) -> tuple:
+        first = self.members[0]
+        groups = [g for m in self.members for g in m.groups]
+        weights = torch.stack([t.reshape(()) for t in ws]).view(len(groups), first.sizes[0])
+        rows = [len(m.groups) * first.splits[0] for m in self.members]
+        parts = [[None] * len(rows) if t is None else t.split(rows) for t in first._merge(groups, weights)]
+        return tuple(zip(*parts))
 
 
 class _ScaledRecompute(torch.autograd.Function):
@@ -622,12 +662,12 @@ class _ChannelsLastConv(torch.autograd.Function):
         return (*_conv_backward(g, x, weight, ctx.has_bias, ctx.geometry, ctx.needs_input_grad, channels_last=True), None)
 
 
-def _conv_stage(consumer: nn.Module, rest: Sequence[torch.Tensor]) -> tuple:
+def _conv_stage(consumer: nn.Module, rest: Sequence[torch.Tensor], mixed: tuple | None = None) -> tuple:
     """``(kernel, bias, geometry, finish)`` of a convolution reading depthwise outputs: a stock
-    ``nn.Conv2d``, a :class:`FusedConv2d` or a :class:`MergedConvBN` (``rest``: its weights;
-    ``finish``: its batch norm, else None)."""
+    ``nn.Conv2d``, a :class:`FusedConv2d` or a :class:`MergedConvBN` (``rest``: its weights, or
+    ``mixed``: its merge computed by a :class:`MergedKernels`; ``finish``: its batch norm, else None)."""
     if isinstance(consumer, MergedConvBN):
-        kernel, bias, scale, shift = consumer.mixed(rest)
+        kernel, bias, scale, shift = consumer.mixed(rest) if mixed is None else mixed
         return kernel, bias, consumer.geometry, lambda y: consumer.normalized(y, scale, shift)
     convs = list(consumer.convs) if isinstance(consumer, FusedConv2d) else [consumer]
     first = convs[0]
@@ -725,10 +765,11 @@ class RecomputedDepthwise(nn.Module):
         conv = module.conv if type(module) is ChannelsLastDepthwise else module
         return conv if is_depthwise(conv) else None
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, mixed: tuple | None = None) -> torch.Tensor:
+        """``mixed``: the :class:`MergedConvBN` consumer's merge, computed by a :class:`MergedKernels`."""
         n = len(self.depthwise)
         xs = args[:n]
-        kernel, bias, geometry, finish = _conv_stage(self.consumer, args[n:])
+        kernel, bias, geometry, finish = _conv_stage(self.consumer, args[n:], mixed)
         slots, params = [], []
         for x, m, kind in zip(xs, self.depthwise, self.kinds):
             conv = None if kind == "as_is" else m.conv if kind == "channels_last" else m
