@@ -22,7 +22,6 @@ import operator
 from collections import defaultdict
 
 import torch.fx as fx
-from torch import nn
 
 from topofx.ir import aliases, is_inplace, is_pure, module_config
 from topofx.modules import MergedConvBN, MergedKernels, RecomputedDepthwise
