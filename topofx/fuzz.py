@@ -1179,39 +1179,37 @@ def _edge_output(spec: dict[str, Any], out: str) -> list[str]:
     return lines
 
 
-def _v2_definitions(spec: dict[str, Any]) -> list[str]:
-    """Module-level definitions the capture-v2 constructs use: autograd Functions, schedule objects."""
-    out: list[str] = []
-    function = _v2(spec, "function")
-    if function == "ste_weights":
-        out.append('''
-class HardGate(torch.autograd.Function):
-    """Binarized architecture weights: forward keeps the largest weight of each row as a one-hot
-    row, backward passes the gradient straight through to the soft weights."""
-
-    @staticmethod
-    def forward(ctx, weights):
-        top = weights.max(dim=-1, keepdim=True)[0]
+#: The straight-through hard one-hot Functions (``function`` ste_weights / ste_indexed): docstring, forward body.
+_HARD_GATES = {
+    "ste_weights": ("""Binarized architecture weights: forward keeps the largest weight of each row as a one-hot
+    row, backward passes the gradient straight through to the soft weights.""",
+                    """        top = weights.max(dim=-1, keepdim=True)[0]
         return (weights == top).to(weights.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output
-''')
-    if function == "ste_indexed":
-        out.append('''
-class HardGate(torch.autograd.Function):
-    """Binarized architecture weights, one Python index per row: forward sets the largest weight of
-    each row to one, backward passes the gradient straight through to the soft weights."""
-
-    @staticmethod
-    def forward(ctx, weights):
-        rows = weights.reshape(-1, weights.shape[-1])
+"""),
+    "ste_indexed": ("""Binarized architecture weights, one Python index per row: forward sets the largest weight of
+    each row to one, backward passes the gradient straight through to the soft weights.""",
+                    """        rows = weights.reshape(-1, weights.shape[-1])
         hard = torch.zeros_like(rows)
         for i in range(rows.shape[0]):
             hard[i, int(rows[i].argmax())] = 1.0
         return hard.view_as(weights)
+"""),
+}
 
+
+def _v2_definitions(spec: dict[str, Any]) -> list[str]:
+    """Module-level definitions the capture-v2 constructs use: autograd Functions, schedule objects."""
+    out: list[str] = []
+    function = _v2(spec, "function")
+    if function in _HARD_GATES:
+        doc, body = _HARD_GATES[function]
+        out.append(f'''
+class HardGate(torch.autograd.Function):
+    """{doc}"""
+
+    @staticmethod
+    def forward(ctx, weights):
+{body}
     @staticmethod
     def backward(ctx, grad_output):
         return grad_output
