@@ -850,6 +850,8 @@ def test_an_attribute_forward_assigns_every_call_is_assigned_by_the_graph(mode, 
             model(x)  # a previous call left the attribute
     twin = copy.deepcopy(model)
     simplified = topofx.simplify(twin, (x,), mode=mode, strict=True)
+    held = [v for m in simplified.graph_module.modules() for v in (*vars(m).values(), *m._buffers.values())]
+    assert not any(isinstance(v, torch.fx.Proxy) for v in held), "the trace's stand-in was left on the graph module"
     with torch.no_grad():
         for step, freeze in enumerate([False, True, False, True]):
             if step == 2:  # an architecture step

@@ -304,11 +304,13 @@ def _store_assigned_tensors(gm: fx.GraphModule, attributes: list[tuple[nn.Module
     stand-in comes off the attribute (``attributes``: every module's attributes before the trace).  Other
     traced values left in attributes (in lists, dicts) are refused by :func:`_traced_values_kept_out`."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    paths = {id(m): path for path, m in attributes[0][0].named_modules()}  # (the model comes first)
     for module, before in attributes:
         for name, value in list(vars(module).items()):
             if not isinstance(value, fx.Proxy) or value.node.graph is not gm.graph or \
                     not isinstance(value.node.meta.get(VALUE), torch.Tensor):
                 continue
+            _drop_unread_copy(gm, ".".join(filter(None, (paths.get(id(module)), name))), value)
             target = _free_name(gm, f"topofx_store_{name}")
             gm.add_submodule(target, AttributeStore(module, name))
             with gm.graph.inserting_before(output):
@@ -319,6 +321,21 @@ def _store_assigned_tensors(gm: fx.GraphModule, attributes: list[tuple[nn.Module
             else:
                 del module.__dict__[name]
     gm.recompile()
+
+
+def _drop_unread_copy(gm: fx.GraphModule, qualified: str, value: fx.Proxy) -> None:
+    """The graph module's copy of an attribute forward assigned while tracing (an existing tensor attribute
+    is a buffer for the trace, copied by name with the stand-in in it), and its unused ``get_attr``."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == qualified and not n.users]:
+        gm.graph.erase_node(node)
+    *path, field = qualified.split(".")
+    try:
+        owner = gm.get_submodule(".".join(path))
+    except AttributeError:
+        return
+    if vars(owner).get(field) is value or owner._buffers.get(field) is value:
+        owner._buffers.pop(field, None)
+        owner.__dict__.pop(field, None)
 
 
 @contextlib.contextmanager
