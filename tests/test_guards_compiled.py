@@ -102,6 +102,29 @@ def test_a_container_read_by_several_attributes_is_compared_exactly_for_each():
     assert not holds()
 
 
+def test_equal_snapshots_share_their_constants_and_each_container_is_still_compared():
+    """Every cell's ``edge2index`` is its own dict with equal items: the check compares each against one
+    shared list of the items (the same objects), and an in-place write into any one cell's dict -- a
+    value, a value of another type, a key -- is still a change."""
+    live: set[int] = set()
+    cells = [{"edge2index": {"1<-0": 0, "2<-0": 1, "2<-1": 2}} for _ in range(3)]
+    check = _Check()
+    check.names["cells"] = cells
+    for i, cell in enumerate(cells):
+        check.expect(f"cells[{i}].get('edge2index', _MISSING)", _snapshot(cell["edge2index"], live), live, cell["edge2index"])
+    holds = check.build()
+    assert holds()
+    shared = [name for name, value in check.names.items() if value == [0, 1, 2]]
+    assert len(shared) == 1 and len(check.conditions) == 3 and all(shared[0] in c for c in check.conditions)
+    for change in (lambda d: d.__setitem__("2<-1", 1), lambda d: d.__setitem__("2<-1", 2.0),
+                   lambda d: d.__setitem__("2<-0", True), lambda d: d.update({"3<-2": d.pop("2<-1")})):
+        edges = copy.deepcopy(cells[2]["edge2index"])
+        change(cells[2]["edge2index"])
+        assert not holds()
+        cells[2]["edge2index"] = edges
+        assert holds()
+
+
 # ---------------------------------------------------------------------------------------------
 # every kind of change, through a simplified module
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +353,18 @@ def test_new_hook_after_calls_warns_once():
         simplified(x)
     messages = [str(w.message) for w in caught if "will not fire" in str(w.message)]
     assert len(messages) == 1 and "cells.0" in messages[0] and not fired
+
+
+def test_a_new_hook_warning_turned_into_an_error_is_raised():
+    """The hook scan runs inside the compiled check; a warning the user turned into an error (``-W error``)
+    is raised to them, not taken for a change of the model."""
+    model, simplified, x = _simplified()
+    simplified(x)
+    model.cells[1].register_forward_hook(lambda *a: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="will not fire"):
+            simplified(x)
 
 
 def test_copy_checks_its_own_model():

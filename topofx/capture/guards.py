@@ -226,6 +226,7 @@ class _Check:
         self.conditions: list[str] = []
         self._ids: dict[int, str] = {}
         self._shared: dict[int, tuple[str, Any]] = {}  # id of a container read -> (its name, its snapshot)
+        self._constants: dict[tuple, str] = {}  # (type, ids of the items) -> name (:meth:`constant`)
 
     def bind(self, obj: Any) -> str:
         """A name for ``obj`` in the generated function (one per object)."""
@@ -234,6 +235,15 @@ class _Check:
             name = self._ids[id(obj)] = f"_c{len(self.names)}"
             self.names[name] = obj
         return name
+
+    def constant(self, items: list | tuple) -> str:
+        """A name for a list or tuple of a snapshot's items (or their types, lengths): one per sequence of
+        the very same objects, so that equal snapshots (every cell's ``edge2index``) share one object, which
+        a check reads from memory once."""
+        key = (type(items), tuple(map(id, items)))  # the items stay alive: the bound object holds them
+        if key not in self._constants:
+            self._constants[key] = self.bind(items)
+        return self._constants[key]
 
     def add(self, condition: str) -> None:
         self.conditions.append(f"({condition})")
@@ -269,30 +279,30 @@ class _Check:
             # in C: the very items of the snapshot (no item read), else the items' types, then (numbers,
             # names and None only: no tensor's ==) their values
             if all(_is_scalar(item) for item in value):
-                items = self.bind([x for _, x in value])
+                items = self.constant([x for _, x in value])
                 return (f"type({head}) is {kind.__name__} and len({v}) == {len(value)} and (all(map(_is, {v}, {items})) "
-                        f"or (list(map(type, {v})) == {self.bind([t for t, _ in value])} and list({v}) == {items}))")
+                        f"or (list(map(type, {v})) == {self.constant([t for t, _ in value])} and list({v}) == {items}))")
             if all(_is_flat(item) for item in value):  # lists of lists of numbers or names (DARTS-PT's primitives)
-                rows = self.bind([t for t, _ in value])
-                leaves = self.bind([x for _, row in value for _, x in row])
+                rows = self.constant([t for t, _ in value])
+                leaves = self.constant([x for _, row in value for _, x in row])
                 return (f"type({head}) is {kind.__name__} and list(map(type, {v})) == {rows} and "
-                        f"list(map(len, {v})) == {self.bind([len(row) for _, row in value])} and "
+                        f"list(map(len, {v})) == {self.constant([len(row) for _, row in value])} and "
                         f"(all(map(_is, _chain({v}), {leaves})) or "
-                        f"(list(map(type, _chain({v}))) == {self.bind([t for _, row in value for t, _ in row])} "
+                        f"(list(map(type, _chain({v}))) == {self.constant([t for _, row in value for t, _ in row])} "
                         f"and list(_chain({v})) == {leaves}))")
             items = [self._same(f"{v}[{i}]", item, live, depth + 1) for i, item in enumerate(value)]
             return " and ".join([f"type({head}) is {kind.__name__}", f"len({v}) == {len(value)}", *map("({})".format, items)])
         if kind is dict:
             keys = tuple(k for k, _ in value)
             if all(_is_scalar(item) for _, item in value):
-                items = self.bind([x for _, (_, x) in value])
-                return (f"type({head}) is dict and tuple({v}) == {self.bind(keys)} and "
+                items = self.constant([x for _, (_, x) in value])
+                return (f"type({head}) is dict and tuple({v}) == {self.constant(keys)} and "
                         f"(all(map(_is, {v}.values(), {items})) or "
-                        f"(list(map(type, {v}.values())) == {self.bind([t for _, (t, _) in value])} and "
+                        f"(list(map(type, {v}.values())) == {self.constant([t for _, (t, _) in value])} and "
                         f"list({v}.values()) == {items}))")
             items = [self._same(f"{v}[{self.bind(k)}]", item, live, depth + 1) for k, item in value]
             return " and ".join([f"type({head}) is dict", f"len({v}) == {len(value)}",
-                                 f"tuple({v}) == {self.bind(keys)}", *map("({})".format, items)])
+                                 f"tuple({v}) == {self.constant(keys)}", *map("({})".format, items)])
         # ("object", id): what _snapshot makes of anything else -- asked of _snapshot itself
         return f"_snapshot({head}, {self.bind(live)}, False, {depth}) == {self.bind(snapshot)}"
 
@@ -424,8 +434,9 @@ class Guards:
         return all([t.refresh(self.holder) for t in self.inputs])
 
     def holds(self) -> bool:
-        """True when nothing :meth:`verdict` checks changed; compiled by :meth:`compile` on first use (a copy
-        of the model, ``copy.deepcopy``, compiles its own)."""
+        """True when nothing :meth:`verdict` checks changed (having scanned for hooks where one was
+        registered since the last scan); compiled by :meth:`compile` on first use (a copy of the model,
+        ``copy.deepcopy``, compiles its own)."""
         self.compile()
         return self.holds()
 
@@ -436,8 +447,8 @@ class Guards:
         return state
 
     def compile(self) -> None:
-        """Compile what :meth:`verdict` checks on every call (re-bound tensors, Python numbers, value
-        decisions) into :attr:`holds`, one function that is true when nothing changed since capture --
+        """Compile what :meth:`verdict` checks on every call (new hooks, re-bound tensors, Python numbers,
+        value decisions) into :attr:`holds`, one function that is true when nothing changed since capture --
         or since the last call that found a change and dealt with it.
 
         A module attribute whose snapshot is immutable (a number, a name, a tuple of them) changes only
@@ -445,7 +456,11 @@ class Guards:
         are compared only after some watched module was assigned to.  Lists and dicts (mutable in
         place), tensors held by value, and numbers outside the modules are compared on every call."""
         check, assigned = _Check(), _Check()
-        guards = check.bind(self)  # the module tree: free unless a submodule was assigned
+        guards = check.bind(self)
+        counted = _hooks_registered() >= 0  # first, so that it runs whatever comes out after it
+        check.add(f"{check.bind(RemovableHandle)}.next_id == {guards}.hooks_seen or {guards}.hooks_scanned()"
+                  if counted else f"{guards}.hooks_scanned()")
+        # the module tree: free unless a submodule was assigned
         check.add(f"{check.bind(_TREE_VERSION)}[0] == {guards}.tree_version or {guards}.structure_holds()")
         for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there
             check.add(f"{_current(check, current)} is {attribute_read(check.bind(gm_owner), gm_owner, field)}")
@@ -574,6 +589,13 @@ class Guards:
                     stacklevel=4,
                 )
 
+    def hooks_scanned(self) -> bool:
+        """Scan for hooks on the modules the graph does not call (a hook was registered somewhere since
+        the last scan: torch's global hook-handle counter moved) and warn; true: a hook only warns."""
+        self.hooks_seen = _hooks_registered()
+        self.warn_hooks()
+        return True
+
     def values_hold(self) -> bool:
         """Whether the decisions forward took on architecture values at capture still come out the same
         (``if w != 0`` after a projection, a stage switch); ``changed`` names the ones that did not."""
@@ -583,12 +605,10 @@ class Guards:
 
     def verdict(self, inputs: Sequence[Any]) -> str:
         """``"graph"``, ``"eager"`` (this input shape takes another path) or ``"recapture"``."""
-        registered = _hooks_registered()
-        if registered != self.hooks_seen or registered < 0:  # a hook was registered somewhere since the last scan
-            self.hooks_seen = registered
-            self.warn_hooks()
-        try:
+        try:  # the compiled check scans for hooks first where one was registered since the last scan
             unchanged = self.holds()
+        except Warning:  # a warning turned into an error (``-W error``): the user's to see, as raised
+            raise
         except Exception:  # noqa: BLE001 - a check that cannot run is a change: the step-by-step path says which
             unchanged = False
         if not unchanged:
