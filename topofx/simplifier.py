@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import sys
 import time
@@ -43,6 +44,7 @@ LAYOUTS = ("keep", "channels_last")
 FLOATED = "topofx_floated"  # state_dict / named_buffers prefix of the floated BNs' new running statistics
 RECAPTURE_WARN_CALLS = 10  # a value decision that changes again within this many calls gets a warning
 MAX_GRAPHS = 8  # graphs kept per simplified module, one per choice of forward's non-tensor arguments
+_TENSOR = itertools.repeat(torch.Tensor)  # ``map(isinstance, args, _TENSOR)``: no generator frame per call
 
 
 class SelfCheckError(RuntimeError):
@@ -184,7 +186,7 @@ class SimplifiedModule(nn.Module):
         (once per choice, kept) -- or the original's eager forward, with a warning, for a value that
         cannot be a cache key, or past ``MAX_GRAPHS`` choices."""
         function = getattr(self.original.forward, "__func__", None)
-        tensors_only = not kwargs and function is not None and all(isinstance(a, torch.Tensor) for a in args)
+        tensors_only = not kwargs and function is not None and all(map(isinstance, args, _TENSOR))
         if tensors_only and self.__dict__.get("tensor_call") == (function, len(args)):
             return self  # tensors alone bind to forward's signature (cached per function) the same way every time
         try:
