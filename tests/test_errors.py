@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import random
 import re
 import sys
 import textwrap
@@ -353,6 +354,17 @@ class PythonCounter(nn.Module):
         return x * self.calls
 
 
+class PicksInOwnForward(nn.Module):
+    """Python's generator picks the candidate in the model's own forward: nothing around it can run per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.candidates = nn.ModuleList([nn.Conv2d(C, C, 1), nn.Conv2d(C, C, 3, padding=1)])
+
+    def forward(self, x):
+        return random.choice(self.candidates)(x)
+
+
 ARCH = {"alpha": torch.ones(1, requires_grad=True)}  # module-level: no module holds it
 
 
@@ -650,6 +662,13 @@ def test_capture_frozen_tensor_with_history():
 def test_capture_disagrees_with_eager():
     with pytest.raises(CaptureError, match=r"captured graph disagrees with eager forward \(max relative error"):
         topofx.simplify(PythonCounter(), x8(), strict=True)
+
+
+def test_a_python_draw_in_the_root_forward_is_refused_naming_the_line():
+    with pytest.warns(UserWarning, match="draws from random.choice"):
+        simplified = topofx.simplify(PicksInOwnForward(), x8())
+    assert "test_errors.py" in simplified.report.fallback
+    assert "random.choice(self.candidates)(x)" in simplified.report.fallback
 
 
 def test_capture_arch_weights_frozen():
