@@ -774,6 +774,29 @@ def test_self_check_failed_warns(monkeypatch):
     assert simplified.graph_module is None and simplified.report.fallback.startswith("self-check failed")
 
 
+def test_self_check_failed_warns_when_its_diagnosis_cannot_capture(monkeypatch):
+    """The search for the guilty pass captures the model again; a model that captures differently from call to
+    call (held-out session 8: a draw from Python's generator) made that capture raise, and the CaptureError
+    escaped a non-strict ``simplify``.  Here the second capture fails by construction."""
+    _inject(monkeypatch, _scale_pass())
+    captures = []
+    real = topofx.capture.capture
+
+    def capture_once(*args, **kwargs):
+        captures.append(1)
+        if len(captures) > 1:
+            raise CaptureError("captured graph disagrees with eager forward (max relative error 0.3)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(topofx.capture, "capture", capture_once)
+    model, x = ConvNet(), x8()
+    with pytest.warns(UserWarning, match=r"self-check failed: .*; a fresh capture to find the pass failed \(captured "
+                                         r"graph disagrees with eager forward"):
+        simplified = topofx.simplify(model, x, mode="exact")
+    assert len(captures) == 2 and simplified.graph_module is None
+    torch.testing.assert_close(simplified(x), model(x))
+
+
 def test_self_check_failed_strict(monkeypatch):
     _inject(monkeypatch, _scale_pass())
     with pytest.raises(SelfCheckError, match=r"self-check failed: .*pass err_scale introduced the difference"):
