@@ -15,6 +15,7 @@ import contextlib
 import functools
 import random
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 from .frames import _reads_nothing
@@ -29,15 +30,16 @@ _NUMPY = ("rand", "randn", "randint", "random", "random_sample", "ranf", "sample
 
 @contextlib.contextmanager
 def draws_reported(report: Callable[[str], None]) -> Iterator[None]:
-    """While the block runs, ``random.<f>(...)`` and ``numpy.random.<f>(...)`` called from the user's code
-    call ``report("random.<f>")`` before drawing (the standard library's, NumPy's, torch's and topofx's own
-    calls draw as they are)."""
+    """While the block runs, ``random.<f>(...)`` and ``numpy.random.<f>(...)`` called from the user's code on
+    this thread call ``report("random.<f>")`` before drawing (the standard library's, NumPy's, torch's and
+    topofx's own calls, and other threads' -- a data loader's --, draw as they are)."""
+    thread = threading.get_ident()
     numpy = sys.modules.get("numpy")  # only a model that imported NumPy can draw from it
     generators = [(random, "random", _PYTHON)] + ([(numpy.random, "numpy.random", _NUMPY)] if numpy else [])
     patched = [(module, name, module.__dict__[name], f"{prefix}.{name}") for module, prefix, names in generators
                for name in names if callable(module.__dict__.get(name))]
     for module, name, function, qualified in patched:
-        setattr(module, name, _reporting(function, qualified, report))
+        setattr(module, name, _reporting(function, qualified, report, thread))
     try:
         yield
     finally:
@@ -45,10 +47,11 @@ def draws_reported(report: Callable[[str], None]) -> Iterator[None]:
             setattr(module, name, function)
 
 
-def _reporting(function: Callable[..., Any], name: str, report: Callable[[str], None]) -> Callable[..., Any]:
+def _reporting(function: Callable[..., Any], name: str, report: Callable[[str], None], thread: int) -> Callable[..., Any]:
+    """``function`` that first reports a call from user code on ``thread`` (its direct caller's file decides)."""
     @functools.wraps(function)
     def draw(*args: Any, **kwargs: Any) -> Any:
-        if not _reads_nothing(sys._getframe(1).f_code.co_filename):
+        if threading.get_ident() == thread and not _reads_nothing(sys._getframe(1).f_code.co_filename):
             report(name)
         return function(*args, **kwargs)
     return draw
