@@ -1146,7 +1146,8 @@ def test_a_sequential_root_whose_edge_becomes_a_node_of_topofx(edge, node, mode)
 class JitteredDropPathEdge(nn.Module):
     """A NoisyDARTS-style edge: its drop-path mask comes from ``torch.cuda.FloatTensor(n, 1, 1, 1)``
     (a CPU stand-in here, a Python callable the graph records) and ``bernoulli_``; whether to drop at
-    all and how hard are decided with Python's and NumPy's generators, both with probability one."""
+    all is decided with Python's and NumPy's generators, both with probability one, in a method of its
+    own (draws a graph cannot make: the method runs per call, ``topofx.capture.host_random``)."""
 
     def __init__(self, keep: float = 0.7):
         super().__init__()
@@ -1156,8 +1157,11 @@ class JitteredDropPathEdge(nn.Module):
 
     def forward(self, x):
         out = sum(w * op(x) for w, op in zip(F.softmax(self.alpha, -1), self.candidate_ops))
+        return self.jitter(out)
+
+    def jitter(self, out):
         if random.random() < 1.0 and np.random.uniform() < 1.0:
-            mask = torch.cuda.FloatTensor(x.size(0), 1, 1, 1).bernoulli_(self.keep)
+            mask = torch.cuda.FloatTensor(out.size(0), 1, 1, 1).bernoulli_(self.keep)
             out = out / self.keep * mask
         return out
 

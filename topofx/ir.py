@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import math
 import operator
+import random
 import sys
 import warnings
 from collections import defaultdict
@@ -578,7 +579,8 @@ def module_config(module: nn.Module, ignore: Iterable[str] = ()) -> Hashable | N
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -> Iterator[None]:
-    """Restore parameters, buffers, extra tensors, their grads and the RNG state on exit."""
+    """Restore parameters, buffers, extra tensors, their grads and the RNG states (torch's CPU one, Python's,
+    NumPy's) on exit."""
     seen: dict[int, torch.Tensor] = {}
     for m in modules:
         for t in list(m.parameters()) + list(m.buffers()):
@@ -586,7 +588,7 @@ def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -
     for t in tensors:
         seen[id(t)] = t
     saved = [(t, t.detach().clone(), t.grad) for t in seen.values()]
-    rng = torch.get_rng_state()
+    rng, host = torch.get_rng_state(), host_rng_state()
     try:
         yield
     finally:
@@ -595,6 +597,7 @@ def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -
                 restore_value(t, value)
                 t.grad = grad
         torch.set_rng_state(rng)
+        set_host_rng_state(host)
 
 
 def restore_value(t: torch.Tensor, value: torch.Tensor) -> None:
@@ -644,5 +647,30 @@ def graph_attr_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
 
 def run_seeded(module: nn.Module, inputs: Sequence[Any], seed: int = 0) -> Any:
     """Run ``module`` from a fixed RNG state (random draws inside forward line up across runs)."""
-    torch.manual_seed(seed)
+    seed_all(seed)
     return module(*inputs)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's CPU generator, Python's ``random`` and NumPy's global generator (where the program
+    imported NumPy): a method run per call may draw from any of them (``topofx.capture.host_random``)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed)
+
+
+def host_rng_state() -> tuple:
+    """Python's ``random`` state and NumPy's global one (None where NumPy is not imported)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), numpy.random.get_state() if numpy is not None else None
+
+
+def set_host_rng_state(state: tuple) -> None:
+    """Put back what :func:`host_rng_state` returned."""
+    python, numpy_state = state
+    random.setstate(python)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and numpy_state is not None:
+        numpy.random.set_state(numpy_state)

@@ -609,14 +609,18 @@ def _refuse(model: nn.Module, root: nn.Module, example_inputs: tuple, check_inpu
             lowering: tuple, live: Sequence[str], problem: str, strict: bool, served: bool | None = None) -> None:
     """The self-check failed: find the pass that introduced the difference (simplify again from a
     fresh capture, checking after every pass) and warn, or raise under ``strict``."""
-    gm = _capture.capture(root, example_inputs, strict=True, live_attrs=live).graph_module
-    gm.meta[SERVED_TRAINING] = served
-    canonicalize(gm, root, example_inputs, live)
-    check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode, live)
-    runs = _rewrite(gm, root, passes, lowering, example_inputs,
-                    check=lambda g: (f"self-check: {why}" if (why := check(g, check_inputs)) else None))
-    culprits = [run.name for run in runs if any(why.startswith("self-check") for why in run.rejected)]
-    where = f"pass {', '.join(culprits)} introduced the difference" if culprits else "no single pass reproduces it"
+    try:
+        gm = _capture.capture(root, example_inputs, strict=True, live_attrs=live).graph_module
+    except _capture.CaptureError as exc:  # the model captures differently from call to call: no pass to blame
+        where = f"a fresh capture to find the pass failed ({str(exc).splitlines()[0][:300]})"
+    else:
+        gm.meta[SERVED_TRAINING] = served
+        canonicalize(gm, root, example_inputs, live)
+        check = SelfCheck(model, gm, analyze(gm.graph, root), example_inputs, mode, live)
+        runs = _rewrite(gm, root, passes, lowering, example_inputs,
+                        check=lambda g: (f"self-check: {why}" if (why := check(g, check_inputs)) else None))
+        culprits = [run.name for run in runs if any(why.startswith("self-check") for why in run.rejected)]
+        where = f"pass {', '.join(culprits)} introduced the difference" if culprits else "no single pass reproduces it"
     message = (
         f"topofx: self-check failed: the simplified {type(model).__name__} differs from the original ({problem}); "
         f"{where}. Keeping the original's eager forward (no rewrite applied); please report this with the model"

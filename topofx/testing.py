@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from .ir import preserved_state, restore_value, run_seeded
+from .ir import host_rng_state, preserved_state, restore_value, run_seeded, seed_all, set_host_rng_state
 
 __all__ = [
     "StateSnapshot",
@@ -74,6 +74,7 @@ class StateSnapshot:
     training: List[Tuple[nn.Module, bool]]
     rng_state: torch.Tensor
     cuda_rng_state: Optional[List[torch.Tensor]] = None
+    host_rng_state: Optional[tuple] = None  # Python's random and NumPy's (topofx.ir.host_rng_state)
 
 
 def find_arch_parameters(model: nn.Module) -> List[torch.Tensor]:
@@ -151,7 +152,7 @@ def snapshot_state(model: nn.Module, extra_tensors: Optional[Iterable[torch.Tens
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return StateSnapshot(tensors=tensors,
                          training=[(m, m.training) for m in model.modules()],
-                         rng_state=torch.get_rng_state(), cuda_rng_state=cuda)
+                         rng_state=torch.get_rng_state(), cuda_rng_state=cuda, host_rng_state=host_rng_state())
 
 
 def restore_state(model: nn.Module, snap: StateSnapshot) -> None:
@@ -166,6 +167,8 @@ def restore_state(model: nn.Module, snap: StateSnapshot) -> None:
     torch.set_rng_state(snap.rng_state)
     if snap.cuda_rng_state is not None:
         torch.cuda.set_rng_state_all(snap.cuda_rng_state)
+    if snap.host_rng_state is not None:
+        set_host_rng_state(snap.host_rng_state)
 
 
 def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
@@ -334,7 +337,7 @@ def _run(model: nn.Module, inputs: Tuple[Any, ...], seed: int, train: bool,
          backward: bool, loss_weights: Optional[List[torch.Tensor]], loss_seed: int):
     """One forward (and backward) pass; returns (output leaves, loss weights used)."""
     model.train(train)
-    torch.manual_seed(seed)
+    seed_all(seed)
     if backward:
         out = model(*_clone_inputs(inputs))
     else:

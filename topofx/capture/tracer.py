@@ -43,6 +43,7 @@ from . import tensor_inputs as _tensors
 from .decisions import Decision, _DecidesPerCall
 from .frames import _TORCH_DIR, CaptureError, _is_library_file, _where, user_frame
 from .held import _free_name
+from .host_random import draws_reported
 from .reads import Read
 from .values import (
     AppliedFunction,
@@ -273,8 +274,23 @@ class ValueTracer(fx.Tracer):
         return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def trace(self, root, concrete_args=None):  # type: ignore[override]
-        with self._recording_factories(), self._recording_methods(), _UserTorchCalls(self):
+        with self._recording_factories(), self._recording_methods(), _UserTorchCalls(self), \
+                draws_reported(self._host_draw):
             return super().trace(root, concrete_args)
+
+    def _host_draw(self, name: str) -> None:
+        """Traced code draws from Python's or NumPy's generator (``topofx.capture.host_random``): the graph
+        cannot draw it anew, so the method or submodule around the draw runs per call, else the line is named."""
+        if self._evaluating:
+            return
+        unit = self._deciding_unit()
+        if unit is not None:
+            raise _DecidesPerCall(unit, user_frame())
+        raise CaptureError(_where(
+            f"forward draws from {name}, which a graph cannot draw anew (it would repeat the value drawn while "
+            "tracing on every call)", "Draw with torch (torch.randint, torch.multinomial: the graph draws per "
+            "call), move the draw into a method or submodule (which then runs per call), or draw outside forward "
+            "and store the choice on the model (compared before each call)"))
 
     @contextlib.contextmanager
     def _recording_methods(self) -> Iterator[None]:
