@@ -30,6 +30,7 @@ from . import capture as _capture
 from .adapters import RelaxedForward, adapter_for
 from .capture.guards import Guards, retraces_same
 from .capture.tensor_inputs import as_leaves
+from .codegen import direct_module_calls
 from .ir import DECIDED_PER_CALL, SPECULATION, VALUE_GUARD
 from .modules import MergedConvBN, to_channels_last
 from .passes.functional_modules import SERVED_TRAINING
@@ -475,6 +476,7 @@ def simplify(
             passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
             self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
             runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
+            direct_module_calls(gm)  # the code the checks below run, and every call after them
             check_inputs = _check_inputs(runs, example_inputs)
             problem = None if _capture.hoist_speculation(gm) else (
                 "the rewritten graph cannot check its decisions on random draws before it changes any state")
