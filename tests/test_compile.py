@@ -60,8 +60,9 @@ def _search(compiled: torch.nn.Module, eager: torch.nn.Module, x: torch.Tensor, 
     weights = [p for p in compiled.parameters() if all(p is not a for a in alphas)]
     w_opt, a_opt = torch.optim.SGD(weights, lr=0.05), torch.optim.Adam(alphas, lr=0.3)
     before = [a.detach().clone() for a in alphas]
+    batches = torch.Generator().manual_seed(0)  # the same batches whatever ran before in this process
     for step in range(steps):
-        batch = torch.randn_like(x)
+        batch = torch.randn(x.shape, generator=batches)
         assert_train_step_equivalent(eager, compiled, batch, arch_params=find_arch_parameters(eager),
                                      candidate_arch_params=alphas, **tolerance)
         w_opt.zero_grad(), a_opt.zero_grad()
