@@ -29,7 +29,6 @@ from topofx.testing import (
     assert_eval_equivalent,
     assert_follows_alpha,
     assert_train_step_equivalent,
-    find_arch_parameters,
 )
 
 THIS_FILE = os.path.abspath(__file__)

@@ -19,7 +19,6 @@ other full-size models only with ``--runslow``.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest

@@ -3,7 +3,6 @@ the original supernet and its topo-mode simplification, from the same seed, both
 topo run's validation accuracy stays within a stated margin of the original's."""
 from __future__ import annotations
 
-import torch
 
 import topofx
 from topofx import zoo
