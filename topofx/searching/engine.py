@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..distributed import World
+from ..ir import seed_all
 from .algorithms import SINGLE_LEVEL, SPACES, Algorithm, algorithm
 from .records import alpha_entropy, alpha_probs, genotype_record, jsonable, op_names, plot_alphas
 from .step import Batch, SearchStep, arch_parameters
@@ -216,9 +217,7 @@ class Searcher:
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
         else:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed)
+            seed_all(cfg.seed)
 
     def _simplify(self) -> nn.Module:
         from ..simplifier import simplify
