@@ -10,8 +10,11 @@ tests/test_errors.py).
 from __future__ import annotations
 
 import random
+from random import choice as pick_one  # bound before capture: the patched module function is not what runs
+from random import random as coin
 
 import numpy as np
+from numpy.random import rand as numpy_coin
 import pytest
 import torch
 from torch import nn
@@ -90,3 +93,69 @@ def test_a_candidate_python_random_picks_is_picked_anew_on_every_call(mode, seed
     if mode == "exact":
         assert_train_step_equivalent(model, simplified, (x,))
 
+
+
+class BoundNameCell(nn.Module):
+    """The same uniform sampling written with functions imported by name (``from random import choice``,
+    ``from numpy.random import rand``) and with a generator object of the model's own (``self.rng``): the
+    names are bound before capture, so only the generators' states show that forward drew."""
+
+    def __init__(self):
+        super().__init__()
+        self.edge = _edge(nn.Conv2d(C, C, 1), nn.AvgPool2d(3, 1, 1), nn.Conv2d(C, C, 3, padding=1))
+        self.rng = random.Random(0)
+
+    def forward(self, x):
+        x = pick_one(self.edge)(x)
+        x = x * 0.5 if coin() < 0.5 else x
+        x = x + 1.0 if numpy_coin() < 0.5 else x
+        return x - 1.0 if self.rng.random() < 0.5 else x
+
+
+class BoundNameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 3, padding=1)
+        self.cell = BoundNameCell()
+        self.head = nn.Linear(C, 10)
+
+    def forward(self, x):
+        return self.head(self.cell(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["exact", "topo"])
+@pytest.mark.parametrize("seed", range(4))
+def test_draws_through_names_bound_before_capture_are_drawn_anew(mode, seed):
+    """On main the draws were frozen into the graph: the simplified module ran one path on every call
+    (silently, whenever the self-check's draws agreed with the capture's)."""
+    torch.manual_seed(0)
+    random.seed(seed), np.random.seed(seed)
+    model, x = BoundNameNet(), _x()
+    own, python = model.cell.rng.getstate(), random.getstate()
+    simplified = topofx.simplify(model, (x,), mode=mode, strict=True)
+    assert simplified.report.fallback is None
+    assert model.cell.rng.getstate() == own and random.getstate() == python, "simplify drew from the caller's streams"
+    assert tuple(simplified.report.decided_per_call) == ("cell",), simplified.report.decided_per_call
+    for k in range(16):
+        random.seed(100 + k), np.random.seed(100 + k), model.cell.rng.seed(k)
+        want = model(x)
+        random.seed(100 + k), np.random.seed(100 + k), model.cell.rng.seed(k)
+        got = simplified(x)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"call {k}: the simplified module ran another path"
+
+
+class BoundNameRoot(nn.Module):
+    """A name-bound draw in the root's own forward: nothing smaller can run per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.candidates = nn.ModuleList([nn.Conv2d(3, C, 1), nn.Conv2d(3, C, 3, padding=1)])
+
+    def forward(self, x):
+        return pick_one(self.candidates)(x)
+
+
+def test_a_name_bound_draw_in_the_root_forward_is_refused():
+    random.seed(0)
+    with pytest.raises(topofx.CaptureError, match=r"draws from Python's or NumPy's random generators"):
+        topofx.simplify(BoundNameRoot(), (_x(),), strict=True)

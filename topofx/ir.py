@@ -579,8 +579,8 @@ def module_config(module: nn.Module, ignore: Iterable[str] = ()) -> Hashable | N
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -> Iterator[None]:
-    """Restore parameters, buffers, extra tensors, their grads and the RNG states (torch's CPU one, Python's,
-    NumPy's) on exit."""
+    """Restore parameters, buffers, extra tensors, their grads and the RNG states (torch's CPU one and the
+    host generators, :func:`host_generators`) on exit."""
     seen: dict[int, torch.Tensor] = {}
     for m in modules:
         for t in list(m.parameters()) + list(m.buffers()):
@@ -588,7 +588,7 @@ def preserved_state(*modules: nn.Module, tensors: Sequence[torch.Tensor] = ()) -
     for t in tensors:
         seen[id(t)] = t
     saved = [(t, t.detach().clone(), t.grad) for t in seen.values()]
-    rng, host = torch.get_rng_state(), host_rng_state()
+    rng, host = torch.get_rng_state(), host_rng_state(*modules)
     try:
         yield
     finally:
@@ -647,30 +647,70 @@ def graph_attr_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
 
 def run_seeded(module: nn.Module, inputs: Sequence[Any], seed: int = 0) -> Any:
     """Run ``module`` from a fixed RNG state (random draws inside forward line up across runs)."""
-    seed_all(seed)
+    seed_all(seed, module)
     return module(*inputs)
 
 
-def seed_all(seed: int) -> None:
-    """Seed torch's CPU generator, Python's ``random`` and NumPy's global generator (where the program
-    imported NumPy): a method run per call may draw from any of them (``topofx.capture.host_random``)."""
+def seed_all(seed: int, *modules: nn.Module) -> None:
+    """Seed torch's CPU generator and the host generators (:func:`host_generators`) of ``modules``: a method
+    run per call may draw from any of them (``topofx.capture.host_random``)."""
     torch.manual_seed(seed)
-    random.seed(seed)
+    for generator in host_generators(*modules):
+        if isinstance(generator, random.Random):
+            generator.seed(seed)
+        else:
+            bits = _bit_generator(generator)
+            bits.state = type(bits)(seed).state
+
+
+def host_generators(*modules: nn.Module) -> list[Any]:
+    """Random generators outside torch that forward can draw from: Python's ``random`` module and NumPy's
+    global one (where the program imported NumPy), and every ``random.Random``, NumPy ``RandomState`` or
+    ``Generator`` held as an attribute by a submodule of ``modules`` or as a global of the file that
+    defines a submodule's class."""
     numpy = sys.modules.get("numpy")
+    kinds: tuple[type, ...] = (random.Random,) + ((numpy.random.RandomState, numpy.random.Generator) if numpy else ())
+    found = {id(random._inst): random._inst}  # type: ignore[attr-defined]
     if numpy is not None:
-        numpy.random.seed(seed)
+        found[id(numpy.random.mtrand._rand)] = numpy.random.mtrand._rand
+    for module in {id(m): m for root in modules for m in root.modules()}.values():
+        defining = sys.modules.get(type(module).__module__)
+        for value in (*vars(module).values(), *(vars(defining).values() if defining else ())):
+            if isinstance(value, kinds):
+                found[id(value)] = value
+    return list(found.values())
 
 
-def host_rng_state() -> tuple:
-    """Python's ``random`` state and NumPy's global one (None where NumPy is not imported)."""
-    numpy = sys.modules.get("numpy")
-    return random.getstate(), numpy.random.get_state() if numpy is not None else None
+def host_rng_state(*modules: nn.Module, generators: Sequence[Any] | None = None) -> list[tuple[Any, Any]]:
+    """Each host generator of ``modules`` (:func:`host_generators`; or ``generators``) with its state."""
+    return [(g, _state(g)) for g in (host_generators(*modules) if generators is None else generators)]
 
 
-def set_host_rng_state(state: tuple) -> None:
+def set_host_rng_state(saved: list[tuple[Any, Any]]) -> None:
     """Put back what :func:`host_rng_state` returned."""
-    python, numpy_state = state
-    random.setstate(python)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and numpy_state is not None:
-        numpy.random.set_state(numpy_state)
+    for generator, state in saved:
+        if isinstance(generator, random.Random):
+            generator.setstate(state)
+        else:
+            _bit_generator(generator).state = state
+
+
+def host_rng_changed(saved: list[tuple[Any, Any]]) -> bool:
+    """Whether a generator of ``saved`` (:func:`host_rng_state`) drew since."""
+    return any(_comparable(state) != _comparable(_state(g)) for g, state in saved)
+
+
+def _state(generator: Any) -> Any:
+    return generator.getstate() if isinstance(generator, random.Random) else _bit_generator(generator).state
+
+
+def _bit_generator(generator: Any) -> Any:
+    """A NumPy ``Generator``'s or legacy ``RandomState``'s bit generator."""
+    return getattr(generator, "bit_generator", None) or generator._bit_generator
+
+
+def _comparable(state: Any) -> Any:
+    """A generator's state with NumPy arrays as bytes (an array's ``==`` is elementwise)."""
+    if isinstance(state, dict):
+        return {k: _comparable(v) for k, v in state.items()}
+    return state.tobytes() if hasattr(state, "tobytes") else state

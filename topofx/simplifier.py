@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import random
-import sys
 import time
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -31,7 +29,7 @@ from .adapters import RelaxedForward, adapter_for
 from .capture.guards import Guards, retraces_same
 from .capture.tensor_inputs import as_leaves
 from .codegen import direct_module_calls
-from .ir import DECIDED_PER_CALL, SPECULATION, VALUE_GUARD
+from .ir import DECIDED_PER_CALL, SPECULATION, VALUE_GUARD, host_rng_state, set_host_rng_state
 from .modules import MergedConvBN, to_channels_last
 from .passes.functional_modules import SERVED_TRAINING
 from .report import Report
@@ -453,7 +451,7 @@ def simplify(
     pooling and layout lowerings are left out on CUDA; ``.to()`` another device type lowers anew.
     The caller's random streams are left as they were (:func:`_callers_random_state`).
     """
-    with _callers_random_state():
+    with _callers_random_state(model):
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         example_inputs = tuple(example_inputs)
@@ -520,24 +518,20 @@ def simplify(
 
 
 @contextlib.contextmanager
-def _callers_random_state() -> Iterator[None]:
-    """Restore torch's CPU and initialized CUDA generators, Python's ``random`` and NumPy's global
-    generator on exit: capture, its verification, the rewrites' meta runs and the self-check run the
+def _callers_random_state(model: nn.Module) -> Iterator[None]:
+    """Restore torch's CPU and initialized CUDA generators and the host generators (Python's ``random``,
+    NumPy's global one, the model's own: ``topofx.ir.host_generators``) on exit: capture, its verification, the rewrites' meta runs and the self-check run the
     user's code for real (a recorded helper that allocates and draws, a forward that calls ``random``),
     and a search loop must see the same draws after ``simplify`` -- also one made inside a call, for a
     new argument value -- as without it."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = list(range(torch.cuda.device_count())) if cuda else []
-    numpy = sys.modules.get("numpy")  # only a caller that imported NumPy has a NumPy stream to keep
-    python_state = random.getstate()
-    numpy_state = numpy.random.get_state() if numpy is not None else None
+    host = host_rng_state(model)
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
-            random.setstate(python_state)
-            if numpy is not None:
-                numpy.random.set_state(numpy_state)
+            set_host_rng_state(host)
 
 
 def _gated_edges(gm: fx.GraphModule) -> int:

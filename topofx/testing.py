@@ -74,7 +74,7 @@ class StateSnapshot:
     training: List[Tuple[nn.Module, bool]]
     rng_state: torch.Tensor
     cuda_rng_state: Optional[List[torch.Tensor]] = None
-    host_rng_state: Optional[tuple] = None  # Python's random and NumPy's (topofx.ir.host_rng_state)
+    host_rng_state: Optional[list] = None  # Python's random, NumPy's and the model's (topofx.ir.host_rng_state)
 
 
 def find_arch_parameters(model: nn.Module) -> List[torch.Tensor]:
@@ -152,7 +152,7 @@ def snapshot_state(model: nn.Module, extra_tensors: Optional[Iterable[torch.Tens
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return StateSnapshot(tensors=tensors,
                          training=[(m, m.training) for m in model.modules()],
-                         rng_state=torch.get_rng_state(), cuda_rng_state=cuda, host_rng_state=host_rng_state())
+                         rng_state=torch.get_rng_state(), cuda_rng_state=cuda, host_rng_state=host_rng_state(model))
 
 
 def restore_state(model: nn.Module, snap: StateSnapshot) -> None:
@@ -337,7 +337,7 @@ def _run(model: nn.Module, inputs: Tuple[Any, ...], seed: int, train: bool,
          backward: bool, loss_weights: Optional[List[torch.Tensor]], loss_seed: int):
     """One forward (and backward) pass; returns (output leaves, loss weights used)."""
     model.train(train)
-    seed_all(seed)
+    seed_all(seed, model)
     if backward:
         out = model(*_clone_inputs(inputs))
     else:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import linecache
 import os
 import sysconfig
 import traceback
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -64,6 +65,14 @@ def user_frame(frames: Sequence[traceback.FrameSummary] | None = None) -> UserFr
         if not _is_library_file(fs.filename):
             return UserFrame(fs.filename, fs.lineno or 0, fs.line or "")
     return None
+
+
+def _code_at(function: Callable[..., Any]) -> UserFrame | None:
+    """Where ``function`` is defined, as a frame of its first line (``None`` where there is no source)."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
+    return UserFrame(code.co_filename, code.co_firstlineno, linecache.getline(code.co_filename, code.co_firstlineno))
 
 
 def _where(what: str, fix: str = "") -> str:

@@ -7,7 +7,10 @@ calls, which draw anew and agree by chance (one candidate in two: a silent wrong
 they do not, a fresh capture for the diagnosis draws again and fails anew.  So, while tracing, each of
 their module-level functions first reports the call (:func:`draws_reported`); the tracer then runs the
 method or submodule around the draw per call (``capture.md``), or names the line.  A function bound under
-another name before tracing (``from random import choice``) is not seen.
+another name before tracing (``from random import choice``) or a generator object of the user's
+(``self.rng = random.Random(0)``) calls no patched function: for those the tracer compares the states of the host generators
+(``topofx.ir.host_rng_state``) around each forward it traces through, and the innermost
+forward whose call changed one runs per call (or, the root's, is refused).
 """
 from __future__ import annotations
 

@@ -32,16 +32,20 @@ from ..ir import (
     contains_unknown,
     draws,
     flat,
+    host_generators,
+    host_rng_changed,
+    host_rng_state,
     meta_values,
     on_meta_device,
     run_on_meta,
+    set_host_rng_state,
     to_meta,
 )
 from . import float_inputs as _floats
 from . import gating as _gating
 from . import tensor_inputs as _tensors
 from .decisions import Decision, _DecidesPerCall
-from .frames import _TORCH_DIR, CaptureError, _is_library_file, _where, user_frame
+from .frames import _TORCH_DIR, CaptureError, _code_at, _is_library_file, _where, user_frame
 from .held import _free_name
 from .host_random import draws_reported
 from .reads import Read
@@ -263,6 +267,7 @@ class ValueTracer(fx.Tracer):
         self.attributes_read: frozenset[str] | None = None  # names the traced code reads attributes under (None: any)
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
+    _generators: list = []  # the host generators forward may draw from (ir.host_generators; set by trace)
 
     before_forward: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]  # once the graph exists
 
@@ -276,7 +281,17 @@ class ValueTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):  # type: ignore[override]
         with self._recording_factories(), self._recording_methods(), _UserTorchCalls(self), \
                 draws_reported(self._host_draw):
-            return super().trace(root, concrete_args)
+            self._generators = host_generators(root)
+            before = host_rng_state(generators=self._generators)
+            graph = super().trace(root, concrete_args)
+            if host_rng_changed(before):  # by a name bound before tracing: no report came
+                raise CaptureError(
+                    f"forward of {type(root).__name__} ({_code_at(type(root).forward)}) draws from Python's or "
+                    "NumPy's random generators, which a graph cannot draw anew (it would repeat the value drawn "
+                    "while tracing on every call). Draw with torch (torch.randint, torch.multinomial: the graph "
+                    "draws per call), move the draw into a method or submodule (which then runs per call), or draw "
+                    "outside forward and store the choice on the model (compared before each call)")
+            return graph
 
     def _host_draw(self, name: str) -> None:
         """Traced code draws from Python's or NumPy's generator (``topofx.capture.host_random``): the graph
@@ -448,10 +463,14 @@ class ValueTracer(fx.Tracer):
             return _unwatched(super().call_module, m, forward, args, kwargs)
         self.traced_modules.append(m)
         self._within.append(m)
+        before = host_rng_state(generators=self._generators)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         finally:
             self._within.pop()
+        if host_rng_changed(before):  # a host draw no patched function reported
+            raise _DecidesPerCall(m, _code_at(type(m).forward))
+        return out
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
@@ -462,11 +481,16 @@ class ValueTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def _run_on_meta(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        """``target`` run on meta tensors for its output's meta; a module or method run per call may draw
+        from host generators here: their states are put back (the graph draws when it runs)."""
         self._evaluating = True
+        host = host_rng_state(generators=self._generators)
         try:
             return run_on_meta(self.root, kind, target, args, kwargs)
         finally:
             self._evaluating = False
+            if host_rng_changed(host):
+                set_host_rng_state(host)
 
     def _drawn(self, node: fx.Node) -> bool:
         """Whether the node's value depends on a random draw made in forward."""
