@@ -168,12 +168,16 @@ V2_DIMENSIONS: dict[str, tuple[str, ...]] = {
     # the training loop sets a candidate to None between steps and forward skips it (the generated
     # ``drop_candidate``)
     "drop_candidate": ("none", "last"),
+    # a coin drawn in each edge's forward from a generator outside torch (drop-path style: the output
+    # halved on heads): ``random.random()``, a function imported by name before capture (``from random
+    # import random as coin``; NumPy's ``rand``), a ``random.Random`` object of the edge's own
+    "host_draw": ("none", "module_function", "bound_name", "numpy_bound", "own_generator"),
 }
 #: Relative weights of the values.  A change between steps costs a capture anew (topo: two), about a
 #: model's whole check: those values are rarer, so that a run (and the CI sample) takes about as long
 #: as before; the others cost nothing measurable.
 _V2_WEIGHTS = {"function": (10, 2, 2, 2), "scalar": (50, 1, 1, 1, 1, 1, 1), "typecheck": (10, 1, 1, 1, 1),
-               "alpha_list": (16, 3, 1), "drop_candidate": (30, 1)}
+               "alpha_list": (16, 3, 1), "drop_candidate": (30, 1), "host_draw": (40, 1, 1, 1, 1)}
 #: Values added after seeds' models were relied on (reproducers, the CI sample): each takes a share of the
 #: draws of the value it refines, from a stream of its own, so that every other seed keeps its model.
 _REFINEMENTS = {"closure_gate": ("function", "binary_gate", 0.5), "ste_indexed": ("function", "ste_weights", 0.5)}
@@ -1145,9 +1149,10 @@ def _edge_class_lines(spec: dict[str, Any]) -> list[str]:
 
 
 def _edge_init_lines(spec: dict[str, Any]) -> list[str]:
-    if _v2(spec, "scalar") == "closure":
-        return ["        self.rescale = make_scaler(CONFIG)"]
-    return []
+    lines = ["        self.rescale = make_scaler(CONFIG)"] if _v2(spec, "scalar") == "closure" else []
+    if _v2(spec, "host_draw") == "own_generator":
+        lines.append("        self.coin = random.Random(7)  # the edge's own stream")
+    return lines
 
 
 def _edge_checks(spec: dict[str, Any], x: str, w: str) -> list[str]:
@@ -1176,7 +1181,16 @@ def _edge_output(spec: dict[str, Any], out: str) -> list[str]:
         lines += ["schedule = scheduler  # the run's schedule, through a local", f"{out} = {out} * schedule.decay_rate"]
     elif scalar != "none":
         lines.append(f"{out} = {out} * {_SCALAR_READS[scalar]}")
+    if _v2(spec, "host_draw") != "none":
+        lines.append(f"{out} = {out} * 0.5 if {_HOST_DRAWS[_v2(spec, 'host_draw')][1]} < 0.5 else {out}")
     return lines
+
+
+#: ``host_draw``: (the import it needs, the coin's expression)
+_HOST_DRAWS = {"module_function": ("import random", "random.random()"),
+               "bound_name": ("from random import random as coin", "coin()"),
+               "numpy_bound": ("from numpy.random import rand as numpy_coin", "numpy_coin()"),
+               "own_generator": ("import random", "self.coin.random()")}
 
 
 #: The straight-through hard one-hot Functions (``function`` ste_weights / ste_indexed): docstring, forward body.
@@ -1452,6 +1466,8 @@ def render(spec: dict[str, Any]) -> str:
     if spec["storage"] == "tensor" or _v2(spec, "typecheck") == "variable" or (
             _v2(spec, "alpha_list") != "none" and spec["storage"] == "paramlist"):
         imports.append("from torch.autograd import Variable")
+    if _v2(spec, "host_draw") != "none":
+        imports.append(_HOST_DRAWS[_v2(spec, "host_draw")][0])
     lines = head + sorted(i for i in imports if i.startswith(("import f", "import o", "from c"))) + \
         [i for i in imports if not i.startswith(("import f", "import o", "from c"))]
     lines += ["", "SPEC = " + pprint.pformat(spec, width=100, sort_dicts=True).replace("\n", "\n       "), ""]
@@ -2230,7 +2246,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m topofx.fuzz")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--v1", action="store_true",
                         help="without the capture-v2 constructs (custom autograd Functions, scheduled scalars, type "
-                        "checks, alphas in lists, candidates set to None): the models the seeds gave before them")
+                        "checks, alphas in lists, candidates set to None, draws from Python's and NumPy's generators): "
+                        "the models the seeds gave before them")
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
