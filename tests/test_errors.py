@@ -1540,3 +1540,33 @@ def test_self_check_judges_amplified_rounding_in_float64(monkeypatch):
     _inject(monkeypatch, _scale_pass())
     with pytest.raises(SelfCheckError, match=r"pass err_scale introduced the difference"):
         topofx.simplify(_TwinSamples(), x, mode="exact", strict=True)
+
+
+def _rewritten_input(model: nn.Module, x: torch.Tensor, shift: float, scale: float) -> fx.GraphModule:
+    """``model`` captured, its input replaced by ``(x + shift) * scale - shift * scale``."""
+    gm = topofx.capture.capture(model, (x,)).graph_module
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(placeholder):
+        shifted = gm.graph.call_function(operator.add, (placeholder, shift))
+    with gm.graph.inserting_after(shifted):
+        scaled = gm.graph.call_function(operator.mul, (shifted, scale))
+    with gm.graph.inserting_after(scaled):
+        back = gm.graph.call_function(operator.sub, (scaled, shift * scale))
+    placeholder.replace_all_uses_with(back, delete_user_cb=lambda u: u is not shifted)
+    gm.recompile()
+    return gm
+
+
+def test_capture_verification_judges_amplified_rounding_in_float64():
+    """Verification (of a capture, and of ``canonical_joins``' rewrite of an einsum/tensordot join) compares one
+    training step's gradients and buffers: where the network amplifies float32 rounding past its tolerance
+    (two nearly equal samples under a BN), a graph that only rounds otherwise is judged on float64 copies
+    and passes; a wrong one still fails.  On 645c525 the rounding-only graph was refused (``topofx fuzz``
+    seeds 910000050 and 910000071: an FBNet-style einsum join left unrewritten, "missed")."""
+    torch.manual_seed(0)
+    first = torch.randn(1, 4, 1, 1)
+    x = torch.cat([first, first + 1e-5 * torch.randn(1, 4, 1, 1)])
+    model = _TwinSamples()
+    topofx.capture.verify_capture(model, _rewritten_input(model, x, 1.0, 1.0), (x,))
+    with pytest.raises(CaptureError, match="captured graph disagrees with eager forward"):
+        topofx.capture.verify_capture(model, _rewritten_input(model, x, 0.0, 1.0 + 1e-3), (x,))

@@ -645,6 +645,23 @@ def graph_attr_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     return out
 
 
+def float64_copies(modules: tuple[nn.Module, ...], inputs: Sequence[Any], tensors: Sequence[torch.Tensor] = ()
+                   ) -> tuple[tuple[nn.Module, ...], tuple, list[torch.Tensor], dict]:
+    """Float64 copies of ``modules`` (one ``deepcopy``, so what they share stays shared), of the inputs,
+    the copies of ``tensors``, and the deepcopy's memo (``id`` of an original -> its copy).  Every tensor is
+    converted in place (``.data``), so each stays one object: a graph may hold an architecture tensor as a
+    buffer and the original as an attribute, and a lowered batch norm holds the very running statistics
+    of the user's module -- a converted copy per module would part them."""
+    memo: dict = {}
+    copies = copy.deepcopy(modules, memo)
+    tensors64 = [memo.get(id(t), t) for t in tensors]
+    for t in (*tensors64, *(t for m in copies for t in (*m.parameters(), *m.buffers()))):
+        if t.is_floating_point():
+            t.data = t.data.double()
+    double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return copies, tuple(map(double, inputs)), tensors64, memo
+
+
 def run_seeded(module: nn.Module, inputs: Sequence[Any], seed: int = 0) -> Any:
     """Run ``module`` from a fixed RNG state (random draws inside forward line up across runs)."""
     seed_all(seed, module)

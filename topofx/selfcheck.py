@@ -36,7 +36,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import speculation_check
-from .ir import graph_attr_tensors, max_rel_error, preserved_state, run_seeded, value_of
+from .ir import float64_copies, graph_attr_tensors, max_rel_error, preserved_state, run_seeded, value_of
 from .modules import MergedConvBN
 from .testing import train_step_equivalence
 from .topology import Topology, ValueNumbering, data_dependent, weight_provenance
@@ -121,24 +121,6 @@ def _failures(reference: nn.Module, candidate: nn.Module, inputs: Sequence[Any],
             if c.category in categories and not (c.category == "buffer" and c.name in skipped)], report.problems
 
 
-def _in_float64(modules: tuple[nn.Module, ...], inputs: Sequence[Any], arch: Sequence[torch.Tensor],
-                skip_buffers: set[int] = frozenset()) -> tuple:
-    """Float64 copies of ``modules`` (one ``deepcopy``, so what they share stays shared), of the
-    inputs, the copies of the architecture tensors, and the ids of the copies of ``skip_buffers``.
-    Every tensor is converted in place (``.data``), so each stays one object: the graph may hold an
-    architecture tensor as a buffer and the original as an attribute, and a lowered batch norm holds
-    the very running statistics of the user's module -- a converted copy per module would part them."""
-    memo: dict = {}
-    copies = copy.deepcopy(modules, memo)
-    arch64 = [memo.get(id(t), t) for t in arch]
-    for t in (*arch64, *(t for m in copies for t in (*m.parameters(), *m.buffers()))):
-        if t.is_floating_point():
-            t.data = t.data.double()
-    double = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    skip64 = {id(memo[i]) for i in skip_buffers if i in memo}
-    return copies, tuple(map(double, inputs)), arch64, skip64
-
-
 def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequence[Any], *,
              arch: Sequence[torch.Tensor], skip_buffers: set[int] = frozenset(), check_arch: bool = True,
              own_error: Any = None, rtol: float = RTOL) -> str | None:
@@ -165,7 +147,8 @@ def mismatch(reference: nn.Module, candidate: nn.Module, example_inputs: Sequenc
     wanted = grads | values if failures else grads
     try:  # (FX prints the traceback of a failing generated forward: keep that off the user's screen)
         with contextlib.redirect_stderr(io.StringIO()):
-            (ref64, cand64), inputs64, arch64, skip64 = _in_float64((reference, candidate), example_inputs, arch, skip_buffers)
+            (ref64, cand64), inputs64, arch64, memo = float64_copies((reference, candidate), example_inputs, arch)
+            skip64 = {id(memo[i]) for i in skip_buffers if i in memo}
             failures, problems = _failures(ref64, cand64, inputs64, arch64, skip64, wanted, RTOL)
             if not problems:
                 failures = _judged_off_kinks(ref64, cand64, inputs64, arch64, skip64, wanted, failures)

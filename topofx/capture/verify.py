@@ -4,8 +4,10 @@ where float32 noise is amplified), and floats made graph inputs checked at pertu
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -14,6 +16,7 @@ from torch import nn
 from ..ir import (
     FLOAT_INPUTS,
     VALUE_GUARD,
+    float64_copies,
     float_leaves,
     graph_attr_tensors,
     max_rel_error,
@@ -54,11 +57,9 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
                 )
     attrs = [t for t in graph_attr_tensors(gm) if not any(t is getattr(gm, n, None) for n in live_attrs)]
     kept = [*attrs, *tensors_held(model)]  # what every step below restores (values, gradients)
-    with preserved_state(model, tensors=kept):
-        eager = run_seeded(model, example_inputs)
-    with preserved_state(model, tensors=kept):
-        graphed = run_seeded(gm, example_inputs)
-    err = max_rel_error(graphed, eager)
+    err = _output_error(model, gm, example_inputs, kept)
+    if not err <= rtol:
+        err = _in_float64(_output_error, model, gm, example_inputs, kept, err)
     if not err <= rtol:
         raise CaptureError(f"captured graph disagrees with eager forward (max relative error {err:.2e})")
     if attrs:
@@ -71,19 +72,13 @@ def _verify(model: nn.Module, gm: fx.GraphModule, example_inputs: Sequence[Any],
         if decided_alike and not max_rel_error(graphed2, eager2) <= rtol:
             raise CaptureError("captured graph does not follow the architecture weights (they were frozen as constants)")
     resample = getattr(model, "resample", None)  # an adapter's sampling step, run before every call
-    state = [*dict.fromkeys([*model.parameters(), *attrs, *model.buffers()])]
     if not live_attrs:  # backward too: a capture that changes it (a custom Function traced through) is caught
-        with preserved_state(model, tensors=kept):
-            expected = _step(model, example_inputs, state)
-        with preserved_state(model, tensors=kept):
-            got = _step(gm, example_inputs, state)
-        grads = [w for name, w in expected if name == "gradient" and w is not None and w.numel()]
-        scale = max((g.abs().max().item() for g in grads), default=0.0)  # an analytically zero gradient (a conv
-        for (name, want), (_, have) in zip(expected, got):  # before a BN under `.sum()`) holds only float noise
-            if not _close(have, want, rtol, scale if name == "gradient" else 0.0):
-                raise CaptureError(f"captured graph's training step disagrees with eager forward+backward: the "
-                                   f"{name} of a {tuple(want.shape) if want is not None else tuple(have.shape)} tensor "
-                                   "differs (an operation whose backward is not its forward's autograd?)")
+        differs = _step_mismatch(model, gm, example_inputs, kept, rtol)
+        if differs is not None:
+            differs = _in_float64(functools.partial(_step_mismatch, rtol=rtol), model, gm, example_inputs, kept, differs)
+        if differs is not None:
+            raise CaptureError(f"captured graph's training step disagrees with eager forward+backward: the {differs} "
+                               "differs (an operation whose backward is not its forward's autograd?)")
     with preserved_state(model, tensors=kept):
         for _ in range(1 if not live_attrs else 2):  # forward+backward works twice (once above)
             if live_attrs and callable(resample):
@@ -156,6 +151,46 @@ def _step(module: nn.Module, inputs: Sequence[Any], state: list[torch.Tensor]) -
         t.grad = None
     _backward(run_seeded(module, inputs))
     return [("gradient", t.grad) if t.requires_grad else ("value after the step", t.detach().clone()) for t in state]
+
+
+def _step_mismatch(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any], kept: list[torch.Tensor],
+                   rtol: float) -> str | None:
+    """What differs between one seeded training step of ``model`` and of ``gm`` (a gradient or a buffer
+    after the step, named by kind and shape), or None."""
+    state = [*dict.fromkeys([*model.parameters(), *graph_attr_tensors(gm), *model.buffers()])]
+    with preserved_state(model, tensors=kept):
+        expected = _step(model, inputs, state)
+    with preserved_state(model, tensors=kept):
+        got = _step(gm, inputs, state)
+    grads = [w for name, w in expected if name == "gradient" and w is not None and w.numel()]
+    scale = max((g.abs().max().item() for g in grads), default=0.0)  # an analytically zero gradient (a conv
+    for (name, want), (_, have) in zip(expected, got):  # before a BN under `.sum()`) holds only float noise
+        if not _close(have, want, rtol, scale if name == "gradient" else 0.0):
+            return f"{name} of a {tuple(want.shape) if want is not None else tuple(have.shape)} tensor"
+    return None
+
+
+def _output_error(model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any], kept: list[torch.Tensor]) -> float:
+    """The largest relative difference of ``gm``'s seeded output from ``model``'s."""
+    with preserved_state(model, tensors=kept):
+        eager = run_seeded(model, inputs)
+    with preserved_state(model, tensors=kept):
+        return max_rel_error(run_seeded(gm, inputs), eager)
+
+
+def _in_float64(judge: Callable[..., Any], model: nn.Module, gm: fx.GraphModule, inputs: Sequence[Any],
+                kept: list[torch.Tensor], verdict: Any) -> Any:
+    """``judge(model, gm, inputs, kept)`` again on float64 copies of both, for a float32 model: a network that
+    normalizes nearly equal samples amplifies a reordered sum's float32 rounding past any tolerance, float64
+    does not, and a wrong capture differs there as much.  ``verdict`` (float32's) where there is no such copy."""
+    if not any(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers())):
+        return verdict
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # (FX prints a failing generated forward's traceback)
+            (model64, gm64), inputs64, kept64, _ = float64_copies((model, gm), inputs, kept)
+            return judge(model64, gm64, inputs64, kept64)
+    except Exception:  # noqa: BLE001 - a model that cannot run in float64: the float32 verdict stands
+        return verdict
 
 
 def _close(have: torch.Tensor | None, want: torch.Tensor | None, rtol: float, floor: float = 0.0) -> bool:
