@@ -11,6 +11,7 @@ import copy
 import operator
 import random
 import re
+from random import choice as pick_one  # bound before capture (test_a_name_bound_draw_...)
 import sys
 import textwrap
 import warnings
@@ -669,6 +670,19 @@ def test_a_python_draw_in_the_root_forward_is_refused_naming_the_line():
         simplified = topofx.simplify(PicksInOwnForward(), x8())
     assert "test_errors.py" in simplified.report.fallback
     assert "random.choice(self.candidates)(x)" in simplified.report.fallback
+
+
+class PicksThroughABoundName(PicksInOwnForward):
+    """The same pick through a function imported by name before capture: no patched function sees it."""
+
+    def forward(self, x):
+        return pick_one(self.candidates)(x)
+
+
+def test_a_name_bound_draw_in_the_root_forward_is_refused():
+    with pytest.raises(CaptureError, match=r"forward of PicksThroughABoundName \(.*test_errors\.py:\d+: .*def forward"
+                                           r".*\) draws from Python's or NumPy's random generators"):
+        topofx.simplify(PicksThroughABoundName(), x8(), strict=True)
 
 
 def test_capture_arch_weights_frozen():

@@ -142,20 +142,3 @@ def test_draws_through_names_bound_before_capture_are_drawn_anew(mode, seed):
         random.seed(100 + k), np.random.seed(100 + k), model.cell.rng.seed(k)
         got = simplified(x)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), f"call {k}: the simplified module ran another path"
-
-
-class BoundNameRoot(nn.Module):
-    """A name-bound draw in the root's own forward: nothing smaller can run per call."""
-
-    def __init__(self):
-        super().__init__()
-        self.candidates = nn.ModuleList([nn.Conv2d(3, C, 1), nn.Conv2d(3, C, 3, padding=1)])
-
-    def forward(self, x):
-        return pick_one(self.candidates)(x)
-
-
-def test_a_name_bound_draw_in_the_root_forward_is_refused():
-    random.seed(0)
-    with pytest.raises(topofx.CaptureError, match=r"draws from Python's or NumPy's random generators"):
-        topofx.simplify(BoundNameRoot(), (_x(),), strict=True)
