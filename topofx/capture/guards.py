@@ -321,10 +321,17 @@ def _immutable(snapshot: Any) -> bool:
 def _current(check: _Check, current: Callable[[], Any]) -> str:
     """Generated code for ``current()`` (where the root holds a graph tensor now, :meth:`Guards._captured_tensors`):
     an attribute of a module read through the dictionary holding it (:func:`topofx.capture.decisions.attribute_read`:
-    a ``KeyError`` where ``getattr`` would give ``None``, both a change), else the call."""
+    a ``KeyError`` where ``getattr`` would give ``None``, both a change), an element held below a module
+    attribute read inline as :func:`_element` reads it (attributes through ``__dict__``, items by key: where
+    ``_element`` gives ``None`` the read raises, and the check fails either way), else the call."""
     if isinstance(current, functools.partial) and current.func is getattr:
         owner, name = current.args[:2]
         return attribute_read(check.bind(owner), owner, name)
+    if isinstance(current, functools.partial) and current.func is _element:
+        module, path = current.args
+        keys = [repr(key) if type(key) in (int, str) else check.bind(key) for _, key in path]
+        return check.bind(module) + "".join(f".__dict__[{key}]" if kind == "attr" else f"[{key}]"
+                                            for (kind, _), key in zip(path, keys))
     return f"{check.bind(current)}()"
 
 
