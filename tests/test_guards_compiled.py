@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import topofx
+from topofx.capture.frames import CaptureError
 from topofx.capture.guards import _Check, _snapshot
 
 
@@ -529,3 +530,60 @@ def test_a_guarded_constant_the_model_lacks_is_read_from_the_graph_module_until_
     assert batched.same(model, batched.memo)
     object.__setattr__(model, held[0], torch.tensor([True, True, True]))  # the model has it now
     assert not batched.same(model, batched.memo)
+
+
+class _Record:
+    """A plain object holding a tensor (an edge record of a graph-based space)."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+
+class _HeldNet(nn.Module):
+    """Tensors forward reads below plain attributes: a list, a dict of lists, a plain object."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.gains = [torch.tensor(1.5), torch.tensor(0.5)]
+        self.table = {"normal": [torch.full((3, 1, 1), 2.0)]}
+        self.record = _Record(torch.tensor(0.25))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * self.gains[1] + self.table["normal"][0] * y + self.record.scale * x
+
+
+@pytest.mark.parametrize("change", ["list item", "dict item", "record attribute"])
+@pytest.mark.parametrize("how", ["same shape", "other shape", "gone"])
+def test_a_held_tensor_replaced_or_gone_is_caught_by_the_compiled_check(change, how):
+    """The compiled check reads a tensor held below a plain attribute (a list item, a dict's list item, a
+    plain object's attribute) inline, through ``__dict__`` and items: its replacement is re-bound (same
+    shape) or captured anew (another shape), and one that is gone is a change (captured anew: the model's
+    forward raises, and so does the call, never a graph run); every call agrees with the eager model."""
+    torch.manual_seed(0)
+    model, x = _HeldNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.guards.holds()
+    container, key = {"list item": (model.gains, 1), "dict item": (model.table["normal"], 0),
+                      "record attribute": (vars(model.record), "scale")}[change]
+    old = container[key]
+    if how == "gone":
+        del container[key]
+        assert simplified.guards.verdict((x,)) == "recapture"  # the compiled check's read raises: a change
+        with pytest.raises(Exception) as eager, torch.no_grad():
+            model(x)
+        with pytest.raises((type(eager.value), CaptureError)), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            simplified(x)
+        return
+    container[key] = torch.randn_like(old) if how == "same shape" else torch.randn(3, 1, 1)
+    assert not simplified.guards.holds()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(simplified(x), model(x))
+        assert simplified.guards.holds()
+        container[key].add_(1.0)  # written in place: the graph reads the tensor live
+        torch.testing.assert_close(simplified(x), model(x))
