@@ -58,6 +58,22 @@ def test_generated_condition_is_the_snapshot_comparison(before):
         assert check() == (_snapshot(after, live, copy=False) == snapshot), (VALUES[before], after)
 
 
+@pytest.mark.parametrize("change", ["other shape", "other dtype", "other value"])
+def test_a_tensor_held_by_value_changed_in_place_is_seen(change):
+    """A tensor the graph read as a constant is compared by dtype and value (``torch.equal``, which also
+    tells shapes apart: the same values in another shape are a change), as ``_TensorValue.__eq__`` does."""
+    held = torch.tensor([1.0, 2.0])
+    snapshot = _snapshot([held], set())
+    check = _compiled([[held]], snapshot, set())
+    assert check()
+    before = held.data
+    held.data = {"other shape": before.view(1, 2), "other dtype": before.double(),
+                 "other value": torch.tensor([1.0, 3.0])}[change]
+    assert not check() and _snapshot([held], set(), copy=False) != snapshot
+    held.data = before
+    assert check()
+
+
 def test_a_container_changed_in_place_is_seen():
     live: set[int] = set()
     names = [["sep_conv_3x3", "skip_connect"], ["none"]]
@@ -485,6 +501,25 @@ def test_the_memo_check_agrees_with_the_step_by_step_evaluation(change):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(simplified(x), model(x))
+
+
+def test_a_guarded_tensor_reshaped_in_place_misses_the_memo():
+    """The memo's comparison tells shapes apart (``torch.equal``; its dtypes and devices are the memo's, read
+    when it was taken): a mask reshaped through ``.data`` with the same values is no hold of the memo, and
+    the call still agrees with the eager model."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    keep = model.cells[1].keep
+    keep.data = keep.data.view(3, 1)
+    assert not batched.same(model, batched.memo)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(simplified(x), model(x))
+    keep.data = keep.data.view(3)
+    assert guard.holds(model) and batched.same(model, batched.memo)
 
 
 def test_a_guarded_tensor_that_is_gone_is_a_change_not_an_error():

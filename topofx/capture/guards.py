@@ -266,10 +266,10 @@ class _Check:
     def _same(self, read: str, snapshot: Any, live: set[int], depth: int) -> str:
         v = f"_v{depth}"
         head = f"({v} := {read})"
-        if isinstance(snapshot, _TensorValue):  # _TensorValue.__eq__, inline
+        if isinstance(snapshot, _TensorValue):  # _TensorValue.__eq__, inline (torch.equal compares shapes itself)
             held = snapshot.value
-            return (f"isinstance({head}, Tensor) and id({v}) == {snapshot.id} and {v}.shape == {self.bind(held.shape)} "
-                    f"and {v}.dtype == {self.bind(held.dtype)} and _equal({v}, {self.bind(held)})")
+            return (f"isinstance({head}, Tensor) and id({v}) == {snapshot.id} and {v}.dtype is {self.bind(held.dtype)} "
+                    f"and _equal({v}, {self.bind(held)})")
         kind, value = snapshot
         if kind in _SCALARS:  # (type, value): the value itself, or an equal one of the same type
             return f"{head} is {self.bind(value)} or (type({v}) is {self.bind(kind)} and {v} == {self.bind(value)})"
