@@ -278,6 +278,8 @@ class _Check:
         if kind in (list, tuple):
             # in C: the very items of the snapshot (no item read), else the items' types, then (numbers,
             # names and None only: no tensor's ==) their values
+            if not value:  # empty (a node's selected edges before any projection): its type and length say it all
+                return f"type({head}) is {kind.__name__} and not {v}"
             if all(_is_scalar(item) for item in value):
                 items = self.constant([x for _, x in value])
                 return (f"type({head}) is {kind.__name__} and len({v}) == {len(value)} and (all(map(_is, {v}, {items})) "
@@ -301,7 +303,7 @@ class _Check:
                         f"(list(map(type, {v}.values())) == {self.constant([t for _, (t, _) in value])} and "
                         f"list({v}.values()) == {items}))")
             items = [self._same(f"{v}[{self.bind(k)}]", item, live, depth + 1) for k, item in value]
-            return " and ".join([f"type({head}) is dict", f"len({v}) == {len(value)}",
+            return " and ".join([f"type({head}) is dict",  # the keys in order (their number too)
                                  f"tuple({v}) == {self.constant(keys)}", *map("({})".format, items)])
         # ("object", id): what _snapshot makes of anything else -- asked of _snapshot itself
         return f"_snapshot({head}, {self.bind(live)}, False, {depth}) == {self.bind(snapshot)}"
