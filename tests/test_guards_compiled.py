@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import topofx
+from topofx.capture.frames import CaptureError
 from topofx.capture.guards import _Check, _snapshot
 
 
@@ -55,6 +56,22 @@ def test_generated_condition_is_the_snapshot_comparison(before):
     for after in VALUES:
         cell[0] = after
         assert check() == (_snapshot(after, live, copy=False) == snapshot), (VALUES[before], after)
+
+
+@pytest.mark.parametrize("change", ["other shape", "other dtype", "other value"])
+def test_a_tensor_held_by_value_changed_in_place_is_seen(change):
+    """A tensor the graph read as a constant is compared by dtype and value (``torch.equal``, which also
+    tells shapes apart: the same values in another shape are a change), as ``_TensorValue.__eq__`` does."""
+    held = torch.tensor([1.0, 2.0])
+    snapshot = _snapshot([held], set())
+    check = _compiled([[held]], snapshot, set())
+    assert check()
+    before = held.data
+    held.data = {"other shape": before.view(1, 2), "other dtype": before.double(),
+                 "other value": torch.tensor([1.0, 3.0])}[change]
+    assert not check() and _snapshot([held], set(), copy=False) != snapshot
+    held.data = before
+    assert check()
 
 
 def test_a_container_changed_in_place_is_seen():
@@ -486,6 +503,25 @@ def test_the_memo_check_agrees_with_the_step_by_step_evaluation(change):
         torch.testing.assert_close(simplified(x), model(x))
 
 
+def test_a_guarded_tensor_reshaped_in_place_misses_the_memo():
+    """The memo's comparison tells shapes apart (``torch.equal``; its dtypes and devices are the memo's, read
+    when it was taken): a mask reshaped through ``.data`` with the same values is no hold of the memo, and
+    the call still agrees with the eager model."""
+    torch.manual_seed(0)
+    model, x = _MaskedNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    guard = _memo_ready(simplified, model)
+    batched = guard._batched[id(model)][1]
+    keep = model.cells[1].keep
+    keep.data = keep.data.view(3, 1)
+    assert not batched.same(model, batched.memo)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(simplified(x), model(x))
+    keep.data = keep.data.view(3)
+    assert guard.holds(model) and batched.same(model, batched.memo)
+
+
 def test_a_guarded_tensor_that_is_gone_is_a_change_not_an_error():
     """A guarded tensor that is gone makes the memo check's read miss: not a hold, nor an error -- the
     program decides, as the step-by-step evaluation does; the tensor back, the memo holds again."""
@@ -529,3 +565,60 @@ def test_a_guarded_constant_the_model_lacks_is_read_from_the_graph_module_until_
     assert batched.same(model, batched.memo)
     object.__setattr__(model, held[0], torch.tensor([True, True, True]))  # the model has it now
     assert not batched.same(model, batched.memo)
+
+
+class _Record:
+    """A plain object holding a tensor (an edge record of a graph-based space)."""
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+
+class _HeldNet(nn.Module):
+    """Tensors forward reads below plain attributes: a list, a dict of lists, a plain object."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.gains = [torch.tensor(1.5), torch.tensor(0.5)]
+        self.table = {"normal": [torch.full((3, 1, 1), 2.0)]}
+        self.record = _Record(torch.tensor(0.25))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * self.gains[1] + self.table["normal"][0] * y + self.record.scale * x
+
+
+@pytest.mark.parametrize("change", ["list item", "dict item", "record attribute"])
+@pytest.mark.parametrize("how", ["same shape", "other shape", "gone"])
+def test_a_held_tensor_replaced_or_gone_is_caught_by_the_compiled_check(change, how):
+    """The compiled check reads a tensor held below a plain attribute (a list item, a dict's list item, a
+    plain object's attribute) inline, through ``__dict__`` and items: its replacement is re-bound (same
+    shape) or captured anew (another shape), and one that is gone is a change (captured anew: the model's
+    forward raises, and so does the call, never a graph run); every call agrees with the eager model."""
+    torch.manual_seed(0)
+    model, x = _HeldNet(), torch.randn(2, 3, 8, 8)
+    simplified = topofx.simplify(model, x, mode="exact", strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(simplified(x), model(x))
+    assert simplified.guards.holds()
+    container, key = {"list item": (model.gains, 1), "dict item": (model.table["normal"], 0),
+                      "record attribute": (vars(model.record), "scale")}[change]
+    old = container[key]
+    if how == "gone":
+        del container[key]
+        assert simplified.guards.verdict((x,)) == "recapture"  # the compiled check's read raises: a change
+        with pytest.raises(Exception) as eager, torch.no_grad():
+            model(x)
+        with pytest.raises((type(eager.value), CaptureError)), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            simplified(x)
+        return
+    container[key] = torch.randn_like(old) if how == "same shape" else torch.randn(3, 1, 1)
+    assert not simplified.guards.holds()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(simplified(x), model(x))
+        assert simplified.guards.holds()
+        container[key].add_(1.0)  # written in place: the graph reads the tensor live
+        torch.testing.assert_close(simplified(x), model(x))

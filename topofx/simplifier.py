@@ -91,8 +91,7 @@ class SimplifiedModule(nn.Module):
         self.__dict__["calls"] = self.__dict__.get("calls", 0) + 1
         if verdict == "eager":  # this input shape takes another Python path than the example's
             return self.original(*args, **kwargs)
-        relaxed = self.__dict__.get("relaxed")
-        if relaxed is None:
+        if self.__dict__.get("relaxed") is None and self.graph_module.meta.get(SPECULATION):
             return self._run_speculating(args, kwargs)
         return self._run_graph(*args, **kwargs)
 
@@ -114,10 +113,9 @@ class SimplifiedModule(nn.Module):
         """Run the graph; when a decision forward takes on a random draw comes out otherwise than at
         capture (its check runs before any state changes: ``capture.hoist_speculation``), restore the
         RNG, run the original's eager forward for this call, and capture again before the next one --
-        with the deciding module or method run per call if the decision changed soon after capture."""
-        speculated = self.graph_module.meta.get(SPECULATION)
-        if not speculated:
-            return self._run_graph(*args, **kwargs)
+        with the deciding module or method run per call if the decision changed soon after capture.  Only for a
+        graph that speculates (``forward`` runs any other directly)."""
+        speculated = self.graph_module.meta[SPECULATION]
         devices = _cuda_devices(args) if torch.cuda.is_initialized() else []  # no CUDA tensor without CUDA
         before = _rng_states(devices)  # what a failed speculation (or any error) leaves; a success moves on
         try:

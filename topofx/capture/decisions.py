@@ -251,7 +251,8 @@ class _BatchedDecisions:
         self.groups: list[tuple[int, torch.Size, torch.Tensor, torch.Tensor]] = []
         # (output, convert, expected) per distinct single decision
         self.singles = [(len(groups) + k, *guard.checks[i][:2]) for k, i in enumerate(singles)]
-        self.memo: list[torch.Tensor] | None = None  # the leaves' values at the last run that held
+        # the leaves' values at the last run that held, with their dtypes and devices (read once, not per check)
+        self.memo: tuple[list[torch.Tensor], list[torch.dtype], list[torch.device]] | None = None
         with torch.no_grad():
             reference, outputs = guard._evaluate(root), self._run(self._leaves(guard, root))
         for k, members in enumerate(groups.values()):
@@ -298,7 +299,7 @@ class _BatchedDecisions:
             if not all(_same(convert(outputs[k]), expected) for k, convert, expected in self.singles):
                 return False
             if all(isinstance(x, torch.Tensor) for x in leaves):
-                self.memo = [x.detach().clone() for x in leaves]
+                self.memo = ([x.detach().clone() for x in leaves], [x.dtype for x in leaves], [x.device for x in leaves])
         return True
 
 
@@ -326,7 +327,9 @@ def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callabl
     """A generated function of ``(root, memo)``, straight-line code: true when each of ``targets`` read off
     ``root`` holds ``memo``'s tensor at its position -- the same dtype, device and values (``torch.equal``:
     another shape is not equal) -- false otherwise: also where a read or comparison raises (a module or
-    attribute gone, another kind of object, another device), or there is no memo (``None``).
+    attribute gone, another kind of object, another device), or there is no memo (``None``).  ``memo`` is
+    ``(tensors, their dtypes, their devices)``: the memo's side of the dtype and device comparisons is read
+    once, when it is taken (two tensor attribute reads and a ``torch.device`` fewer per tensor and check).
 
     It is called before every call of the simplified module, after a graph run has left little of what
     it reads in the CPU's caches, so it reads each module on the way once, through the dictionary that
@@ -351,10 +354,10 @@ def _memo_check(root: nn.Module, targets: list[str], held: list[Any]) -> Callabl
                 lines.append(f"    {name} = {attribute_read(names[tuple(path[:depth - 1])], obj, part)}")
             obj = getattr(obj, part, None)
         reads.append(attribute_read(names[tuple(path)], obj, field, f"_held[{i}]"))
-    checks = [f"(_x := {read}).dtype is (_t := _memo[{i}]).dtype and _x.device == _t.device and _equal(_x, _t)"
+    checks = [f"(_x := {read}).dtype is _dt[{i}] and _x.device == _dv[{i}] and _equal(_x, _mt[{i}])"
               for i, read in enumerate(reads)]
     namespace: dict[str, Any] = {"_held": held, "_equal": torch.equal}
-    source = ("def same(root, _memo):\n    try:\n" + "".join(f"    {line}\n" for line in lines)
+    source = ("def same(root, _memo):\n    try:\n        _mt, _dt, _dv = _memo\n" + "".join(f"    {line}\n" for line in lines)
               + f"        return {' and '.join(checks) or '_memo is not None'}\n    except Exception:\n        return False\n")
     exec(compile(source, "<topofx value guard memo>", "exec"), namespace)  # noqa: S102 - our own generated code
     return namespace["same"]

@@ -266,10 +266,10 @@ class _Check:
     def _same(self, read: str, snapshot: Any, live: set[int], depth: int) -> str:
         v = f"_v{depth}"
         head = f"({v} := {read})"
-        if isinstance(snapshot, _TensorValue):  # _TensorValue.__eq__, inline
+        if isinstance(snapshot, _TensorValue):  # _TensorValue.__eq__, inline (torch.equal compares shapes itself)
             held = snapshot.value
-            return (f"isinstance({head}, Tensor) and id({v}) == {snapshot.id} and {v}.shape == {self.bind(held.shape)} "
-                    f"and {v}.dtype == {self.bind(held.dtype)} and _equal({v}, {self.bind(held)})")
+            return (f"isinstance({head}, Tensor) and id({v}) == {snapshot.id} and {v}.dtype is {self.bind(held.dtype)} "
+                    f"and _equal({v}, {self.bind(held)})")
         kind, value = snapshot
         if kind in _SCALARS:  # (type, value): the value itself, or an equal one of the same type
             return f"{head} is {self.bind(value)} or (type({v}) is {self.bind(kind)} and {v} == {self.bind(value)})"
@@ -278,6 +278,8 @@ class _Check:
         if kind in (list, tuple):
             # in C: the very items of the snapshot (no item read), else the items' types, then (numbers,
             # names and None only: no tensor's ==) their values
+            if not value:  # empty (a node's selected edges before any projection): its type and length say it all
+                return f"type({head}) is {kind.__name__} and not {v}"
             if all(_is_scalar(item) for item in value):
                 items = self.constant([x for _, x in value])
                 return (f"type({head}) is {kind.__name__} and len({v}) == {len(value)} and (all(map(_is, {v}, {items})) "
@@ -301,7 +303,7 @@ class _Check:
                         f"(list(map(type, {v}.values())) == {self.constant([t for _, (t, _) in value])} and "
                         f"list({v}.values()) == {items}))")
             items = [self._same(f"{v}[{self.bind(k)}]", item, live, depth + 1) for k, item in value]
-            return " and ".join([f"type({head}) is dict", f"len({v}) == {len(value)}",
+            return " and ".join([f"type({head}) is dict",  # the keys in order (their number too)
                                  f"tuple({v}) == {self.constant(keys)}", *map("({})".format, items)])
         # ("object", id): what _snapshot makes of anything else -- asked of _snapshot itself
         return f"_snapshot({head}, {self.bind(live)}, False, {depth}) == {self.bind(snapshot)}"
@@ -321,10 +323,17 @@ def _immutable(snapshot: Any) -> bool:
 def _current(check: _Check, current: Callable[[], Any]) -> str:
     """Generated code for ``current()`` (where the root holds a graph tensor now, :meth:`Guards._captured_tensors`):
     an attribute of a module read through the dictionary holding it (:func:`topofx.capture.decisions.attribute_read`:
-    a ``KeyError`` where ``getattr`` would give ``None``, both a change), else the call."""
+    a ``KeyError`` where ``getattr`` would give ``None``, both a change), an element held below a module
+    attribute read inline as :func:`_element` reads it (attributes through ``__dict__``, items by key: where
+    ``_element`` gives ``None`` the read raises, and the check fails either way), else the call."""
     if isinstance(current, functools.partial) and current.func is getattr:
         owner, name = current.args[:2]
         return attribute_read(check.bind(owner), owner, name)
+    if isinstance(current, functools.partial) and current.func is _element:
+        module, path = current.args
+        keys = [repr(key) if type(key) in (int, str) else check.bind(key) for _, key in path]
+        return check.bind(module) + "".join(f".__dict__[{key}]" if kind == "attr" else f"[{key}]"
+                                            for (kind, _), key in zip(path, keys))
     return f"{check.bind(current)}()"
 
 
