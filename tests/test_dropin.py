@@ -495,3 +495,6 @@ def test_attributes_assigned_on_the_simplified_module_reach_the_original():
     graph = simplified.graph_module
     simplified.train(False)
     assert not model.training and simplified.graph_module is graph
+    replica = simplified._replicate_for_data_parallel()  # DataParallel's replicas set tensors and flags on themselves
+    replica.alpha, replica.T = torch.zeros(2), 7.0
+    assert isinstance(model.alpha, nn.Parameter) and model.T == 3.0 and not hasattr(model, "_is_replica")

@@ -370,8 +370,12 @@ class SimplifiedModule(nn.Module):
 
     def _own(self, name: str) -> bool:
         """Whether ``name`` is this module's own state (set up in ``__init__``, kept in ``__dict__``, or
-        a descriptor of its class) rather than an attribute of the original it stands in for."""
-        return name in self.__dict__ or "original" not in self.__dict__ or hasattr(type(self), name)
+        a descriptor of its class) rather than an attribute of the original it stands in for.  A module
+        whose parameter dictionary is no longer the original's (``nn.DataParallel``'s replicas get their
+        own, then have tensors and flags set on them) keeps everything assigned to it."""
+        original = self.__dict__.get("original")
+        return (original is None or name in self.__dict__ or hasattr(type(self), name)
+                or self.__dict__.get("_parameters") is not original._parameters)
 
     def __setattr__(self, name: str, value: Any) -> None:
         """A search loop's ``model.T = 0.5`` / ``model.phase = 'search'`` on the module it holds sets the
