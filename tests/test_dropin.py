@@ -452,3 +452,49 @@ def test_a_number_forward_never_reads_is_not_compared():
         warnings.simplefilter("error")  # no re-trace, no warning
         got, expected = seeded_outputs(model, simplified, x)
     assert simplified.graph_module is graph and max_rel_error(got, expected) <= TOL
+
+
+class _TemperedNet(_Net):
+    """DOTS's idiom: the search loop assigns ``model.T`` and ``model.phase`` on the model it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.T = 1.0
+        self.phase = "op_pretrain"
+
+    def forward(self, x):
+        assert "op" in self.phase, "error"
+        return self.cell(x, (self.alpha / self.T).softmax(0))
+
+
+def test_attributes_assigned_on_the_simplified_module_reach_the_original():
+    """``simplified.T = 0.5`` is the original's ``T`` (the graph follows it, exactly as eagerly) and
+    ``del simplified.T`` removes it there; the simplified module's own state stays its own."""
+    torch.manual_seed(0)
+    model = _TemperedNet()
+    with torch.no_grad():
+        model.alpha.copy_(torch.tensor([0.3, -0.4]))
+    x = torch.randn(2, 3, 8, 8)
+    eager = copy.deepcopy(model)
+    simplified = topofx.simplify(model, x, mode="exact")
+    for value in (0.5, 3.0):
+        simplified.T = value
+        eager.T = value
+        assert model.T == value and "T" not in simplified.__dict__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the graph's T is an input or a re-capture: either way followed
+            got, expected = seeded_outputs(eager, simplified, x)
+        assert max_rel_error(got, expected) <= TOL
+    simplified.phase = "tp_pretrain"
+    assert model.phase == "tp_pretrain"
+    with pytest.raises(AssertionError, match="error"):
+        simplified(x)  # the original's own assert, as eagerly
+    simplified.new_attribute = 1
+    del simplified.new_attribute
+    assert not hasattr(model, "new_attribute")
+    graph = simplified.graph_module
+    simplified.train(False)
+    assert not model.training and simplified.graph_module is graph
+    replica = simplified._replicate_for_data_parallel()  # DataParallel's replicas set tensors and flags on themselves
+    replica.alpha, replica.T = torch.zeros(2), 7.0
+    assert isinstance(model.alpha, nn.Parameter) and model.T == 3.0 and not hasattr(model, "_is_replica")

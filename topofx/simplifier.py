@@ -364,6 +364,30 @@ class SimplifiedModule(nn.Module):
         except AttributeError:
             return getattr(self.__dict__["original"], name)
 
+    def _own(self, name: str) -> bool:
+        """Whether ``name`` is this module's own state (set up in ``__init__``, kept in ``__dict__``, or
+        a descriptor of its class) rather than an attribute of the original it stands in for.  A module
+        whose parameter dictionary is no longer the original's (``nn.DataParallel``'s replicas get their
+        own, then have tensors and flags set on them) keeps everything assigned to it."""
+        original = self.__dict__.get("original")
+        return (original is None or name in self.__dict__ or hasattr(type(self), name)
+                or self.__dict__.get("_parameters") is not original._parameters)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A search loop's ``model.T = 0.5`` / ``model.phase = 'search'`` on the module it holds sets the
+        original's attribute, where forward reads it (and the guards see it): on this module it would
+        be a copy the graph never reads."""
+        if self._own(name):
+            super().__setattr__(name, value)
+        else:
+            setattr(self.__dict__["original"], name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._own(name):
+            super().__delattr__(name)
+        else:
+            delattr(self.__dict__["original"], name)
+
     def __repr__(self) -> str:
         return f"SimplifiedModule({type(self.original).__name__}, mode={self.report.mode})"
 
