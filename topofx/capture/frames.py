@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import linecache
 import os
+import sys
 import sysconfig
 import traceback
 from typing import Any, Callable, Sequence
@@ -59,8 +60,17 @@ def _reads_nothing(filename: str) -> bool:
 
 
 def user_frame(frames: Sequence[traceback.FrameSummary] | None = None) -> UserFrame | None:
-    """The innermost frame not in torch or topofx (default: the current Python stack)."""
-    frames = traceback.extract_stack() if frames is None else frames
+    """The innermost frame not in torch or topofx (default: the current Python stack, walked from the
+    innermost frame outwards with only the found frame's line read: the tracer asks for every node it
+    records, and extracting the whole stack with every line cost a deep model's trace seconds)."""
+    if frames is None:
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not _is_library_file(filename):
+                return UserFrame(filename, frame.f_lineno or 0, linecache.getline(filename, frame.f_lineno or 0).strip())
+            frame = frame.f_back
+        return None
     for fs in reversed(frames):
         if not _is_library_file(fs.filename):
             return UserFrame(fs.filename, fs.lineno or 0, fs.line or "")

@@ -345,7 +345,11 @@ def _guarded_paths(value: Any, steps: tuple, names: set[str], is_library: Callab
     if _guardable(value):
         yield steps
     elif depth < 3 and plain_object(value, is_library):
-        for key in sorted(names):  # its own attributes and its class's (``tau = 1.0`` in the class body)
+        # its own attributes and its class's (``tau = 1.0`` in the class body): only a name the object or a
+        # class of its MRO defines can resolve, so no other is looked up (a trace through code that makes
+        # thousands of small objects, NNI's weight-slicing helpers, looked up every recorded name on each)
+        defined = names.intersection(vars(value)).union(*(names.intersection(vars(k)) for k in type(value).__mro__))
+        for key in sorted(defined):
             item = _attr(value, key)
             if item is not MISSING and not key.startswith("__"):
                 yield from _guarded_paths(item, (*steps, ("attr", key)), names, is_library, depth + 1)

@@ -235,6 +235,19 @@ def _new_distribution(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
+_REGISTRATIONS = [0]  # parameters, buffers and submodules registered anywhere: ValueTracer's name index is stale
+
+
+def _count_registration(module: nn.Module, name: str, value: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook,
+                  nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
+
 class ValueTracer(fx.Tracer):
     """FX tracer that propagates meta-tensor values through every node (see module docstring).
 
@@ -265,6 +278,7 @@ class ValueTracer(fx.Tracer):
         self.gate_taken = True  # how gate decisions come out (False: a probe of the other arms)
         self.reads: list[Read] = []  # Python values read outside the traced modules' attributes (topofx.capture.reads)
         self.attributes_read: frozenset[str] | None = None  # names the traced code reads attributes under (None: any)
+        self._names: tuple[int, dict[int, str], dict[int, str]] | None = None  # see _registered_name
 
     _evaluating = False  # True while a leaf module runs on meta tensors: no recording then
     _generators: list = []  # the host generators forward may draw from (ir.host_generators; set by trace)
@@ -476,9 +490,54 @@ class ValueTracer(fx.Tracer):
         return id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[override]
+        """FX's ``getattr``, with the registered name of a tensor attribute looked up by identity in an index of
+        the root's parameters and buffers instead of a walk over the whole module tree on every read: a forward
+        traced through that reads ``self.weight`` (NNI's mixed operations: every conv and BN of a supernet) made
+        each trace quadratic in the number of modules. The index is built once per trace and anew after any
+        registration (torch's global hooks); a name that no longer holds the tensor, or a tensor it lacks,
+        takes FX's walk, so the node is the one FX records."""
         if self._evaluating:
             return attr_val
+        if isinstance(attr_val, torch.Tensor):
+            name = self._registered_name(attr_val)
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _registered_name(self, tensor: torch.Tensor) -> str | None:
+        """The name FX's ``getattr`` gives ``tensor`` (the first in ``named_parameters()`` for a parameter, in
+        ``named_buffers()`` for any tensor), verified to still hold it; ``None`` where FX must search."""
+        index = self._names
+        if index is None or index[0] != _REGISTRATIONS[0]:
+            parameters: dict[int, str] = {}
+            buffers: dict[int, str] = {}
+            for name, p in self.root.named_parameters():
+                parameters.setdefault(id(p), name)
+            for name, b in self.root.named_buffers():
+                buffers.setdefault(id(b), name)
+            index = self._names = (_REGISTRATIONS[0], parameters, buffers)
+        _, parameters, buffers = index
+        if isinstance(tensor, nn.Parameter):
+            name = parameters.get(id(tensor))
+            field = "_parameters"
+        elif self.proxy_buffer_attributes:
+            name = buffers.get(id(tensor))
+            field = "_buffers"
+        else:
+            return None
+        if name is None:
+            return None
+        owner, _, leaf = name.rpartition(".")
+        try:
+            held = getattr(self.root.get_submodule(owner), field).get(leaf)
+        except AttributeError:
+            held = None
+        if held is not tensor:
+            self._names = None
+            return None
+        return name
 
     def _run_on_meta(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         """``target`` run on meta tensors for its output's meta; a module or method run per call may draw
