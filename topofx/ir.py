@@ -690,11 +690,12 @@ def host_generators(*modules: nn.Module) -> list[Any]:
     found = {id(random._inst): random._inst}  # type: ignore[attr-defined]
     if numpy is not None:
         found[id(numpy.random.mtrand._rand)] = numpy.random.mtrand._rand
-    for module in {id(m): m for root in modules for m in root.modules()}.values():
-        defining = sys.modules.get(type(module).__module__)
-        for value in (*vars(module).values(), *(vars(defining).values() if defining else ())):
-            if isinstance(value, kinds):
-                found[id(value)] = value
+    submodules = {id(m): m for root in modules for m in root.modules()}.values()
+    files = {type(m).__module__ for m in submodules}  # each defining file's globals read once, not per module
+    namespaces = [vars(m) for m in submodules] + [vars(sys.modules[f]) for f in files if f in sys.modules]
+    for value in (v for namespace in namespaces for v in namespace.values()):
+        if isinstance(value, kinds):
+            found[id(value)] = value
     return list(found.values())
 
 

@@ -542,8 +542,8 @@ def simplify(
 @contextlib.contextmanager
 def _callers_random_state(model: nn.Module) -> Iterator[None]:
     """Restore torch's CPU and initialized CUDA generators and the host generators (Python's ``random``,
-    NumPy's global one, the model's own: ``topofx.ir.host_generators``) on exit: capture, its verification, the rewrites' meta runs and the self-check run the
-    user's code for real (a recorded helper that allocates and draws, a forward that calls ``random``),
+    NumPy's global one, the model's own: ``topofx.ir.host_generators``) on exit: capture, its verification,
+    the rewrites' meta runs and the self-check run the user's code for real (a recorded helper that allocates and draws, a forward that calls ``random``),
     and a search loop must see the same draws after ``simplify`` -- also one made inside a call, for a
     new argument value -- as without it."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
