@@ -355,7 +355,7 @@ def test_reassigned_tensor_is_rebound_without_recapture():
     model.alpha = nn.Parameter(torch.randn(2, 3))
     assert not simplified.guards.holds()
     torch.testing.assert_close(simplified(x), model(x))
-    assert simplified.graph_module is graph and simplified.guards.holds()  # re-bound: the check reads it live
+    assert simplified.graph_module is graph and simplified.guards.holds()  # re-bound: the check compiled anew
 
 
 def test_new_hook_after_calls_warns_once():

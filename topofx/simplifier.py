@@ -355,6 +355,7 @@ class SimplifiedModule(nn.Module):
     def _follow(self, fn: Callable, recurse: bool) -> None:
         if self.graph_module is not None:
             self.graph_module._apply(fn, recurse)
+            self.guards.graph_changed()
             moved = device_type(self.original, ()) != self.__dict__.get("lowered_for")
             self.__dict__["stale"] = self.__dict__.get("stale", False) or moved
 

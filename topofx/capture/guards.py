@@ -471,8 +471,8 @@ class Guards:
                   if counted else f"{guards}.hooks_scanned()")
         # the module tree: free unless a submodule was assigned
         check.add(f"{check.bind(_TREE_VERSION)}[0] == {guards}.tree_version or {guards}.structure_holds()")
-        for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there
-            check.add(f"{_current(check, current)} is {attribute_read(check.bind(gm_owner), gm_owner, field)}")
+        for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there (the
+            check.add(f"{_current(check, current)} is {check.bind(getattr(gm_owner, field))}")  # graph's: constant
         watched = []
         for module, items in _by_module(self.scalars):  # a module's __dict__ read once per check
             for target, part in ((assigned, [i for i in items if _immutable(i[1])]),
@@ -558,7 +558,13 @@ class Guards:
                 return False
             _rebind(gm_owner, field, now)
             self.live.add(id(now))
+            self.graph_changed()
         return True
+
+    def graph_changed(self) -> None:
+        """The graph module holds other tensors now (a re-bind; ``.double()``, ``.to()`` on the graph module):
+        the compiled check, which holds the graph's tensors as constants, is compiled anew on the next call."""
+        self.__dict__.pop("holds", None)
 
     def scalars_hold(self) -> bool:
         """Whether the Python numbers traced code read are unchanged, or their change does not alter the graph."""
