@@ -74,6 +74,17 @@ def test_a_tensor_held_by_value_changed_in_place_is_seen(change):
     assert check()
 
 
+def test_a_tensor_held_by_value_on_another_device_is_a_change_not_an_error():
+    """The step-by-step comparison of a tensor held by value (``_TensorValue``) that is now on another device
+    (a CUDA model's mask moved in place; the meta device stands in for it here) says "changed": it does not
+    raise out of ``torch.equal``, which refuses tensors on two devices, and out of the call."""
+    held = torch.tensor([1.0, 2.0])
+    (_, (snapshot,)) = _snapshot([held], set())
+    moved = copy.copy(snapshot)
+    moved.value = held.to("meta")
+    assert not snapshot == moved and not moved == snapshot
+
+
 def test_a_container_changed_in_place_is_seen():
     live: set[int] = set()
     names = [["sep_conv_3x3", "skip_connect"], ["none"]]

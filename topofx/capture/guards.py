@@ -142,7 +142,8 @@ class _TensorValue:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, _TensorValue) and self.id == other.id and self.value.shape == other.value.shape
-                and self.value.dtype == other.value.dtype and torch.equal(self.value, other.value))
+                and self.value.dtype == other.value.dtype and self.value.device == other.value.device
+                and torch.equal(self.value, other.value))  # (which raises across devices)
 
 
 def _snapshot(value: Any, live: set[int], copy: bool = True, depth: int = 0) -> Any:
