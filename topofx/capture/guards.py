@@ -472,8 +472,9 @@ class Guards:
                   if counted else f"{guards}.hooks_scanned()")
         # the module tree: free unless a submodule was assigned
         check.add(f"{check.bind(_TREE_VERSION)}[0] == {guards}.tree_version or {guards}.structure_holds()")
-        for current, gm_owner, field in self.tensors:  # the root still holds the graph's tensor there (the
-            check.add(f"{_current(check, current)} is {check.bind(getattr(gm_owner, field))}")  # graph's: constant
+        # the root still holds the graph's tensor there (the graph's side a constant: see graph_changed)
+        for current, gm_owner, field in self.tensors:
+            check.add(f"{_current(check, current)} is {check.bind(getattr(gm_owner, field))}")
         watched = []
         for module, items in _by_module(self.scalars):  # a module's __dict__ read once per check
             for target, part in ((assigned, [i for i in items if _immutable(i[1])]),
