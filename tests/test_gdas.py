@@ -150,7 +150,18 @@ class _TinyHardSampled(nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+@pytest.mark.parametrize("seed", [0, 35])  # at 35 the decision holds on the capture's fresh draws, not after
+def test_a_decision_on_a_draw_in_forward_falls_back_naming_the_draw_and_the_adapter(seed):
+    torch.manual_seed(seed)
+    model = _TinyHardSampled()
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(UserWarning, match="random draw made in forward at .*register an adapter"):
+        simplified = topofx.simplify(model, x, mode="topo")
+    assert simplified.report.fallback
+
+
 def test_user_registered_adapter():
+    torch.manual_seed(0)
     model = _TinyHardSampled()
     x = torch.randn(4, 3, 8, 8)
     with warnings.catch_warnings(record=True) as caught:

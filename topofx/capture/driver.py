@@ -99,6 +99,14 @@ GATED: "weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]]" = weakref.We
 before they run per call; a unit whose gate is not proven moves on to :data:`PER_CALL`."""
 
 
+def _decided_on_a_draw(frame: str, why: str) -> CaptureError:
+    """A decision on a random draw that no method or submodule around it could run per call."""
+    return CaptureError(
+        f"Python decides on a random draw made in forward at {frame}, outside any method or submodule that could "
+        f"run per call, and {why}. Decide with tensor operations (multiply by the sampled weight), move the "
+        "decision into a method or submodule, or register an adapter (topofx.adapters.register_adapter)")
+
+
 def _gate_units(model: nn.Module, keys: set[tuple[str, ...]]) -> frozenset:
     """Ids of the modules, and ``(id(module), method name)`` of the methods, whose decisions the tracer
     makes gates: every module of a key's class (same code, same kind of decision), for a method too."""
@@ -170,11 +178,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], gating: bool | None =
         for decision in volatile:  # decides differently from draw to draw: a gate, else runs per call, as written
             key = unit_key(model, decision.unit) if decision.unit is not None else None
             if key is None or key in before:
-                raise CaptureError(
-                    f"Python decides on a random draw made in forward at {decision.frame}, outside any method or "
-                    f"submodule that could run per call, and {why}. Decide with tensor operations (multiply by "
-                    "the sampled weight), move the decision into a method or submodule, or register an adapter "
-                    "(topofx.adapters.register_adapter)")
+                raise _decided_on_a_draw(decision.frame, why)
             if gating and id(decision) in shaped and not _in_units(model, decision.unit, gated_before):
                 gated.add(key)
             else:
@@ -553,11 +557,8 @@ def capture(
                 decision = gm.meta[SPECULATION][failed.index]
                 key = unit_key(model, decision.unit) if decision.unit is not None else None
                 if key is None or key in PER_CALL.get(model, ()):
-                    raise CaptureError(
-                        f"a decision on a random draw at {decision.frame} held on {RESAMPLES} fresh draws at "
-                        "capture but not on the verification's draw, outside any method or submodule that could "
-                        "run per call. Decide with tensor operations, or move the decision into a method or "
-                        "submodule") from None
+                    raise _decided_on_a_draw(decision.frame, f"it held on {RESAMPLES} fresh draws at capture but "
+                                             "not on the verification's draw") from None
                 PER_CALL.setdefault(model, set()).add(key)
             except (CaptureError, ValueError):
                 if not gated:
