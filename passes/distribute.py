@@ -82,7 +82,6 @@ def _distribute(ctx: PassContext, edge: MixedEdge, x: fx.Node, members: list[tup
     return Rewrite(
         "distribute", "distributed", [n.name for cand, _ in members for n in (cand.mul, cand.output)], skip.name,
         False, f"{len(members)} weights distributed over the skip sums of their candidates (the skip {x.name} once)",
-        edge=edge.name, cell=edge.cell,
     )
 
 

@@ -113,7 +113,6 @@ def _merge(ctx: PassContext, edges: list[tuple[MixedEdge, list]], inputs: list[f
             Rewrite(
                 "floating_merge", "merged", [n.name for cand, c, b in members for n in (c, b, cand.mul)], merged.name,
                 False, f"{len(members)} Conv->BN candidates floated past the join, merged into {how}",
-                edge=edge.name, cell=edge.cell,
             )
         )
     return records

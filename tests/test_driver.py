@@ -431,3 +431,39 @@ def test_topo_self_check_vertex_survives_graph_copies():
     assert not [w for w in caught if "self-check" in str(w.message)]
     assert simplified.graph_module is not None
     assert any(r.action == "merged" for r in simplified.report.rewrites)
+
+
+class _TwoEdgesFromOneNode(nn.Module):
+    """Two DARTS-style edges read one node: their ReLU-Conv-BN candidates share one ReLU across edges."""
+
+    def __init__(self, C=4):
+        super().__init__()
+        conv = lambda k: nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, k, padding=k // 2, bias=False), nn.BatchNorm2d(C))
+        self.edges = nn.ModuleList([nn.ModuleList([conv(3), conv(1), nn.Identity()]) for _ in range(2)])
+        self.alphas = nn.Parameter(1e-3 * torch.randn(2, 3))
+
+    def forward(self, x):
+        weights = F.softmax(self.alphas, dim=-1)
+        return sum(sum(w * op(x) for w, op in zip(row, ops)) for row, ops in zip(weights, self.edges))
+
+
+@pytest.mark.parametrize("mode", ["exact", "topo"])
+def test_every_rewrite_is_attributed_to_the_edges_whose_nodes_it_rewrote(mode):
+    simplified = topofx.simplify(_TwoEdgesFromOneNode(), torch.randn(2, 4, 8, 8), mode=mode, strict=True)
+    report = simplified.report
+    shared = [r for r in report.rewrites if r.action == "shared"]
+    assert report.edges == 2 and any(len(r.edges) == 2 for r in shared)  # one ReLU for both edges' candidates
+    touched = report.rewritten_edges()
+    assert touched["any"] == 2 and touched["shared"] == 2 and touched["fused"] == 2
+    assert touched["merged"] == (2 if mode == "topo" else 0)
+    assert "rewritten: 2 of 2 edges" in str(report)
+
+
+def test_a_gated_supernets_shared_and_fused_candidates_count_for_their_edges():
+    from topofx import zoo
+
+    model, inputs = zoo.build("nb201-gdas", C=4, N=1, image_size=8)
+    report = topofx.simplify(model, inputs, mode="topo", strict=True).report
+    assert report.sparse and report.edges == 18  # 3 cells (N=1 and two reduction blocks) x 6 edges
+    touched = report.rewritten_edges()
+    assert touched["any"] == report.edges and touched["shared"] == report.edges and touched["merged"] == 0

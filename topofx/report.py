@@ -7,6 +7,9 @@ from collections import Counter
 from .rewrite import PassRun, Rewrite
 
 
+NOT_REWRITES = ("canonical", "layout", "lowered")
+
+
 @dataclasses.dataclass
 class Report:
     """Per-pass summary, every rewrite record, and node/conv/BN counts before and after."""
@@ -33,12 +36,21 @@ class Report:
         return [r for r in self.rewrites if not r.exact]
 
     def per_edge(self) -> dict[str, Counter]:
-        """For each mixed edge (``cell/edge``), how many rewrites of each action touched it."""
+        """For each mixed edge (``cell/input->join``, as captured) that a rewrite touched: how many rewrites
+        of each action touched it (a ReLU shared by two edges counts for both)."""
         table: dict[str, Counter] = {}
         for r in self.rewrites:
-            if r.edge:
-                table.setdefault(f"{r.cell}/{r.edge}" if r.cell else r.edge, Counter())[r.action] += 1
+            for edge in r.edges:
+                table.setdefault(edge, Counter())[r.action] += 1
         return table
+
+    def rewritten_edges(self) -> Counter:
+        """How many mixed edges each rewrite action touched, and under ``"any"`` how many any did (normal
+        forms and lowerings, :data:`NOT_REWRITES`, change how a node computes, not what an edge computes)."""
+        table = [set(actions) - set(NOT_REWRITES) for actions in self.per_edge().values()]
+        counts = Counter(action for actions in table for action in actions)
+        counts["any"] = sum(1 for actions in table if actions)
+        return counts
 
     def __str__(self) -> str:
         lines = [f"topofx report: {self.model}, mode={self.mode}"]
@@ -46,6 +58,10 @@ class Report:
             lines.append(f"  fallback: not captured as one graph ({self.fallback}); running the original eagerly")
             return "\n".join(lines)
         lines.append(f"  found {self.edges} mixed edges" + (f" in {self.cells} cells" if self.cells else ""))
+        touched = self.rewritten_edges()
+        if self.edges:
+            by_action = ", ".join(f"{a} {n}" for a, n in touched.items() if a != "any")
+            lines.append(f"  rewritten: {touched['any']} of {self.edges} edges" + (f" ({by_action})" if by_action else ""))
         if self.decided_per_call:
             names = ", ".join(self.decided_per_call[:6]) + (", ..." if len(self.decided_per_call) > 6 else "")
             lines.append(f"  run per call: {len(self.decided_per_call)} modules/methods decide on values drawn every call "

@@ -34,8 +34,7 @@ class Rewrite:
     result: str  # the node that now computes it
     exact: bool
     detail: str = ""
-    edge: str = ""
-    cell: str = ""
+    edges: tuple[str, ...] = ()  # the mixed edges whose nodes it rewrote (set by the driver, from ``owners``)
 
 
 @dataclasses.dataclass
@@ -312,6 +311,14 @@ def _apply(ctx: PassContext, pass_: Pass, expected: list[Any], check: Check | No
         raise RewriteError(reason) from exc
 
 
+def _attribute(records: list[Rewrite], owners: dict[str, set[str]]) -> None:
+    for record in records:
+        edges = set().union(*(owners.get(name, ()) for name in (*record.nodes, record.result)))
+        record.edges = tuple(sorted(edges))
+        if edges:
+            owners.setdefault(record.result, set()).update(edges)
+
+
 def run_to_fixpoint(
     gm: fx.GraphModule,
     original: nn.Module,
@@ -321,11 +328,14 @@ def run_to_fixpoint(
     max_rounds: int = 20,
     progress: Callable[[str], None] | None = None,
     check: Check | None = None,
+    owners: dict[str, set[str]] | None = None,
 ) -> list[PassRun]:
     """Apply ``passes`` in order, repeatedly, until a full round rewrites nothing.
 
     A pass whose result breaks an invariant (see :func:`_apply`) is undone and recorded in its
-    ``PassRun.rejected``; the others go on.
+    ``PassRun.rejected``; the others go on.  ``owners`` (node name -> labels of the mixed edges it
+    belongs to, ``Topology.owners``): each rewrite's ``edges`` are those of the nodes it rewrote, and
+    its result node inherits them (a later rewrite of a fused convolution counts for its edges too).
     """
     ctx = PassContext(gm, original, tuple(example_inputs))
     propagate_values(gm, example_inputs)
@@ -344,6 +354,8 @@ def run_to_fixpoint(
                 continue
             if records:
                 changed = True
+                if owners is not None:
+                    _attribute(records, owners)
                 run.rewrites.extend(records)
                 ctx.invalidate()
                 if progress:

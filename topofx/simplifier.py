@@ -35,8 +35,8 @@ from .passes.functional_modules import SERVED_TRAINING
 from .report import Report
 from .rewrite import node_counts, run_to_fixpoint
 from .selfcheck import SelfCheck
-from .sparse import SparseForward, gateable, gates, run_sparsely
-from .topology import analyze, sum_chains
+from .sparse import SparseForward, gateable, gates, run_sparsely, weighted_or_gated
+from .topology import analyze
 
 MODES = ("topo", "exact")
 LAYOUTS = ("keep", "channels_last")
@@ -492,11 +492,12 @@ def simplify(
             before = node_counts(gm)
             canonical = canonicalize(gm, root, example_inputs, live)
             topology = analyze(gm.graph, root)
+            edges = analyze(gm.graph, root, terms=weighted_or_gated) if gates(gm) else topology  # as reported
             sampled = any(gateable(gm, g, live) for g in gates(gm))
             lowered_for = device_type(model, example_inputs)
             passes, lowering = _passes_for(mode, layout, sampled, lowered_for)
             self_check = SelfCheck(model, gm, topology, example_inputs, mode, live) if check else None
-            runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs)
+            runs = canonical + _rewrite(gm, root, passes, lowering, example_inputs, owners=edges.owners())
             direct_module_calls(gm)  # the code the checks below run, and every call after them
             check_inputs = _check_inputs(runs, example_inputs)
             problem = None if _capture.hoist_speculation(gm) else (
@@ -513,7 +514,7 @@ def simplify(
             report = Report(name, mode, runs, before, before, fallback=f"self-check failed: {problem}")
             return SimplifiedModule(model, None, report, example_inputs)
         guard = gm.meta.get(VALUE_GUARD)
-        report = Report(name, mode, runs, before, node_counts(gm), len(topology.edges) or _gated_edges(gm), len(topology.cells()),
+        report = Report(name, mode, runs, before, node_counts(gm), len(edges.edges), len(edges.cells()),
                         adapter=adapter.description if adapter else None,
                         sparse=len(sparse.gates) if sparse else 0,
                         decided_per_call=tuple(gm.meta.get(DECIDED_PER_CALL, ())),
@@ -557,12 +558,6 @@ def _callers_random_state(model: nn.Module) -> Iterator[None]:
             set_host_rng_state(host)
 
 
-def _gated_edges(gm: fx.GraphModule) -> int:
-    """Sums over gated candidates: an adapter's mixed edges, which topology does not read as weighted sums."""
-    gated = set(gates(gm))
-    return sum(any(t in gated for t in chain.terms) for chain in sum_chains(gm.graph))
-
-
 def _capture_sampling(model: nn.Module, example_inputs: tuple, mode: str, strict: bool) -> tuple:
     """``(adapter, root, sample names, capture)``: through the model's adapter when it has one (its
     sampling lifted out of forward, ``topofx.adapters``), else the model itself.  Exact mode keeps the
@@ -599,11 +594,13 @@ def canonicalize(gm: fx.GraphModule, root: nn.Module, example_inputs: Sequence[A
 
 
 def _rewrite(gm: fx.GraphModule, root: nn.Module, passes: tuple, lowering: tuple, example_inputs: tuple,
-             check: Callable[[fx.GraphModule], str | None] | None = None) -> list:
-    """The rewrites to their fixpoint, then the lowering passes (each with the driver's invariants)."""
-    runs = run_to_fixpoint(gm, root, passes, example_inputs, check=check)
+             check: Callable[[fx.GraphModule], str | None] | None = None,
+             owners: dict[str, set[str]] | None = None) -> list:
+    """The rewrites to their fixpoint, then the lowering passes (each with the driver's invariants);
+    ``owners``: the mixed edges of each node, to attribute rewrites to edges (``Topology.owners``)."""
+    runs = run_to_fixpoint(gm, root, passes, example_inputs, check=check, owners=owners)
     if lowering:
-        runs += run_to_fixpoint(gm, root, lowering, example_inputs, check=check)
+        runs += run_to_fixpoint(gm, root, lowering, example_inputs, check=check, owners=owners)
     return runs
 
 

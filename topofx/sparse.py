@@ -34,7 +34,7 @@ import torch.fx as fx
 from .capture.decisions import computed_by
 from .ir import SPARSE_FORWARD_MARK, Effects, is_decided_gate, is_mutated, is_pure
 from .modules import FusedBatchNorm2d, FusedConv2d
-from .topology import is_add
+from .topology import is_add, weighted_term
 
 DEAD_RULES = ("weight", "nothing")
 CHECK_RTOL = 1e-5
@@ -61,6 +61,15 @@ def is_gate(node: fx.Node) -> bool:
     """An adapter's :func:`gate`, or a gate capture made from the user's own decision
     (:func:`topofx.ir.decided_gate`: weight and term are its first two arguments too)."""
     return (node.op == "call_function" and node.target is gate) or is_decided_gate(node)
+
+
+def weighted_or_gated(term: Any, data: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """``(weight, term)`` of a gate, else the weighted product ``topology.weighted_term`` reads: a sum's
+    terms as the report counts mixed edges (``topology.analyze(..., terms=weighted_or_gated)``); passes
+    read products only, so that no rewrite meant for a dense sum touches a gated one."""
+    if isinstance(term, fx.Node) and is_gate(term):
+        return term.args[0], term.args[1]
+    return weighted_term(term, data)
 
 
 def dead_rule(node: fx.Node) -> str:

@@ -28,7 +28,7 @@ import dataclasses
 import operator
 import os
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import networkx as nx
 import torch
@@ -181,6 +181,16 @@ class Topology:
         for edge in self.edges:
             groups[edge.cell].append(edge)
         return dict(groups)
+
+    def owners(self) -> dict[str, set[str]]:
+        """For each node name of a candidate branch, weighted term or join: the labels (``cell/input->join``)
+        of the mixed edges it belongs to -- the edges a rewrite of that node rewrote (a shared ReLU: several)."""
+        out: dict[str, set[str]] = defaultdict(set)
+        for edge in self.edges:
+            label = f"{edge.cell}/{edge.name}" if edge.cell else edge.name
+            for node in [n for c in edge.candidates for n in (*c.branch, c.mul)] + edge.chain.adds:
+                out[node.name].add(label)
+        return dict(out)
 
     def edge_of(self) -> dict[fx.Node, MixedEdge]:
         """Map each node of every candidate branch (and the joins) to its mixed edge."""
@@ -366,8 +376,12 @@ def _assign_cells(edges: list[MixedEdge], root: torch.nn.Module | None) -> None:
         edge.cell = ".".join(best)
 
 
-def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
-    """Find the mixed edges, node joins and cells of a captured graph."""
+Terms = Callable[[Any, set[fx.Node]], "tuple[fx.Node, fx.Node] | None"]  # a sum's term -> (weight, output)
+
+
+def analyze(graph: fx.Graph, root: torch.nn.Module | None = None, terms: Terms = weighted_term) -> Topology:
+    """Find the mixed edges, node joins and cells of a captured graph; ``terms`` reads a sum's weighted
+    terms (products; ``topofx.sparse.weighted_or_gated`` reads gates too, for the report)."""
     g = to_networkx(graph)
     data = data_dependent(graph)
     flow = g.subgraph(data).copy()
@@ -380,7 +394,7 @@ def analyze(graph: fx.Graph, root: torch.nn.Module | None = None) -> Topology:
     proposals: list[tuple[SumChain, fx.Node, list[Candidate], list[Any]]] = []
     number = ValueNumbering()
     for chain in sum_chains(graph):
-        weighted = [(term, wt) for term in chain.terms if (wt := weighted_term(term, data))]
+        weighted = [(term, wt) for term in chain.terms if (wt := terms(term, data))]
         for group in _edge_groups(weighted, number):
             outputs = [wt[1] for _, wt in group]
             x = _nearest_common_dominator(idom, outputs)
