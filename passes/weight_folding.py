@@ -7,12 +7,15 @@ and bias are multiplied by ``w``.  The value and the gradients of ``y``, the BN 
 are the same (up to float rounding), and the normalized output is no longer kept alive for the
 multiplication's backward -- one saved activation less per conv candidate.  Horizontal fusion later
 merges such scaled batch norms that follow fused convolutions.
+Left out where the BN output is small (``topofx.cost.is_small_node``): the folded affine map costs more
+per call than the product it saves, and the activation it frees is negligible there.
 """
 from __future__ import annotations
 
 import torch.fx as fx
 from torch import nn
 
+from topofx.cost import is_small_node
 from topofx.ir import is_mutated, module_config, reads_mutated
 from topofx.modules import FusedBatchNorm2d
 from topofx.rewrite import PassContext, Rewrite, called_once
@@ -42,6 +45,8 @@ def weight_folding(ctx: PassContext) -> list[Rewrite]:
         weight, out = found
         bn = _plain_bn(gm, out)
         if bn is None or id(bn) not in once or len(out.users) != 1 or is_mutated(out, gm) or reads_mutated(out, gm):
+            continue
+        if is_small_node(out):
             continue
         name = ctx.add_module("bn", FusedBatchNorm2d([bn]))
         with gm.graph.inserting_before(node):

@@ -18,6 +18,8 @@ Exactness: the same terms in a different association (``(a + b) + (c + d)`` beco
 more at mixed weights -- exact mode's contract is the original's arithmetic, so this pass runs in
 topo mode only.  At one-hot weights a dropped term is an exact zero; only nodes whose several
 selected edges are all poolings round differently (``P(a + b)``, ~1e-7 relative).
+Left out where the sum is small (``topofx.cost.is_small_node``): the accumulation's fixed cost per
+call exceeds what it saves there.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from topofx.cost import is_small_node
 from topofx.ir import VALUE, is_mutated
 from topofx.modules import ConvAvgPool2d
 from topofx.modules import weighted_sum as weighted_sum_fn
@@ -101,7 +104,7 @@ def weighted_sum(ctx: PassContext) -> list[Rewrite]:
             continue  # an inner add of a larger tree
         value = root.meta.get(VALUE)
         leaves, adds = _tree_terms(root)
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or len(adds) < 2:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or len(adds) < 2 or is_small_node(root):
             continue
         terms, weights, muls = [], [], []
         for leaf in leaves:

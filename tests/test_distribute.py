@@ -103,7 +103,7 @@ def test_topo_merges_the_skip_layers():
     _, simple, _ = _pair("topo")
     report = simple.report
     assert report.fallback is None and report.edges == len(WIDTHS), str(report)
-    merged = {r.edge for r in _rewrites(report, "floating_merge")}
+    merged = {e for r in _rewrites(report, "floating_merge") for e in r.edges}
     assert len(merged) == len(WIDTHS), f"{len(merged)} of {len(WIDTHS)} layers merged\n{report}"
     assert len(_rewrites(report, "distribute")) == SKIP_LAYERS, str(report)
 
@@ -114,7 +114,7 @@ def test_topo_merges_both_projection_groups_of_every_layer():
     and weight folding, later in the round, folded the other group's weights into its BNs."""
     _, simple, _ = _pair("topo")
     report = simple.report
-    groups = Counter(r.edge for r in _rewrites(report, "floating_merge"))
+    groups = Counter(e for r in _rewrites(report, "floating_merge") for e in r.edges)
     expand_ratios = len({e for e, _ in CHOICES})
     assert sorted(groups.values()) == [expand_ratios] * len(WIDTHS), f"{groups}\n{report}"
     assert not _rewrites(report, "weight_folding"), str(report)  # no candidate BN is left to fold
@@ -143,7 +143,7 @@ def test_topo_merges_every_edge_of_one_sum():
     model = nn.Sequential(conv_bn(3, 8, 3), ReducedNode())
     reference, simple, x = _pair("topo", model)
     report = simple.report
-    groups = Counter(r.edge for r in _rewrites(report, "floating_merge"))
+    groups = Counter(e for r in _rewrites(report, "floating_merge") for e in r.edges)
     assert report.edges == 2 and sorted(groups.values()) == [2, 2], f"{groups}\n{report}"
     assert not _rewrites(report, "weight_folding"), str(report)
     alphas = [layer.alpha for layer in reference[1].layers]

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import topofx
-from topofx import zoo
+from topofx import cost, zoo
 from topofx.bench import ChannelsLastInput
 from topofx.capture import trace
 from topofx.ir import max_rel_error, preserved_state
@@ -18,6 +18,7 @@ from topofx.modules import ChannelsLastDepthwise, ConvAvgPool2d, MergedConvBN, M
 from topofx.modules import weighted_sum as weighted_sum_fn
 from topofx.passes import TOPO_LOWERING, TOPO_PASSES, batched_merge, weighted_sum
 from topofx.rewrite import run_to_fixpoint
+from topofx.topology import is_add
 from topofx.testing import assert_train_step_equivalent, seeded_outputs
 
 
@@ -75,7 +76,18 @@ def test_weighted_sum_gradients_match_unlowered(nb201_rewritten):
     assert max_rel_error(grads[1], grads[0]) <= 1e-4
 
 
-def test_weighted_sum_leaves_broadcasting_sums_alone():
+def test_weighted_sum_leaves_small_sums_alone():
+    """Below ``cost.SMALL_IMAGE`` elements one accumulation costs more per call than it saves."""
+    model, (x,) = zoo.build("nb201-darts", C=4, N=1, batch_size=2, image_size=16)
+    gm = trace(model, (x,))
+    run_to_fixpoint(gm, model, TOPO_PASSES, (x,))
+    sums = [n for n in gm.graph.nodes if is_add(n)]
+    assert sums and all(cost.is_small_node(n) for n in sums)
+    runs = run_to_fixpoint(gm, model, [weighted_sum], (x,))
+    assert runs[0].rewrites == [] and not _calls(gm, weighted_sum_fn)
+
+
+def test_weighted_sum_leaves_broadcasting_sums_alone(any_size):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -94,7 +106,7 @@ def test_weighted_sum_leaves_broadcasting_sums_alone():
 
 
 def test_depthwise_convolutions_run_channels_last_in_topo_mode_only():
-    model, (x,) = zoo.build("darts-orig", batch_size=2)
+    model, (x,) = zoo.build("darts-orig", batch_size=2, layers=3)
     depthwise = sum(ChannelsLastDepthwise.supports(m) for m in model.modules())
     assert depthwise > 0
     topo = topofx.simplify(model, x, mode="topo")
@@ -107,7 +119,7 @@ def test_depthwise_convolutions_run_channels_last_in_topo_mode_only():
 
 
 def test_channels_last_exact_mode_equals_original_fed_channels_last():
-    model, (x,) = zoo.build("darts-orig", batch_size=4)
+    model, (x,) = zoo.build("darts-orig", batch_size=4, layers=3)
     simplified = topofx.simplify(model, x, mode="exact", layout="channels_last")
     assert "to_channels_last" in simplified.graph_module.code
     assert_train_step_equivalent(ChannelsLastInput(model), simplified, x)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import topofx.passes as passes
+from topofx import cost
 from topofx.capture import trace
 from topofx.zoo.operations import Zero
 from topofx.modules import FusedBatchNorm2d, FusedConv2d
@@ -585,24 +586,34 @@ def test_horizontal_fusion_with_mutation_between_the_convs():
 # weight folding (w * BN(y) -> BN(y) with the weight folded into its affine map), if present
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not hasattr(passes, "weight_folding"), reason="no weight_folding pass")
-@pytest.mark.parametrize("affine", [False, True])
-def test_weight_folding(affine):
-    class Folded(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Conv2d(4, 4, 1, bias=False)])
-            self.bns = nn.ModuleList([nn.BatchNorm2d(4, affine=affine) for _ in range(2)])
-            self.alpha = nn.Parameter(torch.tensor([0.3, -0.2]))
+class _Folded(nn.Module):
+    def __init__(self, affine: bool):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Conv2d(4, 4, 1, bias=False)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(4, affine=affine) for _ in range(2)])
+        self.alpha = nn.Parameter(torch.tensor([0.3, -0.2]))
 
-        def arch_parameters(self):
-            return [self.alpha]
+    def arch_parameters(self):
+        return [self.alpha]
 
-        def forward(self, x):
-            w = F.softmax(self.alpha, dim=-1)
-            return sum(wi * bn(c(x)) for wi, c, bn in zip(w, self.convs, self.bns))
+    def forward(self, x):
+        w = F.softmax(self.alpha, dim=-1)
+        return sum(wi * bn(c(x)) for wi, c, bn in zip(w, self.convs, self.bns))
 
+
+def test_weight_folding_leaves_small_batch_norms_alone():
+    """Below ``cost.SMALL_IMAGE`` elements the folded affine map costs more than the product it saves."""
     torch.manual_seed(0)
-    model = Folded()
+    gm, x, _, _ = rewrite(_Folded(False), [passes.weight_folding])
+    assert x.numel() < cost.SMALL_IMAGE and len(modules_called(gm, FusedBatchNorm2d)) == 0
+    gm, x, _, _ = rewrite(_Folded(False), [passes.weight_folding], torch.randn(8, 4, 32, 32))
+    assert x.numel() >= cost.SMALL_IMAGE and len(modules_called(gm, FusedBatchNorm2d)) == 2
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_weight_folding(affine, any_size):
+    torch.manual_seed(0)
+    model = _Folded(affine)
     gm, x, before, runs = rewrite(model, [passes.weight_folding])
     assert len(modules_called(gm, nn.BatchNorm2d)) == 0
     assert len(modules_called(gm, FusedBatchNorm2d)) == 2

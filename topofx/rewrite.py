@@ -312,11 +312,12 @@ def _apply(ctx: PassContext, pass_: Pass, expected: list[Any], check: Check | No
 
 
 def _attribute(records: list[Rewrite], owners: dict[str, set[str]]) -> None:
+    """One pass's rewrites: each belongs to the edges of the nodes it rewrote, as they were before the pass
+    (a merged convolution that several records share is new: it belongs to each record's own edges only)."""
     for record in records:
-        edges = set().union(*(owners.get(name, ()) for name in (*record.nodes, record.result)))
-        record.edges = tuple(sorted(edges))
-        if edges:
-            owners.setdefault(record.result, set()).update(edges)
+        record.edges = tuple(sorted(set().union(*(owners.get(name, ()) for name in (*record.nodes, record.result)))))
+    for record in records:
+        owners.setdefault(record.result, set()).update(record.edges)
 
 
 def run_to_fixpoint(

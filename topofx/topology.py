@@ -184,13 +184,16 @@ class Topology:
 
     def owners(self) -> dict[str, set[str]]:
         """For each node name of a candidate branch, weighted term or join: the labels (``cell/input->join``)
-        of the mixed edges it belongs to -- the edges a rewrite of that node rewrote (a shared ReLU: several)."""
-        out: dict[str, set[str]] = defaultdict(set)
-        for edge in self.edges:
-            label = f"{edge.cell}/{edge.name}" if edge.cell else edge.name
-            for node in [n for c in edge.candidates for n in (*c.branch, c.mul)] + edge.chain.adds:
-                out[node.name].add(label)
-        return dict(out)
+        of the innermost mixed edges it belongs to -- the edges a rewrite of that node rewrote (a ReLU
+        shared by sibling edges: both; a layer's node inside a depth choice's candidate: the layer's)."""
+        nodes = [{n for c in edge.candidates for n in (*c.branch, c.mul)} | set(edge.chain.adds) for edge in self.edges]
+        holders: dict[fx.Node, list[int]] = defaultdict(list)
+        for i, members in enumerate(nodes):
+            for node in members:
+                holders[node].append(i)
+        label = [f"{e.cell}/{e.name}" if e.cell else e.name for e in self.edges]
+        return {node.name: {label[i] for i in held if not any(j != i and self.edges[j].join in nodes[i] for j in held)}
+                for node, held in holders.items()}
 
     def edge_of(self) -> dict[fx.Node, MixedEdge]:
         """Map each node of every candidate branch (and the joins) to its mixed edge."""
