@@ -115,7 +115,7 @@ def test_recapture_compiles_the_new_graph():
     assert torch.allclose(compiled(x), compiled.graph_module(x))
 
 
-def test_lowering_follows_the_device(monkeypatch):
+def test_lowering_follows_the_device(monkeypatch, any_size):
     """CUDA gets no CPU lowering (ones-kernel pooling, channels-last depthwise); its graph, checked here
     on the CPU, still equals the original's arithmetic where exact and passes the self-check."""
     model, x = _one_cell()

@@ -32,8 +32,10 @@ SEQUENCE = functools.partial(fuzz._model_seed, SAMPLE_SEED)  # the fuzzer's own 
 
 
 def _style_values(spec: dict) -> set[tuple[str, object]]:
-    """(dimension, value) of every style choice a spec makes."""
+    """(dimension, value) of every style choice a spec makes, and ``(dimension, "drawn")`` for each
+    capture-v2 construct it has."""
     return ({(dim, spec[dim]) for dim in fuzz.DIMENSIONS} | {("ops", op) for op in spec["ops"]}
+            | {(dim, "drawn") for dim in fuzz.V2_DIMENSIONS if spec[dim] != "none"}
             | {("cell", spec["cell"]), ("reduction", bool(spec.get("reductions")))})
 
 
