@@ -44,9 +44,8 @@ def weight_folding(ctx: PassContext) -> list[Rewrite]:
             continue
         weight, out = found
         bn = _plain_bn(gm, out)
-        if bn is None or id(bn) not in once or len(out.users) != 1 or is_mutated(out, gm) or reads_mutated(out, gm):
-            continue
-        if is_small_node(out):
+        if (bn is None or id(bn) not in once or len(out.users) != 1 or is_mutated(out, gm) or reads_mutated(out, gm)
+                or is_small_node(out)):
             continue
         name = ctx.add_module("bn", FusedBatchNorm2d([bn]))
         with gm.graph.inserting_before(node):

@@ -58,8 +58,8 @@ class Report:
             lines.append(f"  fallback: not captured as one graph ({self.fallback}); running the original eagerly")
             return "\n".join(lines)
         lines.append(f"  found {self.edges} mixed edges" + (f" in {self.cells} cells" if self.cells else ""))
-        touched = self.rewritten_edges()
         if self.edges:
+            touched = self.rewritten_edges()
             by_action = ", ".join(f"{a} {n}" for a, n in touched.items() if a != "any")
             lines.append(f"  rewritten: {touched['any']} of {self.edges} edges" + (f" ({by_action})" if by_action else ""))
         if self.decided_per_call:

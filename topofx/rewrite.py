@@ -317,7 +317,8 @@ def _attribute(records: list[Rewrite], owners: dict[str, set[str]]) -> None:
     for record in records:
         record.edges = tuple(sorted(set().union(*(owners.get(name, ()) for name in (*record.nodes, record.result)))))
     for record in records:
-        owners.setdefault(record.result, set()).update(record.edges)
+        if record.edges:
+            owners.setdefault(record.result, set()).update(record.edges)
 
 
 def run_to_fixpoint(

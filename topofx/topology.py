@@ -154,6 +154,11 @@ class MixedEdge:
         return f"{self.input.name}->{self.join.name}"
 
     @property
+    def members(self) -> set[fx.Node]:
+        """Every node of its candidate branches, its weighted terms and its join's adds."""
+        return {n for c in self.candidates for n in (*c.branch, c.mul)} | set(self.chain.adds)
+
+    @property
     def scope(self) -> list[str]:
         """Common module-path prefix of the candidates' modules (the edge's own module)."""
         paths = [n.target.split(".") for c in self.candidates for n in c.branch if n.op == "call_module"]
@@ -186,7 +191,7 @@ class Topology:
         """For each node name of a candidate branch, weighted term or join: the labels (``cell/input->join``)
         of the innermost mixed edges it belongs to -- the edges a rewrite of that node rewrote (a ReLU
         shared by sibling edges: both; a layer's node inside a depth choice's candidate: the layer's)."""
-        nodes = [{n for c in edge.candidates for n in (*c.branch, c.mul)} | set(edge.chain.adds) for edge in self.edges]
+        nodes = [edge.members for edge in self.edges]
         holders: dict[fx.Node, list[int]] = defaultdict(list)
         for i, members in enumerate(nodes):
             for node in members:
@@ -194,17 +199,6 @@ class Topology:
         label = [f"{e.cell}/{e.name}" if e.cell else e.name for e in self.edges]
         return {node.name: {label[i] for i in held if not any(j != i and self.edges[j].join in nodes[i] for j in held)}
                 for node, held in holders.items()}
-
-    def edge_of(self) -> dict[fx.Node, MixedEdge]:
-        """Map each node of every candidate branch (and the joins) to its mixed edge."""
-        out: dict[fx.Node, MixedEdge] = {}
-        for edge in self.edges:
-            for cand in edge.candidates:
-                for n in cand.branch + [cand.mul]:
-                    out.setdefault(n, edge)
-            for a in edge.chain.adds:
-                out[a] = edge
-        return out
 
 
 def primitive_name(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
